@@ -23,6 +23,15 @@ from pipeline.model import (
 DV, DT = 24, 20  # small, unequal encoder widths catch swapped projections
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and spinning threads crawl on a busy 2-core box."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _tiny(mode: str = "early", decoder: bool = True) -> torch.nn.Module:
     torch.manual_seed(0)
     config = make_model_config(vision_dim=DV, text_dim=DT, preset="tiny",

@@ -17,7 +17,9 @@ records ``pretrained: false``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -251,7 +253,7 @@ def _build_open_clip(spec, info, input_size, want_vision, want_text, device):
         pretrained = info.source if not info.source.startswith("hub:") else spec.weights_tag
     kwargs = {"force_image_size": input_size} if input_size != spec.input_size else {}
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_logger("root"):
             torch.manual_seed(_seed_for(spec.name))
             model = open_clip.create_model(spec.arch, pretrained=pretrained, device="cpu", **kwargs)
     except (RuntimeError, OSError, ValueError) as err:
@@ -275,11 +277,45 @@ def _build_open_clip(spec, info, input_size, want_vision, want_text, device):
         _frozen(model).to(device)
 
         def sentences(batch: list[str]) -> torch.Tensor:
-            return model.encode_text(tokenizer(batch).to(device))
+            return _clip_text_forward(model, tokenizer(batch).to(device))
 
         text = TextEncoder(spec=spec, encode_sentences=sentences, weights=info, device=device,
                            dim=spec.text_dim)
     return vision, text
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Hide a library's 'initialised randomly' warning: the store records it instead."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _clip_text_forward(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP's text embedding, computed only up to the longest sentence's end token.
+
+    The text transformer is causal and pools at the end-of-text token, so the
+    padding after it cannot change the result: cutting the 77-token context to
+    the batch's longest sentence gives the same embedding several times faster.
+    Models without that structure fall back to ``encode_text``.
+    """
+    causal = getattr(model, "attn_mask", None) is not None and getattr(model, "text_pool_type", "") == "argmax"
+    if not causal or not hasattr(model, "token_embedding"):
+        return model.encode_text(tokens)
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    tokens = tokens[:, :length]  # [B, L]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)  # [B, L, W]
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # [B, W]
+    proj = model.text_projection
+    return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
 
 
 def _load_timm_checkpoint(model: nn.Module, path: Path, spec: EncoderSpec) -> None:
@@ -342,6 +378,7 @@ def _minilm_dir() -> Path:
 
 def _build_hf_text(spec, info, input_size, want_vision, want_text, device):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ensure_torchvision()
     from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
     from transformers.utils import logging as hf_logging
 

@@ -53,6 +53,7 @@ class ExtractConfig:
     batch_size: int = 32
     shard_size: int | None = None
     text_only: bool = False
+    vision_only: bool = False  # skip the class-name embeddings (another store provides text)
     weights: str | None = None
     random_init: bool = False
     skip_bad: bool = False
@@ -332,7 +333,10 @@ def extract(*, config: ExtractConfig, quiet: bool = False, client=None) -> Extra
         raise UserError("--text-only needs --dataset (for its class names) or --names")
     device = resolve_device(config.device)
     input_size = config.input_size or spec.input_size
-    encoders = create_encoder(spec.name, vision=want_vision, text="text" in spec.towers,
+    if config.text_only and config.vision_only:
+        raise UserError("--text-only and --vision-only exclude each other")
+    want_text = "text" in spec.towers and not config.vision_only
+    encoders = create_encoder(spec.name, vision=want_vision, text=want_text,
                               weights=config.weights, random_init=config.random_init,
                               input_size=input_size, device=device)
     grid = encoders.vision.grid if encoders.vision else None

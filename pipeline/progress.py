@@ -19,5 +19,5 @@ def progress(*, total: int | None, desc: str, quiet: bool = False, unit: str = "
         dynamic_ncols=interactive,
         ascii=not interactive,
         mininterval=0.2 if interactive else 30.0,
-        leave=interactive,
+        leave=True,
     )

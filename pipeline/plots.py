@@ -1,0 +1,99 @@
+"""Pictures people would rather look at than read: curves, bar charts, overlays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(*, metrics_path: str | Path, out: str | Path) -> Path | None:
+    """Training loss (and validation mIoU when logged) against steps, as one PNG."""
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    steps = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    vals = [(r["step"], r["miou"]) for r in records if r.get("event") == "val"]
+    if not steps:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2 if vals else 1, figsize=(10 if vals else 5.5, 3.6), squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(*zip(*steps), color="#1f77b4")
+    ax.set_xlabel("step")
+    ax.set_ylabel("BCE loss")
+    ax.set_title("training loss")
+    ax.grid(alpha=0.3)
+    if vals:
+        ax = axes[0, 1]
+        ax.plot(*zip(*vals), marker="o", color="#d62728")
+        ax.set_xlabel("step")
+        ax.set_ylabel("mIoU (%)")
+        ax.set_title("novel-class mIoU")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
+def palette(count: int) -> np.ndarray:
+    """Distinct RGB colours, [count, 3] uint8."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20" if count > 10 else "tab10"]
+    return (np.asarray([cmap(i % cmap.N)[:3] for i in range(count)]) * 255).astype(np.uint8)
+
+
+def overlay(*, image: np.ndarray, labels: np.ndarray, names: list[str], out: str | Path, title: str = "",
+            alpha: float = 0.5) -> Path:
+    """The image with each class's pixels tinted, and a legend naming the colours."""
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    colours = palette(len(names))
+    tinted = image.astype(np.float32).copy()
+    for j in range(len(names)):
+        where = labels == j + 1
+        tinted[where] = (1 - alpha) * tinted[where] + alpha * colours[j]
+    height, width = image.shape[:2]
+    fig, ax = plt.subplots(figsize=(max(4.0, 6.0 * width / max(height, 1)), 6.0))
+    ax.imshow(tinted.astype(np.uint8))
+    ax.axis("off")
+    handles = [Patch(color=colours[j] / 255.0, label=f"{n} ({(labels == j + 1).mean() * 100:.1f}%)")
+               for j, n in enumerate(names)]
+    ax.legend(handles=handles, loc="upper right", fontsize=9, framealpha=0.8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)
+
+
+def bar_chart(*, rows: dict[str, float], errors: dict[str, float] | None = None, out: str | Path,
+              title: str = "", ylabel: str = "mIoU (%)") -> Path:
+    """One bar per row (e.g. encoder pair or variant), with error bars when given."""
+    plt = _pyplot()
+    labels = list(rows)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) + 2), 3.8))
+    yerr = [errors.get(k, 0.0) for k in labels] if errors else None
+    ax.bar(range(len(labels)), [rows[k] for k in labels], yerr=yerr, capsize=4, color="#4c72b0")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)

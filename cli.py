@@ -178,6 +178,160 @@ def info(
                        + ", ".join(s[0] for s in split["skipped"][:5]))
 
 
+# ---------------------------------- datasets ---------------------------------- #
+
+
+@app.command()
+def datasets() -> None:
+    """List the dataset readers (with the layout each expects) and the zero-shot protocols.
+
+    Example:  fusioner datasets
+    """
+    from pipeline.protocols import describe_all
+
+    typer.echo(describe_all())
+
+
+@app.command("make-mosaic")
+def make_mosaic(
+    fss_root: Path = typer.Option(..., "--fss-root", help="FSS-1000 root (one folder per class)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (mask-folder layout + mosaic4.json)."),
+    classes_file: Path = typer.Option(..., "--classes-file", help="Test classes, e.g. splits/fss/test.txt."),
+    count: int = typer.Option(600, "--count", help="Number of composites."),
+    seed: int = typer.Option(0, "--seed"),
+    tile: int = typer.Option(224, "--tile", help="Tile side in pixels (composite is 2x2 tiles)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Write the Mosaic-4 benchmark: 2x2 composites of FSS-1000 test images of 4 different classes.
+
+    Example:  fusioner make-mosaic --fss-root ~/data/FSS-1000 --classes-file ../shared/splits/fss/test.txt --out ~/data/mosaic4
+    """
+    from pipeline.mosaic import make_mosaic as run
+
+    path = run(fss_root=fss_root, out=out, classes_file=classes_file, count=count, seed=seed, tile=tile,
+               progress=not quiet)
+    typer.echo(f"wrote {count} composites to {path}")
+
+
+# ---------------------------------- stage two ---------------------------------- #
+
+
+def _train_config(*, config_file, preset, cache, text_cache, split, protocol, fold, novel, out, overrides):
+    from pipeline.config import load_file
+    from pipeline.train import build_config
+
+    base = load_file(config_file) if config_file else {}
+    sets = list(overrides)
+    for key, value in (("data.cache", cache), ("data.text_cache", text_cache), ("data.split", split),
+                       ("data.protocol", protocol), ("data.fold", fold), ("out", out)):
+        if value is not None:
+            sets.insert(0, f"{key}={value}")
+    if novel:
+        sets.insert(0, "data.novel=[" + ", ".join(f'"{n.strip()}"' for n in novel.split(",")) + "]")
+    return build_config(base=base, preset=preset, overrides=sets)
+
+
+@app.command()
+def train(
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Vision store (e.g. cache/clip-l)."),
+    text_cache: Optional[Path] = typer.Option(None, "--text-cache", help="Text store (default: --cache)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Training split in the store, e.g. voc/train."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="pascal5i, coco20i, coco2voc, custom."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Fold whose classes are held out."),
+    novel: Optional[str] = typer.Option(None, "--novel", help="Held-out class names for --protocol custom."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Model size: paper, small, tiny."),
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    overrides: List[str] = typer.Option([], "--set", help="Dotted override, e.g. --set model.fusion.layers=6."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/default)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last checkpoint."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Stage two: train the fusion module and decoder from cached features (no encoder runs).
+
+    Examples:
+
+      fusioner train --cache cache/clip-l --protocol pascal5i --fold 0 --out runs/pascal-f0
+
+      fusioner train --cache cache/dino-b --text-cache cache/bert-b --fold 1 --set model.fusion.mode=late
+
+      fusioner train --config my.yaml --set optim.epochs=50 --resume --out runs/x
+    """
+    from pipeline.config import to_dict
+    from pipeline.train import train as run
+
+    config = _train_config(config_file=config_file, preset=preset, cache=cache, text_cache=text_cache, split=split,
+                           protocol=protocol, fold=fold, novel=novel, out=out, overrides=overrides)
+    if print_config:
+        _echo_json(to_dict(config))
+        return
+    summary = run(config=config, resume=resume, quiet=quiet)
+    typer.echo(f"{config.out}: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+               f"data wait {100 * summary['data_wait_fraction']:.1f}% of step time")
+    if summary["val"]:
+        last = summary["val"][-1]
+        typer.echo(f"validation mIoU {last['miou']:.1f}  FB-IoU {last['fb_iou']:.1f}  ({last['episodes']} episodes)")
+    if not summary["pretrained_features"]:
+        typer.echo("note: trained on random-init features; numbers are a pipeline check, not a result", err=True)
+
+
+@app.command("eval")
+def eval_command(
+    runs: List[Path] = typer.Argument(..., help="Run directories (one per fold) to evaluate."),
+    split: Optional[str] = typer.Option(None, "--split", help="Evaluation split in the vision store, e.g. voc/val."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Vision store (default: the run's)."),
+    text_cache: Optional[Path] = typer.Option(None, "--text-cache", help="Text store (default: the run's)."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="Protocol (default: the run's)."),
+    splits: Optional[Path] = typer.Option(None, "--splits", help="Folder of standard episode lists (pascal/val/fold0.txt ...)."),
+    mosaic: bool = typer.Option(False, "--mosaic", help="Mosaic-4: |W| = the 4 classes of each image at once."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N episodes."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write eval.json/.csv/.md (default: first run)."),
+    device: str = typer.Option("auto", "--device"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Evaluate trained runs on held-out classes: mIoU per fold and mean, FB-IoU, per-class IoU.
+
+    Examples:
+
+      fusioner eval runs/pascal-f0 runs/pascal-f1 runs/pascal-f2 runs/pascal-f3 --split voc/val --splits ../shared/splits
+
+      fusioner eval runs/mosaic --split mosaic4/test --mosaic
+    """
+    from pipeline.report import evaluate_runs
+
+    table = evaluate_runs(runs=runs, split=split, cache=cache, text_cache=text_cache, protocol=protocol,
+                          splits_dir=splits, mode="multiclass" if mosaic else "binary", limit=limit,
+                          out=out, device=device, quiet=quiet)
+    typer.echo(table)
+
+
+@app.command()
+def predict(
+    image: Path = typer.Argument(..., help="A photo (JPEG/PNG)."),
+    classes: str = typer.Option(..., "--classes", help='Comma-separated class names, e.g. "cat, potted plant, sofa".'),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run directory of a trained model."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: predictions/<image stem>)."),
+    resize: bool = typer.Option(False, "--resize", help="One resized view instead of sliding windows."),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Segment a photo into free-form classes: one mask per class and a coloured overlay with a legend.
+
+    Example:  fusioner predict photo.jpg --classes "cat, potted plant, sofa" --checkpoint runs/pascal-f0
+    """
+    from pipeline.extract import resolve_device
+    from pipeline.predict import parse_classes, predict as run
+
+    names = parse_classes(classes)
+    target = out or Path("predictions") / image.stem
+    summary = run(image=image, classes=names, checkpoint=checkpoint, out=target,
+                  device=str(resolve_device(device)), resize=resize)
+    for name, share in summary["coverage"].items():
+        typer.echo(f"{name:>24s}  {100 * share:5.1f}% of pixels")
+    typer.echo(f"wrote {target}/overlay.png and {len(names)} masks")
+    if not summary["pretrained_features"]:
+        typer.echo("note: random-init vision tower; the masks are a pipeline check, not a result", err=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Console-script entry point with one-line user errors (exit code 2)."""
     args = list(sys.argv[1:] if argv is None else argv)

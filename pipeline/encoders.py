@@ -383,6 +383,7 @@ def _build_hf_text(spec, info, input_size, want_vision, want_text, device):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     # The BERT uncased vocabulary ships with the MiniLM package, so tokenising works offline.
     vocab_dir = _minilm_dir()
     if info.pretrained and spec.options.get("packaged"):

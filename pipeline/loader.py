@@ -51,14 +51,24 @@ def class_embeddings(*, text_store: str | Path, names: list[str], encode_missing
 
 def text_encoder_of(store_path: str | Path, *, device: str = "cpu"):
     """The text encoder that made a store, rebuilt from its attributes."""
+    return encoder_of(store_path, vision=False, text=True, device=device)
+
+
+def encoder_of(store_path: str | Path, *, vision: bool, text: bool, device: str = "cpu"):
+    """The frozen encoder(s) that made a store, rebuilt with the same weights and input size."""
     from pipeline.encoders import create_encoder
 
     attrs = st.store_attrs(st.open_store(store_path))
     weights = attrs["weights"]
     source = weights["source"]
-    kwargs = {"random_init": True} if not weights["pretrained"] else (
-        {} if source.startswith("hub:") or "/" not in source else {"weights": source})
-    return create_encoder(attrs["encoder"], vision=False, text=True, device=device, **kwargs)
+    if not weights["pretrained"]:
+        kwargs = {"random_init": True}
+    elif source.startswith("hub:") or "/" not in source:
+        kwargs = {}
+    else:
+        kwargs = {"weights": source}
+    return create_encoder(attrs["encoder"], vision=vision, text=text, device=device,
+                          input_size=attrs["input_size"] if vision else None, **kwargs)
 
 
 @dataclass

@@ -236,7 +236,26 @@ def _resolve_weights(spec: EncoderSpec, weights: str | Path | None, random_init:
     if spec.weights_tag == "local-file":
         raise UserError(f"{spec.name}: no hub weights exist; pass --weights PATH ({spec.weights_hint}) "
                         f"or --random-init")
+    if not _hub_reachable():
+        raise _weights_missing(spec, "huggingface.co is not reachable; with a filled hub cache set HF_HUB_OFFLINE=1")
     return WeightsInfo(pretrained=True, source=f"hub:{spec.weights_tag}")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers; skipped (True) when the user works from a hub cache offline.
+
+    Without this check an offline download attempt retries for about a minute
+    before failing.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return True
+    import socket
+
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------- #

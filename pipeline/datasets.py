@@ -414,6 +414,10 @@ _READERS: dict[str, type[SegDataset]] = {
 }
 
 
+# Names people use for the same reader (the paper says "PASCAL").
+_ALIASES = {"pascal": "voc", "pascal-voc": "voc", "coco2014": "coco", "fss1000": "fss"}
+
+
 def list_datasets() -> list[str]:
     return sorted(_READERS)
 
@@ -426,6 +430,7 @@ def reader_layouts() -> dict[str, str]:
 def create_dataset(name: str, *, root: str | Path, split: str = "train", skip_bad: bool = False,
                    **options) -> SegDataset:
     """Open a reader by name; every user mistake (name, root, option, list) is a UserError here."""
+    name = _ALIASES.get(name, name)
     if name not in _READERS:
         raise UserError(f"unknown dataset reader {name!r}; known: {', '.join(list_datasets())}")
     reader = _READERS[name]

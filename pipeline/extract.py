@@ -291,7 +291,7 @@ def _text_names(dataset, config: ExtractConfig) -> list[str]:
 
 
 # Class lists that need no data on disk (text-only stores): dataset name -> protocol.
-_BUILTIN_VOCABULARIES = {"voc": "pascal5i", "pascal": "pascal5i", "coco": "coco20i"}
+_BUILTIN_VOCABULARIES = {"voc": "pascal5i", "pascal": "pascal5i", "coco": "coco20i", "coco2014": "coco20i"}
 
 
 def builtin_names(config: ExtractConfig) -> list[str]:

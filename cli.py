@@ -285,6 +285,7 @@ def eval_command(
     splits: Optional[Path] = typer.Option(None, "--splits", help="Folder of standard episode lists (pascal/val/fold0.txt ...)."),
     mosaic: bool = typer.Option(False, "--mosaic", help="Mosaic-4: |W| = the 4 classes of each image at once."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N episodes."),
+    min_pixels: int = typer.Option(2048, "--min-pixels", help="Without lists: a novel class needs this many pixels to make an episode."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write eval.json/.csv/.md (default: first run)."),
     device: str = typer.Option("auto", "--device"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -301,7 +302,7 @@ def eval_command(
 
     table = evaluate_runs(runs=runs, split=split, cache=cache, text_cache=text_cache, protocol=protocol,
                           splits_dir=splits, mode="multiclass" if mosaic else "binary", limit=limit,
-                          out=out, device=device, quiet=quiet)
+                          min_pixels=min_pixels, out=out, device=device, quiet=quiet)
     typer.echo(table)
 
 

@@ -66,7 +66,8 @@ def make_shapes_dataset(*, out: Path, count: int = 64, seed: int = 0, size: tupl
         draw, mdraw = ImageDraw.Draw(image), ImageDraw.Draw(mask)
         for _ in range(int(rng.integers(1, 4))):
             k = int(rng.integers(len(SHAPES)))
-            side = int(rng.integers(50, 100))
+            short = min(height, width)
+            side = int(rng.integers(int(0.28 * short), int(0.55 * short) + 1))
             x0, y0 = int(rng.integers(0, width - side)), int(rng.integers(0, height - side))
             colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
             _draw_shape(draw, kind=SHAPES[k], box=(x0, y0, x0 + side, y0 + side), fill=colour)

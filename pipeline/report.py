@@ -42,7 +42,7 @@ def markdown_table(*, rows: dict[str, dict[int, float]], fb: dict[str, float], t
 
 def evaluate_runs(*, runs: list[Path], split: str | None, cache: Path | None, text_cache: Path | None,
                   protocol: str | None, splits_dir: Path | None, mode: str, limit: int | None,
-                  out: Path | None, device: str, quiet: bool) -> str:
+                  out: Path | None, min_pixels: int = 2048, device: str, quiet: bool) -> str:
     """Evaluate each run on its fold; write eval.json, per_class.csv and table.md; return the table."""
     from pipeline.evaluate import evaluate_split
     from pipeline.extract import resolve_device
@@ -60,7 +60,7 @@ def evaluate_runs(*, runs: list[Path], split: str | None, cache: Path | None, te
         result = evaluate_split(model=model, vision_cache=vision, text_cache=text, split=name, protocol=proto,
                                 fold=config.data.fold, novel_names=config.data.novel,
                                 splits_dir=str(splits_dir) if splits_dir else None, device=dev, mode=mode,
-                                limit=limit, quiet=quiet)
+                                limit=limit, quiet=quiet, min_pixels=min_pixels)
         label = row_label(config)
         rows.setdefault(label, {})[config.data.fold] = result["miou"]
         fb_rows.setdefault(label, []).append(result["fb_iou"])

@@ -1,0 +1,97 @@
+"""Stage two through the command line, as a user runs it: train, eval, predict, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli import main
+from pipeline.demo import make_shapes_dataset, split_lists
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory) -> dict[str, Path]:
+    """Generated shapes, a clip-b (random-init, 32 px) vision cache and a MiniLM text cache."""
+    root = tmp_path_factory.mktemp("stage2")
+    data = make_shapes_dataset(out=root / "data", count=16, size=(48, 64))
+    train_list, val_list = split_lists(root=data, out=root)
+    vision, text = root / "clip-b", root / "minilm"
+    common = ["extract", "--backbone", "clip-b", "--random-init", "--input-size", "32", "--dataset", "folder",
+              "--data-root", str(data), "--out", str(vision), "--vision-only", "--quiet"]
+    assert main(common + ["--split", "train", "--views", "2", "--option", f"list_file={train_list}"]) == 0
+    assert main(common + ["--split", "val", "--option", f"list_file={val_list}"]) == 0
+    assert main(["extract", "--backbone", "minilm", "--text-only", "--dataset", "folder", "--data-root", str(data),
+                 "--out", str(text), "--quiet"]) == 0
+    return {"root": root, "data": data, "vision": vision, "text": text}
+
+
+@pytest.fixture(scope="module")
+def trained(caches) -> Path:
+    run = caches["root"] / "run"
+    code = main(["train", "--cache", str(caches["vision"]), "--text-cache", str(caches["text"]), "--protocol",
+                 "custom", "--novel", "star,ring", "--preset", "tiny", "--out", str(run), "--quiet",
+                 "--set", "optim.epochs=2", "--set", "optim.warmup_epochs=1", "--set", "optim.batch_size=8"])
+    assert code == 0
+    return run
+
+
+def test_train_writes_safetensors_config_metrics_and_curves(trained: Path) -> None:
+    for name in ("model.safetensors", "config.json", "metrics.jsonl", "summary.json", "curves.png"):
+        assert (trained / name).is_file(), name
+    config = json.loads((trained / "config.json").read_text())
+    assert config["data"]["novel"] == ["star", "ring"] and config["preset"] == "tiny"
+    assert (trained / "checkpoints" / "latest").read_text().strip().startswith("step-")
+
+
+def test_eval_prints_and_saves_the_fold_table(trained: Path, capsys) -> None:
+    assert main(["eval", str(trained), "--split", "folder/val", "--min-pixels", "16", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "| model | fold 0 | mean | FB-IoU |" in printed
+    assert "random-init" in printed
+    results = json.loads((trained / "eval.json").read_text())
+    assert results[0]["episodes"] > 0 and 0.0 <= results[0]["miou"] <= 100.0
+    assert set(results[0]["per_class"]) <= {"star", "ring"}
+    assert (trained / "per_class.csv").read_text().startswith("run,fold,class,iou")
+
+
+def test_predict_writes_one_mask_per_class_and_an_overlay(trained: Path, caches, tmp_path: Path) -> None:
+    photo = next((caches["data"] / "images").iterdir())
+    out = tmp_path / "pred"
+    names = "circle, square, zebra crossing"  # the last name is in no store: encoded on demand
+    assert main(["predict", str(photo), "--classes", names, "--checkpoint", str(trained), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    summary = json.loads((out / "prediction.json").read_text())
+    assert summary["classes"] == ["circle", "square", "zebra crossing"]
+    labels = np.asarray(Image.open(out / "labels.png"))
+    height, width = np.asarray(Image.open(photo)).shape[:2]
+    assert labels.shape == (height, width) and labels.max() <= 3
+    for j, name in enumerate(summary["classes"]):
+        mask = np.asarray(Image.open(out / summary["masks"][name]))
+        assert set(np.unique(mask).tolist()) <= {0, 255}
+        assert np.array_equal(mask == 255, labels == j + 1)
+        assert summary["coverage"][name] == pytest.approx((labels == j + 1).mean())
+    assert (out / "overlay.png").stat().st_size > 1000
+
+
+def test_stage_two_user_errors_are_one_line_with_exit_code_2(trained: Path, caches, capsys, tmp_path) -> None:
+    cases = [
+        ["train", "--cache", str(tmp_path / "missing"), "--out", str(tmp_path / "r")],
+        ["train", "--cache", str(caches["vision"]), "--set", "optim.nope=1", "--out", str(tmp_path / "r")],
+        ["train", "--cache", str(caches["vision"]), "--set", "optim.epochs=many", "--out", str(tmp_path / "r")],
+        ["train", "--cache", str(caches["vision"]), "--protocol", "pascal5i", "--out", str(tmp_path / "r")],
+        ["train", "--cache", str(caches["vision"]), "--preset", "huge", "--out", str(tmp_path / "r")],
+        ["train", "--cache", str(caches["vision"]), "--text-cache", str(caches["text"]), "--protocol", "custom",
+         "--novel", "star", "--out", str(trained)],  # an existing run without --resume
+        ["eval", str(tmp_path / "no-run")],
+        ["predict", str(tmp_path / "no.jpg"), "--classes", "cat", "--checkpoint", str(trained)],
+        ["predict", str(next((caches["data"] / "images").iterdir())), "--classes", " , ", "--checkpoint", str(trained)],
+    ]
+    for args in cases:
+        capsys.readouterr()
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, (args, err)

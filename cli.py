@@ -161,9 +161,12 @@ def info(
                + ("" if weights["pretrained"] else "  [random-init: not a result]"))
     if weights.get("sha256"):
         typer.echo(f"sha256     {weights['sha256']}")
-    typer.echo(f"input      {data['input_size']} px, grid {data['grid']}, vision dim {data['vision_dim']}, "
-               f"text dim {data['text_dim']}")
-    typer.echo(f"mean/std   {data['mean']} / {data['std']}")
+    if data["grid"]:
+        typer.echo(f"input      {data['input_size']} px, grid {data['grid']}, vision dim {data['vision_dim']}, "
+                   f"text dim {data['text_dim']}")
+        typer.echo(f"mean/std   {data['mean']} / {data['std']}")
+    else:
+        typer.echo(f"text only  dim {data['text_dim']}")
     typer.echo(f"created    {data['created']}  versions: "
                + ", ".join(f"{k} {v}" for k, v in data.get("versions", {}).items()))
     if "text" in data:

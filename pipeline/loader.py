@@ -267,7 +267,14 @@ def prefetch(iterator: Iterator, *, depth: int = 3, pin: bool = False) -> Iterat
         except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
             failure.append(err)
         finally:
-            items.put(sentinel)
+            # A consumer that stopped early (max_steps, an error) never drains the
+            # queue: a plain put would block this thread, and the batches it holds, forever.
+            while not stop.is_set():
+                try:
+                    items.put(sentinel, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
 
     thread = threading.Thread(target=work, name="batch-prefetch", daemon=True)
     thread.start()

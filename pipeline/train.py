@@ -46,10 +46,15 @@ class DataConfig:
     protocol: str = "pascal5i"  # pascal5i, coco20i, coco2voc, custom, ...
     fold: int = 0
     novel: list[str] = field(default_factory=list)  # class names, for protocol "custom"
-    classes_per_sample: Literal["1", "all"] = "1"
+    # "1": one (view, class) pair per sample (released code); "all": every seen class of the view (paper's W).
+    # A bare 1 is accepted because YAML and ``--set`` read it as an integer.
+    classes_per_sample: Literal["1", "all", 1] = "1"
     novel_pixels: Literal["background", "ignore"] = "background"
     read_mode: Literal["auto", "memory", "shards"] = "auto"
     memory_limit_gb: float = 8.0
+
+    def __post_init__(self) -> None:
+        self.classes_per_sample = str(self.classes_per_sample)
 
 
 @dataclass
@@ -82,6 +87,25 @@ class TrainConfig:
     val_split: str | None = None  # evaluate novel-class mIoU on this split of the cache each eval_every epochs
     eval_every: int = 1
     splits_dir: str | None = None  # episode lists for val (default: derived from masks)
+
+
+# Keys that say how far to go, where to write and what to log, not what is trained:
+# a resumed run may change them (e.g. raise optim.max_steps) and still reach the
+# weights of an uninterrupted run.
+RESUME_FREE_KEYS = ("optim.max_steps", "out", "log_every", "checkpoint_every", "val_split", "eval_every",
+                    "splits_dir")
+
+
+def resume_identity(config: TrainConfig | dict) -> str:
+    """Hash of the parts of a config that decide the trained weights (see RESUME_FREE_KEYS)."""
+    data = json.loads(json.dumps(to_dict(config)))  # a deep copy to prune
+    for key in RESUME_FREE_KEYS:
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return config_hash(data)
 
 
 def default_config_dict() -> dict:
@@ -209,10 +233,19 @@ def save_checkpoint(*, run: Path, model, optimizer, position: dict, config: Trai
     tmp.mkdir()
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "fusioner"})
-    torch.save({"optimizer": optimizer.state_dict(), "position": position}, tmp / "train_state.pt")
+    # The torch RNG state makes dropout continue as in an uninterrupted run.
+    torch.save({"optimizer": optimizer.state_dict(), "position": position, "rng": _rng_state()},
+               tmp / "train_state.pt")
     write_json_atomic(tmp / "config.json", config)
     final = folder / name
-    shutil.rmtree(final, ignore_errors=True)
+    if final.exists():
+        # The same step saved twice (checkpoint_every landing on an epoch end, or a resume
+        # that starts there): move the old folder aside in one rename rather than deleting
+        # it in place, so `latest` never names a half-deleted folder.
+        old = folder / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
     os.replace(tmp, final)
     latest_tmp = folder / ".latest.tmp"
     latest_tmp.write_text(name + "\n")
@@ -222,12 +255,53 @@ def save_checkpoint(*, run: Path, model, optimizer, position: dict, config: Trai
     return final
 
 
+CHECKPOINT_FILES = ("model.safetensors", "train_state.pt", "config.json")
+
+
+def _complete(path: Path) -> bool:
+    return path.is_dir() and all((path / name).is_file() for name in CHECKPOINT_FILES)
+
+
 def latest_checkpoint(run: Path) -> Path | None:
-    pointer = run / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = run / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "model.safetensors").is_file() else None
+    """The checkpoint named by ``latest``, or else the newest complete ``step-*`` folder.
+
+    The fallback covers a run killed between replacing a folder and moving the
+    pointer; hidden ``.step-*.tmp`` leftovers of a killed save are never used.
+    """
+    folder = Path(run) / "checkpoints"
+    pointer = folder / "latest"
+    if pointer.is_file():
+        path = folder / pointer.read_text().strip()
+        if _complete(path):
+            return path
+    candidates = sorted(p for p in folder.glob("step-*") if _complete(p)) if folder.is_dir() else []
+    return candidates[-1] if candidates else None
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict | None) -> None:
+    if not state:
+        return
+    torch.random.set_rng_state(state["cpu"].cpu())  # torch.load may have mapped it to the device
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _truncate_log(path: Path, *, step: int) -> None:
+    """Drop records logged after the checkpoint a run resumes from, so they are not logged twice."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def load_model(run_or_checkpoint: str | Path, *, device: str | torch.device = "cpu"):
@@ -291,8 +365,9 @@ def train(*, config: TrainConfig, resume: bool = False, quiet: bool = False) -> 
         config.model.decoder.out_size = split.input_size
     if resume and (run / "config.json").exists():
         saved = json.loads((run / "config.json").read_text())
-        if config_hash(saved) != config_hash(config):
-            raise UserError(f"{run}: --resume with a different config than the run was started with")
+        if resume_identity(saved) != resume_identity(config):
+            raise UserError(f"{run}: --resume with a different config than the run was started with "
+                            f"(only {', '.join(RESUME_FREE_KEYS)} may change)")
     device = _device(config.device)
     torch.manual_seed(config.seed)
     model = build_model(config.model).to(device)
@@ -308,11 +383,14 @@ def train(*, config: TrainConfig, resume: bool = False, quiet: bool = False) -> 
         state = torch.load(checkpoint / "train_state.pt", map_location=device, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         position = state["position"]
+        _set_rng_state(state.get("rng"))
     run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run / "config.json", config)
     metrics_path = run / "metrics.jsonl"
     if not resume and metrics_path.exists():
         metrics_path.unlink()
+    if resume:
+        _truncate_log(metrics_path, step=position["step"])
     counts = count_parameters(model)
     if position["step"] == 0:
         _log(metrics_path, {"event": "start", "parameters": counts, "samples": len(prepared.samples),

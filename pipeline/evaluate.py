@@ -126,7 +126,10 @@ def evaluate_split(*, model, vision_cache: str, text_cache: str, split: str, pro
                    min_pixels: int = SMALL_OBJECT_PIXELS) -> dict:
     """Score ``model`` on the novel classes of a protocol fold; returns metrics and counts."""
     cached = open_split(store=vision_cache, split=split)
-    fold_ = _fold_for_eval(protocol=protocol, fold=fold, class_names=cached.class_names, novel_names=list(novel_names))
+    # Multi-class (Mosaic-4) scores every class present in the masks, so it needs no
+    # fold; resolving one would refuse the mosaic's own class list (or need its root).
+    fold_ = None if mode == "multiclass" else _fold_for_eval(
+        protocol=protocol, fold=fold, class_names=cached.class_names, novel_names=list(novel_names))
     names = cached.class_names
     text = torch.from_numpy(class_embeddings(text_store=text_cache, names=names))  # [K, Dt]
     images = image_views(cached)
@@ -136,7 +139,7 @@ def evaluate_split(*, model, vision_cache: str, text_cache: str, split: str, pro
     model = model.to(device).eval()
     if mode == "multiclass":
         return _evaluate_multiclass(model=model, cached=cached, images=images, masks=masks, features=features,
-                                    text=text, device=device, quiet=quiet, novel=fold_.novel)
+                                    text=text, device=device, quiet=quiet)
     if splits_dir:
         episodes = listed_episodes(split=cached, protocol=protocol, fold=fold, splits_dir=splits_dir, limit=limit)
         source = f"lists in {splits_dir}"
@@ -172,7 +175,7 @@ def evaluate_split(*, model, vision_cache: str, text_cache: str, split: str, pro
     return _result(meter=meter, names=names, novel=fold_.novel, source=source, cached=cached)
 
 
-def _evaluate_multiclass(*, model, cached, images, masks, features, text, device, quiet, novel) -> dict:
+def _evaluate_multiclass(*, model, cached, images, masks, features, text, device, quiet) -> dict:
     truths = {index: ground_truth(cached, images[index], masks) for index in sorted(images)}
     present = {i: [int(v) for v in np.unique(gt) if 0 < v < 255] for i, gt in truths.items()}
     classes = sorted({c for values in present.values() for c in values})

@@ -181,9 +181,11 @@ def test_listed_episodes_come_from_a_splits_folder(gen, tmp_path):
                        quiet=True)
 
 
-def test_multiclass_mode_gives_each_image_all_its_classes(gen):
+@pytest.mark.parametrize("protocol", ["pascal5i", "mosaic4"])
+def test_multiclass_mode_gives_each_image_all_its_classes(gen, protocol):
+    """Mosaic-4 scores the classes in the masks: no fold is resolved (mosaic4 could not be without its root)."""
     result = evaluate_split(model=_untrained(gen), vision_cache=str(gen.vision), text_cache=str(gen.text),
-                            split="folder/val", protocol="pascal5i", fold=0, mode="multiclass", quiet=True)
+                            split="folder/val", protocol=protocol, fold=0, mode="multiclass", quiet=True)
     assert result["episodes"] == len(open_split(store=gen.vision, split="folder/val").image_ids)
     assert SegmentationMeter.from_state_dict(result["meter"]).class_ids == sorted(SEEN + NOVEL)
 

@@ -336,6 +336,44 @@ def predict(
         typer.echo("note: random-init vision tower; the masks are a pipeline check, not a result", err=True)
 
 
+# ------------------------------------ sweep ----------------------------------- #
+
+
+@app.command()
+def sweep(
+    study: Path = typer.Argument(..., help="Study file (YAML), e.g. studies/table1.yaml."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Join a running dask cluster, e.g. tcp://head:8786."),
+    slurm: bool = typer.Option(False, "--slurm", help="Start dask workers as SLURM jobs (dask-jobqueue)."),
+    jobs: int = typer.Option(1, "--jobs", help="SLURM jobs to start."),
+    gpus_per_job: int = typer.Option(1, "--gpus-per-job", help="GPUs (and workers) per SLURM job."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Local workers (default: one per GPU, else 2 CPU workers)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs, their folders and what is done; run nothing."),
+    retries: int = typer.Option(2, "--retries", help="Retries of a failed run before it is reported."),
+    overrides: List[str] = typer.Option([], "--set", help="Override a base config key or study.<key>."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Run a whole study (folds x encoder pairs x variants x seeds) on dask and write the paper's table.
+
+    A killed sweep resumes when the same command is run again: finished runs are skipped.
+
+    Examples:
+
+      fusioner sweep studies/table1.yaml
+
+      fusioner sweep studies/table1.yaml --scheduler tcp://head:8786
+
+      fusioner sweep studies/table1.yaml --slurm --jobs 8 --gpus-per-job 1
+
+      fusioner sweep studies/table1.yaml --dry-run
+    """
+    from pipeline.sweep import sweep_command
+
+    code = sweep_command(study=study, scheduler=scheduler, slurm=slurm, jobs=jobs, gpus_per_job=gpus_per_job,
+                         workers=workers, dry_run=dry_run, retries=retries, quiet=quiet, overrides=overrides)
+    if code:
+        raise typer.Exit(code)
+
+
 # ------------------------------------ demo ------------------------------------ #
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,6 +21,21 @@ import yaml
 from pipeline.errors import UserError
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; configs mean a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def to_dict(obj: Any) -> Any:
@@ -120,7 +136,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise UserError(f"override '{text}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
@@ -155,8 +171,8 @@ def load_file(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml_load(path.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
         raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
     if data is None:
         data = {}

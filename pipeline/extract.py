@@ -128,10 +128,14 @@ def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, 
     per_image = config.views if kind == "views" else 1
     shard = config.shard_size or _default_shard_size(tokens=tokens, dim=dim, views_per_image=per_image,
                                                       num_views=n)
+    described = dataset.describe()
+    # Part of the signature a resumed run must match: the same folder, however its path is spelled.
+    described["root"] = str(Path(described["root"]).resolve())
+    described["lists"] = [str(Path(p).resolve()) for p in described["lists"]]
     meta = {"seed": config.seed, "views": config.views if kind == "views" else None,
             "stride": stride if kind == "windows" else None, "input_size": input_size,
             "augment": vars(config.augment) if kind == "views" else None,
-            "dataset": dataset.describe(), "plan_skipped": skipped}
+            "dataset": described, "plan_skipped": skipped}
     return st.SplitPlan(
         dataset=dataset.name, split=dataset.split, kind=kind, image_ids=list(dataset.ids), image_hw=image_hw,
         view_image=np.array([r[0] for r in rows], np.int32),

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
 
 from pipeline.errors import UserError
 
@@ -203,12 +204,17 @@ def create_split(root: zarr.Group, *, plan: SplitPlan, tokens: int, dim: int, in
     if path in root:
         group = root[path]
         old = group.attrs.get("signature")
-        if old != _jsonable(plan.signature()):
+        if old is None:
+            # The signature is written last: a run killed while creating the split left
+            # arrays without it and no shard marked done, so nothing here is worth keeping.
+            del root[path]
+        elif old != _jsonable(plan.signature()):
             raise UserError(
                 f"store already holds {path} planned differently (views, seed, images or shard size "
                 f"differ); use another --out or --overwrite"
             )
-        return group
+        else:
+            return group
     group = root.require_group(path)
     n, s, k = plan.num_views, plan.shard_size, max(len(plan.class_names), 1)
     n_shards = -(-n // s)
@@ -260,11 +266,26 @@ def done_shards(group: zarr.Group) -> np.ndarray:
     return np.asarray(group["shard_done"][:], dtype=bool)
 
 
+def _clear_shard(group: zarr.Group, *, shard: int) -> None:
+    """Delete what an interrupted run left of a shard that is not marked done.
+
+    Zarr merges every write into the shard file already stored (it reads and
+    decodes it first), so a truncated or damaged leftover would make the rewrite
+    fail its checksum and the shard could never be resumed. Its bytes are
+    worthless by definition, so the rewrite starts from nothing.
+    """
+    for name in ("features", "masks", "view_classes", "view_valid"):
+        array = group[name]
+        coords = (shard,) + (0,) * (array.ndim - 1)  # shards and per-shard chunks both start at view shard*S
+        sync(array.store.delete(f"{array.path}/{array.metadata.encode_chunk_key(coords)}"))
+
+
 def write_shard(group: zarr.Group, *, shard: int, features: np.ndarray, masks: np.ndarray,
                 classes: np.ndarray, valid: np.ndarray) -> None:
     """Write one whole shard, then mark it done (the marker goes last)."""
     start, stop = shard_bounds(group, shard)
     assert features.shape[0] == stop - start, (features.shape, start, stop)
+    _clear_shard(group, shard=shard)
     group["features"][start:stop] = features.astype(np.float16, copy=False)
     group["masks"][start:stop] = masks
     group["view_classes"][start:stop] = classes

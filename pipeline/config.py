@@ -139,11 +139,6 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-        try:
-            value = float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            pass
     return key, value
 
 

@@ -55,7 +55,7 @@ def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, ou
             device: str = "cpu", resize: bool = False, stride: int | None = None,
             encoders=None) -> dict:
     """Segment ``image`` into ``classes``; writes masks, a label map, an overlay and a JSON summary."""
-    from pipeline.train import load_model
+    from pipeline.checkpoints import load_model
 
     model, config = load_model(checkpoint, device=device)
     vision_store = config.data.cache

@@ -31,7 +31,6 @@ from pipeline.errors import UserError
 from pipeline.loader import (CachedSplit, class_embeddings, load_into_memory, open_split, prefetch,
                              training_batches, training_pairs)
 from pipeline.checkpoints import _set_rng_state, _truncate_log, latest_checkpoint, save_checkpoint
-from pipeline.checkpoints import load_model  # noqa: F401 - callers load trained runs from here too
 from pipeline.losses import binary_segmentation_loss
 from pipeline.model import PRESETS, ModelConfig, build_model, count_parameters, make_model_config
 from pipeline.progress import progress

@@ -23,25 +23,23 @@ def shared_dir() -> Path:
     return SHARED
 
 
+def _shared_path(shared_dir: Path, *parts: str) -> Path:
+    path = shared_dir.joinpath(*parts)
+    if not path.is_dir():
+        pytest.skip(f"../shared/{'/'.join(parts)} is not present")
+    return path
+
+
 @pytest.fixture(scope="session")
 def coco128(shared_dir: Path) -> Path:
-    path = shared_dir / "data" / "coco128"
-    if not path.is_dir():
-        pytest.skip("../shared/data/coco128 is not present")
-    return path
+    return _shared_path(shared_dir, "data", "coco128")
 
 
 @pytest.fixture(scope="session")
 def voc_sample(shared_dir: Path) -> Path:
-    path = shared_dir / "data" / "voc-sample"
-    if not path.is_dir():
-        pytest.skip("../shared/data/voc-sample is not present")
-    return path
+    return _shared_path(shared_dir, "data", "voc-sample")
 
 
 @pytest.fixture(scope="session")
 def splits_dir(shared_dir: Path) -> Path:
-    path = shared_dir / "splits"
-    if not path.is_dir():
-        pytest.skip("../shared/splits is not present")
-    return path
+    return _shared_path(shared_dir, "splits")

@@ -13,7 +13,7 @@ from pipeline.loader import open_split
 from pipeline.metrics import SegmentationMeter
 from pipeline.model import build_model
 from pipeline.protocols import Fold, create_protocol, derive_episodes
-from pipeline.train import load_model
+from pipeline.checkpoints import load_model
 from test_loader import FOLD0, INPUT, NOVEL, SEEN, gen, one_thread  # noqa: F401 (fixtures)
 from test_train import learned  # noqa: F401 (fixture)
 

@@ -22,8 +22,8 @@ from pipeline.extract import ExtractConfig, extract
 from pipeline.loader import class_embeddings, open_split
 from pipeline.metrics import SegmentationMeter
 from pipeline.model import build_model
-from pipeline.train import (TrainConfig, build_config, latest_checkpoint, load_model, lr_at, resume_identity, train,
-                            wd_at)
+from pipeline.checkpoints import latest_checkpoint, load_model
+from pipeline.train import TrainConfig, build_config, lr_at, resume_identity, train, wd_at
 from test_loader import FOLD0, SEEN, Generated, gen, generated_cache, one_thread  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]

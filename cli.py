@@ -67,7 +67,7 @@ def encoders() -> None:
 
     Example:  fusioner encoders
     """
-    from pipeline.encoders import describe_encoders
+    from pipeline.encode.registry import describe_encoders
 
     rows = describe_encoders()
     keys = ["name", "towers", "arch", "patch", "grid@224", "vision_dim", "text_dim", "weights"]
@@ -115,7 +115,8 @@ def extract(
 
       fusioner extract --backbone bert-b --text-only --dataset voc --out cache/bert-b
     """
-    from pipeline.extract import ExtractConfig, extract as run_extract
+    from pipeline.encode.extract import extract as run_extract
+    from pipeline.encode.plan import ExtractConfig
 
     config = ExtractConfig(
         backbone=backbone, out=str(out or Path("cache") / backbone), dataset=dataset,
@@ -149,7 +150,7 @@ def info(
 
     Example:  fusioner info cache/clip-l
     """
-    from pipeline.store import describe_store
+    from pipeline.store.info import describe_store
 
     data = describe_store(store)
     if as_json:
@@ -190,7 +191,7 @@ def datasets() -> None:
 
     Example:  fusioner datasets
     """
-    from pipeline.protocols import describe_all
+    from pipeline.data.protocols import describe_all
 
     typer.echo(describe_all())
 
@@ -209,7 +210,7 @@ def make_mosaic(
 
     Example:  fusioner make-mosaic --fss-root ~/data/FSS-1000 --classes-file ../shared/splits/fss/test.txt --out ~/data/mosaic4
     """
-    from pipeline.mosaic import make_mosaic as run
+    from pipeline.data.mosaic import make_mosaic as run
 
     path = run(fss_root=fss_root, out=out, classes_file=classes_file, count=count, seed=seed, tile=tile,
                progress=not quiet)
@@ -221,7 +222,7 @@ def make_mosaic(
 
 def _train_config(*, config_file, preset, cache, text_cache, split, protocol, fold, novel, out, overrides):
     from pipeline.config import load_file
-    from pipeline.train import build_config
+    from pipeline.train.config import build_config
 
     base = load_file(config_file) if config_file else {}
     sets = list(overrides)
@@ -261,7 +262,7 @@ def train(
       fusioner train --config my.yaml --set optim.epochs=50 --resume --out runs/x
     """
     from pipeline.config import to_dict
-    from pipeline.train import train as run
+    from pipeline.eval.validation import train_and_validate as run
 
     config = _train_config(config_file=config_file, preset=preset, cache=cache, text_cache=text_cache, split=split,
                            protocol=protocol, fold=fold, novel=novel, out=out, overrides=overrides)
@@ -301,7 +302,7 @@ def eval_command(
 
       fusioner eval runs/mosaic --split mosaic4/test --mosaic
     """
-    from pipeline.report import evaluate_runs
+    from pipeline.eval.report import evaluate_runs
 
     table = evaluate_runs(runs=runs, split=split, cache=cache, text_cache=text_cache, protocol=protocol,
                           splits_dir=splits, mode="multiclass" if mosaic else "binary", limit=limit,
@@ -322,8 +323,9 @@ def predict(
 
     Example:  fusioner predict photo.jpg --classes "cat, potted plant, sofa" --checkpoint runs/pascal-f0
     """
-    from pipeline.extract import resolve_device
-    from pipeline.predict import parse_classes, predict as run
+    from pipeline.eval.predict import parse_classes
+    from pipeline.eval.predict import predict as run
+    from pipeline.runtime import resolve_device
 
     names = parse_classes(classes)
     target = out or Path("predictions") / image.stem
@@ -341,7 +343,7 @@ def predict(
 
 @app.command()
 def sweep(
-    study: Path = typer.Argument(..., help="Study file (YAML), e.g. studies/table1.yaml."),
+    study: Path = typer.Argument(..., help="Study file (YAML), e.g. pipeline/studies/table1.yaml."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Join a running dask cluster, e.g. tcp://head:8786."),
     slurm: bool = typer.Option(False, "--slurm", help="Start dask workers as SLURM jobs (dask-jobqueue)."),
     jobs: int = typer.Option(1, "--jobs", help="SLURM jobs to start."),
@@ -358,15 +360,15 @@ def sweep(
 
     Examples:
 
-      fusioner sweep studies/table1.yaml
+      fusioner sweep pipeline/studies/table1.yaml
 
-      fusioner sweep studies/table1.yaml --scheduler tcp://head:8786
+      fusioner sweep pipeline/studies/table1.yaml --scheduler tcp://head:8786
 
-      fusioner sweep studies/table1.yaml --slurm --jobs 8 --gpus-per-job 1
+      fusioner sweep pipeline/studies/table1.yaml --slurm --jobs 8 --gpus-per-job 1
 
-      fusioner sweep studies/table1.yaml --dry-run
+      fusioner sweep pipeline/studies/table1.yaml --dry-run
     """
-    from pipeline.sweep import sweep_command
+    from pipeline.sweep.command import sweep_command
 
     code = sweep_command(study=study, scheduler=scheduler, slurm=slurm, jobs=jobs, gpus_per_job=gpus_per_job,
                          workers=workers, dry_run=dry_run, retries=retries, quiet=quiet, overrides=overrides)

@@ -183,3 +183,14 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(to_dict(data), indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` applied; nested mappings merge key by key."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

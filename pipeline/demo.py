@@ -18,73 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from pipeline.data.synthetic import NOVEL_SHAPES, make_shapes_dataset, split_lists
 from pipeline.errors import UserError
-
-SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
-NOVEL_SHAPES = ("star", "ring")
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, *, kind: str, box: tuple[int, int, int, int], fill) -> None:
-    x0, y0, x1, y1 = box
-    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
-    if kind == "circle":
-        draw.ellipse(box, fill=fill)
-    elif kind == "square":
-        draw.rectangle(box, fill=fill)
-    elif kind == "triangle":
-        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
-    elif kind == "star":
-        points = []
-        for i in range(10):
-            radius = r if i % 2 == 0 else r * 0.45
-            angle = np.pi / 2 + i * np.pi / 5
-            points.append((cx + radius * np.cos(angle), cy - radius * np.sin(angle)))
-        draw.polygon(points, fill=fill)
-    elif kind == "ring":
-        draw.ellipse(box, outline=fill, width=max(3, int(r * 0.35)))
-    elif kind == "cross":
-        t = r * 0.35
-        draw.rectangle((cx - t, y0, cx + t, y1), fill=fill)
-        draw.rectangle((x0, cy - t, x1, cy + t), fill=fill)
-
-
-def make_shapes_dataset(*, out: Path, count: int = 64, seed: int = 0, size: tuple[int, int] = (180, 240)) -> Path:
-    """Photos-like noise backgrounds with 1-3 coloured shapes each, in the mask-folder layout."""
-    rng = np.random.default_rng(seed)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    (out / "classes.txt").write_text("\n".join(SHAPES) + "\n")
-    height, width = size
-    for i in range(count):
-        base = rng.integers(60, 200, size=3)
-        noise = rng.normal(0, 18, size=(height, width, 3))
-        image = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
-        mask = Image.new("L", (width, height), 0)
-        draw, mdraw = ImageDraw.Draw(image), ImageDraw.Draw(mask)
-        for _ in range(int(rng.integers(1, 4))):
-            k = int(rng.integers(len(SHAPES)))
-            short = min(height, width)
-            side = int(rng.integers(int(0.28 * short), int(0.55 * short) + 1))
-            x0, y0 = int(rng.integers(0, width - side)), int(rng.integers(0, height - side))
-            colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-            _draw_shape(draw, kind=SHAPES[k], box=(x0, y0, x0 + side, y0 + side), fill=colour)
-            _draw_shape(mdraw, kind=SHAPES[k], box=(x0, y0, x0 + side, y0 + side), fill=k + 1)
-        image.save(out / "images" / f"shape_{i:04d}.jpg", quality=92)
-        mask.save(out / "masks" / f"shape_{i:04d}.png")
-    return out
-
-
-def split_lists(*, root: Path, out: Path, val_fraction: float = 0.25) -> tuple[Path, Path]:
-    """Deterministic train/val id lists (the last quarter of the sorted ids is val)."""
-    ids = sorted(p.stem for p in (root / "images").iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    cut = int(round(len(ids) * (1 - val_fraction)))
-    train, val = out / "train.txt", out / "val.txt"
-    train.write_text("\n".join(ids[:cut]) + "\n")
-    val.write_text("\n".join(ids[cut:]) + "\n")
-    return train, val
 
 
 @dataclass
@@ -106,11 +43,13 @@ def run_demo(*, out: str | Path = "demo-out", data_root: str | Path | None = Non
     """Run every stage and write ``out/report.md``; returns the report path."""
     import imgviz
 
-    from pipeline.evaluate import evaluate_split
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.predict import predict
-    from pipeline.checkpoints import load_model
-    from pipeline.train import build_config, train
+    from pipeline.encode.extract import extract
+    from pipeline.encode.plan import ExtractConfig
+    from pipeline.eval.evaluate import evaluate_split
+    from pipeline.eval.predict import predict
+    from pipeline.train.checkpoints import load_model
+    from pipeline.train.config import build_config
+    from pipeline.eval.validation import train_and_validate as train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,10 +126,11 @@ def _online_cost(*, cache: Path, epochs: int, vision_seconds: float, train_secon
     The per-view cost is the vision extraction's (decode, render, encode, write) over its views;
     the text embeddings are left out, as online training would compute them once too.
     """
-    from pipeline import store as st
+    from pipeline.store.layout import open_store
+    from pipeline.store.splits import list_splits
 
-    root = st.open_store(cache)
-    total_views = sum(int(root[p].attrs["num_views"]) for p in st.list_splits(root))
+    root = open_store(cache)
+    total_views = sum(int(root[p].attrs["num_views"]) for p in list_splits(root))
     train_views = int(root["folder/train"].attrs["num_views"])
     per_view = vision_seconds / max(total_views, 1)
     return train_seconds + per_view * train_views * epochs, per_view

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.config import from_dict, to_dict
+from pipeline.config import deep_merge, from_dict, to_dict
 from pipeline.errors import require
 
 # Logit given to padded classes: sigmoid() of it is exactly 0, and it stays
@@ -74,24 +74,13 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _deep_merge(base: dict, overrides: dict) -> dict:
-    """``base`` with ``overrides`` applied; nested mappings merge key by key."""
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def make_model_config(
     *, vision_dim: int, text_dim: int, preset: str = "paper", overrides: dict | None = None
 ) -> ModelConfig:
     """A checked ModelConfig from a preset name plus nested overrides (dims come from the stores)."""
     require(preset in PRESETS, f"unknown model preset '{preset}' (known: {', '.join(PRESETS)})")
     data = to_dict(ModelConfig(vision_dim=vision_dim, text_dim=text_dim))
-    data = _deep_merge(_deep_merge(data, PRESETS[preset]), overrides or {})
+    data = deep_merge(deep_merge(data, PRESETS[preset]), overrides or {})
     config = from_dict(ModelConfig, data)
     check_config(config)
     return config

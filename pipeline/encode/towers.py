@@ -1,0 +1,98 @@
+"""Frozen towers: uint8 images in, patch tokens out; class names in, prompt-averaged embeddings out."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.encode.prompts import TEMPLATES, fill
+from pipeline.encode.registry import EncoderSpec
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where the weights came from; saved in every store and report."""
+
+    pretrained: bool
+    source: str  # "random-init", a hub tag, or a file path
+    sha256: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def frozen(module: nn.Module) -> nn.Module:
+    module.eval()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module
+
+
+class VisionEncoder:
+    """A frozen vision tower: normalised uint8 images in, patch tokens out."""
+
+    def __init__(self, *, spec: EncoderSpec, tower: nn.Module, forward_tokens, input_size: int,
+                 weights: WeightsInfo, device: torch.device):
+        self.spec = spec
+        self.tower = frozen(tower).to(device)
+        self.forward_tokens = forward_tokens
+        self.input_size = input_size
+        self.grid = spec.grid(input_size)
+        self.dim = spec.vision_dim
+        self.weights = weights
+        self.device = device
+        self._mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+
+    def normalize(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """[B, S, S, 3] uint8 -> [B, 3, S, S] float, the encoder's mean/std applied."""
+        batch = torch.as_tensor(images).to(self.device, non_blocking=True)
+        batch = batch.permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, S, S]
+        return (batch - self._mean) / self._std
+
+    @torch.inference_mode()
+    def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """[B, S, S, 3] uint8 images -> [B, h*w, D] float32 patch tokens."""
+        pixels = self.normalize(images)
+        use_amp = self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_amp):
+            tokens = self.forward_tokens(pixels)  # [B, h*w, D]
+        return tokens.float()
+
+
+class TextEncoder:
+    """A frozen text tower: class names in, prompt-averaged embeddings out."""
+
+    def __init__(self, *, spec: EncoderSpec, encode_sentences, weights: WeightsInfo,
+                 device: torch.device, dim: int):
+        self.spec = spec
+        self._encode_sentences = encode_sentences
+        self.weights = weights
+        self.device = device
+        self.dim = dim
+
+    @torch.inference_mode()
+    def encode_names(self, names: Sequence[str], *, templates: Sequence[str] = TEMPLATES,
+                     batch_size: int = 256) -> torch.Tensor:
+        """[C] names -> [C, D]: each template embedding normalised, averaged, normalised."""
+        sentences = [s for name in names for s in fill(tuple(templates), name)]
+        chunks = [self._encode_sentences(sentences[i:i + batch_size])
+                  for i in range(0, len(sentences), batch_size)]
+        emb = torch.cat(chunks).float()  # [C * T, D]
+        emb = nn.functional.normalize(emb, dim=-1).view(len(names), len(templates), -1)
+        return nn.functional.normalize(emb.mean(dim=1), dim=-1)  # [C, D]
+
+
+@dataclass
+class Encoders:
+    spec: EncoderSpec
+    vision: VisionEncoder | None
+    text: TextEncoder | None
+
+    @property
+    def weights(self) -> WeightsInfo:
+        return (self.vision or self.text).weights

@@ -1,0 +1,92 @@
+"""``fusioner eval``: score trained runs and lay the numbers out like the paper's tables."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from pipeline.data.protocols import SMALL_OBJECT_PIXELS
+from pipeline.data.labels import TRAIN_SPLITS
+from pipeline.config import write_json_atomic
+from pipeline.errors import UserError
+from pipeline.store.layout import open_store, store_attrs
+from pipeline.store.splits import list_splits
+
+
+def _eval_split_name(cache: str, split: str | None) -> str:
+    if split:
+        return split
+    names = [s for s in list_splits(open_store(cache)) if s.split("/")[-1] not in TRAIN_SPLITS]
+    if len(names) != 1:
+        raise UserError(f"{cache}: name the evaluation split with --split (candidates: {', '.join(names) or 'none'})")
+    return names[0]
+
+
+def run_label(config) -> str:
+    """'clip-l + clip-l, early' style label from a run's config."""
+    vision = store_attrs(open_store(config.data.cache))["encoder"]
+    text_store = config.data.text_store
+    text = store_attrs(open_store(text_store))["encoder"]
+    model = config.model
+    variant = model.fusion.mode + ("" if model.decoder.enabled else ", no decoder")
+    return f"{vision} + {text}, {variant}"
+
+
+def markdown_table(*, rows: dict[str, dict[int, float]], fb: dict[str, float], title: str) -> str:
+    folds = sorted({f for r in rows.values() for f in r})
+    header = "| " + " | ".join(["model"] + [f"fold {f}" for f in folds] + ["mean", "FB-IoU"]) + " |"
+    lines = [f"**{title}**", "", header, "|" + "---|" * (len(folds) + 3)]
+    for label, by_fold in rows.items():
+        cells = [f"{by_fold[f]:.1f}" if f in by_fold else "-" for f in folds]
+        mean = sum(by_fold.values()) / len(by_fold)
+        lines.append("| " + " | ".join([label] + cells + [f"{mean:.1f}", f"{fb[label]:.1f}"]) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_runs(*, runs: list[Path], split: str | None, cache: Path | None, text_cache: Path | None,
+                  protocol: str | None, splits_dir: Path | None, mode: str, limit: int | None,
+                  out: Path | None, min_pixels: int = SMALL_OBJECT_PIXELS, device: str, quiet: bool) -> str:
+    """Evaluate each run on its fold; write eval.json, per_class.csv and table.md; return the table."""
+    from pipeline.eval.evaluate import evaluate_split
+    from pipeline.runtime import resolve_device
+    from pipeline.train.checkpoints import load_model
+
+    dev = resolve_device(device)
+    results, rows, fb_rows = [], {}, {}
+    pretrained = True
+    for run in runs:
+        model, config = load_model(run, device=dev)
+        vision = str(cache or config.data.cache)
+        text = str(text_cache or config.data.text_store)
+        name = _eval_split_name(vision, split)
+        proto = protocol or config.data.protocol
+        result = evaluate_split(model=model, vision_cache=vision, text_cache=text, split=name, protocol=proto,
+                                fold=config.data.fold, novel_names=config.data.novel,
+                                splits_dir=str(splits_dir) if splits_dir else None, device=dev, mode=mode,
+                                limit=limit, quiet=quiet, min_pixels=min_pixels)
+        label = run_label(config)
+        rows.setdefault(label, {})[config.data.fold] = result["miou"]
+        fb_rows.setdefault(label, []).append(result["fb_iou"])
+        pretrained &= bool(result["pretrained_features"])
+        results.append({"run": str(run), "split": name, "protocol": proto, "fold": config.data.fold,
+                        "label": label, **{k: v for k, v in result.items() if k != "meter"},
+                        "meter": result["meter"]})
+    fb = {k: sum(v) / len(v) for k, v in fb_rows.items()}
+    title = f"{results[0]['protocol']} on {results[0]['split']} (mIoU %, {results[0]['episode_source']})"
+    table = markdown_table(rows=rows, fb=fb, title=title)
+    table += "\n\nepisodes: " + ", ".join(f"fold {r['fold']}: {r['episodes']}" for r in results)
+    if not pretrained:
+        table += "\n\n_Features come from random-init encoders: a pipeline check, not a result._"
+    target = Path(out or runs[0])
+    target.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(target / "eval.json", results)
+    with open(target / "per_class.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["run", "fold", "class", "iou"])
+        for r in results:
+            for cls, iou in r["per_class"].items():
+                writer.writerow([r["run"], r["fold"], cls, f"{iou:.3f}"])
+    (target / "table.md").write_text(table + "\n")
+    per_class = "\n".join(f"  fold {r['fold']}: " + ", ".join(f"{c} {v:.1f}" for c, v in r["per_class"].items())
+                          for r in results)
+    return f"{table}\n\nper-class IoU:\n{per_class}\n\nwrote {target}/eval.json, per_class.csv, table.md"

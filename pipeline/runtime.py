@@ -1,0 +1,67 @@
+"""Progress bars: rate and ETA on a terminal, sparse plain lines in logs, nothing under --quiet."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata as _md
+import os
+import platform
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.errors import UserError
+
+
+def progress(*, total: int | None, desc: str, quiet: bool = False, unit: str = "it", initial: int = 0):
+    """A tqdm bar; when stderr is not a terminal (CI logs) it prints a plain line every 30 s."""
+    interactive = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        initial=initial,
+        disable=quiet,
+        dynamic_ncols=interactive,
+        ascii=not interactive,
+        mininterval=0.2 if interactive else 30.0,
+        leave=True,
+    )
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in ("fusioner", "torch", "open_clip_torch", "timm", "transformers", "zarr", "numpy"):
+        try:
+            out[name] = _md.version(name)
+        except _md.PackageNotFoundError:
+            continue
+    return out
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"unknown device '{name}'") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is available")
+    return device
+
+
+def machine() -> str:
+    device = "no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(0)
+    return (f"{os.cpu_count()} CPU cores ({platform.machine()}), {device}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads")
+
+
+def load_average() -> str:
+    """Other processes' load: wall-clock figures from a busy machine are upper bounds."""
+    return "n/a" if not hasattr(os, "getloadavg") else f"{os.getloadavg()[0]:.2f}"

@@ -1,0 +1,132 @@
+"""The feature store: a plain Zarr v3 hierarchy that describes itself.
+
+Layout (``docs/store.md`` walks through it)::
+
+    <store>/                       attrs["fusioner"]: format, encoder, weights, sizes, versions
+      text/                        prompt-averaged class embeddings (if the encoder has text)
+        embeddings  [C, Dt] f32    attrs: names, templates, encoder
+      <dataset>/<split>/           one group per dataset split; attrs: plan, dataset, image ids
+        features    [N, h*w, D] f16   chunk = 1 view, shard = S views
+        masks       [N, S_in, S_in] u8 label mask of each view (0 bg, k class, 255 ignore)
+        view_image  [N] i32           image index of each view
+        view_box    [N, 4] i32        (x0, y0, x1, y1) of the view in the original image
+        view_flip   [N] bool
+        view_jitter [N, 4] f32        brightness, contrast, saturation, hue
+        view_classes[N, K] bool       classes present in each view's mask
+        view_valid  [N] bool          False for views of images skipped as bad
+        image_hw    [M, 2] i32
+        shard_done  [n_shards] u8     1 once a shard's data is completely written
+
+Every array chunk carries a CRC32C checksum, so a damaged chunk fails to
+decode instead of being read as numbers. Data of a shard is read as valid only
+once ``shard_done`` says so: a run killed while writing a shard leaves it
+marked 0 and the next run writes it again. Each writer owns whole shards.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec
+
+from pipeline.errors import UserError
+from pipeline.runtime import now_iso, package_versions
+
+FORMAT_VERSION = 1
+ATTR_KEY = "fusioner"
+
+
+# --------------------------------------------------------------------------- #
+# Root
+# --------------------------------------------------------------------------- #
+
+
+def store_identity(*, encoder: str, weights: dict, input_size: int, grid: tuple[int, int] | None,
+                   vision_dim: int | None, text_dim: int | None, mean, std) -> dict:
+    """The attributes two runs must share to write into one store."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "encoder": encoder,
+        "weights": weights,
+        "pretrained": bool(weights.get("pretrained")),
+        "input_size": input_size,
+        "grid": list(grid) if grid else None,
+        "vision_dim": vision_dim,
+        "text_dim": text_dim,
+        "mean": list(mean),
+        "std": list(std),
+    }
+
+
+_IDENTITY_KEYS = ("format_version", "encoder", "weights", "input_size", "grid", "vision_dim", "text_dim")
+
+
+def open_or_create_store(path: str | Path, *, identity: dict, overwrite: bool = False) -> zarr.Group:
+    """Open ``path`` for appending, refusing a store made differently, or create it."""
+    path = Path(path)
+    if overwrite and path.exists():
+        shutil.rmtree(path)
+    if path.exists() and any(path.iterdir()):
+        root = open_store(path, mode="r+")
+        existing = root.attrs[ATTR_KEY]
+        for key in _IDENTITY_KEYS:
+            if existing.get(key) != identity.get(key):
+                raise UserError(
+                    f"{path} was made with {key}={existing.get(key)!r}, this run has "
+                    f"{identity.get(key)!r}; use another --out or --overwrite to start over"
+                )
+        return root
+    path.mkdir(parents=True, exist_ok=True)
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.attrs[ATTR_KEY] = {**identity, "created": now_iso(), "versions": package_versions()}
+    return root
+
+
+def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:
+    """Open an existing Fusioner store, with a one-line error if it is not one."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise UserError(f"no feature store at {path} (run `fusioner extract ... --out {path}` first)")
+    root = zarr.open_group(str(path), mode=mode)
+    attrs = root.attrs.asdict()
+    if ATTR_KEY not in attrs:
+        raise UserError(f"{path} is a Zarr group but not a Fusioner store")
+    version = attrs[ATTR_KEY].get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(f"{path} has store format {version}, this Fusioner reads format {FORMAT_VERSION}")
+    return root
+
+
+def store_attrs(root: zarr.Group) -> dict:
+    return dict(root.attrs[ATTR_KEY])
+
+
+# --------------------------------------------------------------------------- #
+# Text
+# --------------------------------------------------------------------------- #
+
+
+def write_text(root: zarr.Group, *, names: list[str], embeddings: np.ndarray, meta: dict) -> None:
+    """Store (or extend) the class-name embeddings; existing names keep their rows."""
+    old_names, old_emb = read_text(root) if "text" in root else ([], None)
+    keep = [i for i, n in enumerate(names) if n not in set(old_names)]
+    all_names = old_names + [names[i] for i in keep]
+    new = embeddings[keep].astype(np.float32)
+    table = new if old_emb is None else np.concatenate([old_emb, new])
+    group = root.require_group("text")
+    if "embeddings" in group:
+        del group["embeddings"]
+    arr = group.create_array("embeddings", shape=table.shape, dtype="float32", chunks=table.shape,
+                             compressors=[Crc32cCodec()], dimension_names=("class", "channel"))
+    arr[:] = table
+    group.attrs.update({**meta, "names": all_names, "updated": now_iso()})
+
+
+def read_text(root: zarr.Group) -> tuple[list[str], np.ndarray]:
+    if "text" not in root:
+        raise UserError(f"store {root.store} holds no text embeddings (extract with a text encoder)")
+    group = root["text"]
+    return list(group.attrs["names"]), np.asarray(group["embeddings"][:], dtype=np.float32)

@@ -1,0 +1,87 @@
+"""Reading one split of a store: plan arrays in memory, features and masks on demand."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.store.layout import open_store, store_attrs
+from pipeline.store.splits import done_shards, list_splits, split_group
+
+
+@dataclass
+class CachedSplit:
+    """One split of a vision store, its plan arrays in memory, features on demand."""
+
+    path: Path
+    split: str
+    group: object
+    class_names: list[str]
+    grid: tuple[int, int]
+    input_size: int
+    view_image: np.ndarray
+    view_box: np.ndarray
+    view_flip: np.ndarray
+    view_classes: np.ndarray  # [N, K] bool
+    view_valid: np.ndarray
+    image_ids: list[str]
+    image_hw: np.ndarray
+    kind: str
+    pretrained: bool
+
+    @property
+    def num_views(self) -> int:
+        return int(self.view_image.shape[0])
+
+    def features(self, index: np.ndarray | slice) -> np.ndarray:
+        return _take(self.group["features"], index)
+
+    def masks(self, index: np.ndarray | slice) -> np.ndarray:
+        return _take(self.group["masks"], index)
+
+
+def _take(array, index):
+    """Rows ``index`` of a zarr array, in order.
+
+    A contiguous run is one slice; otherwise one read per row, which zarr serves
+    from the shard index far faster than an orthogonal selection over a shard.
+    """
+    if isinstance(index, slice):
+        return array[index]
+    index = np.asarray(index)
+    if index.size and np.array_equal(index, np.arange(index[0], index[0] + index.size)):
+        return array[int(index[0]):int(index[0]) + index.size]
+    return np.stack([array[int(i)] for i in index]) if index.size else array[0:0]
+
+
+def open_split(*, store: str | Path, split: str | None = None, require_complete: bool = True) -> CachedSplit:
+    """Open ``store``'s split (the only one when ``split`` is None)."""
+    root = open_store(store)
+    attrs = store_attrs(root)
+    splits = list_splits(root)
+    if split is None:
+        if len(splits) != 1:
+            raise UserError(f"{store} holds splits {', '.join(splits) or 'none'}: name one with --split")
+        split = splits[0]
+    group = split_group(root, split)
+    done = done_shards(group)
+    if require_complete and not done.all():
+        raise UserError(f"{store} {split}: {int((~done).sum())} of {done.size} shards not written yet; "
+                        f"re-run the same `fusioner extract` to finish it")
+    return CachedSplit(
+        path=Path(store), split=split, group=group, class_names=list(group.attrs["class_names"]),
+        grid=tuple(attrs["grid"]), input_size=int(attrs["input_size"]),
+        view_image=np.asarray(group["view_image"][:]), view_box=np.asarray(group["view_box"][:]),
+        view_flip=np.asarray(group["view_flip"][:]), view_classes=np.asarray(group["view_classes"][:]),
+        view_valid=np.asarray(group["view_valid"][:]), image_ids=list(group.attrs["image_ids"]),
+        image_hw=np.asarray(group["image_hw"][:]), kind=str(group.attrs["kind"]),
+        pretrained=bool(attrs["pretrained"]),
+    )
+
+
+def load_into_memory(split: CachedSplit) -> dict:
+    """Features and masks of the whole split, read shard by shard (contiguous)."""
+    return {"features": split.features(slice(None)), "masks": split.masks(slice(None))}

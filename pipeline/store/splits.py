@@ -1,0 +1,176 @@
+"""One split of a store: its planned views, its arrays, its shards and their done markers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
+
+from pipeline.data.labels import IGNORE
+from pipeline.errors import UserError
+from pipeline.runtime import now_iso
+
+# --------------------------------------------------------------------------- #
+# Splits
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class SplitPlan:
+    """Everything about a split's views that is known before any pixel is decoded."""
+
+    dataset: str
+    split: str
+    kind: str  # "views" (augmented training views), "windows" (sliding), "resize"
+    image_ids: list[str]
+    image_hw: np.ndarray  # [M, 2]
+    view_image: np.ndarray  # [N]
+    view_box: np.ndarray  # [N, 4]
+    view_flip: np.ndarray  # [N]
+    view_jitter: np.ndarray  # [N, 4]
+    class_names: list[str]
+    shard_size: int
+    meta: dict = field(default_factory=dict)  # dataset description, seed, views, stride, ...
+
+    @property
+    def group_path(self) -> str:
+        return f"{self.dataset}/{self.split}"
+
+    @property
+    def num_views(self) -> int:
+        return int(self.view_image.shape[0])
+
+    def signature(self) -> dict:
+        """What must agree for a resumed run to continue this split."""
+        return {"kind": self.kind, "num_views": self.num_views, "shard_size": self.shard_size,
+                "image_ids_hash": _hash_list(self.image_ids), "meta": self.meta}
+
+
+def _hash_list(items: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
+
+
+def _array(group, name, *, shape, dtype, chunks, shards=None, compress=False, fill_value=0, dims=None):
+    codecs = [ZstdCodec(level=1), Crc32cCodec()] if compress else [Crc32cCodec()]
+    return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
+                              compressors=codecs, fill_value=fill_value, dimension_names=dims)
+
+
+def create_split(root: zarr.Group, *, plan: SplitPlan, tokens: int, dim: int, input_size: int) -> zarr.Group:
+    """Create (or reopen, when the plan matches) the arrays of one split."""
+    path = plan.group_path
+    if path in root:
+        group = root[path]
+        old = group.attrs.get("signature")
+        if old is None:
+            # The signature is written last: a run killed while creating the split left
+            # arrays without it and no shard marked done, so nothing here is worth keeping.
+            del root[path]
+        elif old != jsonable(plan.signature()):
+            raise UserError(
+                f"store already holds {path} planned differently (views, seed, images or shard size "
+                f"differ); use another --out or --overwrite"
+            )
+        else:
+            return group
+    group = root.require_group(path)
+    n, s, k = plan.num_views, plan.shard_size, max(len(plan.class_names), 1)
+    n_shards = -(-n // s)
+    _array(group, "features", shape=(n, tokens, dim), dtype="float16", chunks=(1, tokens, dim),
+           shards=(s, tokens, dim), dims=("view", "token", "channel"))
+    _array(group, "masks", shape=(n, input_size, input_size), dtype="uint8",
+           chunks=(1, input_size, input_size), shards=(s, input_size, input_size), compress=True,
+           fill_value=IGNORE, dims=("view", "y", "x"))
+    _array(group, "view_classes", shape=(n, k), dtype="bool", chunks=(s, k), compress=True,
+           fill_value=False, dims=("view", "class"))
+    _array(group, "view_valid", shape=(n,), dtype="bool", chunks=(s,), fill_value=False, dims=("view",))
+    _array(group, "shard_done", shape=(n_shards,), dtype="uint8", chunks=(1,), dims=("shard",))
+    for name, data, dims in (
+        ("view_image", plan.view_image.astype(np.int32), ("view",)),
+        ("view_box", plan.view_box.astype(np.int32), ("view", "xyxy")),
+        ("view_flip", plan.view_flip.astype(bool), ("view",)),
+        ("view_jitter", plan.view_jitter.astype(np.float32), ("view", "bcsh")),
+        ("image_hw", plan.image_hw.astype(np.int32), ("image", "hw")),
+    ):
+        arr = _array(group, name, shape=data.shape, dtype=data.dtype, chunks=data.shape or (1,),
+                     compress=True, dims=dims)
+        arr[...] = data
+    group.attrs.update(jsonable({
+        "dataset": plan.dataset, "split": plan.split, "kind": plan.kind,
+        "class_names": plan.class_names, "image_ids": plan.image_ids, "shard_size": s,
+        "num_views": n, "num_images": len(plan.image_ids), "meta": plan.meta,
+        "signature": plan.signature(), "created": now_iso(),
+    }))
+    return group
+
+
+def jsonable(obj: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def shard_bounds(group: zarr.Group, shard: int) -> tuple[int, int]:
+    size = int(group.attrs["shard_size"])
+    n = int(group.attrs["num_views"])
+    return shard * size, min((shard + 1) * size, n)
+
+
+def num_shards(group: zarr.Group) -> int:
+    return int(group["shard_done"].shape[0])
+
+
+def done_shards(group: zarr.Group) -> np.ndarray:
+    return np.asarray(group["shard_done"][:], dtype=bool)
+
+
+def _clear_shard(group: zarr.Group, *, shard: int) -> None:
+    """Delete what an interrupted run left of a shard that is not marked done.
+
+    Zarr merges every write into the shard file already stored (it reads and
+    decodes it first), so a truncated or damaged leftover would make the rewrite
+    fail its checksum and the shard could never be resumed. Its bytes are
+    worthless by definition, so the rewrite starts from nothing.
+    """
+    for name in ("features", "masks", "view_classes", "view_valid"):
+        array = group[name]
+        coords = (shard,) + (0,) * (array.ndim - 1)  # shards and per-shard chunks both start at view shard*S
+        sync(array.store.delete(f"{array.path}/{array.metadata.encode_chunk_key(coords)}"))
+
+
+def write_shard(group: zarr.Group, *, shard: int, features: np.ndarray, masks: np.ndarray,
+                classes: np.ndarray, valid: np.ndarray) -> None:
+    """Write one whole shard, then mark it done (the marker goes last)."""
+    start, stop = shard_bounds(group, shard)
+    assert features.shape[0] == stop - start, (features.shape, start, stop)
+    _clear_shard(group, shard=shard)
+    group["features"][start:stop] = features.astype(np.float16, copy=False)
+    group["masks"][start:stop] = masks
+    group["view_classes"][start:stop] = classes
+    group["view_valid"][start:stop] = valid
+    group["shard_done"][shard] = 1
+
+
+def list_splits(root: zarr.Group) -> list[str]:
+    """Group paths of every split in the store, e.g. ``["coco/train", "voc/val"]``."""
+    out = []
+    for name, child in root.groups():
+        if name == "text":
+            continue
+        for sub, grand in child.groups():
+            if "features" in grand:
+                out.append(f"{name}/{sub}")
+    return sorted(out)
+
+
+def split_group(root: zarr.Group, path: str) -> zarr.Group:
+    if path not in root or "features" not in root[path]:
+        known = ", ".join(list_splits(root)) or "none"
+        raise UserError(f"store has no split '{path}' (it has: {known})")
+    return root[path]

@@ -1,0 +1,7 @@
+"""``python -m pipeline.sweep``: the per-run process and the study runner without the CLI."""
+
+import sys
+
+from pipeline.sweep.command import main
+
+sys.exit(main())

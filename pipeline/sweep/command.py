@@ -1,0 +1,115 @@
+"""`fusioner sweep`: plan a study, run what is missing, write its tables."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.sweep.cluster import open_cluster
+from pipeline.sweep.scheduler import run_all
+from pipeline.sweep.study import Run, expand_runs, load_study, run_state
+
+
+def describe_runs(runs: list[Run]) -> str:
+    """What --dry-run prints: each run, whether it is done, and where it lives."""
+    states = [run_state(run.dir) for run in runs]
+    lines = [f"{len(runs)} runs: " + ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "failed", "pending")
+                                              if s in states)]
+    lines += [f"{state:8s} {run.describe()}  {run.dir}" for run, state in zip(runs, states)]
+    return "\n".join(lines)
+
+
+def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int, gpus_per_job: int,
+                  workers: int | None, dry_run: bool, retries: int, quiet: bool, overrides: list[str]) -> int:
+    """Run a whole study (folds x encoder pairs x variants x swept keys x seeds) and write the paper's table.
+
+    Finished runs are skipped, so a killed sweep resumes by running the same command again; an
+    interrupted run continues from its last checkpoint. Each run trains and evaluates in its own
+    process; failed runs are retried ``--retries`` times, then listed with their error while the
+    others finish. Writes results.csv, table.md, table.csv and chart.png into the study's out folder.
+    Exit code 0 when every run is done, 1 when some failed, 2 on a bad study file.
+
+    Examples:
+
+      fusioner sweep pipeline/studies/table4.yaml                        # LocalCluster: one worker per GPU
+
+      fusioner sweep pipeline/studies/table1.yaml --dry-run              # list runs, their folders and done state
+
+      fusioner sweep pipeline/studies/tiny.yaml --workers 2 --set optim.max_steps=20
+
+      fusioner sweep pipeline/studies/table2.yaml --scheduler tcp://10.0.0.5:8786
+
+      fusioner sweep pipeline/studies/table7.yaml --slurm --jobs 4 --gpus-per-job 2 --set study.slurm.walltime=08:00:00
+
+    ``--set key=value`` changes the base training config (``optim.epochs=50``) or, as
+    ``study.<section>.<key>=value``, the study file itself (``study.grid.seeds=[0,1,2]``,
+    ``study.out=/scratch/t4``).
+    """
+    from pipeline.sweep.tables import markdown, write_outputs
+
+    if scheduler and slurm:
+        raise UserError("--scheduler and --slurm exclude each other")
+    if retries < 0 or jobs < 1 or gpus_per_job < 0 or (workers is not None and workers < 1):
+        raise UserError("--retries and --gpus-per-job must be >= 0, --jobs and --workers >= 1")
+    spec = load_study(path=Path(study), overrides=list(overrides))
+    runs = expand_runs(spec)
+    if dry_run:
+        print(describe_runs(runs))
+        return 0
+    todo = [run for run in {r.key: r for r in runs}.values() if run_state(run.dir) != "done"]
+    errors: dict[str, str] = {}
+    if todo:
+        with open_cluster(study=spec, scheduler=scheduler, slurm=slurm, jobs=jobs, gpus_per_job=gpus_per_job,
+                          workers=workers, quiet=quiet) as (client, threads, gpus):
+            errors = run_all(client=client, runs=runs, study_name=spec.name, retries=retries, threads=threads,
+                             gpus=gpus, quiet=quiet)
+    table = write_outputs(study=spec, runs=runs)
+    unique = {r.key: r for r in runs}
+    if not quiet:
+        done = sum(run_state(r.dir) == "done" for r in unique.values())
+        print(markdown(table, rows_name=" / ".join(spec.table.rows)))
+        print(f"{done} of {len(unique)} runs done, {len(errors)} failed; wrote {spec.out}/results.csv, table.md, "
+              f"table.csv, chart.png")
+    for run in unique.values():
+        if run.key in errors:
+            print(f"failed: {run.describe()}: {errors[run.key]}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.sweep run DIR`` (one run, the per-run process) or ``study STUDY ...``."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.sweep")
+    commands = parser.add_subparsers(dest="command", required=True)
+    one = commands.add_parser("run", help="train and evaluate one prepared run directory")
+    one.add_argument("run_dir", type=Path)
+    one.add_argument("--threads", type=int, default=None)
+    whole = commands.add_parser("study", help="what `fusioner sweep` runs")
+    whole.add_argument("study", type=Path)
+    whole.add_argument("--scheduler", default=None)
+    whole.add_argument("--slurm", action="store_true")
+    whole.add_argument("--jobs", type=int, default=1)
+    whole.add_argument("--gpus-per-job", type=int, default=1)
+    whole.add_argument("--workers", type=int, default=None)
+    whole.add_argument("--dry-run", action="store_true")
+    whole.add_argument("--retries", type=int, default=2)
+    whole.add_argument("--quiet", "-q", action="store_true")
+    whole.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            from pipeline.sweep.worker import main as run_main
+
+            return run_main(["run", str(args.run_dir)] + (["--threads", str(args.threads)] if args.threads else []))
+        if args.command == "study":
+            return sweep_command(study=args.study, scheduler=args.scheduler, slurm=args.slurm, jobs=args.jobs,
+                                 gpus_per_job=args.gpus_per_job, workers=args.workers, dry_run=args.dry_run,
+                                 retries=args.retries, quiet=args.quiet, overrides=args.overrides)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""``fusioner sweep``: a whole study as batch jobs on dask.distributed, ending in the paper's tables.
+
+The scheduling is dask's: a LocalCluster (one worker per GPU, or N CPU
+workers with one thread each), an existing scheduler, or SLURM jobs through
+dask-jobqueue. Each run is one task, and each task runs its study run in a
+process of its own (see :mod:`pipeline.sweep_worker`), pinned to the worker's
+GPU. Finished runs carry ``done.json`` and are skipped, so a killed sweep
+resumes by being started again; a failed run is retried (a user error is not:
+it would fail the same way), then recorded in ``failed.json`` while the other
+runs go on. At the end the study's tables are written from the done markers.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from pipeline.config import write_json_atomic
+from pipeline.sweep.study import Run, read_marker, run_state
+
+# --------------------------------------------------------------------------- #
+# The dask task: one run, in its own process, on this worker's GPU
+# --------------------------------------------------------------------------- #
+
+
+class RunFailed(Exception):
+    """A run's process failed; ``permanent`` when retrying cannot help (a user error, exit code 2)."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message, permanent)
+        self.message, self.permanent = message, permanent
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RunLaunchers(WorkerPlugin):
+    """Each worker's idle launchers (preloaded processes that fork one child per run), closed with the worker."""
+
+    name = "fusioner-run-launchers"
+
+    def setup(self, worker) -> None:
+        self.lock, self.idle = threading.Lock(), []
+
+    def teardown(self, worker) -> None:
+        for launcher in self.idle:
+            launcher.close()
+
+    @contextmanager
+    def launcher(self):
+        from pipeline.sweep.worker import Launcher
+
+        with self.lock:
+            launcher = self.idle.pop() if self.idle else None
+        launcher = launcher or Launcher()
+        try:
+            yield launcher
+        except BaseException:
+            launcher.close()  # it may be half way through a request: never reuse it
+            raise
+        with self.lock:
+            self.idle.append(launcher)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(" ")]
+    return lines[-1] if lines else "no output"
+
+
+def run_task(run_dir: str, threads: int | None, gpus: list[str] | None) -> dict:
+    """The dask task: run one study run in its own process; returns its done record."""
+    from distributed import get_worker
+
+    from pipeline.sweep.worker import pick_gpu
+
+    worker = get_worker()
+    visible = gpus if gpus is not None else [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    gpu = pick_gpu(worker_name=worker.name, visible=visible)
+    env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    log = Path(run_dir) / "log.txt"
+    start = log.stat().st_size if log.exists() else 0
+    plugin = worker.plugins.get(RunLaunchers.name)
+    if plugin is None:
+        raise RunFailed(f"worker {worker.name} has no {RunLaunchers.name} plugin")
+    try:
+        with plugin.launcher() as launcher:
+            code = launcher.run(run_dir=run_dir, threads=threads, env=env, log=str(log))
+    except RuntimeError as err:
+        raise RunFailed(f"{err} (worker {worker.name})") from None
+    if code == 0:
+        return read_marker(Path(run_dir), "done.json")
+    with open(log, "rb") as handle:
+        handle.seek(start)
+        message = _last_line(handle.read().decode(errors="replace"))
+    raise RunFailed(f"exit code {code}: {message} (log: {log})", permanent=code == 2)
+
+
+# --------------------------------------------------------------------------- #
+# The sweep
+# --------------------------------------------------------------------------- #
+
+
+def write_run_file(run: Run, study_name: str) -> None:
+    labels = {"pair": run.pair, "variant": run.variant, "fold": run.fold, "seed": run.seed, "values": run.values}
+    write_json_atomic(run.dir / "run.json", {"key": run.key, "study": study_name, "labels": labels,
+                                             "config": run.config, "eval": run.eval})
+
+
+def run_all(*, client, runs: list[Run], study_name: str, retries: int, threads: int | None,
+            gpus: list[str] | None, quiet: bool) -> dict[str, str]:
+    """Submit every unfinished run, retry failures, show progress; returns run key -> error of failed runs."""
+    from pipeline.runtime import progress
+
+    unique = list({run.key: run for run in runs}.values())
+    todo = [run for run in unique if run_state(run.dir) != "done"]
+    for run in todo:
+        write_run_file(run, study_name)
+    attempts: dict[str, int] = {}
+    futures: dict = {}
+
+    def submit(run: Run) -> None:
+        attempts[run.key] = attempts.get(run.key, 0) + 1
+        future = client.submit(run_task, str(run.dir), threads, gpus, pure=False,
+                               key=f"fusioner-run-{run.key}-{attempts[run.key]}")
+        futures[future] = run
+
+    client.register_plugin(RunLaunchers(), name=RunLaunchers.name)
+    for run in todo:
+        submit(run)
+    errors: dict[str, str] = {}
+    bar = progress(total=len(unique), desc="sweep", quiet=quiet, unit="run", initial=len(unique) - len(todo))
+    last = None
+    try:
+        while futures:
+            time.sleep(0.25)
+            for future in [f for f in futures if f.done()]:
+                run = futures.pop(future)
+                if future.status == "finished":
+                    bar.update(1)
+                    continue
+                error = future.exception()
+                if not getattr(error, "permanent", False) and attempts[run.key] <= retries:
+                    submit(run)
+                    continue
+                errors[run.key] = str(error) or type(error).__name__
+                write_json_atomic(run.dir / "failed.json", {"error": errors[run.key], "attempts": attempts[run.key],
+                                                            "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            shown = (_running(client, {f.key for f in futures}), len(errors))
+            if shown != last:
+                bar.set_postfix(running=shown[0], failed=shown[1])
+                last = shown
+    finally:
+        bar.close()
+        for future in futures:
+            future.cancel()
+    return errors
+
+
+def _running(client, keys: set) -> int:
+    """Runs executing now: tasks a worker holds beyond its thread count are only queued there."""
+    threads = client.nthreads()
+    return sum(min(sum(1 for k in held if k in keys), threads.get(worker, 1))
+               for worker, held in client.processing().items())

@@ -1,0 +1,265 @@
+"""What runs on a sweep worker: one process per run, forked from a preloaded launcher.
+
+Every run trains and evaluates in its own process, so the GPU memory it took
+(and whatever a long-lived process would leak) is returned when it exits.
+Starting a fresh Python for each run costs seconds of imports (torch, the
+torch.compile machinery AdamW pulls in, matplotlib): the *launcher* pays them
+once per worker and forks one child per run. It never touches CUDA, so each
+child initialises CUDA itself, on the one GPU that its ``CUDA_VISIBLE_DEVICES``
+names. A child exits when its launcher dies (a worker killed at walltime must
+not leave an orphan training), holds its run directory's lock while it works,
+resumes from the run's last checkpoint, and writes ``done.json`` last.
+
+``python -m pipeline.sweep.worker run DIR`` runs one prepared run by hand in a
+fresh process (for debugging a failed run); ``launcher`` is the preloaded
+process the sweep's workers start.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.config import write_json_atomic
+from pipeline.errors import UserError
+from pipeline.sweep.study import read_marker
+
+PRELOAD = ("torch", "torch._dynamo", "matplotlib.pyplot", "zarr", "safetensors.torch", "pipeline.train.loop",
+           "pipeline.eval.evaluate", "pipeline.plots")
+
+
+def exit_with_parent() -> None:
+    """Leave when the process that started us is gone."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(137)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """One writer per run directory, whoever started it; the OS drops the lock when its holder dies."""
+    with open(run_dir / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{run_dir}: another process holds this run; waiting for it", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def training_finished(*, run_dir: Path, config) -> bool:
+    """True once the last step is checkpointed, so a run killed during evaluation never trains again."""
+    import torch
+
+    from pipeline.train.checkpoints import latest_checkpoint
+
+    if (run_dir / "summary.json").is_file() and (run_dir / "model.safetensors").is_file():
+        return True
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return False
+    position = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=False)["position"]
+    optim = config.optim
+    return bool(optim.max_steps and position["step"] >= optim.max_steps) or position["epoch"] >= optim.epochs
+
+
+def _evaluate(*, run_dir: Path, config, evals: dict, device) -> dict:
+    """Score the run; ``multiclass`` (Mosaic-4) scores every class of the evaluation masks, fold-free."""
+    from pipeline.eval.evaluate import evaluate_split
+    from pipeline.store.layout import open_store, store_attrs
+    from pipeline.train.checkpoints import load_model
+
+    model, _ = load_model(run_dir, device=device)
+    text = config.data.text_store
+    result = evaluate_split(model=model, vision_cache=config.data.cache, text_cache=text, split=evals["split"],
+                            protocol=evals["protocol"] or config.data.protocol, fold=config.data.fold,
+                            novel_names=list(config.data.novel), splits_dir=evals["splits_dir"], device=device,
+                            mode=evals["mode"], limit=evals["limit"], quiet=True)
+    text_pretrained = bool(store_attrs(open_store(text))["pretrained"])
+    result["pretrained_features"] = bool(result["pretrained_features"]) and text_pretrained
+    return result
+
+
+def execute_run(*, run_dir: Path, threads: int | None = None, quiet: bool = True) -> dict:
+    """Train (or resume) and evaluate the run described by ``run_dir/run.json``; done.json is written last."""
+    import torch
+
+    from pipeline.config import from_dict
+    from pipeline.runtime import resolve_device
+    from pipeline.train.checkpoints import latest_checkpoint
+    from pipeline.train.config import TrainConfig
+    from pipeline.eval.validation import train_and_validate as train
+
+    run_dir = Path(run_dir).resolve()
+    spec = read_marker(run_dir, "run.json")
+    if spec is None:
+        raise UserError(f"{run_dir}: no run.json (runs are prepared by `fusioner sweep STUDY`)")
+    with run_lock(run_dir):
+        done = read_marker(run_dir, "done.json")
+        if done is not None:
+            return done
+        if threads:
+            torch.set_num_threads(threads)
+        with open(run_dir / "attempts.log", "a") as log:
+            log.write(f"start {time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()} host {socket.gethostname()} "
+                      f"gpu {os.environ.get('CUDA_VISIBLE_DEVICES', '-')}\n")
+        config = from_dict(TrainConfig, spec["config"])
+        config.out = str(run_dir)
+        tick = time.perf_counter()
+        resumed = latest_checkpoint(run_dir) is not None  # an earlier process got this far
+        if not training_finished(run_dir=run_dir, config=config):
+            train(config=config, resume=resumed, quiet=quiet)
+        trained = time.perf_counter()
+        result = _evaluate(run_dir=run_dir, config=config, evals=spec["eval"], device=resolve_device(config.device))
+        record = {"key": spec["key"], **spec["labels"], "miou": result["miou"], "fb_iou": result["fb_iou"],
+                  "episodes": result["episodes"], "per_class": result["per_class"],
+                  "episode_source": result["episode_source"], "pretrained_features": result["pretrained_features"],
+                  "resumed": resumed, "train_seconds": trained - tick, "eval_seconds": time.perf_counter() - trained,
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname()}
+        (run_dir / "failed.json").unlink(missing_ok=True)
+        write_json_atomic(run_dir / "done.json", record)
+        return record
+
+
+def _run_and_exit(*, run_dir: str, threads: int | None) -> None:
+    """The body of a run's process: exit code 0 done, 2 user error (retrying cannot help), 1 anything else."""
+    code = 1
+    try:
+        exit_with_parent()
+        execute_run(run_dir=Path(run_dir), threads=threads)
+        code = 0
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
+    except BaseException:  # noqa: BLE001 - the traceback goes to the run's log, the code to the sweep
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+# --------------------------------------------------------------------------- #
+# The launcher: imports once, forks a process per run
+# --------------------------------------------------------------------------- #
+
+
+def launcher_main() -> None:
+    """Preload, say ready, then for each request line on stdin fork a run and answer with its exit code."""
+    import matplotlib
+
+    exit_with_parent()  # a killed worker takes its launcher, and so the run, with it
+    matplotlib.use("Agg")
+    for name in PRELOAD:
+        importlib.import_module(name)
+    print(json.dumps({"ready": os.getpid()}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            os.environ.update(request["env"])
+            _run_and_exit(run_dir=request["run_dir"], threads=request["threads"])
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
+
+
+def launcher_env() -> dict:
+    """The worker's environment without what a dask nanny sets for its own worker processes.
+
+    Dask starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (malloc hands memory back to the OS
+    at once) and OMP/MKL/OpenBLAS capped at one thread. Inherited by a training run, the first
+    made glibc return and re-fault memory on every step: 5x the system time of the same run
+    started elsewhere, and half the sweep's throughput on 2 cores. Runs set their threads
+    themselves (``--threads``), so both are dropped.
+    """
+    import dask
+
+    env = dict(os.environ)
+    for key, value in (dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {}).items():
+        if env.get(key) == str(value):
+            env.pop(key)
+    return env
+
+
+class Launcher:
+    """The worker's handle on one launcher process; runs go through it one at a time."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep.worker", "launcher"], env=launcher_env(),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        if "ready" not in json.loads(self.proc.stdout.readline() or "{}"):
+            self.close()
+            raise RuntimeError("the run launcher failed to start (see the worker's log)")
+
+    def run(self, *, run_dir: str, threads: int | None, env: dict, log: str) -> int:
+        request = {"run_dir": run_dir, "threads": threads, "env": env, "log": log}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError("the run launcher died")
+        return int(json.loads(answer)["code"])
+
+    def close(self) -> None:
+        """Stop the launcher; a run it is still waiting for then exits too (it watches its parent)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+
+
+# --------------------------------------------------------------------------- #
+# GPU pinning
+# --------------------------------------------------------------------------- #
+
+
+def worker_slot(name) -> int | None:
+    """The worker's index on its machine: LocalCluster names 0, 1, ...; jobqueue and --nworkers 'x-0', 'x-1'."""
+    if isinstance(name, int):
+        return name
+    match = re.search(r"-(\d+)$", str(name))
+    return int(match.group(1)) if match else None
+
+
+def pick_gpu(*, worker_name, visible: list[str]) -> str | None:
+    """The one GPU (of those visible to the worker) this worker's runs use; None to leave them all visible."""
+    slot = worker_slot(worker_name)
+    if len(visible) < 2 or slot is None:
+        return None
+    return visible[slot % len(visible)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["launcher"]:
+        launcher_main()
+        return 0
+    if len(args) in (2, 4) and args[0] == "run" and (len(args) == 2 or args[2] == "--threads"):
+        _run_and_exit(run_dir=args[1], threads=int(args[3]) if len(args) == 4 else None)
+    print("usage: python -m pipeline.sweep.worker run RUN_DIR [--threads N] | launcher", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Checkpoints of a training run: written atomically, found again after a kill.
+
+A checkpoint is a folder holding the weights (safetensors), the optimiser state
+with the run's position and RNG state, and the full config (JSON). It is written
+under a hidden temporary name and renamed into place; the ``latest`` pointer is
+replaced after it. A reader never sees a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import from_dict, write_json_atomic
+from pipeline.errors import UserError
+from pipeline.model import build_model
+
+
+def save_checkpoint(*, run: Path, model, optimizer, position: dict, config, keep: int = 2) -> Path:
+    """Write weights (safetensors), optimiser state and config into a new folder, then rename it in.
+
+    The rename is atomic, and ``latest`` is replaced atomically after it, so a
+    reader (or a resume) never sees a half-written checkpoint.
+    """
+    folder = run / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"step-{position['step']:08d}"
+    tmp = folder / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "fusioner"})
+    # The torch RNG state makes dropout continue as in an uninterrupted run.
+    torch.save({"optimizer": optimizer.state_dict(), "position": position, "rng": rng_state()},
+               tmp / "train_state.pt")
+    write_json_atomic(tmp / "config.json", config)
+    final = folder / name
+    if final.exists():
+        # The same step saved twice (checkpoint_every landing on an epoch end, or a resume
+        # that starts there): move the old folder aside in one rename rather than deleting
+        # it in place, so `latest` never names a half-deleted folder.
+        old = folder / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, final)
+    latest_tmp = folder / ".latest.tmp"
+    latest_tmp.write_text(name + "\n")
+    os.replace(latest_tmp, folder / "latest")
+    for old in sorted(p for p in folder.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+CHECKPOINT_FILES = ("model.safetensors", "train_state.pt", "config.json")
+
+
+def _complete(path: Path) -> bool:
+    return path.is_dir() and all((path / name).is_file() for name in CHECKPOINT_FILES)
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The checkpoint named by ``latest``, or else the newest complete ``step-*`` folder.
+
+    The fallback covers a run killed between replacing a folder and moving the
+    pointer; hidden ``.step-*.tmp`` leftovers of a killed save are never used.
+    """
+    folder = Path(run) / "checkpoints"
+    pointer = folder / "latest"
+    if pointer.is_file():
+        path = folder / pointer.read_text().strip()
+        if _complete(path):
+            return path
+    candidates = sorted(p for p in folder.glob("step-*") if _complete(p)) if folder.is_dir() else []
+    return candidates[-1] if candidates else None
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict | None) -> None:
+    if not state:
+        return
+    torch.random.set_rng_state(state["cpu"].cpu())  # torch.load may have mapped it to the device
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def truncate_log(path: Path, *, step: int) -> None:
+    """Drop records logged after the checkpoint a run resumes from, so they are not logged twice."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def load_model(run_or_checkpoint: str | Path, *, device: str | torch.device = "cpu"):
+    """Rebuild a trained model from a run directory (its final or latest weights) or a checkpoint folder."""
+    path = Path(run_or_checkpoint)
+    for candidate in (path, latest_checkpoint(path) if path.is_dir() else None):
+        if candidate is not None and (candidate / "model.safetensors").is_file() and (candidate / "config.json").is_file():
+            from pipeline.train.config import TrainConfig
+
+            config = from_dict(TrainConfig, json.loads((candidate / "config.json").read_text()))
+            model = build_model(config.model)
+            model.load_state_dict(load_file(str(candidate / "model.safetensors")))
+            return model.to(device).eval(), config
+    raise UserError(f"no trained model at {path} (expected model.safetensors and config.json)")

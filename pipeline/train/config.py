@@ -1,0 +1,135 @@
+"""The config of a training run, saved as config.json beside every checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.config import config_hash, to_dict
+from pipeline.errors import UserError
+from pipeline.model import PRESETS, ModelConfig
+
+
+@dataclass
+class DataConfig:
+    """Which cache to train from and on which classes."""
+
+    cache: str = "cache/clip-l"  # vision store
+    text_cache: str | None = None  # text store (default: the vision store)
+    split: str | None = None  # e.g. "voc/train"; default: the store's only training split
+    protocol: str = "pascal5i"  # pascal5i, coco20i, coco2voc, custom, ...
+    fold: int = 0
+    novel: list[str] = field(default_factory=list)  # class names, for protocol "custom"
+    # "1": one (view, class) pair per sample (released code); "all": every seen class of the view (paper's W).
+    # A bare 1 is accepted because YAML and ``--set`` read it as an integer.
+    classes_per_sample: Literal["1", "all", 1] = "1"
+    novel_pixels: Literal["background", "ignore"] = "background"
+    read_mode: Literal["auto", "memory", "shards"] = "auto"
+    memory_limit_gb: float = 8.0
+
+    def __post_init__(self) -> None:
+        self.classes_per_sample = str(self.classes_per_sample)
+
+    @property
+    def text_store(self) -> str:
+        """The store the class-name embeddings come from: ``text_cache``, else the vision store itself."""
+        return self.text_cache or self.cache
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 510  # 10 warm-up + 500, as released
+    warmup_epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = 2e-6
+    weight_decay: float = 0.01
+    weight_decay_end: float = 0.4
+    grad_clip: float = 0.0  # 0 = off
+    max_steps: int = 0  # stop after this many steps (0 = run all epochs); for quick checks
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run; saved as config.json in the run directory."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(vision_dim=0, text_dim=0))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    preset: str = "paper"
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    out: str = "runs/default"
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps; 0 = at the end of every epoch only
+    val_split: str | None = None  # evaluate novel-class mIoU on this split of the cache each eval_every epochs
+    eval_every: int = 1
+    splits_dir: str | None = None  # episode lists for val (default: derived from masks)
+
+
+# Keys that say how far to go, where to write and what to log, not what is trained:
+# a resumed run may change them (e.g. raise optim.max_steps) and still reach the
+# weights of an uninterrupted run.
+RESUME_FREE_KEYS = ("optim.max_steps", "out", "log_every", "checkpoint_every", "val_split", "eval_every",
+                    "splits_dir")
+
+
+def resume_identity(config: TrainConfig | dict) -> str:
+    """Hash of the parts of a config that decide the trained weights (see RESUME_FREE_KEYS)."""
+    data = json.loads(json.dumps(to_dict(config)))  # a deep copy to prune
+    for key in RESUME_FREE_KEYS:
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return config_hash(data)
+
+
+def default_config_dict() -> dict:
+    return to_dict(TrainConfig())
+
+
+def build_config(*, base: dict | None = None, preset: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults <- preset <- YAML file values <- ``--set key=value`` overrides, strictly checked."""
+    from pipeline.config import apply_overrides, deep_merge
+
+    data = default_config_dict()
+    chosen = preset or (base or {}).get("preset") or "paper"
+    if chosen not in PRESETS:
+        raise UserError(f"unknown model preset '{chosen}' (known: {', '.join(PRESETS)})")
+    data["model"] = deep_merge(data["model"], PRESETS[chosen])
+    data["preset"] = chosen
+    if base:
+        data = deep_merge(data, base)
+        data["preset"] = chosen
+    return apply_overrides(TrainConfig, data, list(overrides))
+
+
+# --------------------------------------------------------------------------- #
+# Data
+# --------------------------------------------------------------------------- #
+
+
+def resolve_fold(*, data: DataConfig, class_names: list[str]):
+    """The protocol fold for the store's class list, refusing a mismatched one."""
+    from pipeline.data.protocols import create_protocol
+
+    if data.protocol == "custom":
+        if not data.novel:
+            raise UserError("protocol 'custom' needs data.novel (the held-out class names)")
+        protocol = create_protocol("custom", class_names=class_names, novel=list(data.novel))
+    else:
+        protocol = create_protocol(data.protocol)
+        train_protocol = getattr(protocol, "train_protocol", None)
+        if train_protocol:
+            protocol = create_protocol(train_protocol)
+        if list(protocol.class_names) != list(class_names):
+            raise UserError(f"protocol '{data.protocol}' classes do not match the store's "
+                            f"({len(protocol.class_names)} vs {len(class_names)} classes); "
+                            f"use protocol 'custom' with data.novel for other data")
+    if not 0 <= data.fold < protocol.num_folds:
+        raise UserError(f"protocol '{data.protocol}' has folds 0..{protocol.num_folds - 1}, not {data.fold}")
+    return protocol.fold(data.fold)

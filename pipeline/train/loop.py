@@ -1,0 +1,240 @@
+"""Stage two: train the fusion module and the decoder from cached features.
+
+No encoder runs here: batches come from a vision store (patch tokens, view
+masks) and a text store (class-name embeddings), which may be the same store
+(CLIP) or two (``dino-b`` vision with ``bert-b`` text).
+
+The recipe is the released one: AdamW, learning rate warmed up linearly over
+10 epochs to 1e-3, then cosine-decayed to 2e-6, weight decay cosine 0.01 ->
+0.4 on the fusion module, binary cross-entropy per class map with ignore-labelled pixels
+left out. The batch order is a function of (seed, epoch), and checkpoints hold
+the model, optimiser and position, so ``--resume`` continues a killed run to
+the same weights as an uninterrupted one.
+
+The loop itself only steps the optimiser; logging, checkpoints, the progress
+bar and (from the eval layer) validation are hooks called around steps and
+epochs (:mod:`pipeline.train.hooks`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import to_dict, write_json_atomic
+from pipeline.encode.text import class_embeddings
+from pipeline.errors import UserError
+from pipeline.model import build_model, count_parameters, make_model_config
+from pipeline.data.labels import TRAIN_SPLITS
+from pipeline.plots import plot_curves
+from pipeline.runtime import resolve_device
+from pipeline.store.layout import open_store
+from pipeline.store.splits import list_splits
+from pipeline.store.reader import CachedSplit, load_into_memory, open_split
+from pipeline.train.batches import prefetch, training_batches, training_pairs
+from pipeline.train.checkpoints import latest_checkpoint, set_rng_state
+from pipeline.train.config import (
+    RESUME_FREE_KEYS,
+    TrainConfig,
+    resolve_fold,
+    resume_identity,
+)
+from pipeline.train.hooks import Checkpointer, Hook, Loop, MetricsLog, ProgressBar, run_hooks
+from pipeline.train.losses import binary_segmentation_loss
+from pipeline.train.schedule import lr_at, param_groups, wd_at
+
+
+def _training_split_name(cache: str, split: str | None) -> str | None:
+    if split:
+        return split
+    names = [s for s in list_splits(open_store(cache)) if s.split("/")[-1] in TRAIN_SPLITS]
+    if len(names) == 1:
+        return names[0]
+    raise UserError(f"{cache}: name the training split with data.split (training splits: {', '.join(names) or 'none'})")
+
+
+@dataclass
+class Prepared:
+    split: CachedSplit
+    samples: list
+    text: np.ndarray
+    fold: object
+    memory: dict | None
+    mode: str
+
+
+def prepare_data(config: TrainConfig) -> Prepared:
+    data = config.data
+    split = open_split(store=data.cache, split=_training_split_name(data.cache, data.split))
+    fold = resolve_fold(data=data, class_names=split.class_names)
+    text = class_embeddings(text_store=data.text_store, names=split.class_names)
+    samples = training_pairs(split=split, seen=fold.seen, classes_per_sample=data.classes_per_sample)
+    mode = data.read_mode
+    if mode == "auto":
+        features = split.group["features"]
+        size_gb = features.nbytes / 2**30 + split.group["masks"].nbytes / 2**30
+        mode = "memory" if size_gb <= data.memory_limit_gb else "shards"
+    memory = load_into_memory(split) if mode == "memory" else None
+    return Prepared(split=split, samples=samples, text=text, fold=fold, memory=memory, mode=mode)
+
+
+# --------------------------------------------------------------------------- #
+# The loop
+# --------------------------------------------------------------------------- #
+
+
+def _fit_model_config(config: TrainConfig, prepared: Prepared) -> None:
+    """Model input dims and output size come from the stores, whatever the config said."""
+    split = prepared.split
+    vision_dim, text_dim = int(split.group["features"].shape[2]), prepared.text.shape[1]
+    if config.model.vision_dim != vision_dim or config.model.text_dim != text_dim:
+        config.model = make_model_config(vision_dim=vision_dim, text_dim=text_dim, preset="paper",
+                                         overrides={k: v for k, v in to_dict(config.model).items()
+                                                    if k not in ("vision_dim", "text_dim")})
+    if config.model.decoder.out_size != split.input_size:
+        config.model.decoder.out_size = split.input_size
+
+
+def _check_run_folder(config: TrainConfig, *, resume: bool) -> None:
+    run = Path(config.out)
+    if run.exists() and (run / "config.json").exists() and not resume:
+        if latest_checkpoint(run) is not None:
+            raise UserError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+
+
+def _check_resume_identity(config: TrainConfig, *, resume: bool) -> None:
+    run = Path(config.out)
+    if resume and (run / "config.json").exists():
+        saved = json.loads((run / "config.json").read_text())
+        if resume_identity(saved) != resume_identity(config):
+            raise UserError(f"{run}: --resume with a different config than the run was started with "
+                            f"(only {', '.join(RESUME_FREE_KEYS)} may change)")
+
+
+def _start(config: TrainConfig, prepared: Prepared, *, resume: bool) -> Loop:
+    """Model, optimiser and position: fresh, or restored from the run's latest checkpoint."""
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    position = {"epoch": 0, "batch": 0, "step": 0}
+    run = Path(config.out)
+    if resume:
+        checkpoint = latest_checkpoint(run)
+        if checkpoint is None:
+            raise UserError(f"--resume: no checkpoint in {run}")
+        model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+        state = torch.load(checkpoint / "train_state.pt", map_location=device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        position = state["position"]
+        set_rng_state(state.get("rng"))
+    steps_per_epoch = -(-len(prepared.samples) // config.optim.batch_size)
+    total = config.optim.epochs * steps_per_epoch
+    if config.optim.max_steps:
+        total = min(total, config.optim.max_steps)
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    return Loop(config=config, run=run, model=model, optimizer=optimizer, device=device, bf16=bf16,
+                split=prepared.split, steps_per_epoch=steps_per_epoch, total_steps=total,
+                epoch=position["epoch"], batch=position["batch"], step=position["step"], resumed=resume,
+                samples=len(prepared.samples), read_mode=prepared.mode, fold_novel=list(prepared.fold.novel))
+
+
+def train_step(loop: Loop, batch) -> float:
+    """One optimiser step on one batch, under the released schedules; returns the loss."""
+    optim = loop.config.optim
+    lr = lr_at(step=loop.step, steps_per_epoch=loop.steps_per_epoch, optim=optim)
+    wd = wd_at(step=loop.step, steps_per_epoch=loop.steps_per_epoch, optim=optim)
+    for group in loop.optimizer.param_groups:
+        group["lr"] = lr
+        if group.get("wd_schedule"):
+            group["weight_decay"] = wd
+    device = loop.device
+    feats = batch.features.to(device, non_blocking=True)
+    text = batch.text.to(device, non_blocking=True)
+    mask = batch.text_mask.to(device, non_blocking=True)
+    targets = batch.targets.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=loop.bf16):
+        logits = loop.model(feats, text, grid=loop.split.grid, text_mask=mask)
+    loss = binary_segmentation_loss(logits.float(), targets, text_mask=mask)
+    loop.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if optim.grad_clip:
+        torch.nn.utils.clip_grad_norm_(loop.model.parameters(), optim.grad_clip)
+    loop.optimizer.step()
+    loop.lr = lr
+    return float(loss.detach())
+
+
+def _epoch_batches(loop: Loop, prepared: Prepared):
+    config = loop.config
+    return prefetch(training_batches(
+        split=prepared.split, samples=prepared.samples, text=prepared.text, batch_size=config.optim.batch_size,
+        epoch=loop.epoch, seed=config.seed, novel=tuple(prepared.fold.novel), novel_pixels=config.data.novel_pixels,
+        mode=prepared.mode, memory=prepared.memory, skip_batches=loop.batch), pin=loop.device.type == "cuda")
+
+
+def _run_epochs(loop: Loop, prepared: Prepared, hooks: Sequence[Hook]) -> None:
+    loop.model.train()
+    while loop.epoch < loop.config.optim.epochs and not loop.finished:
+        tick = time.perf_counter()
+        for batch in _epoch_batches(loop, prepared):
+            got = time.perf_counter()
+            loop.wait_seconds += got - tick
+            loop.loss = train_step(loop, batch)
+            loop.step += 1
+            loop.batch += 1
+            tick = time.perf_counter()
+            loop.compute_seconds += tick - got
+            run_hooks(hooks, "after_step", loop)
+            if loop.finished:
+                break
+        if loop.finished:
+            break
+        loop.epoch, loop.batch = loop.epoch + 1, 0
+        run_hooks(hooks, "after_epoch", loop)
+        loop.model.train()
+
+
+def _save_final(loop: Loop) -> None:
+    loop.model.eval()
+    state = {k: v.detach().cpu().contiguous() for k, v in loop.model.state_dict().items()}
+    tmp = loop.run / ".model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "fusioner"})
+    os.replace(tmp, loop.run / "model.safetensors")
+
+
+def train(*, config: TrainConfig, resume: bool = False, quiet: bool = False, hooks: Sequence[Hook] = ()) -> dict:
+    """Train from the cache; returns a summary (final loss, steps, timing, validation records).
+
+    ``hooks`` run after the built-in ones (metrics log, checkpoints, progress
+    bar); validation on ``config.val_split`` is such a hook, supplied by
+    :func:`pipeline.eval.validation.train_and_validate`.
+    """
+    _check_run_folder(config, resume=resume)
+    prepared = prepare_data(config)
+    _fit_model_config(config, prepared)
+    _check_resume_identity(config, resume=resume)
+    loop = _start(config, prepared, resume=resume)
+    loop.run.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(loop.run / "config.json", config)
+    everything = [MetricsLog(), Checkpointer(), ProgressBar(quiet=quiet), *hooks]
+    run_hooks(everything, "before_train", loop)
+    try:
+        _run_epochs(loop, prepared, everything)
+    finally:
+        run_hooks(everything, "after_train", loop)
+    _save_final(loop)
+    summary = {"steps": loop.step, "final_loss": loop.loss, "parameters": count_parameters(loop.model),
+               "data_wait_fraction": loop.wait_fraction, "seconds": loop.wait_seconds + loop.compute_seconds,
+               "val": loop.records.get("val", []), "pretrained_features": prepared.split.pretrained}
+    write_json_atomic(loop.run / "summary.json", summary)
+    plot_curves(metrics_path=loop.run / "metrics.jsonl", out=loop.run / "curves.png")
+    return summary

@@ -1,0 +1,61 @@
+"""Training loss: class-wise binary cross-entropy with ignored pixels and padded classes.
+
+Fusioner scores each class of W independently (sigmoid, not softmax), so the
+target of one sample is one binary map per class. Pixels labelled
+``ignore_index`` (object boundaries in VOC) and padded class slots of a batch
+contribute nothing, and the mean is over the pixels that do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.data.labels import IGNORE
+
+
+def class_targets(mask: Tensor | np.ndarray, class_values: Sequence[int], *, ignore_index: int = IGNORE) -> Tensor:
+    """Per-class binary targets from one label mask.
+
+    ``mask`` [H, W] holds 0 for background, a class value k, or ``ignore_index``;
+    the result [C, H, W] uint8 is 1 where the mask equals ``class_values[c]``,
+    0 elsewhere, and keeps ``ignore_index`` on ignored pixels in every map.
+    """
+    mask = torch.as_tensor(mask)
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [H, W], got {tuple(mask.shape)}")
+    values = torch.as_tensor(list(class_values), dtype=mask.dtype, device=mask.device)  # [C]
+    targets = (mask[None] == values[:, None, None]).to(torch.uint8)  # [C, H, W]
+    return targets.masked_fill(mask[None] == ignore_index, ignore_index)
+
+
+def binary_segmentation_loss(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    text_mask: Tensor | None = None,
+    ignore_index: int = IGNORE,
+) -> Tensor:
+    """BCE-with-logits averaged over valid pixels of real classes.
+
+    logits [B, C, H, W]; targets [B, C, H, W] in {0, 1, ignore_index};
+    text_mask [B, C] bool, True = real class. Returns a scalar that is 0 (and
+    still differentiable) when nothing is valid, so a fully ignored batch does
+    not poison training with NaN.
+    """
+    if logits.shape != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
+    targets = targets.to(logits.device)
+    valid = targets != ignore_index  # [B, C, H, W]
+    if text_mask is not None:
+        valid = valid & text_mask.to(device=logits.device, dtype=torch.bool)[:, :, None, None]
+    # Select before reducing: padded logits are huge negatives, and multiplying
+    # their loss by a zero weight could still overflow a sum.
+    selected = logits[valid]  # [N]
+    if selected.numel() == 0:
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(selected, targets[valid].to(logits.dtype))

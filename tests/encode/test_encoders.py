@@ -1,0 +1,162 @@
+"""The encoder registry: output shapes, seeded random init, weight errors, prompt averaging."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.encode.families import _clip_text_forward, create_encoder
+from pipeline.encode.prompts import TEMPLATES
+from pipeline.encode.registry import get_spec, list_encoders
+from pipeline.errors import UserError
+
+# The smallest input each vision tower accepts: one patch grid of 2 x 2 keeps ViT-L cheap.
+SMALL_INPUT = {"clip-b": 32, "clip-l": 28, "dino-b": 32, "moco-b": 32}
+FEW_TEMPLATES = TEMPLATES[:3]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny inputs gain nothing from threads, and OpenMP spinning crawls on a busy 2-core box."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@functools.lru_cache(maxsize=None)
+def _random_encoder(name: str):
+    """Each random-init encoder is built once per session; building dominates these tests."""
+    return create_encoder(name, random_init=True, input_size=SMALL_INPUT.get(name))
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def test_registry_lists_the_seven_encoders():
+    assert list_encoders() == ["bert-b", "bert-l", "clip-b", "clip-l", "dino-b", "minilm", "moco-b"]
+
+
+@pytest.mark.parametrize("name", list_encoders())
+def test_output_shapes_with_random_init(name):
+    spec = get_spec(name)
+    encoders = _random_encoder(name)
+    assert encoders.weights.pretrained is False and encoders.weights.source == "random-init"
+    if "vision" in spec.towers:
+        size = SMALL_INPUT[name]
+        side = size // spec.patch_size
+        images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+        tokens = encoders.vision.encode(images)
+        assert tokens.shape == (2, side * side, spec.vision_dim)  # [B, h*w, D]
+        assert encoders.vision.grid == (side, side)
+        assert torch.isfinite(tokens).all()
+    else:
+        assert encoders.vision is None
+    if "text" in spec.towers:
+        emb = encoders.text.encode_names(["cat", "traffic light", "dog"], templates=FEW_TEMPLATES)
+        assert emb.shape == (3, spec.text_dim)  # [C, D]
+        assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+        assert not torch.allclose(emb[0], emb[1])
+    else:
+        assert encoders.text is None
+
+
+def test_minilm_real_weights_know_a_kitten_from_a_car():
+    encoders = create_encoder("minilm")
+    assert encoders.weights.pretrained is True
+    cat, kitten, car = encoders.text.encode_names(["cat", "kitten", "car"])
+    assert _cosine(cat, kitten) > _cosine(cat, car) + 0.05
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize(("name", "tower"), [("dino-b", "vision"), ("clip-b", "vision"), ("bert-b", "text")])
+def test_random_init_weights_are_seeded_by_name(name, tower):
+    first = _random_encoder(name)
+    second = create_encoder(name, random_init=True, input_size=SMALL_INPUT.get(name))
+    if tower == "vision":
+        a, b = _state(first.vision.tower), _state(second.vision.tower)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    else:
+        sentences = ["a photo of a cat.", "There is a dog in the scene"]
+        assert torch.equal(first.text.encode_names(sentences, templates=FEW_TEMPLATES),
+                           second.text.encode_names(sentences, templates=FEW_TEMPLATES))
+
+
+def test_same_architecture_under_another_name_gets_other_weights():
+    dino, moco = _random_encoder("dino-b"), _random_encoder("moco-b")
+    weight = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(dino.vision.tower.state_dict()[weight], moco.vision.tower.state_dict()[weight])
+
+
+def test_unknown_encoder_is_a_user_error():
+    with pytest.raises(UserError, match="unknown encoder 'clip-xl'.*clip-b"):
+        create_encoder("clip-xl", random_init=True)
+
+
+def test_missing_weights_file_is_a_user_error(tmp_path):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(UserError, match="weights file not found") as info:
+        create_encoder("dino-b", weights=missing)
+    assert str(missing) in str(info.value)
+
+
+def test_weights_and_random_init_exclude_each_other(tmp_path):
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"")
+    with pytest.raises(UserError, match="--weights and --random-init"):
+        create_encoder("dino-b", weights=path, random_init=True)
+
+
+def test_moco_needs_a_checkpoint():
+    with pytest.raises(UserError, match="--weights"):
+        create_encoder("moco-b")
+
+
+def test_input_size_must_fit_the_patch_grid():
+    with pytest.raises(UserError, match="multiple of clip-b's patch size 16"):
+        create_encoder("clip-b", random_init=True, input_size=40)
+
+
+def test_encode_names_averages_normalised_template_embeddings():
+    """normalise(mean over templates of normalise(sentence embedding)), grouped per name."""
+    text = create_encoder("minilm").text
+    names, templates = ["cat", "potted plant"], TEMPLATES[:5]
+    sentences = [t.format(n) for n in names for t in templates]
+    raw = text._encode_sentences(sentences).float()  # [C * T, D]
+    expected = []
+    for i in range(len(names)):
+        rows = raw[i * len(templates):(i + 1) * len(templates)]
+        unit = rows / rows.norm(dim=-1, keepdim=True)
+        mean = unit.mean(dim=0)
+        expected.append(mean / mean.norm())
+    got = text.encode_names(names, templates=templates, batch_size=4)  # batches cut across names
+    assert torch.allclose(got, torch.stack(expected), atol=1e-6)
+    # The average differs from any single template's embedding: averaging really happened.
+    assert not torch.allclose(got[0], raw[0] / raw[0].norm(), atol=1e-3)
+
+
+def test_fast_clip_text_path_matches_open_clip():
+    from pipeline.encode.compat import ensure_torchvision
+
+    ensure_torchvision()
+    import open_clip
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.create_model("ViT-B-16", pretrained=None).eval()
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    tokens = tokenizer(["x", "a photo of a cat.", "This is a cropped photo of a large potted plant in the scene"])
+    with torch.inference_mode():
+        fast = _clip_text_forward(model, tokens)
+        full = model.encode_text(tokens)
+    assert fast.shape == full.shape == (3, 512)
+    assert torch.allclose(fast, full, atol=1e-5, rtol=0)

@@ -1,0 +1,216 @@
+"""The feature store: round trip, attributes, plain-zarr readability, damaged shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from synthetic_data import (
+    TINY_CLASSES,
+    TINY_SIZES,
+    assert_same_store,
+    write_folder_dataset,
+)
+from synthetic_data import TINY_SHARD as SHARD
+from synthetic_data import TINY_VIEWS as VIEWS
+from synthetic_data import tiny_extract_config as tiny_config
+
+from pipeline.data.registry import create_dataset
+from pipeline.data.views import ViewParams, render_view, sample_view, view_rng
+from pipeline.encode.extract import extract
+from pipeline.encode.plan import ExtractConfig
+from pipeline.encode.prompts import TEMPLATES
+from pipeline.encode.shards import classes_in
+from pipeline.store.layout import FORMAT_VERSION, open_store, read_text, store_attrs
+from pipeline.store.splits import done_shards
+
+
+pytestmark = pytest.mark.usefixtures("one_thread", "reuse_encoders")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path, ExtractConfig]:
+    """(data root, store, config): one extraction with text, shared by the read-only tests."""
+    base = tmp_path_factory.mktemp("store")
+    data = write_folder_dataset(base / "data")
+    config = tiny_config(data, base / "store")
+    extract(config=config, quiet=True)
+    return data, base / "store", config
+
+
+def test_arrays_shapes_and_sharding(tiny):
+    _, path, _ = tiny
+    group = open_store(path)["folder/train"]
+    n = len(TINY_SIZES) * VIEWS
+    features = group["features"]
+    assert features.shape == (n, 4, 512) and features.dtype == np.float16
+    assert features.chunks == (1, 4, 512) and features.shards == (SHARD, 4, 512)
+    assert group["masks"].shape == (n, 32, 32) and group["masks"].dtype == np.uint8
+    assert group["shard_done"].shape == (-(-n // SHARD),)
+    assert done_shards(group).all()
+    assert group["view_valid"][...].all()
+    assert np.array_equal(group["view_image"][...], np.repeat(np.arange(len(TINY_SIZES)), VIEWS))
+    assert np.isfinite(features[...].astype(np.float32)).all()
+    assert np.abs(features[...].astype(np.float32)).max() > 0  # written, not the fill value
+
+
+def test_masks_and_plan_match_views_rendered_again(tiny):
+    data, path, config = tiny
+    group = open_store(path)["folder/train"]
+    dataset = create_dataset("folder", root=data, split="train")
+    masks, classes = group["masks"][...], group["view_classes"][...]
+    boxes, flips, jitter = group["view_box"][...], group["view_flip"][...], group["view_jitter"][...]
+    for v, index in enumerate(group["view_image"][...]):
+        height, width = group["image_hw"][int(index)]
+        params = sample_view(rng=view_rng(seed=config.seed, image_index=int(index), view_index=v % VIEWS),
+                             height=int(height), width=int(width), aug=config.augment)
+        assert params.box == tuple(int(x) for x in boxes[v]) and params.flip == bool(flips[v])
+        assert np.array_equal(jitter[v], np.float32(params.jitter))
+        record = dataset.load(int(index))
+        _, mask = render_view(image=record.image, mask=record.mask, params=params, size=32)
+        assert np.array_equal(masks[v], mask), v
+    assert np.array_equal(classes, classes_in(masks, len(TINY_CLASSES)))
+    assert classes.any(axis=0).all()  # every class shows up somewhere, so the comparison means something
+
+
+def test_store_describes_itself(tiny):
+    _, path, _ = tiny
+    root = open_store(path)
+    attrs = store_attrs(root)
+    assert attrs["format_version"] == FORMAT_VERSION
+    assert attrs["encoder"] == "clip-b"
+    assert attrs["weights"] == {"pretrained": False, "source": "random-init", "sha256": None}
+    assert attrs["pretrained"] is False
+    assert attrs["input_size"] == 32 and attrs["grid"] == [2, 2]
+    assert attrs["vision_dim"] == 512 and attrs["text_dim"] == 512
+    assert np.allclose(attrs["mean"], [0.48145466, 0.4578275, 0.40821073])
+    assert np.allclose(attrs["std"], [0.26862954, 0.26130258, 0.27577711])
+    assert {"torch", "zarr", "numpy", "open_clip_torch"} <= set(attrs["versions"])
+    assert attrs["created"].startswith("20")
+    text = root["text"]
+    assert text.attrs["templates"] == list(TEMPLATES) and text.attrs["encoder"] == "clip-b"
+    names, emb = read_text(root)
+    assert names == list(TINY_CLASSES) and emb.shape == (3, 512)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    split = root["folder/train"].attrs
+    assert split["kind"] == "views" and split["num_views"] == len(TINY_SIZES) * VIEWS
+    assert split["class_names"] == list(TINY_CLASSES) and split["shard_size"] == SHARD
+    assert split["meta"]["seed"] == 0 and split["meta"]["views"] == VIEWS
+    assert split["image_ids"] == [f"img{n:03d}" for n in range(len(TINY_SIZES))]
+
+
+_PLAIN_READER = """
+import json, sys
+import dask.array as da
+import numpy as np
+import zarr
+root = zarr.open_group(sys.argv[1], mode="r")
+group = root["folder/train"]
+shard = group.attrs["shard_size"]
+lazy = da.from_zarr(sys.argv[1], component="folder/train/features", chunks=(shard, -1, -1))
+print(json.dumps({
+    "encoder": root.attrs["fusioner"]["encoder"],
+    "shape": list(group["features"].shape),
+    "sum_zarr": float(group["features"][...].astype(np.float64).sum()),
+    "sum_dask": float(lazy.astype(np.float64).sum().compute()),
+    "mask_sum": int(group["masks"][...].astype(np.int64).sum()),
+    "names": root["text"].attrs["names"],
+    "pipeline_imported": any(m == "pipeline" or m.startswith("pipeline.") for m in sys.modules),
+}))
+"""
+
+
+def test_readable_with_plain_zarr_and_dask_without_this_package(tiny, tmp_path):
+    _, path, _ = tiny
+    result = subprocess.run([sys.executable, "-c", _PLAIN_READER, str(path)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    group = open_store(path)["folder/train"]
+    features = group["features"][...].astype(np.float64)
+    assert seen["pipeline_imported"] is False
+    assert seen["encoder"] == "clip-b" and seen["shape"] == list(features.shape)
+    assert seen["sum_zarr"] == pytest.approx(features.sum(), rel=1e-9)
+    assert seen["sum_dask"] == pytest.approx(features.sum(), rel=1e-9)
+    assert seen["mask_sum"] == int(group["masks"][...].astype(np.int64).sum())
+    assert seen["names"] == list(TINY_CLASSES)
+
+
+def _shard_file(store: Path, array: str, shard: int) -> Path:
+    return store / "folder" / "train" / array / "c" / str(shard) / "0" / "0"
+
+
+def test_damaged_unfinished_shards_are_written_again(tiny, tmp_path):
+    data, path, config = tiny
+    copy = tmp_path / "store"
+    shutil.copytree(path, copy)
+    last = -(-len(TINY_SIZES) * VIEWS // SHARD) - 1
+    for shard in (1, last):  # a full shard and the short last one
+        feats = _shard_file(copy, "features", shard)
+        feats.write_bytes(feats.read_bytes()[: feats.stat().st_size // 2])  # killed mid-write
+        _shard_file(copy, "masks", shard).write_bytes(b"\x00" * 17)
+        zarr.open_group(str(copy), mode="r+")["folder/train/shard_done"][shard] = 0
+    report = extract(config=tiny_config(data, copy), quiet=True)
+    assert report.shards_run == 2 and report.shards_skipped == last - 1
+    assert_same_store(path, copy)
+
+
+def test_damaged_chunk_of_a_done_shard_fails_loudly(tiny, tmp_path):
+    _, path, _ = tiny
+    copy = tmp_path / "store"
+    shutil.copytree(path, copy)
+    for array in ("features", "masks"):
+        target = _shard_file(copy, array, 2)
+        raw = bytearray(target.read_bytes())
+        raw[5] ^= 0xFF  # inside the first chunk of the shard; the index sits at the end
+        target.write_bytes(bytes(raw))
+    group = open_store(copy)["folder/train"]
+    assert done_shards(group).all()
+    for array in ("features", "masks"):
+        with pytest.raises(ValueError, match="checksum"):
+            group[array][2 * SHARD]
+        assert np.array_equal(group[array][0], zarr.open_group(str(path))["folder/train"][array][0])
+
+
+def test_split_left_half_created_by_a_kill_is_planned_again(tiny, tmp_path):
+    data, path, _ = tiny
+    copy = tmp_path / "store"
+    shutil.copytree(path, copy)
+    group = zarr.open_group(str(copy), mode="r+")["folder/train"]
+    group.attrs.put({})  # the attributes (with the plan signature) are written last
+    group["shard_done"][...] = 0
+    report = extract(config=tiny_config(data, copy), quiet=True)
+    assert report.shards_run == group["shard_done"].shape[0]
+    assert_same_store(path, copy)
+
+
+def test_real_photos_round_trip(coco128, voc_sample, tmp_path):
+    """Real JPEGs and palette PNGs: stored masks equal views rendered again, VOC's 255 border kept."""
+    ids = sorted(p.stem for p in (coco128 / "images").glob("*.jpg"))[:4]
+    (tmp_path / "list.txt").write_text("\n".join(ids) + "\n")
+    coco = ExtractConfig(backbone="dino-b", out=str(tmp_path / "coco"), dataset="folder", data_root=str(coco128),
+                         dataset_options={"list_file": str(tmp_path / "list.txt")}, views=2, input_size=32,
+                         random_init=True, device="cpu")
+    voc = ExtractConfig(backbone="dino-b", out=str(tmp_path / "voc"), dataset="voc", data_root=str(voc_sample),
+                        split="val", eval_resize=True, input_size=32, random_init=True, device="cpu")
+    for config, split, readers in ((coco, "folder/train", ("folder", coco128)), (voc, "voc/val", ("voc", voc_sample))):
+        extract(config=config, quiet=True)
+        group = open_store(config.out)[split]
+        dataset = create_dataset(readers[0], root=readers[1], split=config.split, **config.dataset_options)
+        assert group.attrs["image_ids"] == dataset.ids
+        for v, index in enumerate(group["view_image"][...]):
+            params = ViewParams(box=tuple(int(x) for x in group["view_box"][v]), flip=bool(group["view_flip"][v]),
+                                jitter=tuple(float(x) for x in group["view_jitter"][v]))
+            record = dataset.load(int(index))
+            _, mask = render_view(image=record.image, mask=record.mask, params=params, size=32)
+            assert np.array_equal(group["masks"][v], mask)
+        assert group["view_classes"][...].any()
+    voc_group = open_store(voc.out)["voc/val"]
+    assert group is not None and (voc_group["masks"][...] == 255).any()
+    assert np.array_equal(voc_group["view_box"][:, :2], np.zeros((3, 2)))  # whole images, resized

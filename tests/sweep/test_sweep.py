@@ -1,0 +1,246 @@
+"""Sweeps: a killed study resumes to the same table, failures stay local, joined and SLURM clusters, checks.
+
+Every sweep here is real: a dask LocalCluster of 2 worker processes (or a
+`dask scheduler` + `dask worker` pair), one Python process per run, training
+the tiny preset on caches extracted from a small generated dataset (random-init
+CLIP-B vision, packaged MiniLM text), so nothing depends on ../shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.bench.sweep import build_demo_caches, demo_study
+from pipeline.errors import UserError
+from pipeline.sweep.command import sweep_command
+from pipeline.sweep.study import SlurmSpec, expand_runs, load_study
+from pipeline.sweep.tables import build_table
+from pipeline.sweep.worker import pick_gpu, worker_slot
+
+ROOT = Path(__file__).resolve().parents[2]
+VARIANTS = {"full": {}, "no-decoder": {"model.decoder.enabled": False}}
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory) -> tuple[Path, Path]:
+    return build_demo_caches(tmp_path_factory.mktemp("sweep-caches"))
+
+
+def write_study(path: Path, caches, **changes) -> Path:
+    vision, text = caches
+    settings = {"folds": [0, 1], "seeds": [0], "steps": 12, "variants": VARIANTS, "checkpoint_every": 2, **changes}
+    study = demo_study(vision=vision, text=text, out=path.with_suffix(""), **settings)
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def sweep(study: Path, **options) -> int:
+    kwargs = dict(scheduler=None, slurm=False, jobs=1, gpus_per_job=0, workers=2, dry_run=False, retries=1,
+                  quiet=True, overrides=[])
+    return sweep_command(study=study, **{**kwargs, **options})
+
+
+def starts(run_dir: Path) -> int:
+    """How many times a process began this run (each writes one line)."""
+    return len((run_dir / "attempts.log").read_text().splitlines())
+
+
+def _partial(out: Path) -> list[Path]:
+    return [p.parents[1] for p in out.glob("runs/*/checkpoints/latest") if not (p.parents[1] / "done.json").exists()]
+
+
+@pytest.fixture(scope="module")
+def reference(caches, tmp_path_factory) -> Path:
+    """The 4-run study (2 folds x 2 variants) swept once, uninterrupted.
+
+    Same worker count as the killed sweep: torch's CPU results depend on its thread count (cores // workers).
+    """
+    study = write_study(tmp_path_factory.mktemp("reference") / "ref.yaml", caches)
+    assert sweep(study) == 0
+    return study
+
+
+def test_killed_sweep_reruns_only_the_missing_runs_and_gives_the_same_table(caches, reference, tmp_path):
+    study = write_study(tmp_path / "killed.yaml", caches)
+    out = study.with_suffix("")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", "study", str(study), "--workers", "2", "-q"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    # Kill once two runs are done and another is part-way (checkpointed, not done).
+    while len(list(out.glob("runs/*/done.json"))) < 2 or not _partial(out):
+        assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before the moment to kill it"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = {p.parent: p.stat().st_mtime_ns for p in out.glob("runs/*/done.json")}
+    partial = _partial(out)
+    assert 2 <= len(first) < 4 and partial and not (out / "table.csv").exists()
+
+    assert sweep(study) == 0
+    for run_dir, mtime in first.items():  # finished before the kill: not run again
+        assert (run_dir / "done.json").stat().st_mtime_ns == mtime and starts(run_dir) == 1
+    runs = sorted(out.glob("runs/*"))
+    assert len(runs) == 4 and all((r / "done.json").is_file() for r in runs)
+    for run_dir in partial:  # interrupted part-way: continued from its checkpoint, to the same numbers
+        assert json.loads((run_dir / "done.json").read_text())["resumed"] and starts(run_dir) == 2
+    ref_out = reference.with_suffix("")
+    assert (out / "table.csv").read_text() == (ref_out / "table.csv").read_text()
+    assert (out / "table.md").read_text() == (ref_out / "table.md").read_text()
+    table = (out / "table.csv").read_text().splitlines()
+    assert table[0] == "variant,fold 0,fold 1,mean" and len(table) == 3 and ",," not in "".join(table)
+    assert "random-init" in (out / "table.md").read_text()
+    assert (out / "chart.png").stat().st_size > 0
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 5 and all(",done," in r for r in rows[1:])
+
+
+def test_failed_runs_are_retried_reported_and_do_not_stop_the_others(caches, tmp_path, capsys):
+    variants = {"ok": {}, "crash": {"optim.batch_size": 0}, "bad-heads": {"model.fusion.heads": 3}}
+    study = write_study(tmp_path / "failing.yaml", caches, folds=[0], variants=variants)
+    assert sweep(study, retries=1, workers=1) == 1
+    runs = {r.variant: r for r in expand_runs(load_study(path=study))}
+    assert (runs["ok"].dir / "done.json").is_file()
+    crash = json.loads((runs["crash"].dir / "failed.json").read_text())
+    assert crash["attempts"] == 2 and "ZeroDivisionError" in crash["error"]  # a crash is retried
+    bad = json.loads((runs["bad-heads"].dir / "failed.json").read_text())
+    assert bad["attempts"] == 1 and "not divisible by fusion.heads 3" in bad["error"]  # a user error is not
+    err = capsys.readouterr().err
+    assert "failed: " in err and "ZeroDivisionError" in err and "fusion.heads" in err
+    csv = (study.with_suffix("") / "results.csv").read_text()
+    assert csv.count(",failed,") == 2 and csv.count(",done,") == 1
+    assert "–" in (study.with_suffix("") / "table.md").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sweep_joins_an_existing_scheduler(caches, tmp_path):
+    dask = str(Path(sys.executable).with_name("dask"))
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        procs.append(subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--nworkers", "1",
+                                       "--no-dashboard", "--name", "test-0"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path))
+        # One Mosaic-4-style run (all of an image's classes at once), tabled by metric.
+        study = write_study(tmp_path / "joined.yaml", caches, folds=[1], variants={"all": {"eval.mode": "multiclass"}})
+        spec = yaml.safe_load(study.read_text())
+        study.write_text(yaml.safe_dump({**spec, "table": {"columns": "metric"}}))
+        assert sweep(study, scheduler=address, workers=None) == 0
+        (run,) = expand_runs(load_study(path=study))
+        assert run.eval["mode"] == "multiclass" and json.loads((run.dir / "done.json").read_text())["episodes"] > 0
+        assert (study.with_suffix("") / "table.csv").read_text().splitlines()[0] == "pair,mIoU,FB-IoU"
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def test_slurm_job_script_has_walltime_lifetimes_gpus_and_the_worker_command(tmp_path):
+    from pipeline.sweep.slurm import slurm_cluster, walltime_seconds
+
+    assert [walltime_seconds(t) for t in ("90", "01:30", "02:00:00", "1-02", "1-00:30:00")] == \
+        [5400, 90, 7200, 93600, 88200]
+    spec = SlurmSpec(walltime="02:00:00", queue="gpu", account="vision", cores_per_gpu=6, memory_per_gpu="20GB",
+                     lifetime_margin="10m", lifetime_stagger="4m", setup=["module load cuda"])
+    cluster = slurm_cluster(spec=spec, gpus_per_job=2, log_dir=tmp_path / "logs")
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "#SBATCH -t 02:00:00" in script and "#SBATCH --gres=gpu:2" in script
+    assert "#SBATCH -p gpu" in script and "#SBATCH -A vision" in script and "--cpus-per-task=12" in script
+    assert "--lifetime 6360s" in script and "--lifetime-stagger 240s" in script and "--lifetime-restart" in script
+    assert "--nworkers 2" in script and "--nthreads 1" in script and "module load cuda" in script
+    assert sys.executable in script and "distributed.cli.dask_worker" in script
+    with pytest.raises(UserError, match="leaves no time"):
+        slurm_cluster(spec=SlurmSpec(walltime="00:10:00"), gpus_per_job=1, log_dir=tmp_path)
+
+
+def test_dry_run_lists_runs_with_their_state_and_writes_nothing(reference, capsys):
+    out = reference.with_suffix("")
+    before = sorted(str(p) for p in out.rglob("*"))
+    assert sweep(reference, dry_run=True, overrides=["study.grid.seeds=[0, 1]"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "8 runs: 4 done, 4 pending"
+    assert sum(line.startswith("done ") for line in lines) == 4 and all(str(out / "runs") in l for l in lines[1:])
+    assert any("| no-decoder | fold 1 | seed 1" in line for line in lines if line.startswith("pending"))
+    assert sorted(str(p) for p in out.rglob("*")) == before
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"grid_extra": {"colours": [1]}}, "unknown grid key 'colours'"),
+    ({"top": {"budget": 3}}, "unknown study key 'budget'"),
+    ({"variants": {"x": {"model.fusion.colour": 1}}}, "unknown config key 'model.fusion.colour'"),
+    ({"eval": {"split": "folder/val", "episodes": 3}}, "unknown config key 'eval.episodes'"),
+    ({"vision": "/nonexistent/cache"}, "no feature store at /nonexistent/cache"),
+    ({"eval": {"split": "voc/val"}}, "has no split 'voc/val'"),
+    ({"table": {"rows": ["pair"]}}, "axis 'variant' has several values"),
+])
+def test_study_mistakes_are_one_line_user_errors(caches, tmp_path, change, message):
+    study = yaml.safe_load(write_study(tmp_path / "s.yaml", caches).read_text())
+    study["grid"].update(change.get("grid_extra", {}))
+    study.update(change.get("top", {}))
+    study["grid"]["variants"] = change.get("variants", study["grid"]["variants"])
+    study["eval"] = change.get("eval", study["eval"])
+    study["pairs"][0]["vision"] = change.get("vision", study["pairs"][0]["vision"])
+    study.update({"table": change["table"]} if "table" in change else {})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(study))
+    with pytest.raises(UserError) as err:
+        sweep(path, dry_run=True)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_study_from_the_command_line_is_one_line_and_exit_code_2(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("eval: {split: voc/val}\npairs: []\n")
+    done = subprocess.run([sys.executable, "-m", "pipeline.sweep", "study", str(path), "--dry-run"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "non-empty list" in done.stderr
+
+
+def test_swept_key_with_derived_heads_and_seed_statistics(caches, tmp_path):
+    study = yaml.safe_load(write_study(tmp_path / "t7.yaml", caches).read_text())
+    study["grid"] = {"folds": [0, 1], "seeds": [0, 1], "model.fusion.layers": [1, 3]}
+    study["base"]["model"] = {"fusion": {"width": 64}}
+    study["derived"] = {"model.fusion.heads": "model.fusion.width / 32"}
+    path = tmp_path / "t7.yaml"
+    path.write_text(yaml.safe_dump(study))
+    spec = load_study(path=path)
+    runs = expand_runs(spec)
+    assert len(runs) == 8 and len({r.key for r in runs}) == 8 and spec.table.rows == ["model.fusion.layers"]
+    assert {r.config["model"]["fusion"]["heads"] for r in runs} == {2}
+    scores = {(1, 0): 50.0, (1, 1): 54.0, (3, 0): 60.0, (3, 1): 62.0}  # (layers, seed) -> mIoU of both folds
+    results = {r.key: {"miou": scores[(r.values["model.fusion.layers"], r.seed)] + r.fold, "fb_iou": 70.0,
+                       "pretrained_features": True} for r in runs}
+    table = build_table(study=spec, runs=runs, results=results)
+    assert table.columns == ["fold 0", "fold 1", "mean"] and table.seeds == 2 and not table.notes
+    mean, std = table.cells["layers=1"]["mean"]
+    assert mean == pytest.approx(52.5) and std == pytest.approx(2.8284271, rel=1e-6)  # seeds 50.5 and 54.5
+    del results[runs[0].key]
+    partial = build_table(study=spec, runs=runs, results=results)
+    assert partial.cells["layers=1"]["fold 0"] is None and partial.cells["layers=1"]["mean"] is None
+    assert partial.cells["layers=3"]["mean"] is not None and "1 of 8 runs" in partial.notes[0]
+
+
+def test_each_worker_gets_its_own_gpu():
+    assert [worker_slot(n) for n in (0, 3, "SLURMCluster-4-1", "gpuhost-2", "tcp://1.2.3.4:5")] == [0, 3, 1, 2, None]
+    assert [pick_gpu(worker_name=n, visible=["4", "5"]) for n in (0, 1, 2, "job-1")] == ["4", "5", "4", "5"]
+    assert pick_gpu(worker_name=0, visible=["7"]) is None  # already pinned by whoever started the worker
+    assert pick_gpu(worker_name="no-index", visible=["0", "1"]) is None

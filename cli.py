@@ -8,6 +8,7 @@ function of the package. User errors print one line and exit with code 2;
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -89,6 +90,8 @@ def extract(
     eval_resize: bool = typer.Option(False, "--eval-resize", help="Evaluation images resized whole, not windowed."),
     stride: Optional[int] = typer.Option(None, "--stride", help="Sliding-window stride (default 2/3 of the window)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the augmented views."),
+    border: str = typer.Option("background", "--border",
+                               help="Mask value where augmentation brings in pixels from outside: background or ignore."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Encoder input size (default: the encoder's)."),
     batch_size: int = typer.Option(32, "--batch-size"),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Views per shard (default about 16 MiB)."),
@@ -115,6 +118,7 @@ def extract(
 
       fusioner extract --backbone bert-b --text-only --dataset voc --out cache/bert-b
     """
+    from pipeline.data.augment import AugmentConfig
     from pipeline.encode.extract import extract as run_extract
     from pipeline.encode.plan import ExtractConfig
 
@@ -125,7 +129,7 @@ def extract(
         batch_size=batch_size, shard_size=shard_size, text_only=text_only, vision_only=vision_only,
         weights=str(weights) if weights else None, random_init=random_init, skip_bad=skip_bad,
         overwrite=overwrite, workers=workers, device=device,
-        extra_names=[n.strip() for n in (names or "").split(",") if n.strip()],
+        extra_names=[n.strip() for n in (names or "").split(",") if n.strip()], augment=AugmentConfig(border=border),
     )
     report = run_extract(config=config, quiet=quiet)
     if report.split:
@@ -248,6 +252,11 @@ def train(
     overrides: List[str] = typer.Option([], "--set", help="Dotted override, e.g. --set model.fusion.layers=6."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/default)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last checkpoint."),
+    online: bool = typer.Option(False, "--online", help="Run the frozen encoder on fresh augmentations every step (no cache)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="--online: the dataset folder."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="--online: reader name (default folder)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="--online: encoder name, e.g. clip-l."),
+    random_init: bool = typer.Option(False, "--random-init", help="--online: seeded random encoder weights."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -266,6 +275,14 @@ def train(
 
     config = _train_config(config_file=config_file, preset=preset, cache=cache, text_cache=text_cache, split=split,
                            protocol=protocol, fold=fold, novel=novel, out=out, overrides=overrides)
+    if online:
+        config.data.online = replace(config.data.online, enabled=True,
+                                     data_root=str(data_root) if data_root else config.data.online.data_root,
+                                     dataset=dataset or config.data.online.dataset,
+                                     backbone=backbone or config.data.online.backbone,
+                                     random_init=random_init or config.data.online.random_init)
+    elif data_root or dataset or backbone or random_init:
+        raise UserError("--data-root, --dataset, --backbone and --random-init belong to --online")
     if print_config:
         _echo_json(to_dict(config))
         return

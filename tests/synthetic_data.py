@@ -227,7 +227,7 @@ def with_bad_images(tmp_path: Path) -> tuple[Path, Path, Path]:
     return data, truncated, junk
 
 
-LEARN_EPOCHS = 6
+LEARN_EPOCHS = 12  # 6 passes over both views of every image: an epoch is one pass over the (image, class) pairs
 
 
 def train_overrides(gen: Generated, out: Path, *extra: str) -> list[str]:

@@ -34,11 +34,13 @@ import numpy as np
 import torch
 
 from pipeline.data.registry import create_dataset
-from pipeline.data.views import ViewParams, render_view
+from pipeline.data.augment import view_numbers
+from pipeline.data.views import ViewParams
 from pipeline.encode.extract import ExtractReport, extract
 from pipeline.encode.families import create_encoder
 from pipeline.encode.plan import ExtractConfig, plan_split
 from pipeline.encode.registry import get_spec
+from pipeline.encode.shards import planned_view
 from pipeline.encode.towers import VisionEncoder
 from pipeline.errors import UserError
 from pipeline.runtime import load_average, machine, resolve_device
@@ -100,12 +102,14 @@ def prepare_forward(*, config: ExtractConfig) -> ForwardJob:
     plan = plan_split(dataset=dataset, config=config, input_size=vision.input_size,
                       tokens=vision.grid[0] * vision.grid[1], dim=vision.dim)
     views = np.zeros((plan.num_views, vision.input_size, vision.input_size, 3), np.uint8)
+    numbers = view_numbers(plan.view_image)
     for index in np.unique(plan.view_image):
         record = dataset.load(int(index))
         for v in np.flatnonzero(plan.view_image == index):
             params = ViewParams(box=tuple(int(x) for x in plan.view_box[v]), flip=bool(plan.view_flip[v]),
                                 jitter=tuple(float(x) for x in plan.view_jitter[v]))
-            views[v], _ = render_view(image=record.image, mask=record.mask, params=params, size=vision.input_size)
+            views[v], _ = planned_view(record, meta=plan.meta, kind=plan.kind, image_index=int(index),
+                                       view_number=int(numbers[v]), params=params, size=vision.input_size)
     batches = []
     for begin in range(0, plan.num_views, plan.shard_size):
         stop = min(begin + plan.shard_size, plan.num_views)

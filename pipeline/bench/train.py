@@ -41,11 +41,13 @@ import numpy as np
 import torch
 
 from pipeline.data.registry import create_dataset
-from pipeline.data.views import ViewParams, render_view
+from pipeline.data.augment import view_numbers
+from pipeline.data.views import ViewParams
 from pipeline.encode.extract import extract
 from pipeline.encode.families import create_encoder
 from pipeline.encode.plan import ExtractConfig
 from pipeline.encode.registry import get_spec
+from pipeline.encode.shards import planned_view
 from pipeline.errors import UserError
 from pipeline.model import build_model
 from pipeline.runtime import machine
@@ -93,7 +95,7 @@ def batch_stream(*, prepared, config: TrainConfig, batch_size: int, count: int, 
     """``count`` batches in training order, running into the next epochs if the split is short."""
     made, epoch = 0, 0
     while made < count:
-        for batch in training_batches(split=prepared.split, samples=prepared.samples, text=prepared.text,
+        for batch in training_batches(split=prepared.split, samples=prepared.epoch_samples(epoch), text=prepared.text,
                                       batch_size=batch_size, epoch=epoch, seed=config.seed,
                                       novel=tuple(prepared.fold.novel), mode="memory" if memory else "shards",
                                       memory=prepared.memory if memory else None):
@@ -181,14 +183,15 @@ class OnlineSteps:
 
 def render_batch(*, batch: Batch, split, jitter: np.ndarray, dataset) -> tuple[np.ndarray, np.ndarray]:
     """Decode each sample's image and render its view, as a data loader of the online recipe does."""
-    size = split.input_size
+    size, meta, numbers = split.input_size, split.group.attrs["meta"], view_numbers(split.view_image)
     images = np.zeros((len(batch.views), size, size, 3), np.uint8)
     masks = np.zeros((len(batch.views), size, size), np.uint8)
     for b, view in enumerate(batch.views):
         record = dataset.load(int(split.view_image[view]))
         params = ViewParams(box=tuple(int(v) for v in split.view_box[view]), flip=bool(split.view_flip[view]),
                             jitter=tuple(float(v) for v in jitter[view]))
-        images[b], masks[b] = render_view(image=record.image, mask=record.mask, params=params, size=size)
+        images[b], masks[b] = planned_view(record, meta=meta, kind=split.kind, image_index=int(split.view_image[view]),
+                                           view_number=int(numbers[view]), params=params, size=size)
     return images, masks
 
 

@@ -1,10 +1,9 @@
-"""Views of an image: seeded augmented crops for training, sliding windows for evaluation.
+"""Views of an image for evaluation and prediction: sliding windows, the whole image resized, stitching back.
 
-A view is fully described by a few numbers (its box in the original image, a
-flip bit, colour-jitter factors), drawn from a generator seeded by
-``(seed, image index, view index)``. They are stored beside the features, so
-the mask of every cached view is exact, and re-running an extraction (or
-resuming one) renders the very same pixels.
+An evaluation view is fully described by a few numbers (its box in the original
+image, a flip bit, colour-jitter factors), stored beside the features, so the
+mask of every cached view is exact. Training views are rendered by the seeded
+augmentation of :mod:`pipeline.data.augment` instead (their plan row is the whole image).
 
 Box convention: ``(x0, y0, x1, y1)`` in original-image pixels, the region that
 maps onto the whole S x S view. For windows on images smaller than the window
@@ -14,7 +13,6 @@ mask is the ignore label.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,20 +23,6 @@ from PIL import Image, ImageEnhance
 from pipeline.data.labels import IGNORE
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Training augmentation of the released recipe that survives caching."""
-
-    scale: tuple[float, float] = (0.5, 1.0)  # random resized crop, area fraction
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    jitter_p: float = 0.5
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-
-
 IDENTITY_JITTER = (1.0, 1.0, 1.0, 0.0)
 
 
@@ -47,41 +31,6 @@ class ViewParams:
     box: tuple[int, int, int, int]
     flip: bool = False
     jitter: tuple[float, float, float, float] = IDENTITY_JITTER  # brightness, contrast, saturation, hue
-
-
-def view_rng(*, seed: int, image_index: int, view_index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, image_index, view_index])
-
-
-def sample_view(*, rng: np.random.Generator, height: int, width: int, aug: AugmentConfig) -> ViewParams:
-    """One random-resized-crop view (torchvision's rule: 10 tries, then a centre crop)."""
-    area = height * width
-    box = None
-    for _ in range(10):
-        target = area * rng.uniform(*aug.scale)
-        log_ratio = (math.log(aug.ratio[0]), math.log(aug.ratio[1]))
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            x0 = int(rng.integers(0, width - w + 1))
-            y0 = int(rng.integers(0, height - h + 1))
-            box = (x0, y0, x0 + w, y0 + h)
-            break
-    if box is None:
-        side = min(height, width)
-        x0, y0 = (width - side) // 2, (height - side) // 2
-        box = (x0, y0, x0 + side, y0 + side)
-    flip = bool(rng.random() < aug.flip_p)
-    jitter = IDENTITY_JITTER
-    if rng.random() < aug.jitter_p:
-        jitter = (
-            float(rng.uniform(1 - aug.brightness, 1 + aug.brightness)),
-            float(rng.uniform(1 - aug.contrast, 1 + aug.contrast)),
-            float(rng.uniform(1 - aug.saturation, 1 + aug.saturation)),
-            float(rng.uniform(-aug.hue, aug.hue)),
-        )
-    return ViewParams(box=box, flip=flip, jitter=jitter)
 
 
 def window_boxes(*, height: int, width: int, size: int, stride: int) -> list[tuple[int, int, int, int]]:

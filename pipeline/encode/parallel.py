@@ -21,7 +21,7 @@ from pipeline.store.layout import open_store
 def _worker_extract(config_dict: dict, shards: list[int], slot: int, threads: int) -> list[tuple[str, str]]:
     import torch
 
-    from pipeline.data.views import AugmentConfig
+    from pipeline.data.augment import AugmentConfig
     from pipeline.encode.plan import ExtractConfig
     from pipeline.encode.shards import run_shards
 

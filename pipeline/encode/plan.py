@@ -7,14 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.augment import AugmentConfig, resolve_augment
 from pipeline.data.labels import TRAIN_SPLITS
-from pipeline.data.views import (
-    AugmentConfig,
-    ViewParams,
-    sample_view,
-    view_rng,
-    window_boxes,
-)
+from pipeline.data.views import ViewParams, window_boxes
 from pipeline.errors import UserError
 from pipeline.store.splits import SplitPlan
 
@@ -68,7 +63,13 @@ def _default_shard_size(*, tokens: int, dim: int, views_per_image: int, num_view
 
 
 def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, dim: int) -> SplitPlan:
-    """Every view of the split, decided before decoding: sizes, boxes, flips, jitter."""
+    """Every view of the split, decided before decoding.
+
+    Training views are rendered from the whole image by the seeded augmentation
+    (:mod:`pipeline.data.augment`): their plan row is the image's full box, and the
+    resolved augmentation config goes into the split's signature, so a resume or an
+    append with another augmentation is refused.
+    """
     from pipeline.data.readers import BadRecordError
 
     kind = config.kind
@@ -86,9 +87,7 @@ def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, 
             continue
         image_hw[index] = (height, width)
         if kind == "views":
-            for k in range(config.views):
-                rng = view_rng(seed=config.seed, image_index=index, view_index=k)
-                rows.append((index, sample_view(rng=rng, height=height, width=width, aug=config.augment)))
+            rows.extend((index, ViewParams(box=(0, 0, width, height))) for _ in range(config.views))
         elif kind == "windows":
             for box in window_boxes(height=height, width=width, size=input_size, stride=stride):
                 rows.append((index, ViewParams(box=box)))
@@ -106,7 +105,8 @@ def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, 
     described["lists"] = [str(Path(p).resolve()) for p in described["lists"]]
     meta = {"seed": config.seed, "views": config.views if kind == "views" else None,
             "stride": stride if kind == "windows" else None, "input_size": input_size,
-            "augment": vars(config.augment) if kind == "views" else None,
+            "augment": (resolve_augment(config.augment, class_names=dataset.class_names).to_dict()
+                        if kind == "views" else None),
             "dataset": described, "plan_skipped": skipped}
     return SplitPlan(
         dataset=dataset.name, split=dataset.split, kind=kind, image_ids=list(dataset.ids), image_hw=image_hw,

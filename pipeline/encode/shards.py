@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.data.augment import AugmentConfig, augment_view, view_numbers
 from pipeline.data.labels import IGNORE
 from pipeline.data.views import ViewParams, render_view
 from pipeline.encode.families import create_encoder
@@ -33,12 +34,27 @@ class RenderedShard:
     bad: list[tuple[str, str]]
 
 
+def planned_view(record, *, meta: dict, kind: str, image_index: int, view_number: int, params: ViewParams,
+                 size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One planned row's pixels: the seeded augmentation for training views, the box for the others."""
+    if kind == "views":
+        return augment_view(image=record.image, mask=record.mask, config=AugmentConfig(**meta["augment"]),
+                            size=size, seed=int(meta["seed"]), image_index=image_index, view_index=view_number)
+    return render_view(image=record.image, mask=record.mask, params=params, size=size)
+
+
 def render_shard(*, dataset, group, shard: int, input_size: int, skip_bad: bool) -> RenderedShard:
-    """Decode each image of the shard once and render its views."""
+    """Decode each image of the shard once and render its views.
+
+    Training views ("views" splits) come from the seeded augmentation of the whole
+    image, view k of image i from (seed, i, k); evaluation views from their planned box.
+    """
     from pipeline.data.readers import BadRecordError
 
     start, stop = shard_bounds(group, shard)
-    view_image = group["view_image"][start:stop]
+    meta, kind = group.attrs["meta"], group.attrs["kind"]
+    all_images = group["view_image"][:]
+    view_image, view_number = all_images[start:stop], view_numbers(all_images)[start:stop]
     boxes = group["view_box"][start:stop]
     flips = group["view_flip"][start:stop]
     jitter = group["view_jitter"][start:stop]
@@ -63,7 +79,8 @@ def render_shard(*, dataset, group, shard: int, input_size: int, skip_bad: bool)
             continue
         params = ViewParams(box=tuple(int(v) for v in boxes[j]), flip=bool(flips[j]),
                             jitter=tuple(float(v) for v in jitter[j]))
-        images[j], masks[j] = render_view(image=record.image, mask=record.mask, params=params, size=input_size)
+        images[j], masks[j] = planned_view(record, meta=meta, kind=kind, image_index=index,
+                                           view_number=int(view_number[j]), params=params, size=input_size)
         valid[j] = True
     return RenderedShard(shard=shard, images=images, masks=masks, valid=valid, bad=bad)
 

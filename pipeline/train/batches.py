@@ -16,7 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -45,6 +45,58 @@ def training_pairs(*, split: CachedSplit, seen: tuple[int, ...],
     if not samples:
         raise UserError(f"{split.path} {split.split}: no view shows any seen class of this fold")
     return samples
+
+
+def image_pairs(*, split: CachedSplit, seen: tuple[int, ...],
+                classes_per_sample: Literal["1", "all"]) -> list[tuple[int, tuple[int, ...]]]:
+    """Samples as (image, classes in W), as the released code counts them: an epoch is one pass over these.
+
+    An image's classes are the seen classes of any of its K views, so the number of
+    samples, and with it the steps of an epoch, does not depend on K.
+    """
+    by_image = [(int(split.view_image[v]), classes)
+                for v, classes in training_pairs(split=split, seen=seen, classes_per_sample="all")]
+    union: dict[int, set[int]] = {}
+    for image, classes in by_image:
+        union.setdefault(image, set()).update(classes)
+    if classes_per_sample == "all":
+        return [(image, tuple(sorted(classes))) for image, classes in sorted(union.items())]
+    return [(image, (c,)) for image, classes in sorted(union.items()) for c in sorted(classes)]
+
+
+def view_table(split: CachedSplit) -> np.ndarray:
+    """[M, K] view rows of each image (valid views only; -1 pads images with fewer)."""
+    rows: dict[int, list[int]] = {}
+    for view in np.flatnonzero(split.view_valid):
+        rows.setdefault(int(split.view_image[view]), []).append(int(view))
+    width = max((len(r) for r in rows.values()), default=1)
+    table = np.full((len(split.image_ids), width), -1, np.int64)
+    for image, views in rows.items():
+        table[image, :len(views)] = views
+    return table
+
+
+def epoch_pairs(*, pairs: list[tuple[int, tuple[int, ...]]], table: np.ndarray, epoch: int,
+                seed: int) -> list[tuple[int, tuple[int, ...]]]:
+    """The (view, classes) samples of one epoch: each image shows one of its K views.
+
+    Views are drawn without replacement: epochs ``c*K .. c*K+K-1`` walk a permutation
+    of the K views drawn from (seed, c), so every view is used once before any repeats.
+    """
+    counts = (table >= 0).sum(axis=1)
+    width = table.shape[1]
+    cycle_length = max(width, 1)
+    cycle, position = divmod(epoch, cycle_length)
+    keys = np.random.default_rng([seed, cycle, 7]).random(table.shape)
+    keys[table < 0] = np.inf  # padded slots sort last
+    order = np.argsort(keys, axis=1, kind="stable")
+    chosen = {}
+    out = []
+    for image, classes in pairs:
+        if image not in chosen:
+            chosen[image] = int(table[image, order[image, position % max(int(counts[image]), 1)]])
+        out.append((chosen[image], classes))
+    return out
 
 
 def binary_targets(*, masks: np.ndarray, classes: list[tuple[int, ...]], width: int,
@@ -91,16 +143,32 @@ def _epoch_order(*, samples, split: CachedSplit, rng: np.random.Generator, mode:
     return order
 
 
+def jitter_features(features: np.ndarray, *, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Feature-space "brightness/contrast": a random gain and offset per sample and channel.
+
+    Tokens [B, T, D] become ``f * (1 + s g) + s r b`` with g, b standard normal per
+    (sample, channel) and r the sample's token RMS; every token of a sample moves
+    alike, so the spatial layout (what the masks describe) is untouched.
+    """
+    feats = features.astype(np.float32)
+    batch, _, dim = feats.shape
+    rms = np.sqrt((feats ** 2).mean(axis=(1, 2), keepdims=True))
+    gain = 1.0 + strength * rng.standard_normal((batch, 1, dim)).astype(np.float32)
+    offset = strength * rms * rng.standard_normal((batch, 1, dim)).astype(np.float32)
+    return (feats * gain + offset).astype(features.dtype)
+
+
 def training_batches(*, split: CachedSplit, samples: list[tuple[int, tuple[int, ...]]], text: np.ndarray,
                      batch_size: int, epoch: int, seed: int, novel: tuple[int, ...],
                      novel_pixels: str = "background", mode: Literal["memory", "shards"] = "memory",
                      buffer_shards: int = 4, memory: dict | None = None, drop_last: bool = False,
-                     skip_batches: int = 0) -> Iterator[Batch]:
+                     skip_batches: int = 0, feature_noise: float = 0.0) -> Iterator[Batch]:
     """One epoch of batches, in an order that depends only on (seed, epoch).
 
     ``text`` is [K, Dt] for the split's classes (row k-1 = class value k).
     ``memory`` (from :func:`load_into_memory`) holds features and masks.
     ``skip_batches`` fast-forwards a resumed epoch without reading data.
+    ``feature_noise`` > 0 jitters the cached tokens (:func:`jitter_features`).
     """
     rng = np.random.default_rng([seed, epoch])
     order = _epoch_order(samples=samples, split=split, rng=rng, mode=mode, buffer_shards=buffer_shards)
@@ -116,6 +184,8 @@ def training_batches(*, split: CachedSplit, samples: list[tuple[int, tuple[int, 
             feats, masks = memory["features"][views], memory["masks"][views]
         else:
             feats, masks = split.features(views), split.masks(views)
+        if feature_noise:
+            feats = jitter_features(feats, strength=feature_noise, rng=np.random.default_rng([seed, epoch, number, 1]))
         targets, valid = binary_targets(masks=masks, classes=classes, width=width, novel=novel,
                                         novel_pixels=novel_pixels)
         txt = np.zeros((len(chunk), width, text.shape[1]), np.float32)
@@ -123,6 +193,30 @@ def training_batches(*, split: CachedSplit, samples: list[tuple[int, tuple[int, 
             txt[b, :len(cls)] = text[np.asarray(cls) - 1]
         yield Batch(features=torch.from_numpy(np.ascontiguousarray(feats)), text=torch.from_numpy(txt),
                     text_mask=torch.from_numpy(valid), targets=torch.from_numpy(targets), views=views)
+
+
+@dataclass
+class Prepared:
+    """What the loop trains on: cached views here, fresh augmentations in :mod:`pipeline.train.online`.
+
+    ``samples`` are the (image, classes) pairs of an epoch, whatever the number of
+    views per image; ``split`` gives ``grid``, ``input_size`` and ``pretrained``.
+    """
+
+    split: Any  # a CachedSplit, or the online source
+    samples: list
+    text: np.ndarray
+    fold: object
+    memory: dict | None
+    mode: str
+    vision_dim: int
+    table: np.ndarray | None = None  # [M, K] view rows per image (cached)
+    epoch_batches: Callable[..., Iterator] | None = None  # (loop) -> batches; None = the cache's
+    seed: int = 0
+
+    def epoch_samples(self, epoch: int) -> list:
+        """(view, classes) samples of one epoch: one of each image's K views, without replacement."""
+        return epoch_pairs(pairs=self.samples, table=self.table, epoch=epoch, seed=self.seed)
 
 
 def prefetch(iterator: Iterator, *, depth: int = 3, pin: bool = False) -> Iterator:

@@ -7,8 +7,25 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.config import config_hash, to_dict
+from pipeline.data.augment import AugmentConfig
 from pipeline.errors import UserError
 from pipeline.model import PRESETS, ModelConfig
+
+
+@dataclass
+class OnlineConfig:
+    """Online mode: the frozen encoder runs on a fresh augmentation of every sample at every step."""
+
+    enabled: bool = False
+    backbone: str = ""  # encoder name (fusioner encoders)
+    data_root: str = ""
+    dataset: str = "folder"  # reader name (fusioner datasets)
+    split: str = "train"
+    random_init: bool = False
+    weights: str | None = None
+    input_size: int | None = None
+    workers: int = 2  # DataLoader processes that decode and augment
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -27,6 +44,8 @@ class DataConfig:
     novel_pixels: Literal["background", "ignore"] = "background"
     read_mode: Literal["auto", "memory", "shards"] = "auto"
     memory_limit_gb: float = 8.0
+    feature_noise: float = 0.0  # feature-space augmentation of cached tokens (0 = off); see training.md
+    online: OnlineConfig = field(default_factory=OnlineConfig)
 
     def __post_init__(self) -> None:
         self.classes_per_sample = str(self.classes_per_sample)
@@ -73,7 +92,7 @@ class TrainConfig:
 # a resumed run may change them (e.g. raise optim.max_steps) and still reach the
 # weights of an uninterrupted run.
 RESUME_FREE_KEYS = ("optim.max_steps", "out", "log_every", "checkpoint_every", "val_split", "eval_every",
-                    "splits_dir")
+                    "splits_dir", "data.online.workers")
 
 
 def resume_identity(config: TrainConfig | dict) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from typing import Sequence
 from pathlib import Path
 
@@ -38,8 +37,8 @@ from pipeline.plots import plot_curves
 from pipeline.runtime import resolve_device
 from pipeline.store.layout import open_store
 from pipeline.store.splits import list_splits
-from pipeline.store.reader import CachedSplit, load_into_memory, open_split
-from pipeline.train.batches import prefetch, training_batches, training_pairs
+from pipeline.store.reader import load_into_memory, open_split
+from pipeline.train.batches import Prepared, image_pairs, prefetch, training_batches, view_table
 from pipeline.train.checkpoints import latest_checkpoint, set_rng_state
 from pipeline.train.config import (
     RESUME_FREE_KEYS,
@@ -61,29 +60,24 @@ def _training_split_name(cache: str, split: str | None) -> str | None:
     raise UserError(f"{cache}: name the training split with data.split (training splits: {', '.join(names) or 'none'})")
 
 
-@dataclass
-class Prepared:
-    split: CachedSplit
-    samples: list
-    text: np.ndarray
-    fold: object
-    memory: dict | None
-    mode: str
-
-
 def prepare_data(config: TrainConfig) -> Prepared:
     data = config.data
+    if data.online.enabled:
+        from pipeline.train.online import prepare_online
+
+        return prepare_online(config)
     split = open_split(store=data.cache, split=_training_split_name(data.cache, data.split))
     fold = resolve_fold(data=data, class_names=split.class_names)
     text = class_embeddings(text_store=data.text_store, names=split.class_names)
-    samples = training_pairs(split=split, seen=fold.seen, classes_per_sample=data.classes_per_sample)
+    samples = image_pairs(split=split, seen=fold.seen, classes_per_sample=data.classes_per_sample)
     mode = data.read_mode
     if mode == "auto":
         features = split.group["features"]
         size_gb = features.nbytes / 2**30 + split.group["masks"].nbytes / 2**30
         mode = "memory" if size_gb <= data.memory_limit_gb else "shards"
     memory = load_into_memory(split) if mode == "memory" else None
-    return Prepared(split=split, samples=samples, text=text, fold=fold, memory=memory, mode=mode)
+    return Prepared(split=split, samples=samples, text=text, fold=fold, memory=memory, mode=mode,
+                    vision_dim=int(split.group["features"].shape[2]), table=view_table(split), seed=config.seed)
 
 
 # --------------------------------------------------------------------------- #
@@ -94,7 +88,7 @@ def prepare_data(config: TrainConfig) -> Prepared:
 def _fit_model_config(config: TrainConfig, prepared: Prepared) -> None:
     """Model input dims and output size come from the stores, whatever the config said."""
     split = prepared.split
-    vision_dim, text_dim = int(split.group["features"].shape[2]), prepared.text.shape[1]
+    vision_dim, text_dim = prepared.vision_dim, prepared.text.shape[1]
     if config.model.vision_dim != vision_dim or config.model.text_dim != text_dim:
         config.model = make_model_config(vision_dim=vision_dim, text_dim=text_dim, preset="paper",
                                          overrides={k: v for k, v in to_dict(config.model).items()
@@ -174,11 +168,14 @@ def train_step(loop: Loop, batch) -> float:
 
 
 def _epoch_batches(loop: Loop, prepared: Prepared):
+    if prepared.epoch_batches is not None:
+        return prepared.epoch_batches(loop)
     config = loop.config
     return prefetch(training_batches(
-        split=prepared.split, samples=prepared.samples, text=prepared.text, batch_size=config.optim.batch_size,
-        epoch=loop.epoch, seed=config.seed, novel=tuple(prepared.fold.novel), novel_pixels=config.data.novel_pixels,
-        mode=prepared.mode, memory=prepared.memory, skip_batches=loop.batch), pin=loop.device.type == "cuda")
+        split=prepared.split, samples=prepared.epoch_samples(loop.epoch), text=prepared.text,
+        batch_size=config.optim.batch_size, epoch=loop.epoch, seed=config.seed, novel=tuple(prepared.fold.novel),
+        novel_pixels=config.data.novel_pixels, mode=prepared.mode, memory=prepared.memory,
+        skip_batches=loop.batch, feature_noise=config.data.feature_noise), pin=loop.device.type == "cuda")
 
 
 def _run_epochs(loop: Loop, prepared: Prepared, hooks: Sequence[Hook]) -> None:

@@ -25,14 +25,8 @@ from synthetic_data import TINY_VIEWS as VIEWS
 from synthetic_data import tiny_extract_config as tiny_config
 
 from pipeline.data.registry import create_dataset
-from pipeline.data.views import (
-    AugmentConfig,
-    ViewParams,
-    render_view,
-    sample_view,
-    view_rng,
-    window_boxes,
-)
+from pipeline.data.augment import AugmentConfig, resolve_augment
+from pipeline.data.views import ViewParams, render_view, window_boxes
 from pipeline.encode.extract import extract
 from pipeline.encode.plan import ExtractConfig, plan_split
 from pipeline.encode.shards import threads_per_worker
@@ -48,21 +42,6 @@ ROOT = Path(__file__).resolve().parents[2]
 # --------------------------------------------------------------------------- #
 # Views and windows
 # --------------------------------------------------------------------------- #
-
-
-def _view(seed: int, image: int, view: int) -> ViewParams:
-    return sample_view(rng=view_rng(seed=seed, image_index=image, view_index=view), height=300, width=400,
-                       aug=AugmentConfig())
-
-
-def test_sample_view_is_a_function_of_seed_image_and_view():
-    assert _view(0, 5, 2) == _view(0, 5, 2)
-    others = {_view(1, 5, 2), _view(0, 6, 2), _view(0, 5, 3)}
-    assert _view(0, 5, 2) not in others and len(others) == 3
-    boxes = [_view(0, i, 0).box for i in range(50)]
-    assert all(0 <= x0 < x1 <= 400 and 0 <= y0 < y1 <= 300 for x0, y0, x1, y1 in boxes)
-    flips = [_view(0, i, 0).flip for i in range(50)]
-    assert 0 < sum(flips) < 50
 
 
 def _scene() -> tuple[np.ndarray, np.ndarray]:
@@ -182,6 +161,12 @@ def test_killed_extraction_resumes_to_the_same_bytes(tmp_path):
                            input_size=32, shard_size=4, vision_only=True, random_init=True)
     extract(config=config, quiet=True)
     assert_same_store(reference, out)
+    # ... with the released recipe's full augmentation in the store's identity, and views that really differ.
+    group = open_store(out)["folder/train"]
+    recipe = resolve_augment(AugmentConfig(), class_names=create_dataset("folder", root=data).class_names)
+    assert group.attrs["meta"]["augment"] == recipe.to_dict() and recipe.block_p == 0.5 and recipe.rotate == 20
+    masks = group["masks"][...].reshape(16, 4, 32, 32)
+    assert sum(not np.array_equal(m[0], m[k]) for m in masks for k in (1, 2, 3)) > 16
 
 
 def test_finished_extraction_run_again_writes_nothing(tmp_path):

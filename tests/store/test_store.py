@@ -22,7 +22,9 @@ from synthetic_data import TINY_VIEWS as VIEWS
 from synthetic_data import tiny_extract_config as tiny_config
 
 from pipeline.data.registry import create_dataset
-from pipeline.data.views import ViewParams, render_view, sample_view, view_rng
+from pipeline.data.augment import augment_view, resolve_augment, view_numbers
+from pipeline.data.views import ViewParams
+from pipeline.encode.shards import planned_view
 from pipeline.encode.extract import extract
 from pipeline.encode.plan import ExtractConfig
 from pipeline.encode.prompts import TEMPLATES
@@ -65,15 +67,12 @@ def test_masks_and_plan_match_views_rendered_again(tiny):
     group = open_store(path)["folder/train"]
     dataset = create_dataset("folder", root=data, split="train")
     masks, classes = group["masks"][...], group["view_classes"][...]
-    boxes, flips, jitter = group["view_box"][...], group["view_flip"][...], group["view_jitter"][...]
+    augment = resolve_augment(config.augment, class_names=dataset.class_names)
+    assert group.attrs["meta"]["augment"] == augment.to_dict()  # the augmentation is part of the split's identity
     for v, index in enumerate(group["view_image"][...]):
-        height, width = group["image_hw"][int(index)]
-        params = sample_view(rng=view_rng(seed=config.seed, image_index=int(index), view_index=v % VIEWS),
-                             height=int(height), width=int(width), aug=config.augment)
-        assert params.box == tuple(int(x) for x in boxes[v]) and params.flip == bool(flips[v])
-        assert np.array_equal(jitter[v], np.float32(params.jitter))
         record = dataset.load(int(index))
-        _, mask = render_view(image=record.image, mask=record.mask, params=params, size=32)
+        _, mask = augment_view(image=record.image, mask=record.mask, config=augment, size=32, seed=config.seed,
+                               image_index=int(index), view_index=v % VIEWS)
         assert np.array_equal(masks[v], mask), v
     assert np.array_equal(classes, classes_in(masks, len(TINY_CLASSES)))
     assert classes.any(axis=0).all()  # every class shows up somewhere, so the comparison means something
@@ -204,11 +203,13 @@ def test_real_photos_round_trip(coco128, voc_sample, tmp_path):
         group = open_store(config.out)[split]
         dataset = create_dataset(readers[0], root=readers[1], split=config.split, **config.dataset_options)
         assert group.attrs["image_ids"] == dataset.ids
+        numbers = view_numbers(group["view_image"][...])
         for v, index in enumerate(group["view_image"][...]):
             params = ViewParams(box=tuple(int(x) for x in group["view_box"][v]), flip=bool(group["view_flip"][v]),
                                 jitter=tuple(float(x) for x in group["view_jitter"][v]))
             record = dataset.load(int(index))
-            _, mask = render_view(image=record.image, mask=record.mask, params=params, size=32)
+            _, mask = planned_view(record, meta=group.attrs["meta"], kind=group.attrs["kind"], image_index=int(index),
+                                   view_number=int(numbers[v]), params=params, size=32)
             assert np.array_equal(group["masks"][v], mask)
         assert group["view_classes"][...].any()
     voc_group = open_store(voc.out)["voc/val"]

@@ -1,0 +1,174 @@
+"""The released recipe's training augmentation, rendered by albumentations, reproducible per view.
+
+One view of an image is a function of ``(seed, image index, view index)``: the
+albumentations pipeline is re-seeded from those three numbers before every
+call, so a resumed extraction (or an online epoch replayed after a resume)
+renders the very same pixels, whatever ran before it and in whatever thread.
+
+The recipe, as released (strengths per dataset: PASCAL jitter 0.5 / rotation
+20 degrees, COCO 0.2 / 10):
+
+1. a crop, one of two with probability 1/2 each: a random resized crop to S x S
+   (area scale 0.5-1), or the shortest side resized to S and a random S x S crop;
+2. one block applied with probability 0.5, each step inside it with
+   probability 0.5: colour jitter, Gaussian noise, horizontal flip, an elastic
+   deformation with an affine part, shift-scale-rotate.
+
+Geometry moves image and mask together (bilinear image, nearest-neighbour
+mask, so the ignore value survives). Pixels brought in from outside the image
+are 0 in the image and background (0) in the mask, as released, or the ignore
+value with ``border="ignore"``. Where albumentations 2.x renamed or removed an
+argument of the release's 1.x version, the mapping is spelled out in
+``docs/training.md`` and in :func:`build_pipeline`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+from pipeline.data.labels import COCO_CLASSES, IGNORE
+
+# (colour-jitter strength, shift-scale-rotate degrees) of the released recipe, per protocol.
+RECIPE_STRENGTHS = {"pascal5i": (0.5, 20.0), "coco20i": (0.2, 10.0)}
+# albumentations 1.x GaussNoise default var_limit=(10, 50) on 0..255 pixels -> a standard deviation range
+# relative to 255, the unit of 2.x's std_range.
+RELEASED_NOISE_STD = (math.sqrt(10.0) / 255.0, math.sqrt(50.0) / 255.0)
+RELEASED_ALPHA_AFFINE = 20.0  # pixels, the 1.x ElasticTransform argument the release set
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The training augmentation of an extraction (recorded in the store) or of an online run.
+
+    ``jitter`` and ``rotate`` left at None take the dataset's released strengths
+    (:func:`resolve_augment`).
+    """
+
+    jitter: float | None = None  # brightness = contrast = saturation = hue strength
+    rotate: float | None = None  # shift-scale-rotate rotation limit, degrees
+    shift: float = 0.1
+    scale: float = 0.1
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    noise_std: tuple[float, float] = RELEASED_NOISE_STD
+    alpha_affine: float = RELEASED_ALPHA_AFFINE
+    block_p: float = 0.5  # probability of the whole photometric + geometric block
+    step_p: float = 0.5  # probability of each step inside the block
+    border: Literal["background", "ignore"] = "background"
+
+    def __post_init__(self) -> None:  # lists from JSON / YAML back to tuples, so configs hash and compare
+        object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
+        object.__setattr__(self, "noise_std", tuple(float(v) for v in self.noise_std))
+        if self.border not in ("background", "ignore"):
+            from pipeline.errors import UserError
+
+            raise UserError(f"augment border must be 'background' or 'ignore', not {self.border!r}")
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+def recipe_protocol(class_names) -> str:
+    """The protocol whose released strengths a dataset gets: COCO's class list -> coco20i, else pascal5i."""
+    return "coco20i" if tuple(class_names) == COCO_CLASSES else "pascal5i"
+
+
+def resolve_augment(config: AugmentConfig, *, class_names) -> AugmentConfig:
+    """``config`` with the dataset's strengths filled in where it left them open."""
+    jitter, rotate = RECIPE_STRENGTHS[recipe_protocol(class_names)]
+    return AugmentConfig(**{**asdict(config), "jitter": jitter if config.jitter is None else config.jitter,
+                            "rotate": rotate if config.rotate is None else config.rotate})
+
+
+def _affine_of_elastic(config: AugmentConfig, size: int):
+    """The 1.x ``alpha_affine`` step as a 2.x ``Affine`` with the same spread.
+
+    1.x moved three control points (at +-size//3 around the centre) by uniform
+    offsets of up to ``alpha_affine`` pixels and warped by the affine map through
+    them. Its linear part is then I + D, each entry of D spread like a difference
+    of two such offsets over 2 * size//3 (standard deviation a*sqrt(2/3)/(2s)),
+    and its shift (at the centre) like a mean of two offsets (a/sqrt(6)). Uniform
+    draws of x/y scale, x/y shear and x/y translation with those standard
+    deviations have half-ranges a/(sqrt(2)s), atan of it in degrees, and a/sqrt(2) px.
+    """
+    import albumentations as A
+    import cv2
+
+    a, s = config.alpha_affine, max(size // 3, 1)
+    spread = a / (math.sqrt(2.0) * s)
+    shear = math.degrees(math.atan(spread))
+    shift = int(round(a / math.sqrt(2.0)))
+    return A.Affine(scale={"x": (1 - spread, 1 + spread), "y": (1 - spread, 1 + spread)},
+                    shear={"x": (-shear, shear), "y": (-shear, shear)},
+                    translate_px={"x": (-shift, shift), "y": (-shift, shift)},
+                    border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=_mask_fill(config), p=1.0)
+
+
+def _mask_fill(config: AugmentConfig) -> int:
+    return IGNORE if config.border == "ignore" else 0
+
+
+def build_pipeline(config: AugmentConfig, size: int):
+    """The albumentations ``Compose`` of the released recipe at ``size`` px (``config`` resolved)."""
+    import albumentations as A
+    import cv2
+
+    if config.jitter is None or config.rotate is None:
+        raise ValueError("resolve_augment() the config first: jitter/rotate are per dataset")
+    border = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": _mask_fill(config)}
+    j, p = config.jitter, config.step_p
+    crop = A.OneOf([
+        A.RandomResizedCrop(size=(size, size), scale=config.crop_scale, p=1.0),
+        A.Sequential([A.SmallestMaxSize(max_size=size, p=1.0), A.RandomCrop(size, size, p=1.0)], p=1.0),
+    ], p=1.0)
+    block = A.Sequential([
+        A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(j, 0.5), p=p),
+        A.GaussNoise(std_range=config.noise_std, p=p),
+        A.HorizontalFlip(p=p),
+        # 1.x ElasticTransform(alpha_affine=...) = an affine warp, then the elastic field, as one step.
+        A.Sequential([_affine_of_elastic(config, size), A.ElasticTransform(alpha=1, sigma=50, p=1.0, **border)],
+                     p=p),
+        # 1.x ShiftScaleRotate(shift_limit, scale_limit, rotate_limit) = 2.x Affine with these ranges.
+        A.Affine(translate_percent=(-config.shift, config.shift), scale=(1 - config.scale, 1 + config.scale),
+                 rotate=(-config.rotate, config.rotate), p=p, **border),
+    ], p=config.block_p)
+    return A.Compose([crop, block], seed=0)
+
+
+_LOCAL = threading.local()  # one Compose per thread and (config, size): a Compose holds its random state
+
+
+def _pipeline(config: AugmentConfig, size: int):
+    cache = _LOCAL.__dict__.setdefault("pipelines", {})
+    key = (config, size)
+    if key not in cache:
+        cache[key] = build_pipeline(config, size)
+    return cache[key]
+
+
+def view_seed(*, seed: int, image_index: int, view_index: int) -> int:
+    """A 32-bit seed from (seed, image, view): independent streams for every view."""
+    return int(np.random.SeedSequence([seed, image_index, view_index]).generate_state(1)[0])
+
+
+def augment_view(*, image: np.ndarray, mask: np.ndarray, config: AugmentConfig, size: int, seed: int,
+                 image_index: int, view_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """View ``view_index`` of an image: [S, S, 3] uint8 and its transformed [S, S] uint8 mask."""
+    pipeline = _pipeline(config, size)
+    pipeline.set_random_seed(view_seed(seed=seed, image_index=image_index, view_index=view_index))
+    out = pipeline(image=np.ascontiguousarray(image), mask=np.ascontiguousarray(mask))
+    return np.ascontiguousarray(out["image"], dtype=np.uint8), np.ascontiguousarray(out["mask"], dtype=np.uint8)
+
+
+def view_numbers(view_image: np.ndarray) -> np.ndarray:
+    """For planned rows grouped by image, each row's position among its image's views (0..K-1)."""
+    view_image = np.asarray(view_image)
+    if view_image.size == 0:
+        return np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, view_image[1:] != view_image[:-1]])
+    lengths = np.diff(np.r_[starts, view_image.size])
+    return np.arange(view_image.size) - np.repeat(starts, lengths)

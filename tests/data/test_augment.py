@@ -1,0 +1,134 @@
+"""The released recipe's augmentation: image and mask move together, views are a function of (seed, image, view)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+
+from pipeline.data.augment import (
+    RECIPE_STRENGTHS,
+    RELEASED_NOISE_STD,
+    AugmentConfig,
+    augment_view,
+    build_pipeline,
+    resolve_augment,
+    view_numbers,
+)
+from pipeline.data.labels import COCO_CLASSES, IGNORE, VOC_CLASSES
+from pipeline.errors import UserError
+
+# Class value -> colour, far apart so a bilinear blend never lands nearer another class.
+PALETTE = {0: (0, 0, 0), 1: (250, 40, 40), 2: (40, 250, 40), IGNORE: (40, 40, 250)}
+GEOMETRY_ONLY = AugmentConfig(jitter=0.0, noise_std=(0.0, 0.0))  # the photometric steps become identities
+
+
+def _pattern() -> tuple[np.ndarray, np.ndarray]:
+    """A 300 x 400 image whose colour spells its mask: two classes, an ignore patch, background."""
+    mask = np.zeros((300, 400), np.uint8)
+    mask[40:200, 50:220] = 1
+    mask[120:280, 240:380] = 2
+    mask[10:60, 300:390] = IGNORE
+    colours = np.zeros((256, 3), np.uint8)
+    for value, colour in PALETTE.items():
+        colours[value] = colour
+    return colours[mask], mask
+
+
+def _colour_class(view: np.ndarray) -> np.ndarray:
+    values = np.array(list(PALETTE))
+    colours = np.array(list(PALETTE.values()), np.int32)
+    distance = ((view[:, :, None, :].astype(np.int32) - colours[None, None]) ** 2).sum(-1)
+    return values[distance.argmin(-1)]
+
+
+def _interior(mask: np.ndarray, radius: int = 3) -> np.ndarray:
+    """Pixels whose whole (2r+1)^2 neighbourhood inside the view has one mask value (the view's edge excluded)."""
+    padded = np.pad(mask.astype(np.int16), radius, constant_values=-1)
+    windows = sliding_window_view(padded, (2 * radius + 1, 2 * radius + 1))
+    return windows.min(axis=(-1, -2)) == windows.max(axis=(-1, -2))
+
+
+@pytest.mark.parametrize("border", ["background", "ignore"])
+def test_view_and_mask_agree_pixel_for_pixel_after_the_geometry(border):
+    image, mask = _pattern()
+    config = resolve_augment(AugmentConfig(**{**vars(GEOMETRY_ONLY), "border": border}), class_names=VOC_CLASSES)
+    moved = tested = 0
+    for view_index in range(40):
+        view, view_mask = augment_view(image=image, mask=mask, config=config, size=64, seed=3, image_index=0,
+                                       view_index=view_index)
+        assert view.shape == (64, 64, 3) and view_mask.shape == (64, 64)
+        assert set(np.unique(view_mask)) <= {0, 1, 2, IGNORE}  # nearest neighbour: no blended labels
+        inside = _interior(view_mask)
+        seen = _colour_class(view)
+        if border == "ignore":  # pixels from outside the image: image 0, mask ignore
+            seen = np.where((seen == 0) & (view_mask == IGNORE), IGNORE, seen)
+        assert np.array_equal(seen[inside], view_mask[inside]), view_index
+        tested += int(inside.sum())
+        moved += not np.array_equal(view_mask, augment_view(image=image, mask=mask, config=config, size=64,
+                                                            seed=3, image_index=0, view_index=view_index + 100)[1])
+    assert tested > 40 * 64 * 64 * 0.4 and moved > 30  # about half the pixels checked, views really differ
+
+
+def test_border_fill_is_background_by_default_and_ignore_on_request():
+    image, mask = _pattern()
+    image[:] = PALETTE[1]
+    mask[:] = 1  # the whole image is class 1: anything else came from outside it
+    fills = {}
+    for border in ("background", "ignore"):
+        config = resolve_augment(AugmentConfig(**{**vars(GEOMETRY_ONLY), "border": border}), class_names=VOC_CLASSES)
+        values = set()
+        for view_index in range(60):
+            view, view_mask = augment_view(image=image, mask=mask, config=config, size=64, seed=0, image_index=1,
+                                           view_index=view_index)
+            outside = (view_mask != 1) & _interior(view_mask)
+            assert (view[outside] == 0).all()  # the image is filled with 0 where the mask is filled
+            values |= set(np.unique(view_mask[view_mask != 1]).tolist())
+        fills[border] = values
+    assert fills == {"background": {0}, "ignore": {IGNORE}}
+
+
+def test_a_view_is_a_function_of_seed_image_and_view_only():
+    image, mask = _pattern()
+    config = resolve_augment(AugmentConfig(), class_names=VOC_CLASSES)
+
+    def render(seed, image_index, view_index):
+        return augment_view(image=image, mask=mask, config=config, size=48, seed=seed, image_index=image_index,
+                            view_index=view_index)
+
+    first = render(0, 5, 2)
+    for _ in range(3):  # other views rendered in between leave it unchanged
+        render(1, 2, 3)
+        again = render(0, 5, 2)
+        assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    others = [render(1, 5, 2), render(0, 6, 2), render(0, 5, 3)]
+    assert all(not np.array_equal(first[0], other[0]) for other in others)
+
+
+def test_strengths_follow_the_dataset_and_the_noise_maps_the_old_defaults():
+    pascal = resolve_augment(AugmentConfig(), class_names=VOC_CLASSES)
+    coco = resolve_augment(AugmentConfig(), class_names=COCO_CLASSES)
+    assert (pascal.jitter, pascal.rotate) == RECIPE_STRENGTHS["pascal5i"] == (0.5, 20.0)
+    assert (coco.jitter, coco.rotate) == RECIPE_STRENGTHS["coco20i"] == (0.2, 10.0)
+    assert resolve_augment(AugmentConfig(jitter=0.3), class_names=COCO_CLASSES).jitter == 0.3
+    # albumentations 1.x GaussNoise: variance 10..50 on 0..255 pixels = std sqrt(10)..sqrt(50) of 255.
+    assert np.allclose(np.array(RELEASED_NOISE_STD) * 255, [10 ** 0.5, 50 ** 0.5])
+    assert AugmentConfig(**pascal.to_dict()) == pascal  # survives the store's JSON
+    with pytest.raises(UserError, match="border"):
+        AugmentConfig(border="reflect")
+    with pytest.raises(ValueError, match="resolve"):
+        build_pipeline(AugmentConfig(), 64)
+
+
+def test_the_noise_of_a_view_has_the_released_spread():
+    flat = np.full((64, 64, 3), 128, np.uint8)
+    config = resolve_augment(AugmentConfig(jitter=0.0, block_p=1.0, step_p=1.0, alpha_affine=0.0, rotate=0.0,
+                                           shift=0.0, scale=0.0), class_names=VOC_CLASSES)
+    stds = [augment_view(image=flat, mask=np.zeros((64, 64), np.uint8), config=config, size=64, seed=0,
+                         image_index=0, view_index=v)[0].astype(float).std() for v in range(20)]
+    assert 10 ** 0.5 * 0.8 < min(stds) and max(stds) < 50 ** 0.5 * 1.2
+
+
+def test_view_numbers_count_within_each_image():
+    assert view_numbers(np.array([0, 0, 0, 2, 2, 5])).tolist() == [0, 1, 2, 0, 1, 0]
+    assert view_numbers(np.array([], np.int32)).tolist() == []

@@ -1,0 +1,90 @@
+"""An epoch is one pass over the (image, class) pairs whatever the number of cached views K per image."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.labels import VOC_CLASSES
+from pipeline.encode.extract import extract
+from pipeline.encode.plan import ExtractConfig
+from pipeline.train.config import build_config
+from pipeline.train.loop import prepare_data, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QUADRANTS = (6, 7, 8, 9)  # bus, car, cat, chair: seen in PASCAL-5i fold 0
+IMAGES = 5
+
+
+def _quadrant_data(root: Path) -> Path:
+    """Square images split into four class quadrants: every augmented view keeps the centre, so all four."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("\n".join(VOC_CLASSES) + "\n")
+    rng = np.random.default_rng(0)
+    for n in range(IMAGES):
+        side = 48 + 8 * n
+        half = side // 2
+        mask = np.zeros((side, side), np.uint8)
+        mask[:half, :half], mask[:half, half:], mask[half:, :half], mask[half:, half:] = QUADRANTS
+        image = rng.integers(0, 255, (side, side, 3)).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"q{n}.png")
+        Image.fromarray(mask).save(root / "masks" / f"q{n}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> dict[int, Path]:
+    base = tmp_path_factory.mktemp("epochs")
+    data = _quadrant_data(base / "data")
+    made = {}
+    for views in (1, 4):
+        made[views] = base / f"k{views}"
+        extract(config=ExtractConfig(backbone="clip-b", out=str(made[views]), dataset="folder", data_root=str(data),
+                                     views=views, input_size=32, random_init=True, device="cpu"), quiet=True)
+    extract(config=ExtractConfig(backbone="minilm", out=str(base / "text"), text_only=True, dataset="folder",
+                                 data_root=str(data), device="cpu"), quiet=True)
+    made[0] = base / "text"
+    return made
+
+
+def _config(stores, views: int, out: Path, *extra: str):
+    return build_config(preset="tiny", overrides=[
+        f"data.cache={stores[views]}", f"data.text_cache={stores[0]}", "data.protocol=pascal5i", "data.fold=0",
+        "optim.batch_size=3", "optim.epochs=2", "optim.warmup_epochs=1", "device=cpu", f"out={out}", *extra])
+
+
+def test_steps_per_epoch_do_not_depend_on_k(stores, tmp_path):
+    steps = {}
+    for views in (1, 4):
+        prepared = prepare_data(_config(stores, views, tmp_path / "unused"))
+        assert sorted(prepared.samples) == sorted((i, (c,)) for i in range(IMAGES) for c in QUADRANTS)
+        summary = train(config=_config(stores, views, tmp_path / f"k{views}"), quiet=True)
+        start = json.loads((tmp_path / f"k{views}" / "metrics.jsonl").read_text().splitlines()[0])
+        steps[views] = (start["steps_per_epoch"], summary["steps"])
+    pairs = IMAGES * len(QUADRANTS)
+    assert steps[1] == steps[4] == (-(-pairs // 3), 2 * -(-pairs // 3))
+
+
+def test_each_epoch_shows_one_view_per_image_without_replacement(stores):
+    prepared = prepare_data(_config(stores, 4, Path("unused")))
+    table = prepared.table
+    assert table.shape == (IMAGES, 4)
+    used: dict[int, list[int]] = {i: [] for i in range(IMAGES)}
+    for epoch in range(8):  # two cycles of K = 4 epochs
+        samples = prepared.epoch_samples(epoch)
+        assert len(samples) == len(prepared.samples)
+        by_image = {i: {v for v, _ in samples if prepared.split.view_image[v] == i} for i in range(IMAGES)}
+        assert all(len(views) == 1 for views in by_image.values())  # every class of an image: the same view
+        for image, views in by_image.items():
+            used[image].extend(views)
+    for image, views in used.items():
+        assert Counter(views[:4]) == Counter(table[image]) == Counter(views[4:])  # each view once per cycle
+    assert any(used[i][:4] != used[i][4:] for i in used)  # cycles draw new permutations
+    assert prepared.epoch_samples(5) == prepared.epoch_samples(5)  # a function of (seed, epoch)

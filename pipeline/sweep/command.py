@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.config import as_settings
+from pipeline.errors import UserError, run_entry
 from pipeline.sweep.cluster import open_cluster
 from pipeline.sweep.scheduler import run_all
 from pipeline.sweep.study import Run, expand_runs, load_study, run_state
@@ -96,19 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     whole.add_argument("--retries", type=int, default=2)
     whole.add_argument("--quiet", "-q", action="store_true")
     whole.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "run":
-            from pipeline.sweep.worker import main as run_main
+    return run_entry(lambda: _dispatch(parser.parse_args(argv)))
 
-            return run_main(["run", str(args.run_dir)] + (["--threads", str(args.threads)] if args.threads else []))
-        if args.command == "study":
-            return sweep_command(study=args.study, scheduler=args.scheduler, slurm=args.slurm, jobs=args.jobs,
-                                 gpus_per_job=args.gpus_per_job, workers=args.workers, dry_run=args.dry_run,
-                                 retries=args.retries, quiet=args.quiet, overrides=args.overrides)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        from pipeline.sweep.worker import main as run_main
+
+        return run_main(["run", str(args.run_dir)] + (["--threads", str(args.threads)] if args.threads else []))
+    return sweep_command(study=args.study, scheduler=args.scheduler, slurm=args.slurm, jobs=args.jobs,
+                         gpus_per_job=args.gpus_per_job, workers=args.workers, dry_run=args.dry_run,
+                         retries=args.retries, quiet=args.quiet, overrides=as_settings(args.overrides))
 
 
 if __name__ == "__main__":

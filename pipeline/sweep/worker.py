@@ -118,16 +118,14 @@ def run_lock(run_dir: Path):
 
 def training_finished(*, run_dir: Path, config) -> bool:
     """True once the last step is checkpointed, so a run killed during evaluation never trains again."""
-    import torch
-
-    from pipeline.train.checkpoints import latest_checkpoint
+    from pipeline.train.checkpoints import latest_checkpoint, load_train_state
 
     if (run_dir / "summary.json").is_file() and (run_dir / "model.safetensors").is_file():
         return True
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         return False
-    position = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=False)["position"]
+    position = load_train_state(checkpoint, map_location="cpu")["position"]
     optim = config.optim
     return bool(optim.max_steps and position["step"] >= optim.max_steps) or position["epoch"] >= optim.epochs
 

@@ -71,7 +71,7 @@ def _resolve_weights(spec: EncoderSpec, weights: str | Path | None, random_init:
             raise UserError(f"{spec.name}: weights file not found: {path}")
         digest = _sha256(path) if path.is_file() else None
         return WeightsInfo(pretrained=True, source=str(path), sha256=digest)
-    if spec.options.get("packaged"):
+    if spec.packaged:
         return WeightsInfo(pretrained=True, source=spec.weights_tag)
     if spec.weights_tag == "local-file":
         raise UserError(f"{spec.name}: no hub weights exist; pass --weights PATH ({spec.weights_hint}) "
@@ -209,7 +209,7 @@ def _build_timm(spec, info, input_size, want_vision, want_text, device):
     import timm
 
     from_hub = info.pretrained and info.source.startswith("hub:")
-    name = spec.options.get("hub_name", spec.arch) if from_hub else spec.arch
+    name = (spec.hub_name or spec.arch) if from_hub else spec.arch
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed_for(spec.name))
@@ -248,7 +248,7 @@ def _build_hf_text(spec, info, input_size, want_vision, want_text, device):
     hf_logging.disable_progress_bar()
     # The BERT uncased vocabulary ships with the MiniLM package, so tokenising works offline.
     vocab_dir = _minilm_dir()
-    if info.pretrained and spec.options.get("packaged"):
+    if info.pretrained and spec.packaged:
         source = str(vocab_dir)
     elif info.pretrained:
         source = info.source if not info.source.startswith("hub:") else spec.arch
@@ -256,9 +256,8 @@ def _build_hf_text(spec, info, input_size, want_vision, want_text, device):
         source = None
     try:
         if source is None:
-            opts = spec.options
-            config = BertConfig(hidden_size=opts["hidden"], num_hidden_layers=opts["layers"],
-                                num_attention_heads=opts["heads"], intermediate_size=4 * opts["hidden"])
+            config = BertConfig(hidden_size=spec.text_dim, num_hidden_layers=spec.text_layers,
+                                num_attention_heads=spec.text_heads, intermediate_size=4 * spec.text_dim)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_seed_for(spec.name))
                 model = BertModel(config, add_pooling_layer=False)

@@ -9,7 +9,7 @@ run's summary.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.config import load_file, to_dict
 from pipeline.eval.evaluate import evaluate_split
 from pipeline.train.config import TrainConfig, build_config
-from pipeline.train.hooks import Loop, append_record
+from pipeline.train.hooks import Hook, Loop, append_record
 from pipeline.train.loop import train
 
 
@@ -38,10 +38,11 @@ class Validation:
         append_record(loop.run / "metrics.jsonl", {"event": "val", "epoch": loop.epoch, "step": loop.step, **val})
 
 
-def train_and_validate(*, config: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
-    """:func:`pipeline.train.loop.train`, with validation on ``config.val_split`` when it is set."""
-    hooks = [Validation()] if config.val_split else []
-    return train(config=config, resume=resume, quiet=quiet, hooks=hooks)
+def train_and_validate(*, config: TrainConfig, resume: bool = False, quiet: bool = False,
+                       hooks: Sequence[Hook] = ()) -> dict:
+    """:func:`pipeline.train.loop.train`, with validation on ``config.val_split`` when it is set (before ``hooks``)."""
+    validation = [Validation()] if config.val_split else []
+    return train(config=config, resume=resume, quiet=quiet, hooks=[*validation, *hooks])
 
 
 @dataclass

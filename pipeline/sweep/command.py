@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import as_settings
 from pipeline.errors import UserError, run_entry
@@ -23,7 +25,7 @@ def describe_runs(runs: list[Run]) -> str:
 
 
 def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int, gpus_per_job: int,
-                  workers: int | None, dry_run: bool, retries: int, quiet: bool, overrides: list[str]) -> int:
+                  workers: int | None, dry_run: bool, retries: int, quiet: bool, overrides: Mapping[str, Any]) -> int:
     """Run a whole study (folds x encoder pairs x variants x swept keys x seeds) and write the paper's table.
 
     Finished runs are skipped, so a killed sweep resumes by running the same command again; an
@@ -54,7 +56,7 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
         raise UserError("--scheduler and --slurm exclude each other")
     if retries < 0 or jobs < 1 or gpus_per_job < 0 or (workers is not None and workers < 1):
         raise UserError("--retries and --gpus-per-job must be >= 0, --jobs and --workers >= 1")
-    spec = load_study(path=Path(study), overrides=list(overrides))
+    spec = load_study(path=Path(study), overrides=overrides)
     runs = expand_runs(spec)
     if dry_run:
         print(describe_runs(runs))

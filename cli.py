@@ -408,7 +408,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in args or "-v" in args
     try:
-        app(args=args, standalone_mode=False)
+        code = app(args=args, standalone_mode=False)  # a command's typer.Exit(code) comes back as its value
     except UserError as err:
         if verbose:
             raise
@@ -433,7 +433,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if isinstance(err, click.exceptions.Exit):
             return err.exit_code
         raise
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -298,6 +298,19 @@ def _derive(config: dict, derived: dict, *, where: str) -> None:
             _set(config, key, value // number, where=where)
 
 
+def _check_fold(data: dict, *, where: str) -> None:
+    """A fold the protocol lacks fails at planning (and ``--dry-run``), not on a worker."""
+    from pipeline.data.protocols import create_protocol
+
+    if data["protocol"] == "custom":
+        return
+    protocol = create_protocol(data["protocol"])
+    protocol = create_protocol(getattr(protocol, "train_protocol", None) or data["protocol"])
+    if not 0 <= data["fold"] < protocol.num_folds:
+        raise UserError(f"{where}: protocol '{data['protocol']}' has folds 0..{protocol.num_folds - 1}, "
+                        f"not {data['fold']}")
+
+
 def expand_runs(study: Study, *, check_caches: bool = True) -> list[Run]:
     """Every (pair, variant, values, fold, seed) of the grid as a resolved, hashed run."""
     from pipeline.train.config import TrainConfig
@@ -324,6 +337,7 @@ def expand_runs(study: Study, *, check_caches: bool = True) -> list[Run]:
             evals = to_dict(from_dict(EvalConfig, evals, prefix="eval."))
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
+        _check_fold(config["data"], where=where)
         if evals["splits_dir"]:
             evals["splits_dir"] = _resolve_path(evals["splits_dir"], where=f"{where}: eval.splits_dir")
         key = config_hash({"train": config, "eval": evals})

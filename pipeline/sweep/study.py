@@ -352,7 +352,7 @@ def expand_runs(study: Study, *, check_caches: bool = True) -> list[Run]:
 
 def check_caches_exist(runs: list[Run], *, study: Study) -> None:
     """Missing stores and splits fail here, in one line, not hours later on a worker."""
-    from pipeline.store.layout import open_store
+    from pipeline.store.layout import has_text, open_store
     from pipeline.store.splits import list_splits
 
     splits: dict[str, list[str]] = {}
@@ -364,7 +364,7 @@ def check_caches_exist(runs: list[Run], *, study: Study) -> None:
                     root = open_store(path)
                 except UserError as err:
                     raise UserError(f"{study.path}: pair '{run.pair}': {err}") from None
-                splits[path] = list_splits(root) + (["text"] if "text" in root else [])
+                splits[path] = list_splits(root) + (["text"] if has_text(root) else [])
             for split in filter(None, wanted):
                 if split not in splits[path]:
                     raise UserError(f"{study.path}: pair '{run.pair}': {path} has no split '{split}' "

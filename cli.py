@@ -428,6 +428,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Console-script entry point: one-line user errors and usage errors, exit code 2."""
     args = list(sys.argv[1:] if argv is None else argv)
     _STATE.update(verbose=False, quiet=False)
+    # A command's typer.Exit(code) comes back as app()'s value in non-standalone mode.
     return run_entry(lambda: app(args=args, prog_name="fusioner", standalone_mode=False),
                      verbose="--verbose" in args or "-v" in args)
 

@@ -71,13 +71,15 @@ def run_entry(command: Callable[[], int | None], *, verbose: bool = False) -> in
     - :class:`UserError`: ``error: <message>`` on one line of stderr, exit code 2;
     - a usage error (click of any vendoring, or argparse's ``SystemExit(2)``): the parser's
       usage block, exit code 2;
+    - an int returned by ``command``: that exit code (anything else returned: 0);
     - ``SystemExit`` / click's ``Exit`` (``--help``, ``--version``, ``typer.Exit(n)``): its code;
     - Ctrl-C / click's ``Abort``: ``interrupted``, exit code 130.
 
     ``verbose`` prints the traceback first. Anything else is a bug and propagates.
     """
     try:
-        return int(command() or 0)
+        result = command()
+        return result if isinstance(result, int) else 0
     except UserError as err:
         if verbose:
             traceback.print_exc()

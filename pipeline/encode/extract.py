@@ -27,6 +27,7 @@ from pipeline.encode.shards import run_shards
 from pipeline.errors import UserError
 from pipeline.runtime import resolve_device
 from pipeline.store.layout import (
+    has_text,
     open_or_create_store,
     read_text,
     store_identity,
@@ -134,7 +135,7 @@ def extract(*, config: ExtractConfig, quiet: bool = False, client=None) -> Extra
     root = open_or_create_store(config.out, identity=identity, overwrite=config.overwrite)
     text_count = 0
     if encoders.text is not None and names:
-        known = set(read_text(root)[0]) if "text" in root else set()
+        known = set(read_text(root)[0]) if has_text(root) else set()
         todo = [n for n in names if n not in known]
         if todo:
             emb = encoders.text.encode_names([prompt_name(n) for n in todo]).cpu().numpy()

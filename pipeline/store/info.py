@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.store.layout import open_store, read_text, store_attrs
+from pipeline.store.layout import has_text, open_store, read_text, store_attrs
 from pipeline.store.splits import done_shards, list_splits
 
 
@@ -20,7 +20,7 @@ def describe_store(path: str | Path) -> dict:
     root = open_store(path)
     attrs = store_attrs(root)
     info = {"path": str(path), **attrs, "bytes": _dir_size(path), "splits": {}}
-    if "text" in root:
+    if has_text(root):
         names, emb = read_text(root)
         info["text"] = {"classes": len(names), "dim": int(emb.shape[1]),
                         "encoder": root["text"].attrs.get("encoder"),

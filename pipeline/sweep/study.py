@@ -300,6 +300,19 @@ def _derive(config: dict, derived: dict, *, where: str) -> None:
             _set(config, key, value // number, where=where)
 
 
+def _check_fold(data: dict, *, where: str) -> None:
+    """A fold the protocol lacks fails at planning (and ``--dry-run``), not on a worker."""
+    from pipeline.data.protocols import create_protocol
+
+    if data["protocol"] == "custom":
+        return
+    protocol = create_protocol(data["protocol"])
+    protocol = create_protocol(getattr(protocol, "train_protocol", None) or data["protocol"])
+    if not 0 <= data["fold"] < protocol.num_folds:
+        raise UserError(f"{where}: protocol '{data['protocol']}' has folds 0..{protocol.num_folds - 1}, "
+                        f"not {data['fold']}")
+
+
 def expand_runs(study: Study, *, check_caches: bool = True) -> list[Run]:
     """Every (pair, variant, values, fold, seed) of the grid as a resolved, hashed run."""
     from pipeline.train.config import TrainConfig
@@ -326,6 +339,7 @@ def expand_runs(study: Study, *, check_caches: bool = True) -> list[Run]:
             evals = to_dict(from_dict(EvalConfig, evals, prefix="eval."))
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
+        _check_fold(config["data"], where=where)
         if evals["splits_dir"]:
             evals["splits_dir"] = _resolve_path(evals["splits_dir"], where=f"{where}: eval.splits_dir")
         key = config_hash({"train": config, "eval": evals})
@@ -340,7 +354,7 @@ def expand_runs(study: Study, *, check_caches: bool = True) -> list[Run]:
 
 def check_caches_exist(runs: list[Run], *, study: Study) -> None:
     """Missing stores and splits fail here, in one line, not hours later on a worker."""
-    from pipeline.store.layout import open_store
+    from pipeline.store.layout import has_text, open_store
     from pipeline.store.splits import list_splits
 
     splits: dict[str, list[str]] = {}
@@ -352,7 +366,7 @@ def check_caches_exist(runs: list[Run], *, study: Study) -> None:
                     root = open_store(path)
                 except UserError as err:
                     raise UserError(f"{study.path}: pair '{run.pair}': {err}") from None
-                splits[path] = list_splits(root) + (["text"] if "text" in root else [])
+                splits[path] = list_splits(root) + (["text"] if has_text(root) else [])
             for split in filter(None, wanted):
                 if split not in splits[path]:
                     raise UserError(f"{study.path}: pair '{run.pair}': {path} has no split '{split}' "

@@ -106,7 +106,7 @@ def _train_config(*, cache: Path, text_cache: Path, novel: list[str], epochs: in
     return build_config(preset="small", overrides={
         "data.cache": str(cache), "data.text_cache": str(text_cache), "data.split": "folder/train",
         "data.protocol": "custom", "data.novel": list(novel), "data.classes_per_sample": "all",
-        "optim.epochs": epochs, "optim.warmup_epochs": 1, "optim.batch_size": 8, "optim.lr": 3e-4,
+        "optim.epochs": epochs, "optim.warmup_epochs": min(1, epochs - 1), "optim.batch_size": 8, "optim.lr": 3e-4,
         "out": str(run_dir), "log_every": 2})
 
 

@@ -111,7 +111,19 @@ def build_config(*, base: dict | None = None, preset: str | None = None,
     if base:
         data = deep_merge(data, base)
         data["preset"] = chosen
-    return apply_overrides(TrainConfig, data, overrides)
+    config = apply_overrides(TrainConfig, data, overrides)
+    check_schedule(config.optim)
+    return config
+
+
+def check_schedule(optim: OptimConfig) -> None:
+    """Refuse a schedule that would end while the learning rate is still warming up."""
+    if optim.epochs < 1:
+        raise UserError(f"optim.epochs must be at least 1, not {optim.epochs}")
+    if not 0 <= optim.warmup_epochs < optim.epochs:
+        raise UserError(f"optim.warmup_epochs ({optim.warmup_epochs}) must be from 0 to below optim.epochs "
+                        f"({optim.epochs}): otherwise training ends before the learning rate leaves its warm-up; "
+                        f"lower optim.warmup_epochs")
 
 
 # --------------------------------------------------------------------------- #

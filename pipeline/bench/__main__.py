@@ -1,27 +1,35 @@
-"""``python -m pipeline.bench {extract,train,sweep} [options]``: the benchmarks behind docs/benchmarks.md.
+"""``python -m pipeline.bench {extract,train,sweep,caching} [options]``: the benchmarks behind docs/benchmarks.md.
 
 - ``extract``: encoder forward vs. whole extraction, then cache read speed;
 - ``train``: a cached training step vs. one running the encoder online, loader wait, cost per pair;
-- ``sweep``: the same runs through a 2-worker sweep and in one process.
+- ``sweep``: the same runs through a 2-worker sweep and in one process;
+- ``caching``: the cache-vs-online table of a finished ``cache-vs-online`` study.
 """
 
 import sys
 
-USAGE = "usage: python -m pipeline.bench {extract,train,sweep} [--help | options]"
+from pipeline.errors import UserError, run_entry
+
+USAGE = "usage: python -m pipeline.bench {extract,train,sweep,caching} [--help | options]"
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("extract", "train", "sweep"):
-        print(__doc__.strip() if argv[:1] in (["-h"], ["--help"]) else USAGE, file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
+    if not argv or argv[0] not in ("extract", "train", "sweep", "caching"):
+        raise UserError(USAGE if not argv else f"unknown benchmark {argv[0]!r} ({USAGE})")
     if argv[0] == "extract":
         from pipeline.bench.extract import main as run
         return run(argv)
     if argv[0] == "train":
         from pipeline.bench.train import main as run
+    elif argv[0] == "caching":
+        from pipeline.bench.caching import main as run
     else:
         from pipeline.bench.sweep import main as run
     return run(argv[1:])
 
 
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":
+    sys.exit(run_entry(lambda: main(sys.argv[1:])))

@@ -6,7 +6,7 @@ scored here on the same evaluation split with the fold's seen classes held out a
 (episodes derived from the masks); the cache's bytes are the files of the training split in
 the run's vision store (none for an online run).
 
-    python -m pipeline.bench.caching pipeline/studies/cache-vs-online.yaml
+    python -m pipeline.bench caching pipeline/studies/cache-vs-online.yaml
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.config import from_dict
 from pipeline.data.protocols import create_protocol
-from pipeline.errors import UserError
+from pipeline.errors import UserError, run_entry
 from pipeline.eval.evaluate import evaluate_split
 from pipeline.runtime import machine
 from pipeline.sweep.study import expand_runs, load_study, read_marker
 from pipeline.train.checkpoints import load_model
 from pipeline.train.config import TrainConfig
-from pipeline.config import from_dict
 
 
 def split_bytes(store: str | Path, split: str) -> int:
@@ -73,18 +73,13 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.caching", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench caching", description=__doc__.splitlines()[0])
     parser.add_argument("study", type=Path, help="the cache-vs-online study file, after its sweep finished")
     args = parser.parse_args(argv)
-    try:
-        rows = caching_rows(args.study)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(table(rows))
+    print(table(caching_rows(args.study)))
     print(f"\nmachine: {machine()}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_entry(main))

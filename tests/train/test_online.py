@@ -36,7 +36,7 @@ def _online(coco128: Path, store: Path, out: Path, *extra: str):
     return build_config(preset="tiny", overrides=[
         "data.online.enabled=true", f"data.online.data_root={coco128}", "data.online.backbone=clip-b",
         "data.online.random_init=true", f"data.online.input_size={SIZE}", "data.online.workers=0",
-        f"data.cache={store}", "data.protocol=coco20i", "data.fold=0", "optim.batch_size=4", "optim.epochs=1",
+        f"data.cache={store}", "data.protocol=coco20i", "data.fold=0", "optim.batch_size=4", "optim.epochs=2",
         "optim.warmup_epochs=1", "device=cpu", "log_every=1", f"out={out}", *extra])
 
 

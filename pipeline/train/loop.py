@@ -50,6 +50,7 @@ from pipeline.train.config import (
 from pipeline.train.hooks import Checkpointer, Hook, Loop, MetricsLog, ProgressBar, run_hooks
 from pipeline.train.losses import binary_segmentation_loss
 from pipeline.train.schedule import lr_at, param_groups, wd_at
+from pipeline.train.stream import StreamBatch, stream_batches
 
 
 def _training_split_name(cache: str, split: str | None) -> str | None:
@@ -81,7 +82,7 @@ def prepare_data(config: TrainConfig) -> Prepared:
     if mode == "auto":
         features = split.group["features"]
         size_gb = features.nbytes / 2**30 + split.group["masks"].nbytes / 2**30
-        mode = "memory" if size_gb <= data.memory_limit_gb else "shards"
+        mode = "memory" if size_gb <= data.memory_limit_gb else "stream"
     memory = load_into_memory(split) if mode == "memory" else None
     return Prepared(split=split, samples=samples, text=text, fold=fold, memory=memory, mode=mode)
 
@@ -124,7 +125,11 @@ def _start(config: TrainConfig, prepared: Prepared, *, resume: bool) -> Loop:
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = build_model(config.model).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    if device.type == "cuda" and model.decoder is not None:
+        model.decoder.to(memory_format=torch.channels_last)  # cuDNN's fast layout for the conv decoder
+    # The fused kernel updates every parameter in one launch; it exists for CUDA tensors only.
+    optimizer = torch.optim.AdamW(param_groups(model), lr=config.optim.lr, weight_decay=config.optim.weight_decay,
+                                  fused=device.type == "cuda")
     position = {"epoch": 0, "batch": 0, "step": 0}
     run = Path(config.out)
     if resume:
@@ -141,7 +146,8 @@ def _start(config: TrainConfig, prepared: Prepared, *, resume: bool) -> Loop:
     if config.optim.max_steps:
         total = min(total, config.optim.max_steps)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    return Loop(config=config, run=run, model=model, optimizer=optimizer, device=device, bf16=bf16,
+    forward = torch.compile(model) if config.compile else None
+    return Loop(config=config, run=run, model=model, forward=forward, optimizer=optimizer, device=device, bf16=bf16,
                 split=prepared.split, steps_per_epoch=steps_per_epoch, total_steps=total,
                 epoch=position["epoch"], batch=position["batch"], step=position["step"], resumed=resume,
                 samples=len(prepared.samples), read_mode=prepared.mode, fold_novel=list(prepared.fold.novel))
@@ -157,12 +163,15 @@ def train_step(loop: Loop, batch) -> float:
         if group.get("wd_schedule"):
             group["weight_decay"] = wd
     device = loop.device
-    feats = batch.features.to(device, non_blocking=True)
-    text = batch.text.to(device, non_blocking=True)
-    mask = batch.text_mask.to(device, non_blocking=True)
-    targets = batch.targets.to(device, non_blocking=True)
+    if isinstance(batch, StreamBatch):
+        feats, text, mask, targets = batch.to_device(device)
+    else:
+        feats = batch.features.to(device, non_blocking=True)
+        text = batch.text.to(device, non_blocking=True)
+        mask = batch.text_mask.to(device, non_blocking=True)
+        targets = batch.targets.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=loop.bf16):
-        logits = loop.model(feats, text, grid=loop.split.grid, text_mask=mask)
+        logits = (loop.forward or loop.model)(feats, text, grid=loop.split.grid, text_mask=mask)
     loss = binary_segmentation_loss(logits.float(), targets, text_mask=mask)
     loop.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -175,6 +184,12 @@ def train_step(loop: Loop, batch) -> float:
 
 def _epoch_batches(loop: Loop, prepared: Prepared):
     config = loop.config
+    if prepared.mode == "stream":
+        return stream_batches(
+            split=prepared.split, samples=prepared.samples, text=prepared.text, batch_size=config.optim.batch_size,
+            epoch=loop.epoch, seed=config.seed, novel=tuple(prepared.fold.novel),
+            novel_pixels=config.data.novel_pixels, device=loop.device, readers=config.data.readers,
+            skip_batches=loop.batch)
     return prefetch(training_batches(
         split=prepared.split, samples=prepared.samples, text=prepared.text, batch_size=config.optim.batch_size,
         epoch=loop.epoch, seed=config.seed, novel=tuple(prepared.fold.novel), novel_pixels=config.data.novel_pixels,

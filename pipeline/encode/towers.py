@@ -55,13 +55,17 @@ class VisionEncoder:
         return (batch - self._mean) / self._std
 
     @torch.inference_mode()
-    def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """[B, S, S, 3] uint8 images -> [B, h*w, D] float32 patch tokens."""
+    def encode(self, images: np.ndarray | torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[B, S, S, 3] uint8 images -> [B, h*w, D] patch tokens (``dtype``, on the encoder's device).
+
+        On CUDA the forward pass runs under bf16 autocast (fp32 range: no overflow
+        in deep towers); the store keeps float16 either way.
+        """
         pixels = self.normalize(images)
         use_amp = self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
             tokens = self.forward_tokens(pixels)  # [B, h*w, D]
-        return tokens.float()
+        return tokens.to(dtype)
 
 
 class TextEncoder:

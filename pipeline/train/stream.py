@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from pipeline.data.labels import IGNORE
+from pipeline.store.fastread import read_rows
 from pipeline.store.reader import CachedSplit
 
 # --------------------------------------------------------------------------- #
@@ -88,7 +89,7 @@ def block_size(split: CachedSplit, *, block_views: int = 0) -> int:
     return max(1, block_views)
 
 
-def epoch_order(*, samples: list, num_views: int, block: int, rng: np.random.Generator,
+def epoch_order(*, samples: list, block: int, rng: np.random.Generator,
                 buffer_blocks: int) -> list[int]:
     """Sample indices of one epoch: blocks in a random order, samples shuffled within each buffer of blocks."""
     by_block: dict[int, list[int]] = {}
@@ -106,14 +107,18 @@ def epoch_order(*, samples: list, num_views: int, block: int, rng: np.random.Gen
 class _BlockCache:
     """Blocks read ahead by a thread pool, in the order the batches first need them."""
 
-    def __init__(self, *, split: CachedSplit, block: int, schedule: list[int], readers: int, ahead: int):
-        self.split, self.block, self.schedule, self.ahead = split, block, schedule, ahead
+    def __init__(self, *, split: CachedSplit, block: int, schedule: list[int], readers: int, ahead: int,
+                 direct: bool):
+        self.split, self.block, self.schedule, self.ahead, self.direct = split, block, schedule, ahead, direct
         self.pool = ThreadPoolExecutor(max_workers=max(1, readers), thread_name_prefix="stream-read")
         self.pending: OrderedDict[int, Future] = OrderedDict()
         self.next = 0
 
     def _read(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         start, stop = b * self.block, min((b + 1) * self.block, self.split.num_views)
+        if self.direct:
+            group = self.split.group
+            return read_rows(group["features"], start, stop), read_rows(group["masks"], start, stop)
         return self.split.features(slice(start, stop)), self.split.masks(slice(start, stop))
 
     def top_up(self) -> None:
@@ -123,14 +128,10 @@ class _BlockCache:
             self.next += 1
 
     def get(self, b: int) -> tuple[np.ndarray, np.ndarray]:
-        while b not in self.pending:
-            self.top_up_one()
+        while b not in self.pending:  # needed sooner than read-ahead reached it
+            self.pending[self.schedule[self.next]] = self.pool.submit(self._read, self.schedule[self.next])
+            self.next += 1
         return self.pending[b].result()
-
-    def top_up_one(self) -> None:
-        b = self.schedule[self.next]
-        self.pending[b] = self.pool.submit(self._read, b)
-        self.next += 1
 
     def drop(self, b: int) -> None:
         self.pending.pop(b, None)
@@ -149,17 +150,18 @@ def _pinned(array: np.ndarray, pin: bool) -> torch.Tensor:
 def stream_batches(*, split: CachedSplit, samples: list[tuple[int, tuple[int, ...]]], text: np.ndarray,
                    batch_size: int, epoch: int, seed: int, novel: tuple[int, ...], novel_pixels: str = "background",
                    device: torch.device | str = "cpu", readers: int = 4, block_views: int = 0,
-                   buffer_blocks: int = 8, drop_last: bool = False, skip_batches: int = 0) -> Iterator[StreamBatch]:
+                   buffer_blocks: int = 8, drop_last: bool = False, skip_batches: int = 0,
+                   direct: bool = True) -> Iterator[StreamBatch]:
     """One epoch of :class:`StreamBatch`, in an order that depends only on (seed, epoch).
 
     ``text`` is [K, Dt] (row k-1 = class value k). ``skip_batches`` fast-forwards a resumed epoch
-    without reading the blocks that only the skipped batches need.
+    without reading the blocks that only the skipped batches need. ``direct`` reads shard files with
+    :func:`pipeline.store.fastread.read_rows` (zarr-python otherwise; the same values either way).
     """
     device = torch.device(device)
     rng = np.random.default_rng([seed, epoch, 1])
     block = block_size(split, block_views=block_views)
-    order = epoch_order(samples=samples, num_views=split.num_views, block=block, rng=rng,
-                        buffer_blocks=buffer_blocks)
+    order = epoch_order(samples=samples, block=block, rng=rng, buffer_blocks=buffer_blocks)
     width = max(len(c) for _, c in samples)
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
     batches = [order[b:b + batch_size] for b in range(0, stop, batch_size)][skip_batches:]
@@ -169,7 +171,7 @@ def stream_batches(*, split: CachedSplit, samples: list[tuple[int, tuple[int, ..
     pin = device.type == "cuda" and torch.cuda.is_available()
     table = torch.from_numpy(np.ascontiguousarray(text, np.float32)).to(device)
     cache = _BlockCache(split=split, block=block, schedule=schedule, readers=readers,
-                        ahead=max(2 * readers, buffer_blocks + readers))
+                        ahead=max(2 * readers, buffer_blocks + readers), direct=direct)
     try:
         for n, chunk in enumerate(batches):
             cache.top_up()

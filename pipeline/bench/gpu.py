@@ -42,9 +42,10 @@ from pipeline.runtime import load_average, machine, resolve_device
 
 FULL = {"images": 3000, "backbone": "clip-l", "input_size": None, "steps": 300, "batch_size": 32,
         "extract_batch": 256, "preset": "paper", "render_workers": min(12, max(1, (os.cpu_count() or 2) - 2)),
-        "val_images": 64, "forward_views": 1024}
+        "val_images": 64, "forward_views": 1024, "image_size": (375, 500)}
 TINY = {"images": 10, "backbone": "clip-b", "input_size": 32, "steps": 3, "batch_size": 4,
-        "extract_batch": 8, "preset": "tiny", "render_workers": 0, "val_images": 4, "forward_views": 16}
+        "extract_batch": 8, "preset": "tiny", "render_workers": 0, "val_images": 3, "forward_views": 16,
+        "image_size": (48, 64)}
 
 
 class GpuSampler:
@@ -140,7 +141,7 @@ def _train(*, work: Path, size: dict, device: torch.device, compile_model: bool,
         summary = train(config=config, quiet=True)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     seconds = max(summary["seconds"], 1e-9)
-    return {"steps": summary["steps"], "steps_per_s": summary["steps"] / seconds,
+    return {"steps": summary["steps"], "batch_size": size["batch_size"], "steps_per_s": summary["steps"] / seconds,
             "samples_per_s": summary["steps"] * size["batch_size"] / seconds,
             "data_wait_pct": 100 * summary["data_wait_fraction"], "peak_gpu_memory_gib": peak,
             "gpu_utilisation_pct": sampler.mean, "train_seconds": seconds}
@@ -154,7 +155,7 @@ def run_gpu_check(*, work: Path, size: dict, device: str = "auto", compile_model
 
     dev = resolve_device(device)
     total = size["images"] + size["val_images"]
-    root = make_shapes_dataset(out=work / "data", count=total, size=(375, 500))
+    root = make_shapes_dataset(out=work / "data", count=total, size=tuple(size["image_size"]))
     lists = split_lists(root=root, out=work, val_fraction=size["val_images"] / total)
     forward = forward_rate(backbone=size["backbone"], input_size=size["input_size"], views=size["forward_views"],
                            batch_size=size["extract_batch"], device=dev)

@@ -108,6 +108,10 @@ def extract(*, config: ExtractConfig, quiet: bool = False, client=None) -> Extra
         raise UserError("--views must be at least 1")
     if config.workers < 1:
         raise UserError("--workers must be at least 1")
+    if config.render_workers < 0 or config.writers < 1:
+        raise UserError("--render-workers must be at least 0 and --writers at least 1")
+    if config.layout not in ("image", "shuffled"):
+        raise UserError(f"--layout must be image or shuffled, not '{config.layout}'")
     dataset = None
     if want_vision:
         if not config.dataset or not config.data_root:

@@ -25,7 +25,8 @@ def describe_runs(runs: list[Run]) -> str:
 
 
 def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int, gpus_per_job: int,
-                  workers: int | None, dry_run: bool, retries: int, quiet: bool, overrides: Mapping[str, Any]) -> int:
+                  workers: int | None, dry_run: bool, retries: int, quiet: bool, overrides: Mapping[str, Any],
+                  estimate: bool = False, gpu: str = "h100", timings: Path | None = None) -> int:
     """Run a whole study (folds x encoder pairs x variants x swept keys x seeds) and write the paper's table.
 
     Finished runs are skipped, so a killed sweep resumes by running the same command again; an
@@ -39,6 +40,8 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
       fusioner sweep pipeline/studies/table4.yaml                        # LocalCluster: one worker per GPU
 
       fusioner sweep pipeline/studies/table1.yaml --dry-run              # list runs, their folders and done state
+
+      fusioner sweep pipeline/studies/table1.yaml --estimate --gpu h100  # GPU-hours before committing a cluster
 
       fusioner sweep pipeline/studies/tiny.yaml --workers 2 --set optim.max_steps=20
 
@@ -60,6 +63,11 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
     runs = expand_runs(spec)
     if dry_run:
         print(describe_runs(runs))
+        return 0
+    if estimate:
+        from pipeline.sweep.estimate import estimate_study, format_estimate
+
+        print(format_estimate(estimate_study(runs=runs, gpu=gpu, timings_file=timings), study_name=spec.name))
         return 0
     todo = [run for run in {r.key: r for r in runs}.values() if run_state(run.dir) != "done"]
     errors: dict[str, str] = {}
@@ -96,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     whole.add_argument("--gpus-per-job", type=int, default=1)
     whole.add_argument("--workers", type=int, default=None)
     whole.add_argument("--dry-run", action="store_true")
+    whole.add_argument("--estimate", action="store_true")
+    whole.add_argument("--gpu", default="h100")
+    whole.add_argument("--timings", type=Path, default=None)
     whole.add_argument("--retries", type=int, default=2)
     whole.add_argument("--quiet", "-q", action="store_true")
     whole.add_argument("--set", dest="overrides", action="append", default=[])
@@ -109,6 +120,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_main(["run", str(args.run_dir)] + (["--threads", str(args.threads)] if args.threads else []))
     return sweep_command(study=args.study, scheduler=args.scheduler, slurm=args.slurm, jobs=args.jobs,
                          gpus_per_job=args.gpus_per_job, workers=args.workers, dry_run=args.dry_run,
+                                 estimate=args.estimate, gpu=args.gpu, timings=args.timings,
                          retries=args.retries, quiet=args.quiet, overrides=as_settings(args.overrides))
 
 

@@ -53,7 +53,7 @@ from pipeline.train.schedule import lr_at, param_groups, wd_at
 from pipeline.train.stream import StreamBatch, stream_batches
 
 
-def _training_split_name(cache: str, split: str | None) -> str | None:
+def training_split_name(cache: str, split: str | None) -> str | None:
     if split:
         return split
     names = [s for s in list_splits(open_store(cache)) if s.split("/")[-1] in TRAIN_SPLITS]
@@ -74,7 +74,7 @@ class Prepared:
 
 def prepare_data(config: TrainConfig) -> Prepared:
     data = config.data
-    split = open_split(store=data.cache, split=_training_split_name(data.cache, data.split))
+    split = open_split(store=data.cache, split=training_split_name(data.cache, data.split))
     fold = resolve_fold(data=data, class_names=split.class_names)
     text = class_embeddings(text_store=data.text_store, names=split.class_names)
     samples = training_pairs(split=split, seen=fold.seen, classes_per_sample=data.classes_per_sample)

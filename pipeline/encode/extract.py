@@ -15,6 +15,7 @@ another writes shard ``i - 1``: decoding and writing overlap the forward pass.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,7 @@ class ExtractReport:
     text_classes: int
     bad: list[tuple[str, str]]
     pretrained: bool
+    shard_seconds: float = 0.0  # render + encode + write of the shards run (encoder build and text excluded)
 
     def describe(self) -> str:
         """What was written, for the command line."""
@@ -155,6 +157,7 @@ def extract(*, config: ExtractConfig, quiet: bool = False, client=None) -> Extra
     group = create_split(root, plan=plan, tokens=tokens, dim=spec.vision_dim, input_size=input_size)
     done = done_shards(group)
     todo = [int(s) for s in np.flatnonzero(~done)]
+    started = time.perf_counter()
     if config.workers > 1 and len(todo) > 1:
         from pipeline.encode.parallel import run_parallel
 
@@ -162,9 +165,10 @@ def extract(*, config: ExtractConfig, quiet: bool = False, client=None) -> Extra
         bad = run_parallel(config=config, shards=todo, group_path=plan.group_path, client=client, quiet=quiet)
     else:
         bad = run_shards(config=config, shards=todo, encoders=encoders, dataset=dataset, quiet=quiet) if todo else []
+    shard_seconds = time.perf_counter() - started
     skipped = plan.meta["plan_skipped"] + [list(b) for b in bad]
     if skipped:
         group.attrs["skipped"] = sorted({tuple(s) for s in skipped} | {tuple(s) for s in group.attrs.get("skipped", [])})
     return ExtractReport(out=config.out, split=plan.group_path, views=plan.num_views, shards_run=len(todo),
                          shards_skipped=int(done.sum()), text_classes=text_count, bad=[tuple(s) for s in skipped],
-                         pretrained=bool(identity["pretrained"]))
+                         pretrained=bool(identity["pretrained"]), shard_seconds=shard_seconds)

@@ -186,12 +186,12 @@ def train_step(loop: Loop, batch) -> float:
 
 def _epoch_batches(loop: Loop, prepared: Prepared):
     config = loop.config
-    if prepared.mode == "stream":
-        return stream_batches(
+    if prepared.mode == "stream":  # batches gathered and pinned in a thread; blocks read by the readers
+        return prefetch(stream_batches(
             split=prepared.split, samples=prepared.samples, text=prepared.text, batch_size=config.optim.batch_size,
             epoch=loop.epoch, seed=config.seed, novel=tuple(prepared.fold.novel),
             novel_pixels=config.data.novel_pixels, device=loop.device, readers=config.data.readers,
-            skip_batches=loop.batch)
+            skip_batches=loop.batch))
     return prefetch(training_batches(
         split=prepared.split, samples=prepared.samples, text=prepared.text, batch_size=config.optim.batch_size,
         epoch=loop.epoch, seed=config.seed, novel=tuple(prepared.fold.novel), novel_pixels=config.data.novel_pixels,

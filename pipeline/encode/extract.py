@@ -52,6 +52,27 @@ class ExtractReport:
     bad: list[tuple[str, str]]
     pretrained: bool
 
+    def describe(self) -> str:
+        """What was written, for the command line."""
+        lines = []
+        if self.split:
+            lines.append(f"{self.out} {self.split}: {self.views} views, {self.shards_run} shards written, "
+                         f"{self.shards_skipped} already done")
+        if self.text_classes:
+            lines.append(f"{self.out} text: {self.text_classes} class names embedded")
+        return "\n".join(lines)
+
+    @property
+    def notes(self) -> list[str]:
+        """Warnings for stderr: skipped images, random-init weights."""
+        lines = []
+        if self.bad:
+            lines.append(f"skipped {len(self.bad)} bad image(s):")
+            lines += [f"  {image_id}: {reason}" for image_id, reason in self.bad]
+        if not self.pretrained:
+            lines.append("note: random-init weights; features are for pipeline checks, not results")
+        return lines
+
 
 def _text_names(dataset, config: ExtractConfig) -> list[str]:
     names = list(dataset.class_names)

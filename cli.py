@@ -222,7 +222,7 @@ def make_mosaic(
 
 def _train_config(*, config_file, preset, cache, text_cache, split, protocol, fold, novel, out, overrides):
     from pipeline.config import load_file
-    from pipeline.train.config import build_config
+    from pipeline.training.config import build_config
 
     base = load_file(config_file) if config_file else {}
     sets = list(overrides)

@@ -63,8 +63,8 @@ def build_model(*, vision_dim: int, text_dim: int, preset: str = "paper", config
 def train_config(*, cache: str | Path, out: str | Path, protocol: str = "pascal5i", fold: int = 0,
                  text_cache: str | Path | None = None, split: str | None = None, preset: str = "paper",
                  config: dict | None = None):
-    """The :class:`pipeline.train.config.TrainConfig` that :func:`train` would use (nothing runs)."""
-    from pipeline.train.config import TrainConfig, build_config
+    """The :class:`pipeline.training.config.TrainConfig` that :func:`train` would use (nothing runs)."""
+    from pipeline.training.config import TrainConfig, build_config
 
     base = {"data": {"cache": str(cache), "protocol": protocol, "fold": fold, "split": split,
                      "text_cache": str(text_cache) if text_cache is not None else None}, "out": str(out)}
@@ -91,17 +91,18 @@ def train(*, cache: str | Path, out: str | Path, protocol: str = "pascal5i", fol
 
 
 def evaluate(*, run: str | Path, split: str | None = None, splits_dir: str | Path | None = None,
-             protocol: str | None = None, limit: int | None = None, device: str = "auto",
-             quiet: bool = True) -> dict:
+             protocol: str | None = None, limit: int | None = None, min_pixels: int | None = None,
+             device: str = "auto", quiet: bool = True) -> dict:
     """Score a trained run on the novel classes of its fold, by the paper's protocol.
 
     Returns ``miou``, ``fb_iou``, ``per_class`` IoU, episode counts and where the episodes came from
-    (``splits_dir``'s standard lists, else derived from the cached masks).
+    (``splits_dir``'s standard lists, else derived from the cached masks: a novel class covering at least
+    ``min_pixels`` pixels of an image, by default the OSLSM/PFENet small-object rule).
     """
     from pipeline.eval.evaluate import evaluate_split
     from pipeline.eval.report import eval_split_name
     from pipeline.runtime import resolve_device
-    from pipeline.train.checkpoints import load_model
+    from pipeline.training.checkpoints import load_model
 
     if limit is not None and limit < 1:
         raise UserError(f"limit must be at least 1, got {limit}")
@@ -110,7 +111,8 @@ def evaluate(*, run: str | Path, split: str | None = None, splits_dir: str | Pat
     result = evaluate_split(model=model, vision_cache=config.data.cache, text_cache=config.data.text_store,
                             split=eval_split_name(config.data.cache, split), protocol=protocol or config.data.protocol,
                             fold=config.data.fold, novel_names=config.data.novel,
-                            splits_dir=str(splits_dir) if splits_dir else None, device=dev, limit=limit, quiet=quiet)
+                            splits_dir=str(splits_dir) if splits_dir else None, device=dev, limit=limit, quiet=quiet,
+                            **({"min_pixels": min_pixels} if min_pixels is not None else {}))
     return {k: v for k, v in result.items() if k != "meter"}
 
 

@@ -47,8 +47,8 @@ def run_demo(*, out: str | Path = "demo-out", data_root: str | Path | None = Non
     from pipeline.encode.plan import ExtractConfig
     from pipeline.eval.evaluate import evaluate_split
     from pipeline.eval.predict import predict
-    from pipeline.train.checkpoints import load_model
-    from pipeline.train.config import build_config
+    from pipeline.training.checkpoints import load_model
+    from pipeline.training.config import build_config
     from pipeline.eval.validation import train_and_validate as train
 
     out = Path(out)

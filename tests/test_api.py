@@ -55,7 +55,7 @@ def test_train_evaluate_predict_round_trip(gen, tmp_path):
                              config={"optim": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0}})
     assert summary["steps"] > 0 and np.isfinite(summary["final_loss"])
     assert (run / "model.safetensors").is_file()
-    scores = pipeline.evaluate(run=run, split="folder/val", device="cpu")
+    scores = pipeline.evaluate(run=run, split="folder/val", min_pixels=1, device="cpu")
     assert 0.0 <= scores["miou"] <= 100.0 and scores["episodes"] > 0
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(photo)
@@ -78,6 +78,17 @@ def test_build_model_takes_a_nested_config():
     assert model.config.vision_dim == 64 and model.config.text_dim == 32
 
 
-def test_run_study_dry_run_plans(tmp_path):
-    plan = pipeline.run_study(study=ROOT / "pipeline" / "studies" / "tiny.yaml", dry_run=True)
-    assert plan["plan"].split(" runs:")[0].isdigit()
+def test_run_study_dry_run_plans_and_returns_data(gen, tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text(f"""name: api
+out: {tmp_path / "out"}
+pairs:
+  - {{label: generated, vision: {gen.vision}, text: {gen.text}}}
+eval: {{split: folder/val}}
+base: {{preset: tiny, data: {{protocol: pascal5i, split: folder/train}}, optim: {{max_steps: 2}}}}
+grid: {{folds: [0, 1], variants: {{full: {{}}, no-decoder: {{model.decoder.enabled: false}}}}}}
+table: {{rows: [variant], columns: fold}}
+""")
+    plan = pipeline.run_study(study=study, dry_run=True)
+    assert plan["plan"].startswith("4 runs: 4 pending")
+    assert plan["failed"] == [] and plan["table"] == ""

@@ -60,7 +60,7 @@ def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, ou
     ``out``, also writes one mask per class, the label map, an overlay and
     ``prediction.json`` there.
     """
-    from pipeline.train.checkpoints import load_model
+    from pipeline.training.checkpoints import load_model
 
     model, config = load_model(checkpoint, device=device)
     vision_store = config.data.cache

@@ -49,7 +49,7 @@ def evaluate_runs(*, runs: list[Path], split: str | None, cache: Path | None, te
     """Evaluate each run on its fold; write eval.json, per_class.csv and table.md; return the table."""
     from pipeline.eval.evaluate import evaluate_split
     from pipeline.runtime import resolve_device
-    from pipeline.train.checkpoints import load_model
+    from pipeline.training.checkpoints import load_model
 
     dev = resolve_device(device)
     results, rows, fb_rows = [], {}, {}

@@ -10,9 +10,9 @@ run's summary.
 from __future__ import annotations
 
 from pipeline.eval.evaluate import evaluate_split
-from pipeline.train.config import TrainConfig
-from pipeline.train.hooks import Loop, append_record
-from pipeline.train.loop import train
+from pipeline.training.config import TrainConfig
+from pipeline.training.hooks import Loop, append_record
+from pipeline.training.loop import train
 
 
 class Validation:
@@ -33,6 +33,6 @@ class Validation:
 
 
 def train_and_validate(*, config: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
-    """:func:`pipeline.train.loop.train`, with validation on ``config.val_split`` when it is set."""
+    """:func:`pipeline.training.loop.train`, with validation on ``config.val_split`` when it is set."""
     hooks = [Validation()] if config.val_split else []
     return train(config=config, resume=resume, quiet=quiet, hooks=hooks)

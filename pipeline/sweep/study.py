@@ -180,7 +180,7 @@ def _derived(raw, path: Path) -> dict[str, tuple[str, str, int]]:
 
 def load_study(*, path: Path, overrides: list[str] = ()) -> Study:
     """Read and check a study file; ``overrides`` are ``--set`` items (study.* or TrainConfig keys)."""
-    from pipeline.train.config import build_config
+    from pipeline.training.config import build_config
 
     path = Path(path)
     raw = load_file(path)
@@ -271,7 +271,7 @@ def _derive(config: dict, derived: dict, *, where: str) -> None:
 
 def expand_runs(study: Study, *, check_caches: bool = True) -> list[Run]:
     """Every (pair, variant, values, fold, seed) of the grid as a resolved, hashed run."""
-    from pipeline.train.config import TrainConfig
+    from pipeline.training.config import TrainConfig
 
     runs = []
     keys = list(study.values)

@@ -95,11 +95,11 @@ def run_demo(*, out: str | Path = "demo-out", data_root: str | Path | None = Non
     extract_report = _timed(stages, "extract", f"{backbone} views + eval views, MiniLM text", stage_one)
     names = [n for n in (root / "classes.txt").read_text().split("\n") if n.strip()]
     run_dir = out / "run"
-    config = build_config(preset="small", overrides=[
-        f"data.cache={cache}", f"data.text_cache={text_cache}", "data.split=folder/train", "data.protocol=custom",
-        "data.novel=[" + ",".join(json.dumps(n) for n in novel) + "]", "data.classes_per_sample=all",
-        f"optim.epochs={epochs}", "optim.warmup_epochs=1", "optim.batch_size=8", "optim.lr=3e-4",
-        f"out={run_dir}", "log_every=2"])
+    config = build_config(preset="small", overrides={
+        "data.cache": str(cache), "data.text_cache": str(text_cache), "data.split": "folder/train",
+        "data.protocol": "custom", "data.novel": list(novel), "data.classes_per_sample": "all",
+        "optim.epochs": epochs, "optim.warmup_epochs": 1, "optim.batch_size": 8, "optim.lr": 3e-4,
+        "out": str(run_dir), "log_every": 2})
     if run_dir.exists():
         import shutil
 

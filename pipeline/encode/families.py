@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from safetensors.torch import load_file
 
 from pipeline.encode.compat import ensure_torchvision
 from pipeline.encode.registry import EncoderSpec, get_spec
@@ -36,6 +37,7 @@ from pipeline.encode.towers import (
     frozen,
 )
 from pipeline.errors import UserError
+from pipeline.runtime import load_torch_file
 
 
 def _sha256(path: Path) -> str:
@@ -176,10 +178,13 @@ def _clip_text_forward(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _load_timm_checkpoint(model: nn.Module, path: Path, spec: EncoderSpec) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"{spec.name}: cannot read checkpoint {path}: {str(err).splitlines()[0][:120]}") from err
+    if path.suffix == ".safetensors":
+        try:
+            state = load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise UserError(f"{spec.name}: cannot read checkpoint {path}: {str(err).splitlines()[0][:120]}") from None
+    else:
+        state = load_torch_file(path, what=f"{spec.name} checkpoint")
     for key in ("state_dict", "model", "teacher"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

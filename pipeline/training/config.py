@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pipeline.config import config_hash, to_dict
 from pipeline.errors import UserError
@@ -92,8 +93,13 @@ def default_config_dict() -> dict:
     return to_dict(TrainConfig())
 
 
-def build_config(*, base: dict | None = None, preset: str | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Defaults <- preset <- YAML file values <- ``--set key=value`` overrides, strictly checked."""
+def build_config(*, base: dict | None = None, preset: str | None = None,
+                 overrides: Mapping[str, Any] | Iterable[str] = ()) -> TrainConfig:
+    """Defaults <- preset <- YAML file values <- dotted-key settings, strictly checked.
+
+    ``overrides`` maps dotted keys to typed values (``{"optim.epochs": 5, "data.novel": ["cat"]}``);
+    ``key=value`` strings are accepted too and parsed as YAML values.
+    """
     from pipeline.config import apply_overrides, deep_merge
 
     data = default_config_dict()
@@ -105,7 +111,7 @@ def build_config(*, base: dict | None = None, preset: str | None = None, overrid
     if base:
         data = deep_merge(data, base)
         data["preset"] = chosen
-    return apply_overrides(TrainConfig, data, list(overrides))
+    return apply_overrides(TrainConfig, data, overrides)
 
 
 # --------------------------------------------------------------------------- #

@@ -8,6 +8,7 @@ CLIP-B vision, packaged MiniLM text), so nothing depends on ../shared.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -70,21 +71,43 @@ def reference(caches, tmp_path_factory) -> Path:
     return study
 
 
+def _wait_for_run_processes_to_end(out: Path, deadline: float) -> None:
+    """Every run lock free: no process of the killed sweep still works on a run."""
+    for lock in out.glob("runs/*/.lock"):
+        with open(lock, "a") as handle:
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, f"a run of the killed sweep outlived it ({lock.parent})"
+                    time.sleep(0.02)
+
+
+@pytest.mark.reliability
 def test_killed_sweep_reruns_only_the_missing_runs_and_gives_the_same_table(caches, reference, tmp_path):
+    """Killed with one run frozen right after its step-4 checkpoint (a fault hook), two runs done.
+
+    The frozen run cannot notice anything itself: only the kernel's parent-death signal ends it,
+    so the run locks all come free only if the killed sweep's processes die with it.
+    """
     study = write_study(tmp_path / "killed.yaml", caches)
     out = study.with_suffix("")
+    claim = tmp_path / "frozen-run"
+    env = {**os.environ, "FUSIONER_FREEZE_AT": f"4:{claim}"}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", "study", str(study), "--workers", "2", "-q"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    # Kill once two runs are done and another is part-way (checkpointed, not done).
-    while len(list(out.glob("runs/*/done.json"))) < 2 or not _partial(out):
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("runs/*/done.json"))) < 2 or not (claim.exists() and claim.read_text().endswith("\n")):
         assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before the moment to kill it"
         time.sleep(0.02)
+    frozen = Path(claim.read_text().split()[1]).resolve()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    _wait_for_run_processes_to_end(out, time.monotonic() + 60)
     first = {p.parent: p.stat().st_mtime_ns for p in out.glob("runs/*/done.json")}
     partial = _partial(out)
-    assert 2 <= len(first) < 4 and partial and not (out / "table.csv").exists()
+    assert 2 <= len(first) < 4 and frozen in [p.resolve() for p in partial] and not (out / "table.csv").exists()
 
     assert sweep(study) == 0
     for run_dir, mtime in first.items():  # finished before the kill: not run again
@@ -244,3 +267,27 @@ def test_each_worker_gets_its_own_gpu():
     assert [pick_gpu(worker_name=n, visible=["4", "5"]) for n in (0, 1, 2, "job-1")] == ["4", "5", "4", "5"]
     assert pick_gpu(worker_name=0, visible=["7"]) is None  # already pinned by whoever started the worker
     assert pick_gpu(worker_name="no-index", visible=["0", "1"]) is None
+
+
+@pytest.mark.reliability
+def test_fusioner_sweep_exits_1_listing_the_failed_runs_and_quiet_means_quiet(caches, tmp_path):
+    """Every run failing is exit code 1 from the `fusioner` entry point too (it dropped the code), and -q
+    output is the failed runs, one line each, without dask's multi-line logs."""
+    from cli import main as cli_main
+
+    variants = {"bad-heads": {"model.fusion.heads": 3}, "crash": {"optim.batch_size": 0}}
+    study = write_study(tmp_path / "all-fail.yaml", caches, folds=[0], variants=variants)
+    done = subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "sweep", str(study),
+                           "--workers", "1", "--retries", "0", "-q"], cwd=ROOT, capture_output=True, text=True)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert len(lines) == 2 and all(line.startswith("failed: ") for line in lines), done.stderr[-3000:]
+    assert cli_main(["sweep", str(study), "--dry-run"]) == 0
+
+
+@pytest.mark.reliability
+def test_a_fold_the_protocol_lacks_is_refused_at_planning(caches, tmp_path):
+    study = write_study(tmp_path / "fold9.yaml", caches, folds=[0, 9])
+    with pytest.raises(UserError, match=r"protocol 'pascal5i' has folds 0..3, not 9") as err:
+        sweep(study, dry_run=True)
+    assert "\n" not in str(err.value)

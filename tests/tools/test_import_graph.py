@@ -24,11 +24,11 @@ def test_layers_order_the_data_flow():
 
 def test_a_cycle_through_function_level_imports_is_found(tmp_path):
     package = tmp_path / "pipeline"
-    (package / "train").mkdir(parents=True)
+    (package / "training").mkdir(parents=True)
     (package / "eval").mkdir()
-    for folder in (package, package / "train", package / "eval"):
+    for folder in (package, package / "training", package / "eval"):
         (folder / "__init__.py").write_text("")
-    (package / "train" / "loop.py").write_text("def validate():\n    from pipeline.eval.evaluate import score\n")
+    (package / "training" / "loop.py").write_text("def validate():\n    from pipeline.eval.evaluate import score\n")
     (package / "eval" / "evaluate.py").write_text("from pipeline.training.loop import validate\n\ndef score():\n    pass\n")
     (package / "eval" / "helpers.py").write_text("from pipeline.training.loop import _private\n")
     problems = check(package)

@@ -358,7 +358,8 @@ def predict(
 
 @app.command()
 def sweep(
-    study: Path = typer.Argument(..., metavar="STUDY", hidden=True),
+    study: Optional[str] = typer.Argument(None, metavar="STUDY", hidden=True, show_default=False),
+    list_studies: bool = typer.Option(False, "--list", help="List the studies shipped with the package and exit."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", metavar="ADDRESS",
                                             help="Join a running dask cluster, e.g. tcp://head:8786."),
     slurm: bool = typer.Option(False, "--slurm", help="Start dask workers as SLURM jobs (dask-jobqueue)."),
@@ -372,7 +373,8 @@ def sweep(
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Run a whole STUDY (a YAML file: folds x encoder pairs x variants x seeds) on dask and write the paper's table.
+    """Run a whole STUDY (a YAML file, or the name of a shipped one: folds x encoder pairs x variants x seeds) on dask
+    and write the paper's table.
 
     A killed sweep resumes when the same command is run again: finished runs are skipped.
     `--set` changes the base training config (optim.epochs=50) or, as study.SECTION.KEY=value,
@@ -381,13 +383,18 @@ def sweep(
     Examples:
 
     \b
-      fusioner sweep pipeline/studies/table1.yaml
+      fusioner sweep --list
+      fusioner sweep table1
       fusioner sweep pipeline/studies/table1.yaml --scheduler tcp://head:8786
       fusioner sweep pipeline/studies/table1.yaml --slurm --jobs 8 --gpus-per-job 1
       fusioner sweep pipeline/studies/table1.yaml --dry-run
     """
+    from pipeline.sweep.catalog import describe_studies
     from pipeline.sweep.command import sweep_command
 
+    if list_studies or study is None:
+        typer.echo(describe_studies())
+        raise typer.Exit(0 if list_studies else 2)
     code = sweep_command(study=study, scheduler=scheduler, slurm=slurm, jobs=jobs, gpus_per_job=gpus_per_job,
                          workers=workers, dry_run=dry_run, retries=retries, quiet=_quiet(quiet),
                          overrides=dict(overrides))

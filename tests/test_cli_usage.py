@@ -83,7 +83,7 @@ def test_root_help_offers_shell_completion(capsys):
 def test_class_names_travel_verbatim_as_values(capsys, names):
     """Names holding quotes, '=' or YAML syntax reach the config unchanged (no key=value strings on the way)."""
     assert main(["train", "--protocol", "custom", "--novel", names, "--cache", "some/where, odd'", "--print-config",
-                 "--set", "optim.epochs=3", "--set", 'data.text_cache="quoted" store']) == 0
+                 "--set", "optim.epochs=3", "--set", "optim.warmup_epochs=1", "--set", 'data.text_cache="quoted" store']) == 0
     config = json.loads(capsys.readouterr().out)
     assert config["data"]["novel"] == [n.strip() for n in names.split(",")]
     assert config["data"]["cache"] == "some/where, odd'"
@@ -170,7 +170,7 @@ def test_wrapper_user_error_argparse_and_plain_returns(capsys):
 
 @pytest.mark.parametrize(("module", "args", "needle"), [
     ("pipeline.sweep.command", [], "the following arguments are required"),
-    ("pipeline.sweep.command", ["study", "absent.yaml"], "error: config file not found: absent.yaml"),
+    ("pipeline.sweep.command", ["study", "absent.yaml"], "error: study file not found: absent.yaml (shipped studies: table1"),
     ("pipeline.sweep.command", ["study", "x.yaml", "--jobs", "two"], "invalid int value"),
     ("pipeline.sweep.worker", [], "error: usage: python -m pipeline.sweep.worker"),
     ("pipeline.sweep.worker", ["run", "dir", "--threads", "z"], "error: --threads expects a whole number"),
@@ -197,3 +197,14 @@ def test_python_m_entry_points_exit_2(module):
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert proc.returncode == 2, proc.stderr
     _no_traceback(proc.stderr)
+
+
+@pytest.mark.parametrize(("sets", "needle"), [
+    (["optim.epochs=5"], "optim.warmup_epochs (10) must be from 0 to below optim.epochs (5)"),
+    (["optim.epochs=4", "optim.warmup_epochs=4"], "optim.warmup_epochs (4) must be from 0 to below"),
+    (["optim.epochs=0", "optim.warmup_epochs=0"], "optim.epochs must be at least 1"),
+])
+def test_a_schedule_that_ends_in_warm_up_is_one_line(capsys, sets, needle):
+    assert main(["train", "--print-config", *[a for s in sets for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err

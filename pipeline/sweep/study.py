@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pipeline.config import as_settings, config_hash, flatten_keys, from_dict, get_key, load_file, set_key, to_dict
 from pipeline.errors import UserError
+from pipeline.sweep.catalog import find_study
 from pipeline.eval.config import EvalConfig
 
 SECTIONS = ("name", "title", "out", "runs", "pairs", "eval", "base", "grid", "derived", "table", "slurm")
@@ -178,12 +179,12 @@ def _derived(raw, path: Path) -> dict[str, tuple[str, str, int]]:
     return out
 
 
-def load_study(*, path: Path, overrides: Mapping[str, Any] | Iterable[str] = ()) -> Study:
-    """Read and check a study file; ``overrides`` are ``--set`` settings (study.* or TrainConfig keys),
+def load_study(*, path: str | Path, overrides: Mapping[str, Any] | Iterable[str] = ()) -> Study:
+    """Read and check a study file (a path, or the name of a shipped study); ``overrides`` are ``--set`` settings (study.* or TrainConfig keys),
     a mapping of dotted keys to typed values (``key=value`` strings are parsed)."""
     from pipeline.training.config import build_config
 
-    path = Path(path)
+    path = find_study(path)
     raw = load_file(path)
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:

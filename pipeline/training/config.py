@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -49,6 +50,14 @@ class OptimConfig:
     weight_decay_end: float = 0.4
     grad_clip: float = 0.0  # 0 = off
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for quick checks
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise UserError(f"optim.epochs must be at least 1, got {self.epochs}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"optim.lr must be a positive number, got {self.lr}")
+        if self.max_steps < 0 or self.warmup_epochs < 0:
+            raise UserError("optim.max_steps and optim.warmup_epochs must be >= 0")
 
 
 @dataclass
@@ -111,7 +120,19 @@ def build_config(*, base: dict | None = None, preset: str | None = None,
     if base:
         data = deep_merge(data, base)
         data["preset"] = chosen
-    return apply_overrides(TrainConfig, data, overrides)
+    config = apply_overrides(TrainConfig, data, overrides)
+    check_schedule(config.optim)
+    return config
+
+
+def check_schedule(optim: OptimConfig) -> None:
+    """Refuse a schedule that would end while the learning rate is still warming up."""
+    if optim.epochs < 1:
+        raise UserError(f"optim.epochs must be at least 1, not {optim.epochs}")
+    if not 0 <= optim.warmup_epochs < optim.epochs:
+        raise UserError(f"optim.warmup_epochs ({optim.warmup_epochs}) must be from 0 to below optim.epochs "
+                        f"({optim.epochs}): otherwise training ends before the learning rate leaves its warm-up; "
+                        f"lower optim.warmup_epochs")
 
 
 # --------------------------------------------------------------------------- #

@@ -187,8 +187,8 @@ def loader_rates(*, store: Path, batches: int, batch_size: int) -> dict:
     import torch
 
     from pipeline.store.reader import open_split
-    from pipeline.train.batches import training_batches, training_pairs
-    from pipeline.train.stream import stream_batches
+    from pipeline.training.batches import training_batches, training_pairs
+    from pipeline.training.stream import stream_batches
 
     split = open_split(store=store, split="bench/train")
     samples = training_pairs(split=split, seen=tuple(range(1, 21)), classes_per_sample="all")

@@ -125,8 +125,8 @@ def _extract(*, work: Path, root: Path, lists, size: dict, device: torch.device)
 
 
 def _train(*, work: Path, size: dict, device: torch.device, compile_model: bool, novel: list[str]) -> dict:
-    from pipeline.train.config import build_config
-    from pipeline.train.loop import train
+    from pipeline.training.config import build_config
+    from pipeline.training.loop import train
 
     config = build_config(preset=size["preset"], overrides=[
         f"data.cache={work / 'cache'}", "data.split=folder/train", "data.protocol=custom",
@@ -150,7 +150,7 @@ def run_gpu_check(*, work: Path, size: dict, device: str = "auto", compile_model
     """Every stage; returns the JSON-able record."""
     from pipeline.data.synthetic import NOVEL_SHAPES, make_shapes_dataset, split_lists
     from pipeline.eval.evaluate import evaluate_split
-    from pipeline.train.checkpoints import load_model
+    from pipeline.training.checkpoints import load_model
 
     dev = resolve_device(device)
     total = size["images"] + size["val_images"]

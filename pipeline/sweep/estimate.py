@@ -59,9 +59,9 @@ def step_cost(*, preset: str, batch_size: int, gpu: str, timings: dict | None) -
 def _samples(config: dict, memo: dict) -> int:
     """Training samples per epoch of a run: its fold's (view, classes) pairs in its store."""
     from pipeline.store.reader import open_split
-    from pipeline.train.batches import training_pairs
-    from pipeline.train.config import TrainConfig, resolve_fold
-    from pipeline.train.loop import training_split_name
+    from pipeline.training.batches import training_pairs
+    from pipeline.training.config import TrainConfig, resolve_fold
+    from pipeline.training.loop import training_split_name
     from pipeline.config import from_dict
 
     train = from_dict(TrainConfig, config)

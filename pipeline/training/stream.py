@@ -42,7 +42,7 @@ def class_targets(*, masks: torch.Tensor, classes: torch.Tensor, novel: tuple[in
                   novel_pixels: str) -> torch.Tensor:
     """masks [B, H, W] uint8, classes [B, W] (0 = empty slot) -> targets [B, W, H, W] uint8 (0, 1, IGNORE).
 
-    The same values as :func:`pipeline.train.batches.binary_targets`, computed where the tensors live.
+    The same values as :func:`pipeline.training.batches.binary_targets`, computed where the tensors live.
     """
     m = masks.unsqueeze(1)  # [B, 1, H, W]
     c = classes.to(torch.uint8)[:, :, None, None]  # [B, W, 1, 1]

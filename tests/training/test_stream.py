@@ -12,10 +12,10 @@ from synthetic_data import FOLD0, SHARD, train_overrides
 
 from pipeline.data.labels import VOC_CLASSES
 from pipeline.store.reader import open_split
-from pipeline.train.batches import binary_targets, training_batches, training_pairs
-from pipeline.train.config import build_config
-from pipeline.train.loop import train
-from pipeline.train.stream import class_targets, stream_batches
+from pipeline.training.batches import binary_targets, training_batches, training_pairs
+from pipeline.training.config import build_config
+from pipeline.training.loop import train
+from pipeline.training.stream import class_targets, stream_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

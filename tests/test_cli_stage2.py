@@ -95,3 +95,9 @@ def test_stage_two_user_errors_are_one_line_with_exit_code_2(trained: Path, cach
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, (args, err)
+
+
+def test_eval_accepts_a_bare_split_name(trained: Path, capsys) -> None:
+    assert main(["eval", str(trained), "--split", "val", "--min-pixels", "16", "--quiet", "--out",
+                 str(trained.parent / "eval-bare")]) == 0
+    assert "folder/val" in (trained.parent / "eval-bare" / "eval.json").read_text()

@@ -101,3 +101,15 @@ def test_eval_accepts_a_bare_split_name(trained: Path, capsys) -> None:
     assert main(["eval", str(trained), "--split", "val", "--min-pixels", "16", "--quiet", "--out",
                  str(trained.parent / "eval-bare")]) == 0
     assert "folder/val" in (trained.parent / "eval-bare" / "eval.json").read_text()
+
+
+def test_run_files_are_readable_by_the_group_like_everything_else(trained: Path) -> None:
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    weights = [trained / "model.safetensors", *trained.glob("checkpoints/step-*/model.safetensors")]
+    assert len(weights) >= 2
+    for path in weights:  # safetensors writes 0600 by itself
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path

@@ -138,7 +138,7 @@ def extract(*, config: ExtractConfig, quiet: bool = False, client=None) -> Extra
         known = set(read_text(root)[0]) if has_text(root) else set()
         todo = [n for n in names if n not in known]
         if todo:
-            emb = encoders.text.encode_names([prompt_name(n) for n in todo]).cpu().numpy()
+            emb = encoders.text.encode_names([prompt_name(n) for n in todo], quiet=quiet).cpu().numpy()
             write_text(root, names=todo, embeddings=emb,
                           meta={"encoder": spec.name, "templates": list(TEMPLATES),
                                 "prompt_names": {n: prompt_name(n) for n in names}})

@@ -35,7 +35,7 @@ from pipeline.errors import UserError
 from pipeline.model import build_model, count_parameters, make_model_config
 from pipeline.data.labels import TRAIN_SPLITS
 from pipeline.plots import plot_curves
-from pipeline.runtime import resolve_device
+from pipeline.runtime import default_file_mode, resolve_device
 from pipeline.store.layout import open_store
 from pipeline.store.splits import list_splits
 from pipeline.store.reader import CachedSplit, load_into_memory, open_split
@@ -210,6 +210,7 @@ def _save_final(loop: Loop) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in loop.model.state_dict().items()}
     tmp = loop.run / ".model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "fusioner"})
+    default_file_mode(tmp)
     os.replace(tmp, loop.run / "model.safetensors")
 
 

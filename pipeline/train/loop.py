@@ -48,6 +48,7 @@ from pipeline.train.config import (
     resume_identity,
 )
 from pipeline.train.hooks import Checkpointer, Hook, Loop, MetricsLog, ProgressBar, run_hooks
+from pipeline.train.inputs import write_run_inputs
 from pipeline.train.losses import binary_segmentation_loss
 from pipeline.train.schedule import lr_at, param_groups, wd_at
 
@@ -228,6 +229,8 @@ def train(*, config: TrainConfig, resume: bool = False, quiet: bool = False, hoo
     loop = _start(config, prepared, resume=resume)
     loop.run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(loop.run / "config.json", config)
+    write_run_inputs(run=loop.run, vision_store=config.data.cache, text_store=config.data.text_store,
+                     class_names=prepared.split.class_names, embeddings=prepared.text)
     everything = [MetricsLog(), Checkpointer(), ProgressBar(quiet=quiet), *hooks]
     run_hooks(everything, "before_train", loop)
     try:

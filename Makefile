@@ -28,7 +28,7 @@ test-all: setup
 # torch stays pinned by constraints.txt alone, so the lock holds for CPU and CUDA builds.
 lock: setup
 	$(BIN)/python -m pip install --quiet -c constraints.txt pip-tools
-	$(BIN)/pip-compile --quiet --no-strip-extras --no-emit-index-url --no-emit-find-links --unsafe-package torch \
+	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links --unsafe-package torch \
 		--extra coco --extra slurm --extra dashboard --extra minilm --extra test \
 		-c constraints.txt -o requirements.lock pyproject.toml
 

@@ -13,7 +13,7 @@ the same weights as an uninterrupted one.
 
 The loop itself only steps the optimiser; logging, checkpoints, the progress
 bar and (from the eval layer) validation are hooks called around steps and
-epochs (:mod:`pipeline.train.hooks`).
+epochs (:mod:`pipeline.training.hooks`).
 """
 
 from __future__ import annotations
@@ -39,18 +39,18 @@ from pipeline.runtime import default_file_mode, resolve_device
 from pipeline.store.layout import open_store
 from pipeline.store.splits import list_splits
 from pipeline.store.reader import CachedSplit, load_into_memory, open_split
-from pipeline.train.batches import prefetch, training_batches, training_pairs
-from pipeline.train.checkpoints import checkpoint_problem, latest_checkpoint, load_train_state, set_rng_state
-from pipeline.train.config import (
+from pipeline.training.batches import prefetch, training_batches, training_pairs
+from pipeline.training.checkpoints import checkpoint_problem, latest_checkpoint, load_train_state, set_rng_state
+from pipeline.training.config import (
     RESUME_FREE_KEYS,
     TrainConfig,
     resolve_fold,
     resume_identity,
 )
-from pipeline.train.hooks import Checkpointer, Hook, Loop, MetricsLog, ProgressBar, run_hooks
-from pipeline.train.inputs import write_run_inputs
-from pipeline.train.losses import binary_segmentation_loss
-from pipeline.train.schedule import lr_at, param_groups, wd_at
+from pipeline.training.hooks import Checkpointer, Hook, Loop, MetricsLog, ProgressBar, run_hooks
+from pipeline.training.inputs import write_run_inputs
+from pipeline.training.losses import binary_segmentation_loss
+from pipeline.training.schedule import lr_at, param_groups, wd_at
 
 
 def _training_split_name(cache: str, split: str | None) -> str | None:
@@ -227,6 +227,8 @@ def train(*, config: TrainConfig, resume: bool = False, quiet: bool = False, hoo
     _fit_model_config(config, prepared)
     _check_resume_identity(config, resume=resume)
     loop = _start(config, prepared, resume=resume)
+    if resume and loop.step >= loop.total_steps and (loop.run / "summary.json").is_file():
+        return json.loads((loop.run / "summary.json").read_text())  # finished already: nothing to redo
     loop.run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(loop.run / "config.json", config)
     write_run_inputs(run=loop.run, vision_store=config.data.cache, text_store=config.data.text_store,

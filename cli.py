@@ -101,6 +101,11 @@ def extract(
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the store and start over."),
     workers: int = typer.Option(1, "--workers", help="Worker processes (dask), each owning whole shards."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    class_words: str = typer.Option("auto", "--class-words",
+                                    help="raw split-file names (auto for voc/coco, as released) or natural words."),
+    normalize: str = typer.Option("auto", "--normalize",
+                                  help="auto (voc/coco: the released dataset statistics), encoder, pascal, coco."),
+    last_window: str = typer.Option("pad", "--last-window", help="pad (released) or slide the last partial window."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Stage one: run a frozen encoder once and cache its features in a Zarr store.
@@ -126,6 +131,7 @@ def extract(
         weights=str(weights) if weights else None, random_init=random_init, skip_bad=skip_bad,
         overwrite=overwrite, workers=workers, device=device,
         extra_names=[n.strip() for n in (names or "").split(",") if n.strip()],
+        class_words=class_words, normalize=normalize, last_window=last_window,
     )
     report = run_extract(config=config, quiet=quiet)
     if report.split:

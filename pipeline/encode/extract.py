@@ -22,11 +22,12 @@ import numpy as np
 from pipeline.encode.families import create_encoder
 from pipeline.encode.plan import ExtractConfig, plan_split
 from pipeline.encode.prompts import TEMPLATES
-from pipeline.encode.registry import get_spec
+from pipeline.encode.registry import activation, get_spec
 from pipeline.encode.shards import run_shards
 from pipeline.errors import UserError
 from pipeline.runtime import resolve_device
 from pipeline.store.layout import (
+    check_text_words,
     open_or_create_store,
     read_text,
     store_identity,
@@ -75,7 +76,7 @@ def builtin_names(config: ExtractConfig) -> list[str]:
 
 def extract(*, config: ExtractConfig, quiet: bool = False, client=None) -> ExtractReport:
     """Plan, then extract the missing shards of one dataset split (and its text)."""
-    from pipeline.data.labels import prompt_name
+    from pipeline.data.labels import resolve_class_words, text_words
     from pipeline.data.registry import create_dataset
 
     spec = get_spec(config.backbone)
@@ -109,17 +110,20 @@ def extract(*, config: ExtractConfig, quiet: bool = False, client=None) -> Extra
     grid = encoders.vision.grid if encoders.vision else None
     identity = store_identity(
         encoder=spec.name, weights=encoders.weights.to_dict(), input_size=input_size, grid=grid,
-        vision_dim=spec.vision_dim or None, text_dim=spec.text_dim or None, mean=spec.mean, std=spec.std)
+        vision_dim=spec.vision_dim or None, text_dim=spec.text_dim or None, mean=spec.mean, std=spec.std,
+        activation=activation(spec))
     root = open_or_create_store(config.out, identity=identity, overwrite=config.overwrite)
     text_count = 0
     if encoders.text is not None and names:
+        words = resolve_class_words(config.class_words, dataset=config.dataset)
+        check_text_words(root, class_words=words)
         known = set(read_text(root)[0]) if "text" in root else set()
         todo = [n for n in names if n not in known]
         if todo:
-            emb = encoders.text.encode_names([prompt_name(n) for n in todo]).cpu().numpy()
+            emb = encoders.text.encode_names([text_words(n, words) for n in todo]).cpu().numpy()
             write_text(root, names=todo, embeddings=emb,
-                          meta={"encoder": spec.name, "templates": list(TEMPLATES),
-                                "prompt_names": {n: prompt_name(n) for n in names}})
+                       meta={"encoder": spec.name, "templates": list(TEMPLATES), "class_words": words,
+                             "prompt_names": {n: text_words(n, words) for n in names}})
         text_count = len(names)
     if not want_vision:
         return ExtractReport(out=config.out, split=None, views=0, shards_run=0, shards_skipped=0,

@@ -15,6 +15,7 @@ from pipeline.data.views import (
     view_rng,
     window_boxes,
 )
+from pipeline.encode.registry import get_spec, resolve_normalization
 from pipeline.errors import UserError
 from pipeline.store.splits import SplitPlan
 
@@ -46,6 +47,9 @@ class ExtractConfig:
     device: str = "auto"
     extra_names: list[str] = field(default_factory=list)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    last_window: str = "pad"  # evaluation windows: pad the last partial one (released) or slide it back
+    class_words: str = "auto"  # raw split-file names (auto for voc/coco, as released) or natural words
+    normalize: str = "auto"  # auto (voc/coco: the released dataset statistics), encoder, pascal, coco
 
     @property
     def kind(self) -> str:
@@ -90,7 +94,8 @@ def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, 
                 rng = view_rng(seed=config.seed, image_index=index, view_index=k)
                 rows.append((index, sample_view(rng=rng, height=height, width=width, aug=config.augment)))
         elif kind == "windows":
-            for box in window_boxes(height=height, width=width, size=input_size, stride=stride):
+            for box in window_boxes(height=height, width=width, size=input_size, stride=stride,
+                                    last=config.last_window):
                 rows.append((index, ViewParams(box=box)))
         else:
             rows.append((index, ViewParams(box=(0, 0, width, height))))
@@ -106,7 +111,10 @@ def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, 
     described["lists"] = [str(Path(p).resolve()) for p in described["lists"]]
     meta = {"seed": config.seed, "views": config.views if kind == "views" else None,
             "stride": stride if kind == "windows" else None, "input_size": input_size,
+            "last_window": config.last_window if kind == "windows" else None,
             "augment": vars(config.augment) if kind == "views" else None,
+            "normalize": resolve_normalization(config.normalize, dataset=config.dataset,
+                                               spec=get_spec(config.backbone)),
             "dataset": described, "plan_skipped": skipped}
     return SplitPlan(
         dataset=dataset.name, split=dataset.split, kind=kind, image_ids=list(dataset.ids), image_hw=image_hw,

@@ -103,6 +103,9 @@ def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders |
         encoders = create_encoder(config.backbone, text=False, weights=config.weights,
                                   random_init=config.random_init, input_size=input_size,
                                   device=resolve_device(config.device))
+    normalization = group.attrs["meta"].get("normalize")  # recorded by the plan: what every shard applies
+    if normalization:
+        encoders.vision.use_normalization(mean=normalization["mean"], std=normalization["std"])
     num_classes = len(group.attrs["class_names"])
     total_views = sum(np.subtract(*shard_bounds(group, s)[::-1]) for s in shards)
     bad: list[tuple[str, str]] = []

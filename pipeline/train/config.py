@@ -46,6 +46,10 @@ class OptimConfig:
     min_lr: float = 2e-6
     weight_decay: float = 0.01
     weight_decay_end: float = 0.4
+    # Released: the decoder has its own Adam at a constant 1e-3; only the fusion module follows warm-up +
+    # cosine and the weight-decay ramp. "shared" puts the decoder on the fusion schedule instead.
+    decoder_schedule: Literal["constant", "shared"] = "constant"
+    decoder_lr: float = 1e-3
     grad_clip: float = 0.0  # 0 = off
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for quick checks
 

@@ -49,7 +49,7 @@ from pipeline.train.config import (
 )
 from pipeline.train.hooks import Checkpointer, Hook, Loop, MetricsLog, ProgressBar, run_hooks
 from pipeline.train.losses import binary_segmentation_loss
-from pipeline.train.schedule import lr_at, param_groups, wd_at
+from pipeline.train.schedule import lr_at, param_groups, set_group_rates, wd_at
 
 
 def _training_split_name(cache: str, split: str | None) -> str | None:
@@ -124,7 +124,9 @@ def _start(config: TrainConfig, prepared: Prepared, *, resume: bool) -> Loop:
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = build_model(config.model).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    groups = param_groups(model, optim=config.optim)
+    # A parameter-free variant (fusion.mode frozen) has nothing to optimise: it trains no step.
+    optimizer = torch.optim.AdamW(groups, lr=config.optim.lr, weight_decay=config.optim.weight_decay) if groups else None
     position = {"epoch": 0, "batch": 0, "step": 0}
     run = Path(config.out)
     if resume:
@@ -152,10 +154,7 @@ def train_step(loop: Loop, batch) -> float:
     optim = loop.config.optim
     lr = lr_at(step=loop.step, steps_per_epoch=loop.steps_per_epoch, optim=optim)
     wd = wd_at(step=loop.step, steps_per_epoch=loop.steps_per_epoch, optim=optim)
-    for group in loop.optimizer.param_groups:
-        group["lr"] = lr
-        if group.get("wd_schedule"):
-            group["weight_decay"] = wd
+    set_group_rates(loop.optimizer, lr=lr, wd=wd)
     device = loop.device
     feats = batch.features.to(device, non_blocking=True)
     text = batch.text.to(device, non_blocking=True)
@@ -228,7 +227,8 @@ def train(*, config: TrainConfig, resume: bool = False, quiet: bool = False, hoo
     everything = [MetricsLog(), Checkpointer(), ProgressBar(quiet=quiet), *hooks]
     run_hooks(everything, "before_train", loop)
     try:
-        _run_epochs(loop, prepared, everything)
+        if loop.optimizer is not None:
+            _run_epochs(loop, prepared, everything)
     finally:
         run_hooks(everything, "after_train", loop)
     _save_final(loop)

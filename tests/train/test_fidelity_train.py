@@ -1,0 +1,78 @@
+"""Issue 10: the released optimiser groups and the parameter-free Table 4 "neither" variant."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from synthetic_data import train_overrides
+
+from pipeline.errors import UserError
+from pipeline.model import build_model, count_parameters, make_model_config
+from pipeline.train.config import OptimConfig, build_config
+from pipeline.train.loop import train
+from pipeline.train.schedule import lr_at, param_groups, set_group_rates
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _groups(schedule: str):
+    model = build_model(make_model_config(vision_dim=16, text_dim=16, preset="tiny"))
+    optim = OptimConfig(decoder_schedule=schedule)
+    optimizer = torch.optim.AdamW(param_groups(model, optim=optim), lr=optim.lr)
+    return model, optim, optimizer
+
+
+def test_decoder_keeps_a_constant_lr_while_the_fusion_module_warms_up():
+    model, optim, optimizer = _groups("constant")
+    for step in (0, 5, 10_000):
+        lr = lr_at(step=step, steps_per_epoch=10, optim=optim)
+        set_group_rates(optimizer, lr=lr, wd=0.3)
+        fusion, norms, decoder = optimizer.param_groups
+        assert fusion["lr"] == norms["lr"] == lr and fusion["weight_decay"] == 0.3
+        assert decoder["lr"] == 1e-3 and decoder["weight_decay"] == 0.0  # a separate Adam at constant 1e-3
+    assert lr_at(step=0, steps_per_epoch=10, optim=optim) == pytest.approx(1e-5)  # warm-up: 1e-3 / 100
+    decoder_params = {id(p) for p in model.decoder.parameters()}
+    assert {id(p) for p in optimizer.param_groups[2]["params"]} == decoder_params
+
+
+def test_the_shared_schedule_is_a_named_option():
+    _, optim, optimizer = _groups("shared")
+    set_group_rates(optimizer, lr=1e-5, wd=0.3)
+    assert optimizer.param_groups[2]["lr"] == 1e-5
+
+
+def test_neither_variant_has_no_trainable_parameter_and_is_the_frozen_cosine():
+    config = make_model_config(vision_dim=16, text_dim=16, preset="tiny",
+                               overrides={"fusion": {"mode": "frozen"}, "decoder": {"enabled": False}})
+    model = build_model(config)
+    assert count_parameters(model) == {"fusion": 0, "decoder": 0, "total": 0}
+    visual, text = torch.randn(2, 4, 16), torch.randn(3, 16)
+    logits = model(visual, text, grid=(2, 2), out_size=8)
+    pixels = F.interpolate(F.normalize(visual, dim=-1).transpose(1, 2).reshape(2, 16, 2, 2), size=(8, 8),
+                           mode="bilinear", align_corners=False)
+    expected = torch.einsum("bdhw,cd->bchw", F.normalize(pixels, dim=1), F.normalize(text, dim=-1)) / 0.07
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
+def test_neither_variant_needs_equal_widths_and_no_decoder():
+    with pytest.raises(UserError, match="vision_dim \\(24\\) must equal text_dim \\(16\\)"):
+        make_model_config(vision_dim=24, text_dim=16, overrides={"fusion": {"mode": "frozen"},
+                                                                "decoder": {"enabled": False}})
+    with pytest.raises(UserError, match="decoder.enabled false"):
+        make_model_config(vision_dim=16, text_dim=16, overrides={"fusion": {"mode": "frozen"}})
+
+
+def test_training_the_neither_variant_takes_no_step_and_saves_a_usable_model(gen, tmp_path):
+    run = tmp_path / "neither"
+    overrides = train_overrides(gen, run, "model.fusion.mode=frozen", "model.decoder.enabled=false",
+                                f"data.text_cache={gen.vision}", "optim.epochs=1")
+    summary = train(config=build_config(preset="tiny", overrides=overrides), quiet=True)
+    assert summary["steps"] == 0 and summary["parameters"]["total"] == 0
+    from pipeline.train.checkpoints import load_model
+
+    model, config = load_model(run)
+    assert config.model.fusion.mode == "frozen"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 0

@@ -25,6 +25,8 @@ class DataConfig:
     # A bare 1 is accepted because YAML and ``--set`` read it as an integer.
     classes_per_sample: Literal["1", "all", 1] = "1"
     novel_pixels: Literal["background", "ignore"] = "background"
+    # A splits folder: train only on the protocol's standard (image, class) lists (pascal/trn, coco/trn).
+    train_lists: str | None = None
     read_mode: Literal["auto", "memory", "shards"] = "auto"
     memory_limit_gb: float = 8.0
 
@@ -119,17 +121,23 @@ def build_config(*, base: dict | None = None, preset: str | None = None, overrid
 
 def resolve_fold(*, data: DataConfig, class_names: list[str]):
     """The protocol fold for the store's class list, refusing a mismatched one."""
-    from pipeline.data.protocols import create_protocol
+    from pipeline.data.protocols import Fold, create_protocol, protocol_entry
 
-    if data.protocol == "custom":
+    entry = protocol_entry(data.protocol)
+    if entry.named_novel:
         if not data.novel:
-            raise UserError("protocol 'custom' needs data.novel (the held-out class names)")
-        protocol = create_protocol("custom", class_names=class_names, novel=list(data.novel))
+            raise UserError(f"protocol '{data.protocol}' needs data.novel (the held-out class names)")
+        protocol = create_protocol(data.protocol, class_names=class_names, novel=list(data.novel))
+    elif entry.train_on_own_classes:
+        # Training composites (Mosaic-4 from FSS-1000's training classes): every class of the
+        # training split is seen; the test composites' classes are another list altogether.
+        if data.fold != 0:
+            raise UserError(f"protocol '{data.protocol}' has one fold (0), not {data.fold}")
+        return Fold(data.protocol, 0, (), tuple(range(1, len(class_names) + 1)))
     else:
         protocol = create_protocol(data.protocol)
-        train_protocol = getattr(protocol, "train_protocol", None)
-        if train_protocol:
-            protocol = create_protocol(train_protocol)
+        if protocol.train_protocol:
+            protocol = create_protocol(protocol.train_protocol)
         if list(protocol.class_names) != list(class_names):
             raise UserError(f"protocol '{data.protocol}' classes do not match the store's "
                             f"({len(protocol.class_names)} vs {len(class_names)} classes); "

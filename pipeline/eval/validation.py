@@ -9,9 +9,11 @@ run's summary.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from pipeline.eval.evaluate import evaluate_split
 from pipeline.train.config import TrainConfig
-from pipeline.train.hooks import Loop, append_record
+from pipeline.train.hooks import Hook, Loop, append_record
 from pipeline.train.loop import train
 
 
@@ -32,7 +34,8 @@ class Validation:
         append_record(loop.run / "metrics.jsonl", {"event": "val", "epoch": loop.epoch, "step": loop.step, **val})
 
 
-def train_and_validate(*, config: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
-    """:func:`pipeline.train.loop.train`, with validation on ``config.val_split`` when it is set."""
-    hooks = [Validation()] if config.val_split else []
-    return train(config=config, resume=resume, quiet=quiet, hooks=hooks)
+def train_and_validate(*, config: TrainConfig, resume: bool = False, quiet: bool = False,
+                       hooks: Sequence[Hook] = ()) -> dict:
+    """:func:`pipeline.train.loop.train`, with validation on ``config.val_split`` when it is set (before ``hooks``)."""
+    validation = [Validation()] if config.val_split else []
+    return train(config=config, resume=resume, quiet=quiet, hooks=[*validation, *hooks])

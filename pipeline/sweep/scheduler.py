@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,10 +47,14 @@ class RunLaunchers(WorkerPlugin):
 
     def setup(self, worker) -> None:
         self.lock, self.idle = threading.Lock(), []
+        # Launchers die with the thread that started them (PR_SET_PDEATHSIG): start them all
+        # from one thread that lives as long as the worker, not from dask's task threads.
+        self.starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusioner-launcher-starter")
 
     def teardown(self, worker) -> None:
         for launcher in self.idle:
             launcher.close()
+        self.starter.shutdown(wait=False)
 
     @contextmanager
     def launcher(self):
@@ -57,7 +62,7 @@ class RunLaunchers(WorkerPlugin):
 
         with self.lock:
             launcher = self.idle.pop() if self.idle else None
-        launcher = launcher or Launcher()
+        launcher = launcher or self.starter.submit(Launcher).result()
         try:
             yield launcher
         except BaseException:

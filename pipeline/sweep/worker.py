@@ -6,8 +6,9 @@ Starting a fresh Python for each run costs seconds of imports (torch, the
 torch.compile machinery AdamW pulls in, matplotlib): the *launcher* pays them
 once per worker and forks one child per run. It never touches CUDA, so each
 child initialises CUDA itself, on the one GPU that its ``CUDA_VISIBLE_DEVICES``
-names. A child exits when its launcher dies (a worker killed at walltime must
-not leave an orphan training), holds its run directory's lock while it works,
+names. The kernel ends a child when its launcher dies, and a launcher when its
+worker dies (a worker killed at walltime, or a killed sweep, must not leave an
+orphan training). A child holds its run directory's lock while it works,
 resumes from the run's last checkpoint, and writes ``done.json`` last.
 
 ``python -m pipeline.sweep.worker run DIR`` runs one prepared run by hand in a
@@ -22,6 +23,7 @@ import importlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -39,16 +41,67 @@ PRELOAD = ("torch", "torch._dynamo", "matplotlib.pyplot", "zarr", "safetensors.t
            "pipeline.eval.evaluate", "pipeline.plots")
 
 
-def exit_with_parent() -> None:
-    """Leave when the process that started us is gone."""
-    parent = os.getppid()
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
+
+def _poll_parent(parent: int) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
         os._exit(137)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when ``parent`` (the pid of the process that started it) exits.
+
+    On Linux the kernel does it: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` kills us the moment the
+    parent exits, even while we are stopped or busy, so a killed sweep leaves no run writing
+    checkpoints behind it. The signal follows the parent *thread* that started us, so parents
+    start children from a thread that lives as long as they do. A parent that died before the
+    prctl (the fork window) is no longer our ``getppid()``: then we leave at once. Elsewhere a
+    thread polls for the parent every half second.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    if os.getppid() != parent:
+        os._exit(137)
+    if not armed:
+        _poll_parent(parent)
+
+
+class FreezeAfterStep:
+    """A fault hook for tests: ``FUSIONER_FREEZE_AT=STEP:CLAIM`` stops one run at a chosen point.
+
+    The first run process to create the file CLAIM (atomically) writes its pid and run folder
+    into it and stops itself (SIGSTOP) right after step STEP and its checkpoint, so a test can
+    kill the sweep with that run frozen there; the other runs go on.
+    """
+
+    def __init__(self, setting: str) -> None:
+        step, _, self.claim = setting.partition(":")
+        self.step = int(step)
+
+    def after_step(self, loop) -> None:
+        if loop.step != self.step:
+            return
+        try:
+            handle = os.open(self.claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return
+        os.write(handle, f"{os.getpid()} {loop.run}\n".encode())
+        os.close(handle)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def fault_hooks() -> list:
+    setting = os.environ.get("FUSIONER_FREEZE_AT")
+    return [FreezeAfterStep(setting)] if setting else []
 
 
 @contextmanager
@@ -65,16 +118,14 @@ def run_lock(run_dir: Path):
 
 def training_finished(*, run_dir: Path, config) -> bool:
     """True once the last step is checkpointed, so a run killed during evaluation never trains again."""
-    import torch
-
-    from pipeline.train.checkpoints import latest_checkpoint
+    from pipeline.train.checkpoints import latest_checkpoint, load_train_state
 
     if (run_dir / "summary.json").is_file() and (run_dir / "model.safetensors").is_file():
         return True
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         return False
-    position = torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=False)["position"]
+    position = load_train_state(checkpoint, map_location="cpu")["position"]
     optim = config.optim
     return bool(optim.max_steps and position["step"] >= optim.max_steps) or position["epoch"] >= optim.epochs
 
@@ -124,7 +175,7 @@ def execute_run(*, run_dir: Path, threads: int | None = None, quiet: bool = True
         tick = time.perf_counter()
         resumed = latest_checkpoint(run_dir) is not None  # an earlier process got this far
         if not training_finished(run_dir=run_dir, config=config):
-            train(config=config, resume=resumed, quiet=quiet)
+            train(config=config, resume=resumed, quiet=quiet, hooks=fault_hooks())
         trained = time.perf_counter()
         result = _evaluate(run_dir=run_dir, config=config, evals=spec["eval"], device=resolve_device(config.device))
         record = {"key": spec["key"], **spec["labels"], "miou": result["miou"], "fb_iou": result["fb_iou"],
@@ -141,7 +192,6 @@ def _run_and_exit(*, run_dir: str, threads: int | None) -> None:
     """The body of a run's process: exit code 0 done, 2 user error (retrying cannot help), 1 anything else."""
     code = 1
     try:
-        exit_with_parent()
         execute_run(run_dir=Path(run_dir), threads=threads)
         code = 0
     except UserError as err:
@@ -160,11 +210,17 @@ def _run_and_exit(*, run_dir: str, threads: int | None) -> None:
 # --------------------------------------------------------------------------- #
 
 
-def launcher_main() -> None:
-    """Preload, say ready, then for each request line on stdin fork a run and answer with its exit code."""
+def launcher_main(parent: int) -> None:
+    """Preload, say ready, then for each request line on stdin fork a run and answer with its exit code.
+
+    A killed worker (``parent``) takes its launcher with it, and the launcher its run: each run
+    is forked from this main thread, which lives as long as the launcher, and arms its
+    parent-death signal before anything else.
+    """
     import matplotlib
 
-    exit_with_parent()  # a killed worker takes its launcher, and so the run, with it
+    die_with_parent(parent)
+    me = os.getpid()
     matplotlib.use("Agg")
     for name in PRELOAD:
         importlib.import_module(name)
@@ -173,6 +229,7 @@ def launcher_main() -> None:
         request = json.loads(line)
         pid = os.fork()
         if pid == 0:
+            die_with_parent(me)
             log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             os.dup2(log, 1)
             os.dup2(log, 2)
@@ -205,7 +262,8 @@ class Launcher:
     """The worker's handle on one launcher process; runs go through it one at a time."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep.worker", "launcher"], env=launcher_env(),
+        command = [sys.executable, "-m", "pipeline.sweep.worker", "launcher", str(os.getpid())]
+        self.proc = subprocess.Popen(command, env=launcher_env(),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         if "ready" not in json.loads(self.proc.stdout.readline() or "{}"):
             self.close()
@@ -221,7 +279,7 @@ class Launcher:
         return int(json.loads(answer)["code"])
 
     def close(self) -> None:
-        """Stop the launcher; a run it is still waiting for then exits too (it watches its parent)."""
+        """Stop the launcher; a run it is still waiting for is then killed by the kernel (see die_with_parent)."""
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait()
@@ -252,12 +310,12 @@ def pick_gpu(*, worker_name, visible: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["launcher"]:
-        launcher_main()
+    if args[:1] == ["launcher"] and len(args) <= 2:
+        launcher_main(int(args[1]) if len(args) == 2 else os.getppid())
         return 0
     if len(args) in (2, 4) and args[0] == "run" and (len(args) == 2 or args[2] == "--threads"):
         _run_and_exit(run_dir=args[1], threads=int(args[3]) if len(args) == 4 else None)
-    print("usage: python -m pipeline.sweep.worker run RUN_DIR [--threads N] | launcher", file=sys.stderr)
+    print("usage: python -m pipeline.sweep.worker run RUN_DIR [--threads N] | launcher [PARENT_PID]", file=sys.stderr)
     return 2
 
 

@@ -11,14 +11,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import from_dict, write_json_atomic
 from pipeline.errors import UserError
 from pipeline.model import build_model
+from pipeline.runtime import load_torch_file
 
 
 def save_checkpoint(*, run: Path, model, optimizer, position: dict, config, keep: int = 2) -> Path:
@@ -64,20 +67,53 @@ def _complete(path: Path) -> bool:
     return path.is_dir() and all((path / name).is_file() for name in CHECKPOINT_FILES)
 
 
-def latest_checkpoint(run: Path) -> Path | None:
-    """The checkpoint named by ``latest``, or else the newest complete ``step-*`` folder.
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder cannot be used (one line), or None when every file parses.
 
-    The fallback covers a run killed between replacing a folder and moving the
-    pointer; hidden ``.step-*.tmp`` leftovers of a killed save are never used.
+    The weights must cover their file, the config and the training state must load (the
+    latter with ``weights_only=True``: a state that needs more is refused, never run).
+    """
+    if not _complete(path):
+        return f"{path} lacks " + ", ".join(n for n in CHECKPOINT_FILES if not (path / n).is_file())
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as weights:
+            weights.keys()
+        json.loads((path / "config.json").read_text())
+    except Exception as err:  # noqa: BLE001 - whatever is wrong, this checkpoint cannot be used
+        return f"{path}: {(str(err).splitlines() or [type(err).__name__])[0][:120]}"
+    try:
+        load_train_state(path, map_location="cpu")
+    except UserError as err:
+        return str(err)
+    return None
+
+
+def load_train_state(checkpoint: Path, *, map_location) -> dict:
+    """The optimiser state, position and RNG state of a checkpoint: tensors and plain values only."""
+    return load_torch_file(Path(checkpoint) / "train_state.pt", map_location=map_location, what="training state")
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The checkpoint named by ``latest``, or else the newest readable ``step-*`` folder.
+
+    Every file of the chosen checkpoint is read before it is used: one truncated by a full disk
+    or a copy cut short is passed over (with a note on stderr) for the newest complete one.
+    The fallback also covers a run killed between replacing a folder and moving the pointer;
+    hidden ``.step-*.tmp`` leftovers of a killed save are never used.
     """
     folder = Path(run) / "checkpoints"
     pointer = folder / "latest"
-    if pointer.is_file():
-        path = folder / pointer.read_text().strip()
-        if _complete(path):
-            return path
-    candidates = sorted(p for p in folder.glob("step-*") if _complete(p)) if folder.is_dir() else []
-    return candidates[-1] if candidates else None
+    named = folder / pointer.read_text().strip() if pointer.is_file() else None
+    if named is not None and checkpoint_problem(named) is None:
+        return named
+    candidates = sorted(p for p in folder.glob("step-*") if p != named and p.is_dir()) if folder.is_dir() else []
+    for candidate in reversed(candidates):
+        if checkpoint_problem(candidate) is None:
+            if named is not None:
+                print(f"note: checkpoint {named} is incomplete or unreadable; using {candidate.name}",
+                      file=sys.stderr)
+            return candidate
+    return None
 
 
 def rng_state() -> dict:

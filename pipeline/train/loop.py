@@ -40,7 +40,7 @@ from pipeline.store.layout import open_store
 from pipeline.store.splits import list_splits
 from pipeline.store.reader import CachedSplit, load_into_memory, open_split
 from pipeline.train.batches import prefetch, training_batches, training_pairs
-from pipeline.train.checkpoints import latest_checkpoint, set_rng_state
+from pipeline.train.checkpoints import checkpoint_problem, latest_checkpoint, load_train_state, set_rng_state
 from pipeline.train.config import (
     RESUME_FREE_KEYS,
     TrainConfig,
@@ -136,9 +136,11 @@ def _start(config: TrainConfig, prepared: Prepared, *, resume: bool) -> Loop:
     if resume:
         checkpoint = latest_checkpoint(run)
         if checkpoint is None:
-            raise UserError(f"--resume: no checkpoint in {run}")
+            saved = sorted((run / "checkpoints").glob("step-*"))
+            reason = f" (newest: {checkpoint_problem(saved[-1])})" if saved else ""
+            raise UserError(f"--resume: no checkpoint in {run} that can be read{reason}")
         model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
-        state = torch.load(checkpoint / "train_state.pt", map_location=device, weights_only=False)
+        state = load_train_state(checkpoint, map_location=device)
         optimizer.load_state_dict(state["optimizer"])
         position = state["position"]
         set_rng_state(state.get("rng"))

@@ -8,6 +8,7 @@ CLIP-B vision, packaged MiniLM text), so nothing depends on ../shared.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -70,21 +71,43 @@ def reference(caches, tmp_path_factory) -> Path:
     return study
 
 
+def _wait_for_run_processes_to_end(out: Path, deadline: float) -> None:
+    """Every run lock free: no process of the killed sweep still works on a run."""
+    for lock in out.glob("runs/*/.lock"):
+        with open(lock, "a") as handle:
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, f"a run of the killed sweep outlived it ({lock.parent})"
+                    time.sleep(0.02)
+
+
+@pytest.mark.reliability
 def test_killed_sweep_reruns_only_the_missing_runs_and_gives_the_same_table(caches, reference, tmp_path):
+    """Killed with one run frozen right after its step-4 checkpoint (a fault hook), two runs done.
+
+    The frozen run cannot notice anything itself: only the kernel's parent-death signal ends it,
+    so the run locks all come free only if the killed sweep's processes die with it.
+    """
     study = write_study(tmp_path / "killed.yaml", caches)
     out = study.with_suffix("")
+    claim = tmp_path / "frozen-run"
+    env = {**os.environ, "FUSIONER_FREEZE_AT": f"4:{claim}"}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", "study", str(study), "--workers", "2", "-q"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    # Kill once two runs are done and another is part-way (checkpointed, not done).
-    while len(list(out.glob("runs/*/done.json"))) < 2 or not _partial(out):
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("runs/*/done.json"))) < 2 or not (claim.exists() and claim.read_text().endswith("\n")):
         assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before the moment to kill it"
         time.sleep(0.02)
+    frozen = Path(claim.read_text().split()[1]).resolve()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    _wait_for_run_processes_to_end(out, time.monotonic() + 60)
     first = {p.parent: p.stat().st_mtime_ns for p in out.glob("runs/*/done.json")}
     partial = _partial(out)
-    assert 2 <= len(first) < 4 and partial and not (out / "table.csv").exists()
+    assert 2 <= len(first) < 4 and frozen in [p.resolve() for p in partial] and not (out / "table.csv").exists()
 
     assert sweep(study) == 0
     for run_dir, mtime in first.items():  # finished before the kill: not run again

@@ -1,0 +1,91 @@
+"""Faults around a training run: crafted and truncated checkpoint files (issue 14 items 1, 10, 11)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.errors import UserError
+from pipeline.runtime import load_torch_file
+from pipeline.train.checkpoints import latest_checkpoint, load_model
+from pipeline.train.config import build_config
+from pipeline.train.loop import train
+from synthetic_data import LEARN_EPOCHS, train_overrides
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.reliability]
+
+
+class RunsAShellCommand:
+    """What a crafted pickle does: unpickling it calls os.system."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture()
+def run(learned, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(learned, copy)
+    return copy
+
+
+def _resume(gen, run: Path) -> dict:
+    return train(config=build_config(preset="tiny", overrides=train_overrides(gen, run, f"optim.epochs={LEARN_EPOCHS}")),
+                 resume=True, quiet=True)
+
+
+def test_a_crafted_train_state_is_refused_and_never_run(gen, run, tmp_path):
+    marker = tmp_path / "ran"
+    for checkpoint in (run / "checkpoints").glob("step-*"):
+        state = torch.load(checkpoint / "train_state.pt", weights_only=True)
+        state["position"]["payload"] = RunsAShellCommand(marker)
+        torch.save(state, checkpoint / "train_state.pt")
+    with pytest.raises(UserError) as err:
+        load_torch_file(latest_checkpoint(run) or next((run / "checkpoints").glob("step-*")) / "train_state.pt")
+    assert "refusing to load" in str(err.value) and "posix.system" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UserError, match="no checkpoint .* refusing to load .*posix.system"):
+        _resume(gen, run)  # no checkpoint loads, so none is resumed from
+    assert not marker.exists()
+
+
+def test_a_crafted_encoder_checkpoint_is_refused_and_never_run(tmp_path):
+    from pipeline.encode.families import create_encoder
+
+    marker, path = tmp_path / "ran", tmp_path / "dino.pth"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "args": RunsAShellCommand(marker)}, path)
+    with pytest.raises(UserError) as err:
+        create_encoder("dino-b", weights=path)
+    assert str(path) in str(err.value) and "refusing to load" in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(gen, run, capsys):
+    folder = run / "checkpoints"
+    older, newest = sorted(folder.glob("step-*"))[-2:]
+    state = newest / "train_state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a copy cut short
+    assert latest_checkpoint(run) == older
+    assert "incomplete or unreadable; using " + older.name in capsys.readouterr().err
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    (run / "model.safetensors").unlink()  # eval/predict of an unfinished run read the latest checkpoint
+    model, _ = load_model(run)
+    assert model is not None
+    summary = _resume(gen, run)  # trains the lost epoch again from the older checkpoint
+    assert summary["steps"] == int(newest.name.split("-")[1]) and summary["final_loss"] == summary["final_loss"]
+
+
+def test_an_empty_train_state_is_a_one_line_error_when_nothing_else_is_left(gen, run):
+    for checkpoint in (run / "checkpoints").glob("step-*"):
+        (checkpoint / "train_state.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="no checkpoint .*empty or truncated"):
+        _resume(gen, run)
+    with pytest.raises(UserError, match="empty or truncated"):
+        load_torch_file(next((run / "checkpoints").glob("step-*")) / "train_state.pt", what="training state")

@@ -106,6 +106,9 @@ def extract(
     normalize: str = typer.Option("auto", "--normalize",
                                   help="auto (voc/coco: the released dataset statistics), encoder, pascal, coco."),
     last_window: str = typer.Option("pad", "--last-window", help="pad (released) or slide the last partial window."),
+    episodes: Optional[Path] = typer.Option(None, "--episodes",
+                                            help="Splits folder: only the images its standard episodes score."),
+    fold: List[int] = typer.Option([], "--fold", help="With --episodes: these folds (default all)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Stage one: run a frozen encoder once and cache its features in a Zarr store.
@@ -119,6 +122,8 @@ def extract(
       fusioner extract --backbone clip-l --dataset voc --data-root ~/data/VOCdevkit/VOC2012 --split val
 
       fusioner extract --backbone bert-b --text-only --dataset voc --out cache/bert-b
+
+      fusioner extract --backbone clip-l --dataset coco --data-root ~/data/coco --split val --episodes ../shared/splits
     """
     from pipeline.encode.extract import extract as run_extract
     from pipeline.encode.plan import ExtractConfig
@@ -132,6 +137,7 @@ def extract(
         overwrite=overwrite, workers=workers, device=device,
         extra_names=[n.strip() for n in (names or "").split(",") if n.strip()],
         class_words=class_words, normalize=normalize, last_window=last_window,
+        episodes=str(episodes) if episodes else None, episode_folds=list(fold),
     )
     report = run_extract(config=config, quiet=quiet)
     if report.split:

@@ -15,12 +15,13 @@ another writes shard ``i - 1``: decoding and writing overlap the forward pass.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.encode.families import create_encoder
-from pipeline.encode.plan import ExtractConfig, plan_split
+from pipeline.encode.plan import ExtractConfig, open_extraction_dataset, plan_split
 from pipeline.encode.prompts import TEMPLATES
 from pipeline.encode.registry import activation, get_spec
 from pipeline.encode.shards import run_shards
@@ -91,8 +92,7 @@ def extract(*, config: ExtractConfig, quiet: bool = False, client=None) -> Extra
     if want_vision:
         if not config.dataset or not config.data_root:
             raise UserError("extracting image features needs --dataset and --data-root")
-        dataset = create_dataset(config.dataset, root=config.data_root, split=config.split,
-                                 skip_bad=config.skip_bad, **config.dataset_options)
+        dataset = open_extraction_dataset(config)
     elif config.dataset and config.data_root:
         dataset = create_dataset(config.dataset, root=config.data_root, split=config.split,
                                  skip_bad=config.skip_bad, **config.dataset_options)
@@ -130,6 +130,10 @@ def extract(*, config: ExtractConfig, quiet: bool = False, client=None) -> Extra
                              text_classes=text_count, bad=[], pretrained=encoders.weights.pretrained)
     tokens = grid[0] * grid[1]
     plan = plan_split(dataset=dataset, config=config, input_size=input_size, tokens=tokens, dim=spec.vision_dim)
+    if not quiet:  # what is about to be written, before the first pixel is decoded
+        size = plan.num_views * tokens * spec.vision_dim * 2
+        print(f"{plan.group_path}: {len(plan.image_ids)} images, {plan.num_views} views, about "
+              f"{size / 2**30:.2f} GiB of fp16 features", file=sys.stderr)
     group = create_split(root, plan=plan, tokens=tokens, dim=spec.vision_dim, input_size=input_size)
     done = done_shards(group)
     todo = [int(s) for s in np.flatnonzero(~done)]

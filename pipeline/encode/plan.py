@@ -49,6 +49,8 @@ class ExtractConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     last_window: str = "pad"  # evaluation windows: pad the last partial one (released) or slide it back
     class_words: str = "auto"  # raw split-file names (auto for voc/coco, as released) or natural words
+    episodes: str | None = None  # a splits folder: extract only the images the standard episodes score
+    episode_folds: list[int] = field(default_factory=list)  # with episodes: these folds (default: all)
     normalize: str = "auto"  # auto (voc/coco: the released dataset statistics), encoder, pascal, coco
 
     @property
@@ -56,6 +58,36 @@ class ExtractConfig:
         if self.split in TRAIN_SPLITS:
             return "views"
         return "resize" if self.eval_resize else "windows"
+
+
+# Readers whose evaluation images come from a protocol's standard episode lists.
+_EPISODE_PROTOCOLS = {"coco": "coco20i", "coco2014": "coco20i", "voc": "pascal5i", "pascal": "pascal5i"}
+
+
+def open_extraction_dataset(config: ExtractConfig):
+    """The reader an extraction runs over; with ``episodes``, only the images the standard episodes score
+    (COCO-20i: the first 1000 episodes of each fold use 730-894 of the 40,504 val images)."""
+    from pipeline.data.protocols import load_episodes, protocol_entry
+    from pipeline.data.registry import create_dataset
+
+    dataset = create_dataset(config.dataset, root=config.data_root, split=config.split,
+                             skip_bad=config.skip_bad, **config.dataset_options)
+    if not config.episodes:
+        return dataset
+    protocol = _EPISODE_PROTOCOLS.get(config.dataset or "")
+    if protocol is None:
+        raise UserError(f"--episodes knows the episode lists of {', '.join(sorted(_EPISODE_PROTOCOLS))}, "
+                        f"not of reader {config.dataset!r}")
+    folds = config.episode_folds or list(range(protocol_entry(protocol).folds))
+    wanted = {e.image_id for fold in folds
+              for e in load_episodes(protocol=protocol, fold=fold, splits_dir=Path(config.episodes))}
+    missing = sorted(wanted - set(dataset.ids))
+    if missing:
+        raise UserError(f"{len(missing)} image(s) of the {protocol} episodes in {config.episodes} are not in "
+                        f"{dataset.root} {dataset.split} (first: {missing[0]})")
+    dataset.ids = [i for i in dataset.ids if i in wanted]
+    dataset.lists.append(f"{Path(config.episodes).resolve()} {protocol} folds {folds}")
+    return dataset
 
 
 # --------------------------------------------------------------------------- #

@@ -13,7 +13,7 @@ import numpy as np
 from pipeline.data.labels import IGNORE
 from pipeline.data.views import ViewParams, render_view
 from pipeline.encode.families import create_encoder
-from pipeline.encode.plan import ExtractConfig
+from pipeline.encode.plan import ExtractConfig, open_extraction_dataset
 from pipeline.encode.towers import Encoders
 from pipeline.runtime import progress, resolve_device
 from pipeline.store.layout import open_store, store_attrs
@@ -91,12 +91,10 @@ def classes_in(masks: np.ndarray, num_classes: int) -> np.ndarray:
 def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders | None = None,
                dataset=None, quiet: bool = False, progress_desc: str = "extract") -> list[tuple[str, str]]:
     """Extract the given shards of a planned split; returns the (image id, reason) of bad images."""
-    from pipeline.data.registry import create_dataset
 
     root = open_store(config.out, mode="r+")
     attrs = store_attrs(root)
-    dataset = dataset or create_dataset(config.dataset, root=config.data_root, split=config.split,
-                                        skip_bad=config.skip_bad, **config.dataset_options)
+    dataset = dataset or open_extraction_dataset(config)
     group = root[f"{dataset.name}/{dataset.split}"]
     input_size = int(attrs["input_size"])
     if encoders is None:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.sweep.caches import describe_caches, needed
 from pipeline.sweep.cluster import open_cluster
 from pipeline.sweep.scheduler import run_all
 from pipeline.sweep.study import Run, expand_runs, load_study, run_state
@@ -17,7 +18,8 @@ def describe_runs(runs: list[Run]) -> str:
     states = [run_state(run.dir) for run in runs]
     lines = [f"{len(runs)} runs: " + ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "failed", "pending")
                                               if s in states)]
-    lines += [f"{state:8s} {run.describe()}  {run.dir}" for run, state in zip(runs, states)]
+    lines += [f"{state:8s} {run.describe()}  {run.dir}  needs: "
+              + ", ".join(f"{store} {split}" for store, split in needed(run)) for run, state in zip(runs, states)]
     return "\n".join(lines)
 
 
@@ -54,9 +56,10 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
     if retries < 0 or jobs < 1 or gpus_per_job < 0 or (workers is not None and workers < 1):
         raise UserError("--retries and --gpus-per-job must be >= 0, --jobs and --workers >= 1")
     spec = load_study(path=Path(study), overrides=list(overrides))
-    runs = expand_runs(spec)
+    runs = expand_runs(spec, check_caches=not dry_run)  # a dry run plans without any cache present
     if dry_run:
         print(describe_runs(runs))
+        print(describe_caches(runs), file=sys.stderr)  # stdout stays one line per run, for scripts
         return 0
     todo = [run for run in {r.key: r for r in runs}.values() if run_state(run.dir) != "done"]
     errors: dict[str, str] = {}

@@ -3,6 +3,7 @@ and records each choice in the store, refusing to mix."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,35 @@ def test_extraction_records_quick_gelu_for_openai_clip(tmp_path):
     data = write_folder_dataset(tmp_path / "data", sizes=((40, 40),))
     extract(config=tiny_extract_config(data, tmp_path / "s", vision_only=True, views=1), quiet=True)
     assert open_store(tmp_path / "s").attrs["fusioner"]["activation"] == "quick_gelu"
+
+
+def _coco_episode_lists(root: Path, images_by_key: dict[str, list[str]]) -> Path:
+    folder = root / "coco" / "val"
+    folder.mkdir(parents=True)
+    (folder / "fold0.json").write_text(json.dumps(images_by_key))
+    return root
+
+
+def test_episodes_restrict_a_coco_extraction_to_the_scored_images(tmp_path):
+    from synthetic_data import make_coco
+
+    from pipeline.encode.plan import open_extraction_dataset
+
+    coco = make_coco(tmp_path / "coco")
+    lists = _coco_episode_lists(tmp_path / "splits", {"0": ["val2014/COCO_val2014_000000000007.jpg"]})
+    config = ExtractConfig(backbone="clip-b", out=str(tmp_path / "s"), dataset="coco", data_root=str(coco),
+                           split="val", episodes=str(lists), episode_folds=[0])
+    dataset = open_extraction_dataset(config)
+    assert dataset.ids == ["COCO_val2014_000000000007"]
+    assert any("coco20i folds [0]" in entry for entry in dataset.describe()["lists"])
+    missing = _coco_episode_lists(tmp_path / "other", {"4": ["val2014/COCO_val2014_000000999999.jpg"]})
+    with pytest.raises(UserError, match="1 image\\(s\\) of the coco20i episodes .* \\(first: COCO_val2014_000000999999"):
+        open_extraction_dataset(ExtractConfig(**{**vars(config), "episodes": str(missing)}))
+
+
+def test_episodes_need_a_reader_with_standard_lists(tmp_path):
+    from pipeline.encode.plan import open_extraction_dataset
+
+    data = write_folder_dataset(tmp_path / "data", sizes=((40, 40),))
+    with pytest.raises(UserError, match="--episodes knows the episode lists of"):
+        open_extraction_dataset(tiny_extract_config(data, tmp_path / "s", episodes=str(tmp_path)))

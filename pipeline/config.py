@@ -14,6 +14,7 @@ import re
 import types
 import typing
 from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import yaml
@@ -142,11 +143,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def apply_overrides(cls: type[T], base: dict, overrides: list[str]) -> T:
-    """Apply dotted ``key=value`` overrides to ``base`` and build ``cls`` strictly."""
+def as_settings(overrides: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
+    """Dotted-key settings as a mapping: a mapping is taken as it is (values already typed),
+    ``key=value`` strings (a study file's or a script's) are parsed with :func:`parse_override`."""
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    return dict(parse_override(text) for text in overrides)
+
+
+def apply_overrides(cls: type[T], base: dict, overrides: Mapping[str, Any] | Iterable[str]) -> T:
+    """Set dotted keys of ``base`` (``{"optim.epochs": 5}``) and build ``cls`` strictly."""
     data = json.loads(json.dumps(base))
-    for text in overrides:
-        key, value = parse_override(text)
+    for key, value in as_settings(overrides).items():
         parts = key.split(".")
         node = data
         for part in parts[:-1]:

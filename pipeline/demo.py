@@ -20,8 +20,34 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.data.synthetic import NOVEL_SHAPES, make_shapes_dataset, split_lists
+from pipeline.data.synthetic import NOVEL_SHAPES, SHAPES, make_shapes_dataset, split_lists
 from pipeline.errors import UserError
+
+
+def check_novel(*, data_root: str | Path | None, novel: list[str] | None) -> list[str]:
+    """The held-out names, checked against the data's class list before anything is extracted."""
+    if data_root is None:
+        known = list(SHAPES)
+        novel = list(novel or NOVEL_SHAPES)
+        where = "the generated shapes"
+    else:
+        root = Path(data_root)
+        if not (root / "classes.txt").is_file():
+            raise UserError(f"--data-root {root}: expected the mask-folder layout (images/, masks/, classes.txt)")
+        known = [n.strip() for n in (root / "classes.txt").read_text().splitlines() if n.strip()]
+        novel = list(novel or [])
+        if not novel:
+            raise UserError("--data-root needs --novel (held-out class names)")
+        where = str(root / "classes.txt")
+    unknown = [n for n in novel if n not in known]
+    if unknown:
+        raise UserError(f"--novel: {', '.join(repr(n) for n in unknown)} not among the classes of {where} "
+                        f"({', '.join(known[:12])}{', ...' if len(known) > 12 else ''})")
+    if len(set(novel)) != len(novel):
+        raise UserError("--novel has a repeated name")
+    if len(novel) >= len(known):
+        raise UserError(f"--novel holds out all {len(known)} classes; keep at least one to train on")
+    return novel
 
 
 @dataclass
@@ -38,72 +64,85 @@ def _timed(stages: list[Stage], name: str, detail: str, fn):
     return result
 
 
-def run_demo(*, out: str | Path = "demo-out", data_root: str | Path | None = None, novel: list[str] | None = None,
-             backbone: str = "clip-b", views: int = 2, epochs: int = 8, quiet: bool = False) -> Path:
-    """Run every stage and write ``out/report.md``; returns the report path."""
-    import imgviz
+@dataclass
+class StageOne:
+    report: object  # the vision training split's ExtractReport
+    vision_seconds: float  # both vision splits, as measured now
+    reused: bool  # both vision splits were already complete: nothing was extracted
 
+
+def _stage_one(*, root: Path, cache: Path, text_cache: Path, lists: tuple[Path, Path], backbone: str, views: int,
+               quiet: bool) -> StageOne:
+    """Extract the vision cache (random-init when no weights are reachable) and the MiniLM text cache."""
     from pipeline.encode.extract import extract
     from pipeline.encode.plan import ExtractConfig
+
+    train_list, val_list = lists
+    base = dict(backbone=backbone, out=str(cache), dataset="folder", data_root=str(root), vision_only=True)
+    train_views = dict(split="train", views=views, dataset_options={"list_file": str(train_list)})
+    start = time.perf_counter()
+    try:
+        report = extract(config=ExtractConfig(**base, **train_views), quiet=quiet)
+    except UserError as err:
+        if "pretrained weights" not in str(err):
+            raise
+        print(f"demo: pretrained {backbone} weights are not reachable here; using a random-init vision tower",
+              flush=True)
+        base["random_init"] = True
+        start = time.perf_counter()
+        report = extract(config=ExtractConfig(**base, **train_views), quiet=quiet)
+    val = extract(config=ExtractConfig(**base, split="val", eval_resize=True,
+                                       dataset_options={"list_file": str(val_list)}), quiet=quiet)
+    seconds = time.perf_counter() - start
+    extract(config=ExtractConfig(backbone="minilm", out=str(text_cache), dataset="folder", data_root=str(root),
+                                 text_only=True, split="train", dataset_options={"list_file": str(train_list)}),
+            quiet=quiet)
+    return StageOne(report=report, vision_seconds=seconds, reused=report.shards_run == 0 and val.shards_run == 0)
+
+
+def _train_config(*, cache: Path, text_cache: Path, novel: list[str], epochs: int, run_dir: Path):
+    from pipeline.train.config import build_config
+
+    return build_config(preset="small", overrides={
+        "data.cache": str(cache), "data.text_cache": str(text_cache), "data.split": "folder/train",
+        "data.protocol": "custom", "data.novel": list(novel), "data.classes_per_sample": "all",
+        "optim.epochs": epochs, "optim.warmup_epochs": min(1, epochs - 1), "optim.batch_size": 8, "optim.lr": 3e-4,
+        "out": str(run_dir), "log_every": 2})
+
+
+def run_demo(*, out: str | Path = "demo-out", data_root: str | Path | None = None, novel: list[str] | None = None,
+             backbone: str = "clip-b", views: int = 2, epochs: int = 8, quiet: bool = False) -> Path:
+    """Run every stage and write ``out/report.md``; returns the report path.
+
+    Every input is checked before any long work starts; a second run reuses the caches and says so.
+    """
+    import shutil
+
+    import imgviz
+
     from pipeline.eval.evaluate import evaluate_split
     from pipeline.eval.predict import predict
-    from pipeline.train.checkpoints import load_model
-    from pipeline.train.config import build_config
     from pipeline.eval.validation import train_and_validate as train
+    from pipeline.train.checkpoints import load_model
 
     out = Path(out)
+    novel = check_novel(data_root=data_root, novel=novel)
+    if epochs < 1:
+        raise UserError(f"--epochs must be at least 1, not {epochs}")
     out.mkdir(parents=True, exist_ok=True)
     stages: list[Stage] = []
-    if data_root is None:
-        root = _timed(stages, "data", "generated 64 shape images (6 classes)",
-                      lambda: make_shapes_dataset(out=out / "data"))
-        novel = list(novel or NOVEL_SHAPES)
-    else:
-        root = Path(data_root)
-        if not (root / "classes.txt").is_file():
-            raise UserError(f"--data-root {root}: expected the mask-folder layout (images/, masks/, classes.txt)")
-        novel = list(novel or [])
-        if not novel:
-            raise UserError("--data-root needs --novel (held-out class names)")
-    train_list, val_list = split_lists(root=root, out=out)
+    root = Path(data_root) if data_root is not None else _timed(
+        stages, "data", "generated 64 shape images (6 classes)", lambda: make_shapes_dataset(out=out / "data"))
+    lists = split_lists(root=root, out=out)
     cache, text_cache = out / "cache" / backbone, out / "cache" / "minilm"
-
-    vision_seconds: list[float] = []
-
-    def stage_one():
-        base = dict(backbone=backbone, out=str(cache), dataset="folder", data_root=str(root), vision_only=True)
-        train_views = dict(split="train", views=views, dataset_options={"list_file": str(train_list)})
-        start = time.perf_counter()
-        try:
-            report = extract(config=ExtractConfig(**base, **train_views), quiet=quiet)
-        except UserError as err:
-            if "pretrained weights" not in str(err):
-                raise
-            print(f"demo: pretrained {backbone} weights are not reachable here; using a random-init vision tower",
-                  flush=True)
-            base["random_init"] = True
-            start = time.perf_counter()
-            report = extract(config=ExtractConfig(**base, **train_views), quiet=quiet)
-        extract(config=ExtractConfig(**base, split="val", eval_resize=True,
-                                     dataset_options={"list_file": str(val_list)}), quiet=quiet)
-        vision_seconds.append(time.perf_counter() - start)
-        extract(config=ExtractConfig(backbone="minilm", out=str(text_cache), dataset="folder", data_root=str(root),
-                                     text_only=True, split="train", dataset_options={"list_file": str(train_list)}),
-                quiet=quiet)
-        return report
-
-    extract_report = _timed(stages, "extract", f"{backbone} views + eval views, MiniLM text", stage_one)
+    one = _timed(stages, "extract", f"{backbone} views + eval views, MiniLM text", lambda: _stage_one(
+        root=root, cache=cache, text_cache=text_cache, lists=lists, backbone=backbone, views=views, quiet=quiet))
+    if one.reused:
+        stages[-1].detail += " (cache reused: nothing extracted)"
     names = [n for n in (root / "classes.txt").read_text().split("\n") if n.strip()]
     run_dir = out / "run"
-    config = build_config(preset="small", overrides=[
-        f"data.cache={cache}", f"data.text_cache={text_cache}", "data.split=folder/train", "data.protocol=custom",
-        "data.novel=[" + ",".join(json.dumps(n) for n in novel) + "]", "data.classes_per_sample=all",
-        f"optim.epochs={epochs}", "optim.warmup_epochs=1", "optim.batch_size=8", "optim.lr=3e-4",
-        f"out={run_dir}", "log_every=2"])
-    if run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
+    config = _train_config(cache=cache, text_cache=text_cache, novel=novel, epochs=epochs, run_dir=run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
     summary = _timed(stages, "train", f"small preset, {epochs} epochs on seen classes",
                      lambda: train(config=config, quiet=quiet))
     model, _ = load_model(run_dir)
@@ -116,43 +155,79 @@ def run_demo(*, out: str | Path = "demo-out", data_root: str | Path | None = Non
     prediction = _timed(stages, "predict", "a real VOC photo, 4 free-form names", lambda: predict(
         image=photo, classes=free_names, checkpoint=run_dir, out=out / "prediction"))
     return write_report(out=out, stages=stages, summary=summary, evaluation=evaluation, prediction=prediction,
-                        novel=novel, names=names, extract_report=extract_report, cache=cache, epochs=epochs,
-                        vision_seconds=vision_seconds[0])
+                        novel=novel, names=names, extract_report=one.report, cache=cache, epochs=epochs,
+                        vision_seconds=extraction_seconds(cache=cache, measured=one.vision_seconds,
+                                                          reused=one.reused),
+                        reused=one.reused)
 
 
-def _online_cost(*, cache: Path, epochs: int, vision_seconds: float, train_seconds: float) -> tuple[float, float]:
-    """What the same epochs would cost with the vision encoder run at every step, from measured times.
+def extraction_seconds(*, cache: Path, measured: float, reused: bool) -> float | None:
+    """The vision extraction's time: measured now, or (cache reused) the one recorded when it ran; None if unknown.
 
-    The per-view cost is the vision extraction's (decode, render, encode, write) over its views;
-    the text embeddings are left out, as online training would compute them once too.
+    A reused cache takes only the time to find it complete, which says nothing about what
+    extracting costs, so that time is never used for the online-vs-cached comparison.
     """
+    record = cache.parent / f"{cache.name}.timing.json"
+    if not reused:
+        record.write_text(json.dumps({"vision_seconds": measured}) + "\n")
+        return measured
+    if record.is_file():
+        return float(json.loads(record.read_text())["vision_seconds"])
+    return None
+
+
+def view_counts(cache: Path) -> tuple[int, int]:
+    """(all views in the vision store, views of its training split)."""
     from pipeline.store.layout import open_store
     from pipeline.store.splits import list_splits
 
     root = open_store(cache)
     total_views = sum(int(root[p].attrs["num_views"]) for p in list_splits(root))
-    train_views = int(root["folder/train"].attrs["num_views"])
-    per_view = vision_seconds / max(total_views, 1)
-    return train_seconds + per_view * train_views * epochs, per_view
+    return total_views, int(root["folder/train"].attrs["num_views"])
+
+
+def _cache_section(*, stages, cache: Path, epochs: int, vision_seconds: float | None, reused: bool,
+                   views: tuple[int, int]) -> tuple[list[str], float | None, float]:
+    """The "why the cache matters" paragraph, honest about a reused cache; and the online estimate.
+
+    The online estimate: the same epochs with the vision encoder run at every step, from measured
+    times. The per-view cost is the vision extraction's (decode, render, encode, write) over its
+    views; the text embeddings are left out, as online training would compute them once too.
+    """
+    train_seconds = next(s.seconds for s in stages if s.name == "train")
+    if vision_seconds is None:
+        cached = sum(s.seconds for s in stages if s.name in ("extract", "train"))
+        return [f"The feature cache in {cache} was reused from an earlier run and its extraction time was not "
+                "recorded, so no online-vs-cached comparison is made here (delete the cache to measure it)."], \
+            None, cached
+    per_view = vision_seconds / max(views[0], 1)
+    online = train_seconds + per_view * views[1] * epochs
+    cached = vision_seconds + train_seconds
+    lines = []
+    if reused:
+        lines.append(f"The feature cache in {cache} was reused: this run extracted nothing "
+                     f"(the extract stage above only checked the cache). The extraction figures below are "
+                     f"the ones measured when the cache was written ({vision_seconds:.1f} s).")
+        lines.append("")
+    lines.append(
+        f"Extracting one view (decode, encode, write) took {per_view:.3f} s. Training {epochs} epochs from the cache "
+        f"plus the one-off extraction took {cached:.1f} s; running the encoder online at every step (the released "
+        f"code's way) would have cost about {online:.1f} s for the same epochs ({online / max(cached, 1e-9):.1f}x), "
+        "and the gap grows with every further epoch, fold and ablation trained from the same cache.")
+    return lines, online, cached
 
 
 def write_report(*, out: Path, stages, summary, evaluation, prediction, novel, names, extract_report, cache,
-                 epochs, vision_seconds: float) -> Path:
-    train_seconds = next(s.seconds for s in stages if s.name == "train")
-    online, per_view = _online_cost(cache=cache, epochs=epochs, vision_seconds=vision_seconds,
-                                    train_seconds=train_seconds)
-    cached = sum(s.seconds for s in stages if s.name in ("extract", "train"))
+                 epochs, vision_seconds: float | None, reused: bool = False) -> Path:
+    cache_lines, online, cached = _cache_section(stages=stages, cache=cache, epochs=epochs, reused=reused,
+                                                 vision_seconds=vision_seconds, views=view_counts(cache))
     lines = ["# Fusioner demo report", ""]
     if not extract_report.pretrained:
         lines += ["> **The vision tower is random-init** (no pretrained CLIP weights are reachable here). "
                   "Every number below is a pipeline check, not a result. The text tower (MiniLM) is pretrained.", ""]
     lines += ["## Stages", "", "| stage | seconds | what |", "|---|---|---|"]
     lines += [f"| {s.name} | {s.seconds:.1f} | {s.detail} |" for s in stages]
-    lines += ["", "## Why the cache matters", "",
-              f"Extracting one view (decode, encode, write) took {per_view:.3f} s. Training {epochs} epochs from the cache plus the one-off "
-              f"extraction took {cached:.1f} s; running the encoder online at every step (the released code's way) "
-              f"would have cost about {online:.1f} s for the same epochs ({online / max(cached, 1e-9):.1f}x), and the "
-              "gap grows with every further epoch, fold and ablation trained from the same cache.", "",
+    lines += ["", "## Why the cache matters", "", *cache_lines, "",
               "## Training", "", f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
               f"data wait {100 * summary['data_wait_fraction']:.1f}% of step time.", "", "![curves](run/curves.png)",
               "", "## Held-out classes", "", f"Novel classes (never trained on): {', '.join(novel)}.", "",
@@ -169,5 +244,5 @@ def write_report(*, out: Path, stages, summary, evaluation, prediction, novel, n
         "stages": {s.name: s.seconds for s in stages}, "train": summary,
         "eval": {k: v for k, v in evaluation.items() if k != "meter"}, "predict": prediction,
         "pretrained_vision": extract_report.pretrained, "online_estimate_seconds": online,
-        "cached_seconds": cached}, indent=2, default=str) + "\n")
+        "cached_seconds": cached, "cache_reused": reused}, indent=2, default=str) + "\n")
     return path

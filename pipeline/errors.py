@@ -1,11 +1,20 @@
-"""User-facing errors.
+"""User-facing errors and the one error wrapper of every entry point.
 
 Anything the user can fix (a missing path, an unknown name, a bad option, a
-corrupt input file) is raised as :class:`UserError`. The CLI prints its message
-on one line and exits with code 2; ``--verbose`` shows the traceback.
+corrupt input file) is raised as :class:`UserError`. Every entry point
+(``fusioner``, ``python -m pipeline.bench``, ``python -m pipeline.sweep``,
+``python -m pipeline.sweep.worker``) runs through :func:`run_entry`, which
+prints such an error on one line and exits with code 2; ``--verbose`` shows the
+traceback. Command-line usage errors (an unknown option, a missing argument)
+exit with code 2 too, whichever click (vendored by typer or not) or argparse
+raised them.
 """
 
 from __future__ import annotations
+
+import sys
+import traceback
+from typing import Callable
 
 
 class UserError(Exception):
@@ -18,3 +27,82 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`UserError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise UserError(message)
+
+
+USAGE_EXIT = 2
+INTERRUPT_EXIT = 130
+
+
+def _class_names(err: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(err).__mro__}
+
+
+def is_usage_error(err: BaseException) -> bool:
+    """A click usage/parameter error, from any click: the real one or a copy vendored inside typer.
+
+    Matched by class name and behaviour rather than by class identity, so a dependency that
+    ships its own click can never turn a usage error back into a traceback.
+    """
+    return "ClickException" in _class_names(err) and callable(getattr(err, "show", None))
+
+
+def _click_exit_code(err: BaseException) -> int | None:
+    """The exit code click's (or typer's) ``Exit``/``Abort`` stands for; None for other exceptions."""
+    module = type(err).__module__
+    if "click" not in module and "typer" not in module:
+        return None
+    names = _class_names(err)
+    if "Exit" in names:
+        return int(getattr(err, "exit_code", 0) or 0)
+    if "Abort" in names:
+        return INTERRUPT_EXIT
+    return None
+
+
+def one_line(message: object) -> str:
+    """``message`` on one line (a multi-line message keeps its first line and says how many more)."""
+    lines = [line for line in str(message).splitlines() if line.strip()] or [type(message).__name__]
+    return lines[0] + (f" (+{len(lines) - 1} more lines; --verbose shows them)" if len(lines) > 1 else "")
+
+
+def run_entry(command: Callable[[], int | None], *, verbose: bool = False) -> int:
+    """Run an entry point's ``command`` and turn how it ended into an exit code.
+
+    - :class:`UserError`: ``error: <message>`` on one line of stderr, exit code 2;
+    - a usage error (click of any vendoring, or argparse's ``SystemExit(2)``): the parser's
+      usage block, exit code 2;
+    - an int returned by ``command``: that exit code (anything else returned: 0);
+    - ``SystemExit`` / click's ``Exit`` (``--help``, ``--version``, ``typer.Exit(n)``): its code;
+    - Ctrl-C / click's ``Abort``: ``interrupted``, exit code 130.
+
+    ``verbose`` prints the traceback first. Anything else is a bug and propagates.
+    """
+    try:
+        result = command()
+        return result if isinstance(result, int) else 0
+    except UserError as err:
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPT_EXIT
+    except SystemExit as exc:
+        code = exc.code
+        if code is None or isinstance(code, int):
+            return int(code or 0)
+        print(code, file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001 - classified below, re-raised when unknown
+        if is_usage_error(err):
+            if verbose:
+                traceback.print_exc()
+            err.show()  # type: ignore[attr-defined]
+            return int(getattr(err, "exit_code", USAGE_EXIT))
+        code = _click_exit_code(err)
+        if code is None:
+            raise
+        if code == INTERRUPT_EXIT:
+            print("aborted", file=sys.stderr)
+        return code

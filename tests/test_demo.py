@@ -42,3 +42,39 @@ def test_demo_writes_a_report_with_numbers(tmp_path: Path) -> None:
     for picture in ("run/curves.png", "prediction/overlay.png"):
         assert (out / picture).stat().st_size > 1000
     assert len(data["predict"]["masks"]) == 4
+
+
+def test_a_second_demo_in_the_same_folder_says_the_cache_was_reused(tmp_path: Path) -> None:
+    """The reused cache's check time is never taken for the cost of extracting (it made '1.2x' claims)."""
+    from pipeline.demo import Stage, _cache_section, extraction_seconds
+
+    cache = tmp_path / "cache" / "clip-b"
+    cache.mkdir(parents=True)
+    stages = [Stage("extract", 0.4, "x"), Stage("train", 10.0, "y")]
+    assert extraction_seconds(cache=cache, measured=0.4, reused=True) is None  # nothing recorded: unknown
+    lines, online, _ = _cache_section(stages=stages, cache=cache, epochs=2, vision_seconds=None, reused=True,
+                                      views=(30, 20))
+    assert online is None and "reused" in lines[0] and "x)" not in " ".join(lines)
+    assert extraction_seconds(cache=cache, measured=30.0, reused=False) == 30.0  # a real extraction is recorded
+    assert extraction_seconds(cache=cache, measured=0.4, reused=True) == 30.0  # and used when the cache is reused
+    lines, online, cached = _cache_section(stages=stages, cache=cache, epochs=2, vision_seconds=30.0, reused=True,
+                                           views=(30, 20))
+    assert "was reused" in lines[0] and "30.0 s" in lines[0] and cached == 40.0
+    assert online == 10.0 + 1.0 * 20 * 2  # 1 s per view (30 s / 30 views), 20 training views, 2 epochs
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--novel", "star,unicorn"], "'unicorn' not among the classes of the generated shapes"),
+    (["--novel", "star,ring,circle,square,triangle,cross"], "keep at least one"),
+    (["--data-root", "{coco}", "--novel", "cat,unicorn"], "'unicorn' not among the classes of"),
+    (["--data-root", "{coco}"], "--data-root needs --novel"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_demo_checks_its_inputs_before_any_work(tmp_path: Path, capsys, coco128, extra, needle) -> None:
+    from cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *[e.format(coco=coco128) for e in extra]]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
+    assert not out.exists()  # nothing generated or extracted first

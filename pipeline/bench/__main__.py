@@ -7,13 +7,17 @@
 
 import sys
 
+from pipeline.errors import UserError, run_entry
+
 USAGE = "usage: python -m pipeline.bench {extract,train,sweep} [--help | options]"
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
     if not argv or argv[0] not in ("extract", "train", "sweep"):
-        print(__doc__.strip() if argv[:1] in (["-h"], ["--help"]) else USAGE, file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+        raise UserError(USAGE if not argv else f"unknown benchmark {argv[0]!r} ({USAGE})")
     if argv[0] == "extract":
         from pipeline.bench.extract import main as run
         return run(argv)
@@ -24,4 +28,5 @@ def main(argv: list[str]) -> int:
     return run(argv[1:])
 
 
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":
+    sys.exit(run_entry(lambda: main(sys.argv[1:])))

@@ -40,7 +40,7 @@ from pipeline.encode.families import create_encoder
 from pipeline.encode.plan import ExtractConfig, plan_split
 from pipeline.encode.registry import get_spec
 from pipeline.encode.towers import VisionEncoder
-from pipeline.errors import UserError
+from pipeline.errors import UserError, run_entry
 from pipeline.runtime import load_average, machine, resolve_device
 from pipeline.store.info import describe_store
 from pipeline.store.layout import open_store
@@ -309,18 +309,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        bench = run_extract_bench(data_root=args.data_root, images=args.images, backbone=args.backbone,
-                                  input_size=args.input_size, views=args.views, batch_size=args.batch_size,
-                                  random_init=args.random_init, weights=args.weights, device=args.device,
-                                  threads=args.threads, repeats=args.repeats, read_batches=args.read_batches,
-                                  keep=args.keep)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    bench = run_extract_bench(data_root=args.data_root, images=args.images, backbone=args.backbone,
+                              input_size=args.input_size, views=args.views, batch_size=args.batch_size,
+                              random_init=args.random_init, weights=args.weights, device=args.device,
+                              threads=args.threads, repeats=args.repeats, read_batches=args.read_batches,
+                              keep=args.keep)
     print(format_table(bench))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_entry(main))

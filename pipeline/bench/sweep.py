@@ -83,7 +83,7 @@ def bench_sweep(*, runs: int = 8, workers: int = 2, steps: int = 800, work: Path
         tick = time.perf_counter()
         if mode == "parallel":
             code = sweep_command(study=path, scheduler=None, slurm=False, jobs=1, gpus_per_job=0, workers=workers,
-                                 dry_run=False, retries=0, quiet=True, overrides=[])
+                                 dry_run=False, retries=0, quiet=True, overrides={})
             assert code == 0, "the parallel sweep had failed runs"
         else:
             import torch
@@ -135,7 +135,7 @@ def concurrency_ceiling(*, study_path: Path, workers: int, threads: int, alone: 
 
     out = study_path.parent / "ceiling"
     shutil.rmtree(out, ignore_errors=True)
-    study = load_study(path=study_path, overrides=[f"study.out={out}", f"study.runs={out}/runs"])
+    study = load_study(path=study_path, overrides={"study.out": str(out), "study.runs": f"{out}/runs"})
     runs = expand_runs(study)[:workers]
     for run in runs:
         write_run_file(run, study.name)

@@ -46,7 +46,7 @@ from pipeline.encode.extract import extract
 from pipeline.encode.families import create_encoder
 from pipeline.encode.plan import ExtractConfig
 from pipeline.encode.registry import get_spec
-from pipeline.errors import UserError
+from pipeline.errors import run_entry
 from pipeline.model import build_model
 from pipeline.runtime import machine
 from pipeline.train.batches import Batch, binary_targets, prefetch, training_batches
@@ -81,10 +81,10 @@ def make_cache(*, work: Path, data_root: Path | None, images: int, backbone: str
     report = extract(config=config, quiet=True)
     seconds = time.perf_counter() - start
     dataset = create_dataset("folder", root=data_root, split="train", **options)
-    overrides = [f"data.cache={work / 'cache'}", "data.protocol=custom",
-                 f"data.novel=[{json.dumps(dataset.class_names[-1])}]", f"out={work / 'run'}", "device=cpu"]
+    overrides = {"data.cache": str(work / "cache"), "data.protocol": "custom",
+                 "data.novel": [dataset.class_names[-1]], "out": str(work / "run"), "device": "cpu"}
     if text_cache:
-        overrides.append(f"data.text_cache={text_cache}")
+        overrides["data.text_cache"] = str(text_cache)
     train_config = build_config(preset=preset, overrides=overrides)
     return Setup(config=train_config, dataset=dataset, extract_seconds=seconds, views=report.views)
 
@@ -330,9 +330,6 @@ def main(argv: list[str] | None = None) -> int:
         result = run(steps=args.steps, batch_size=args.batch_size, backbone=args.backbone, preset=args.preset,
                      data_root=args.data_root, images=args.images, text_cache=args.text_cache, warmup=args.warmup,
                      pair_steps=args.pair_steps, work=work)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -343,4 +340,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_entry(main))

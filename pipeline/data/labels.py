@@ -70,3 +70,11 @@ def coco_class_name(category: str) -> str:
     return _COCO_ALIASES.get(category, category.replace(" ", ""))
 
 TRAIN_SPLITS = {"train", "trn", "training"}
+
+
+def parse_names(text: str) -> list[str]:
+    """Class names typed as one comma-separated string ("cat, potted plant") as a list; blanks dropped.
+
+    Names are kept verbatim otherwise: quotes, apostrophes and other characters are part of the name.
+    """
+    return [name.strip() for name in str(text).split(",") if name.strip()]

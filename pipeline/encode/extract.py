@@ -29,6 +29,7 @@ from pipeline.errors import UserError
 from pipeline.runtime import resolve_device
 from pipeline.store.layout import (
     check_text_words,
+    has_text,
     open_or_create_store,
     read_text,
     store_identity,
@@ -51,6 +52,27 @@ class ExtractReport:
     text_classes: int
     bad: list[tuple[str, str]]
     pretrained: bool
+
+    def describe(self) -> str:
+        """What was written, for the command line."""
+        lines = []
+        if self.split:
+            lines.append(f"{self.out} {self.split}: {self.views} views, {self.shards_run} shards written, "
+                         f"{self.shards_skipped} already done")
+        if self.text_classes:
+            lines.append(f"{self.out} text: {self.text_classes} class names embedded")
+        return "\n".join(lines)
+
+    @property
+    def notes(self) -> list[str]:
+        """Warnings for stderr: skipped images, random-init weights."""
+        lines = []
+        if self.bad:
+            lines.append(f"skipped {len(self.bad)} bad image(s):")
+            lines += [f"  {image_id}: {reason}" for image_id, reason in self.bad]
+        if not self.pretrained:
+            lines.append("note: random-init weights; features are for pipeline checks, not results")
+        return lines
 
 
 def _text_names(dataset, config: ExtractConfig) -> list[str]:
@@ -117,7 +139,7 @@ def extract(*, config: ExtractConfig, quiet: bool = False, client=None) -> Extra
     if encoders.text is not None and names:
         words = resolve_class_words(config.class_words, dataset=config.dataset)
         check_text_words(root, class_words=words)
-        known = set(read_text(root)[0]) if "text" in root else set()
+        known = set(read_text(root)[0]) if has_text(root) else set()
         todo = [n for n in names if n not in known]
         if todo:
             emb = encoders.text.encode_names([text_words(n, words) for n in todo]).cpu().numpy()

@@ -152,3 +152,13 @@ def describe_encoders() -> list[dict]:
             "weights": spec.weights_hint,
         })
     return rows
+
+
+def encoders_table() -> str:
+    """:func:`describe_encoders` as the aligned text table ``fusioner encoders`` prints."""
+    rows = describe_encoders()
+    keys = ["name", "towers", "arch", "patch", "grid@224", "vision_dim", "text_dim", "weights"]
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys[:-1]}
+    lines = ["  ".join(k.ljust(widths.get(k, 0)) for k in keys)]
+    lines += ["  ".join(str(row[k]).ljust(widths.get(k, 0)) for k in keys) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)

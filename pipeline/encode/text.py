@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.store.layout import open_store, read_text, store_attrs, text_class_words
+from pipeline.store.layout import has_text, open_store, read_text, store_attrs, text_class_words
 
 
 def class_embeddings(*, text_store: str | Path, names: list[str], encode_missing: bool = True,
@@ -20,7 +20,7 @@ def class_embeddings(*, text_store: str | Path, names: list[str], encode_missing
     from pipeline.data.labels import text_words
 
     root = open_store(text_store)
-    known, table = read_text(root) if "text" in root else ([], np.zeros((0, 0), np.float32))
+    known, table = read_text(root) if has_text(root) else ([], np.zeros((0, 0), np.float32))
     index = {n: i for i, n in enumerate(known)}
     missing = [n for n in names if n not in index]
     extra = {}

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.data.labels import parse_names
 from pipeline.data.views import ViewParams, render_view, stitch, window_boxes
 from pipeline.encode.text import class_embeddings, encoder_of
 from pipeline.errors import UserError
@@ -36,8 +37,9 @@ def read_photo(path: str | Path) -> np.ndarray:
         raise UserError(f"cannot read image {path}: {err}") from err
 
 
-def parse_classes(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
+def parse_classes(text: str | list[str]) -> list[str]:
+    """The class names of a prediction, from a comma-separated string or a list, checked."""
+    names = parse_names(text) if isinstance(text, str) else [str(n).strip() for n in text if str(n).strip()]
     if not names:
         raise UserError("--classes needs at least one class name, e.g. --classes \"cat, sofa\"")
     if len(set(names)) != len(names):
@@ -57,6 +59,22 @@ def _training_normalization(store: str, split: str | None) -> dict | None:
     root = open_store(store)
     names = [split] if split else [s for s in list_splits(root) if s.split("/")[-1] in TRAIN_SPLITS][:1]
     return dict(root[names[0]].attrs["meta"]).get("normalize") if names else None
+
+
+def predict_photo(*, image: str | Path, classes: list[str], checkpoint: str | Path, out: str | Path,
+                  device: str = "auto", resize: bool = False) -> dict:
+    """``fusioner predict``: :func:`predict` on the resolved device, with the lines to print
+    (``text``) and the notes for stderr (``notes``) added to its summary."""
+    from pipeline.runtime import resolve_device
+
+    names = parse_classes(classes)
+    summary = predict(image=image, classes=names, checkpoint=checkpoint, out=out, device=str(resolve_device(device)),
+                      resize=resize)
+    lines = [f"{name:>24s}  {100 * share:5.1f}% of pixels" for name, share in summary["coverage"].items()]
+    lines.append(f"wrote {out}/overlay.png and {len(names)} masks")
+    notes = [] if summary["pretrained_features"] else [
+        "note: random-init vision tower; the masks are a pipeline check, not a result"]
+    return {**summary, "text": "\n".join(lines), "notes": notes}
 
 
 @torch.inference_mode()

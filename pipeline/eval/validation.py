@@ -9,10 +9,14 @@ run's summary.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from pipeline.config import load_file, to_dict
 from pipeline.eval.evaluate import evaluate_split
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import TrainConfig, build_config
 from pipeline.train.hooks import Hook, Loop, append_record
 from pipeline.train.loop import train
 
@@ -39,3 +43,38 @@ def train_and_validate(*, config: TrainConfig, resume: bool = False, quiet: bool
     """:func:`pipeline.train.loop.train`, with validation on ``config.val_split`` when it is set (before ``hooks``)."""
     validation = [Validation()] if config.val_split else []
     return train(config=config, resume=resume, quiet=quiet, hooks=[*validation, *hooks])
+
+
+@dataclass
+class TrainOutcome:
+    """What ``fusioner train`` did: the resolved config, and the training summary unless only the config was asked."""
+
+    config: dict
+    summary: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        if self.summary is None:
+            return ""
+        s = self.summary
+        lines = [f"{self.config['out']}: {s['steps']} steps, final loss {s['final_loss']:.4f}, "
+                 f"data wait {100 * s['data_wait_fraction']:.1f}% of step time"]
+        if s["val"]:
+            last = s["val"][-1]
+            lines.append(f"validation mIoU {last['miou']:.1f}  FB-IoU {last['fb_iou']:.1f}  ({last['episodes']} episodes)")
+        return "\n".join(lines)
+
+
+def train_from_settings(*, config_file: str | Path | None = None, preset: str | None = None,
+                        settings: Mapping[str, Any] | None = None, resume: bool = False, quiet: bool = False,
+                        print_config: bool = False) -> TrainOutcome:
+    """Build a run's config (defaults <- preset <- ``config_file`` <- ``settings``, a mapping of dotted keys
+    to typed values) and train it with validation; with ``print_config`` only the config is resolved."""
+    base = load_file(config_file) if config_file else {}
+    config = build_config(base=base, preset=preset, overrides=dict(settings or {}))
+    if print_config:
+        return TrainOutcome(config=to_dict(config))
+    summary = train_and_validate(config=config, resume=resume, quiet=quiet)
+    notes = [] if summary["pretrained_features"] else [
+        "note: trained on random-init features; numbers are a pipeline check, not a result"]
+    return TrainOutcome(config=to_dict(config), summary=summary, notes=notes)

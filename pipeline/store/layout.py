@@ -4,7 +4,7 @@ Layout (``docs/store.md`` walks through it)::
 
     <store>/                       attrs["fusioner"]: format, encoder, weights, sizes, versions
       text/                        prompt-averaged class embeddings (if the encoder has text)
-        embeddings  [C, Dt] f32    attrs: names, templates, encoder
+        embeddings-<v> [C, Dt] f32 attrs: names, table (the array's name), templates, encoder
       <dataset>/<split>/           one group per dataset split; attrs: plan, dataset, image ids
         features    [N, h*w, D] f16   chunk = 1 view, shard = S views
         masks       [N, S_in, S_in] u8 label mask of each view (0 bg, k class, 255 ignore)
@@ -111,6 +111,11 @@ def store_attrs(root: zarr.Group) -> dict:
 # --------------------------------------------------------------------------- #
 
 
+def has_text(root: zarr.Group) -> bool:
+    """True once the store holds a complete class-name table (a text group alone is not one)."""
+    return "text" in root and "names" in root["text"].attrs
+
+
 def text_class_words(root: zarr.Group) -> str:
     """raw or natural: the words the store's class embeddings were made from (older stores: natural)."""
     return str(root["text"].attrs.get("class_words", "natural")) if "text" in root else ""
@@ -125,23 +130,33 @@ def check_text_words(root: zarr.Group, *, class_words: str) -> None:
 
 
 def write_text(root: zarr.Group, *, names: list[str], embeddings: np.ndarray, meta: dict) -> None:
-    """Store (or extend) the class-name embeddings; existing names keep their rows."""
-    old_names, old_emb = read_text(root) if "text" in root else ([], None)
+    """Store (or extend) the class-name embeddings; existing names keep their rows.
+
+    The new table is written whole into an array beside the old one, then the group's
+    attributes (one atomic file) switch ``names`` and ``table`` to it, then the old array goes.
+    A kill at any point leaves the old table or the new one, never neither, never zeros.
+    """
+    old_names, old_emb = read_text(root) if has_text(root) else ([], None)
     keep = [i for i, n in enumerate(names) if n not in set(old_names)]
     all_names = old_names + [names[i] for i in keep]
     new = embeddings[keep].astype(np.float32)
     table = new if old_emb is None else np.concatenate([old_emb, new])
     group = root.require_group("text")
-    if "embeddings" in group:
-        del group["embeddings"]
-    arr = group.create_array("embeddings", shape=table.shape, dtype="float32", chunks=table.shape,
+    current = group.attrs.get("table", "embeddings") if has_text(root) else None
+    for leftover in [k for k in group.array_keys() if k != current]:  # of an update killed before its switch
+        del group[leftover]
+    version = int(group.attrs.get("table_version", 0)) + 1
+    name = f"embeddings-{version}"
+    arr = group.create_array(name, shape=table.shape, dtype="float32", chunks=table.shape,
                              compressors=[Crc32cCodec()], dimension_names=("class", "channel"))
     arr[:] = table
-    group.attrs.update({**meta, "names": all_names, "updated": now_iso()})
+    group.attrs.update({**meta, "names": all_names, "table": name, "table_version": version, "updated": now_iso()})
+    if current is not None:
+        del group[current]
 
 
 def read_text(root: zarr.Group) -> tuple[list[str], np.ndarray]:
-    if "text" not in root:
+    if not has_text(root):
         raise UserError(f"store {root.store} holds no text embeddings (extract with a text encoder)")
     group = root["text"]
-    return list(group.attrs["names"]), np.asarray(group["embeddings"][:], dtype=np.float32)
+    return list(group.attrs["names"]), np.asarray(group[group.attrs.get("table", "embeddings")][:], dtype=np.float32)

@@ -40,9 +40,10 @@ def open_cluster(*, study, scheduler: str | None, slurm: bool, jobs: int, gpus_p
         else:
             gpus = local_gpus()
             count = workers or len(gpus) or min(2, os.cpu_count() or 1)
-            dashboard = ":0" if importlib.util.find_spec("bokeh") else None  # the dashboard needs bokeh
-            cluster = LocalCluster(n_workers=count, threads_per_worker=1, processes=True,
-                                   dashboard_address=dashboard, silence_logs=logging.ERROR if quiet else logging.WARNING)
+            # Any free port for the HTTP server (the dashboard too, with bokeh); under --quiet even a
+            # failed task's multi-line "Compute Failed" log stays out: the sweep lists failed runs itself.
+            cluster = LocalCluster(n_workers=count, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                   silence_logs=logging.CRITICAL if quiet else logging.WARNING)
             client, threads = Client(cluster), max(1, (os.cpu_count() or 1) // count)
             gpus = gpus or None
     try:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from pipeline.errors import UserError
+from pipeline.config import as_settings
+from pipeline.errors import UserError, run_entry
 from pipeline.sweep.caches import describe_caches, needed
 from pipeline.sweep.cluster import open_cluster
 from pipeline.sweep.scheduler import run_all
@@ -24,7 +27,7 @@ def describe_runs(runs: list[Run]) -> str:
 
 
 def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int, gpus_per_job: int,
-                  workers: int | None, dry_run: bool, retries: int, quiet: bool, overrides: list[str]) -> int:
+                  workers: int | None, dry_run: bool, retries: int, quiet: bool, overrides: Mapping[str, Any]) -> int:
     """Run a whole study (folds x encoder pairs x variants x swept keys x seeds) and write the paper's table.
 
     Finished runs are skipped, so a killed sweep resumes by running the same command again; an
@@ -55,7 +58,7 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
         raise UserError("--scheduler and --slurm exclude each other")
     if retries < 0 or jobs < 1 or gpus_per_job < 0 or (workers is not None and workers < 1):
         raise UserError("--retries and --gpus-per-job must be >= 0, --jobs and --workers >= 1")
-    spec = load_study(path=Path(study), overrides=list(overrides))
+    spec = load_study(path=Path(study), overrides=overrides)
     runs = expand_runs(spec, check_caches=not dry_run)  # a dry run plans without any cache present
     if dry_run:
         print(describe_runs(runs))
@@ -99,19 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     whole.add_argument("--retries", type=int, default=2)
     whole.add_argument("--quiet", "-q", action="store_true")
     whole.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "run":
-            from pipeline.sweep.worker import main as run_main
+    return run_entry(lambda: _dispatch(parser.parse_args(argv)))
 
-            return run_main(["run", str(args.run_dir)] + (["--threads", str(args.threads)] if args.threads else []))
-        if args.command == "study":
-            return sweep_command(study=args.study, scheduler=args.scheduler, slurm=args.slurm, jobs=args.jobs,
-                                 gpus_per_job=args.gpus_per_job, workers=args.workers, dry_run=args.dry_run,
-                                 retries=args.retries, quiet=args.quiet, overrides=args.overrides)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        from pipeline.sweep.worker import main as run_main
+
+        return run_main(["run", str(args.run_dir)] + (["--threads", str(args.threads)] if args.threads else []))
+    return sweep_command(study=args.study, scheduler=args.scheduler, slurm=args.slurm, jobs=args.jobs,
+                         gpus_per_job=args.gpus_per_job, workers=args.workers, dry_run=args.dry_run,
+                         retries=args.retries, quiet=args.quiet, overrides=as_settings(args.overrides))
 
 
 if __name__ == "__main__":

@@ -15,13 +15,15 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pipeline.config import config_hash, from_dict, load_file, parse_override, to_dict
+from pipeline.config import as_settings, config_hash, from_dict, load_file, to_dict
 from pipeline.errors import UserError
+from pipeline.sweep.catalog import find_study
 from pipeline.eval.config import EvalConfig
 
 SECTIONS = ("name", "title", "out", "runs", "pairs", "eval", "base", "grid", "derived", "table", "slurm")
@@ -137,10 +139,9 @@ def _split_overrides(mapping, *, where: str) -> tuple[dict, dict]:
     return train, evals
 
 
-def _apply_study_overrides(raw: dict, sets: list[str], path: Path) -> None:
+def _apply_study_overrides(raw: dict, sets: dict, path: Path) -> None:
     """``study.<section>[.<key>]=value`` changes the study file itself (e.g. study.grid.seeds=[0,1])."""
-    for text in sets:
-        key, value = parse_override(text)
+    for key, value in sets.items():
         section, _, rest = key[len("study."):].partition(".")
         if section not in SECTIONS:
             raise UserError(f"--set {key}: unknown study section '{section}' (known: {', '.join(SECTIONS)})")
@@ -207,17 +208,19 @@ def _derived(raw, path: Path) -> dict[str, tuple[str, str, int]]:
     return out
 
 
-def load_study(*, path: Path, overrides: list[str] = ()) -> Study:
-    """Read and check a study file; ``overrides`` are ``--set`` items (study.* or TrainConfig keys)."""
+def load_study(*, path: str | Path, overrides: Mapping[str, Any] | Iterable[str] = ()) -> Study:
+    """Read and check a study file (a path, or the name of a shipped study); ``overrides`` are ``--set`` settings (study.* or TrainConfig keys),
+    a mapping of dotted keys to typed values (``key=value`` strings are parsed)."""
     from pipeline.train.config import build_config
 
-    path = Path(path)
+    path = find_study(path)
     raw = load_file(path)
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise UserError(f"{path}: unknown study key '{unknown[0]}' (known: {', '.join(SECTIONS)})")
-    _apply_study_overrides(raw, [o for o in overrides if o.strip().startswith("study.")], path)
-    train_sets = [o for o in overrides if not o.strip().startswith("study.")]
+    settings = {key.strip(): value for key, value in as_settings(overrides).items()}
+    _apply_study_overrides(raw, {k: v for k, v in settings.items() if k.startswith("study.")}, path)
+    train_sets = {k: v for k, v in settings.items() if not k.startswith("study.")}
     name = str(raw.get("name") or path.stem)
     grid = dict(raw.get("grid") or {})
     base_flat = _flatten(raw.get("base") or {})
@@ -298,6 +301,19 @@ def _derive(config: dict, derived: dict, *, where: str) -> None:
             _set(config, key, value // number, where=where)
 
 
+def _check_fold(data: dict, *, where: str) -> None:
+    """A fold the protocol lacks fails at planning (and ``--dry-run``), not on a worker."""
+    from pipeline.data.protocols import create_protocol
+
+    if data["protocol"] == "custom":
+        return
+    protocol = create_protocol(data["protocol"])
+    protocol = create_protocol(getattr(protocol, "train_protocol", None) or data["protocol"])
+    if not 0 <= data["fold"] < protocol.num_folds:
+        raise UserError(f"{where}: protocol '{data['protocol']}' has folds 0..{protocol.num_folds - 1}, "
+                        f"not {data['fold']}")
+
+
 def expand_runs(study: Study, *, check_caches: bool = True) -> list[Run]:
     """Every (pair, variant, values, fold, seed) of the grid as a resolved, hashed run."""
     from pipeline.train.config import TrainConfig
@@ -324,6 +340,7 @@ def expand_runs(study: Study, *, check_caches: bool = True) -> list[Run]:
             evals = to_dict(from_dict(EvalConfig, evals, prefix="eval."))
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
+        _check_fold(config["data"], where=where)
         if evals["splits_dir"]:
             evals["splits_dir"] = _resolve_path(evals["splits_dir"], where=f"{where}: eval.splits_dir")
         key = config_hash({"train": config, "eval": evals})
@@ -338,7 +355,7 @@ def expand_runs(study: Study, *, check_caches: bool = True) -> list[Run]:
 
 def check_caches_exist(runs: list[Run], *, study: Study) -> None:
     """Missing stores and splits fail here, in one line, not hours later on a worker."""
-    from pipeline.store.layout import open_store
+    from pipeline.store.layout import has_text, open_store
     from pipeline.store.splits import list_splits
 
     splits: dict[str, list[str]] = {}
@@ -350,7 +367,7 @@ def check_caches_exist(runs: list[Run], *, study: Study) -> None:
                     root = open_store(path)
                 except UserError as err:
                     raise UserError(f"{study.path}: pair '{run.pair}': {err}") from None
-                splits[path] = list_splits(root) + (["text"] if "text" in root else [])
+                splits[path] = list_splits(root) + (["text"] if has_text(root) else [])
             for split in filter(None, wanted):
                 if split not in splits[path]:
                     raise UserError(f"{study.path}: pair '{run.pair}': {path} has no split '{split}' "

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.config import write_json_atomic
-from pipeline.errors import UserError
+from pipeline.errors import UserError, run_entry
 from pipeline.sweep.study import read_marker
 
 PRELOAD = ("torch", "torch._dynamo", "matplotlib.pyplot", "zarr", "safetensors.torch", "pipeline.train.loop",
@@ -192,11 +192,7 @@ def _run_and_exit(*, run_dir: str, threads: int | None) -> None:
     """The body of a run's process: exit code 0 done, 2 user error (retrying cannot help), 1 anything else."""
     code = 1
     try:
-        execute_run(run_dir=Path(run_dir), threads=threads)
-        code = 0
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = 2
+        code = run_entry(lambda: execute_run(run_dir=Path(run_dir), threads=threads) and 0)
     except BaseException:  # noqa: BLE001 - the traceback goes to the run's log, the code to the sweep
         traceback.print_exc()
     finally:
@@ -308,15 +304,26 @@ def pick_gpu(*, worker_name, visible: list[str]) -> str | None:
     return visible[slot % len(visible)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+USAGE = "usage: python -m pipeline.sweep.worker run RUN_DIR [--threads N] | launcher [PARENT_PID]"
+
+
+def _dispatch(args: list[str]) -> int:
     if args[:1] == ["launcher"] and len(args) <= 2:
+        if len(args) == 2 and not args[1].isdigit():
+            raise UserError(f"launcher expects a parent process id, not {args[1]!r} ({USAGE})")
         launcher_main(int(args[1]) if len(args) == 2 else os.getppid())
         return 0
     if len(args) in (2, 4) and args[0] == "run" and (len(args) == 2 or args[2] == "--threads"):
+        if len(args) == 4 and not args[3].isdigit():
+            raise UserError(f"--threads expects a whole number, not {args[3]!r} ({USAGE})")
         _run_and_exit(run_dir=args[1], threads=int(args[3]) if len(args) == 4 else None)
-    print("usage: python -m pipeline.sweep.worker run RUN_DIR [--threads N] | launcher [PARENT_PID]", file=sys.stderr)
-    return 2
+    raise UserError(USAGE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.sweep.worker``; usage mistakes are one line with exit code 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return run_entry(lambda: _dispatch(args))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pipeline.config import config_hash, to_dict
 from pipeline.errors import UserError
@@ -98,8 +99,13 @@ def default_config_dict() -> dict:
     return to_dict(TrainConfig())
 
 
-def build_config(*, base: dict | None = None, preset: str | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Defaults <- preset <- YAML file values <- ``--set key=value`` overrides, strictly checked."""
+def build_config(*, base: dict | None = None, preset: str | None = None,
+                 overrides: Mapping[str, Any] | Iterable[str] = ()) -> TrainConfig:
+    """Defaults <- preset <- YAML file values <- dotted-key settings, strictly checked.
+
+    ``overrides`` maps dotted keys to typed values (``{"optim.epochs": 5, "data.novel": ["cat"]}``);
+    ``key=value`` strings are accepted too and parsed as YAML values.
+    """
     from pipeline.config import apply_overrides, deep_merge
 
     data = default_config_dict()
@@ -111,7 +117,19 @@ def build_config(*, base: dict | None = None, preset: str | None = None, overrid
     if base:
         data = deep_merge(data, base)
         data["preset"] = chosen
-    return apply_overrides(TrainConfig, data, list(overrides))
+    config = apply_overrides(TrainConfig, data, overrides)
+    check_schedule(config.optim)
+    return config
+
+
+def check_schedule(optim: OptimConfig) -> None:
+    """Refuse a schedule that would end while the learning rate is still warming up."""
+    if optim.epochs < 1:
+        raise UserError(f"optim.epochs must be at least 1, not {optim.epochs}")
+    if not 0 <= optim.warmup_epochs < optim.epochs:
+        raise UserError(f"optim.warmup_epochs ({optim.warmup_epochs}) must be from 0 to below optim.epochs "
+                        f"({optim.epochs}): otherwise training ends before the learning rate leaves its warm-up; "
+                        f"lower optim.warmup_epochs")
 
 
 # --------------------------------------------------------------------------- #

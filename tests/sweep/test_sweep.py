@@ -271,6 +271,30 @@ def test_each_worker_gets_its_own_gpu():
     assert pick_gpu(worker_name="no-index", visible=["0", "1"]) is None
 
 
+@pytest.mark.reliability
+def test_fusioner_sweep_exits_1_listing_the_failed_runs_and_quiet_means_quiet(caches, tmp_path):
+    """Every run failing is exit code 1 from the `fusioner` entry point too (it dropped the code), and -q
+    output is the failed runs, one line each, without dask's multi-line logs."""
+    from cli import main as cli_main
+
+    variants = {"bad-heads": {"model.fusion.heads": 3}, "crash": {"optim.batch_size": 0}}
+    study = write_study(tmp_path / "all-fail.yaml", caches, folds=[0], variants=variants)
+    done = subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "sweep", str(study),
+                           "--workers", "1", "--retries", "0", "-q"], cwd=ROOT, capture_output=True, text=True)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert len(lines) == 2 and all(line.startswith("failed: ") for line in lines), done.stderr[-3000:]
+    assert cli_main(["sweep", str(study), "--dry-run"]) == 0
+
+
+@pytest.mark.reliability
+def test_a_fold_the_protocol_lacks_is_refused_at_planning(caches, tmp_path):
+    study = write_study(tmp_path / "fold9.yaml", caches, folds=[0, 9])
+    with pytest.raises(UserError, match=r"protocol 'pascal5i' has folds 0..3, not 9") as err:
+        sweep(study, dry_run=True)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize(("table", "runs", "rows"), [
     ("table1", 96, 12), ("table2", 16, 4), ("table3", 1, 1), ("table4", 16, 4), ("table5", 8, 2), ("table7", 48, 12)])
 def test_paper_studies_plan_without_any_cache(table, runs, rows, tmp_path, monkeypatch, capsys):

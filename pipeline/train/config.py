@@ -74,6 +74,12 @@ class TrainConfig:
     val_split: str | None = None  # evaluate novel-class mIoU on this split of the cache each eval_every epochs
     eval_every: int = 1
     splits_dir: str | None = None  # episode lists for val (default: derived from masks)
+    # Which weights the run reports: "final" (the honest default) or "best-val", the checkpoint with the
+    # best validation mIoU on val_split (episodes derived from its masks), which must share no image with
+    # the test episodes of test_lists (a splits folder). The released code picks the best of many *test*
+    # evaluations instead; this option is the labelled, leak-free form of model selection.
+    select: Literal["final", "best-val"] = "final"
+    test_lists: str | None = None
 
 
 # Keys that say how far to go, where to write and what to log, not what is trained:

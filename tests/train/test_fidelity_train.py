@@ -122,3 +122,40 @@ def test_mosaic4_training_composites_see_every_class_of_their_split():
     fold = resolve_fold(data=DataConfig(protocol="mosaic4", fold=0, classes_per_sample="all"),
                         class_names=["a", "b", "c", "d", "e"])
     assert fold.seen == (1, 2, 3, 4, 5) and fold.novel == ()
+
+
+def _val_lists(root, lines):
+    folder = root / "pascal" / "val"
+    folder.mkdir(parents=True)
+    (folder / "fold1.txt").write_text("".join(f"{line}\n" for line in lines))
+    return root
+
+
+def test_best_val_selection_refuses_a_validation_split_that_shares_test_images(gen, tmp_path):
+    from pipeline.eval.validation import train_and_validate
+
+    lists = _val_lists(tmp_path / "splits", ["g000__06", "g005__08"])
+    config = build_config(preset="tiny", overrides=train_overrides(
+        gen, tmp_path / "run", "data.fold=1", "select=best-val", "val_split=folder/val", f"test_lists={lists}"))
+    with pytest.raises(UserError, match="2 image\\(s\\) of val_split folder/val are test episode images"):
+        train_and_validate(config=config, quiet=True)
+    with pytest.raises(UserError, match="needs test_lists"):
+        train_and_validate(config=build_config(preset="tiny", overrides=train_overrides(
+            gen, tmp_path / "run2", "select=best-val", "val_split=folder/val")), quiet=True)
+
+
+def test_best_val_selection_reports_the_best_validation_weights_labelled(gen, tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.eval.validation import train_and_validate
+
+    lists = _val_lists(tmp_path / "splits", ["2008_000001__06"])  # no image of the cache: disjoint
+    run = tmp_path / "run"
+    config = build_config(preset="tiny", overrides=train_overrides(
+        gen, run, "data.fold=1", "select=best-val", "val_split=folder/val", f"test_lists={lists}", "optim.epochs=2"))
+    summary = train_and_validate(config=config, quiet=True)
+    best = max(summary["val"], key=lambda r: r["miou"])
+    assert summary["selection"]["rule"] == "best-val" and summary["selection"]["epoch"] == best["epoch"]
+    assert json.loads((run / "summary.json").read_text())["selection"] == summary["selection"]
+    chosen, saved = load_file(str(run / "model.safetensors")), load_file(str(run / "model_best.safetensors"))
+    assert all(torch.equal(chosen[k], saved[k]) for k in chosen) and (run / "model_final.safetensors").is_file()

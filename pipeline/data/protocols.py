@@ -356,7 +356,7 @@ def describe_all() -> str:
     lines = ["Readers (name: layout expected under the root):"]
     lines += [f"  {name:8s} {layout}" for name, layout in reader_layouts().items()]
     lines.append("Protocols (name: folds, classes, episode source):")
-    for name in ("pascal5i", "coco20i", "coco2voc"):
+    for name in (n for n in _PROTOCOLS if _PROTOCOLS[n].folds > 1):  # buildable without options
         spec = create_protocol(name)
         sizes = "/".join(str(len(f.novel)) for f in spec.folds)
         train = f", trained on {spec.train_protocol}" if spec.train_protocol else ""

@@ -38,3 +38,16 @@ def test_voc_train_aug_is_used_when_present(tmp_path):
     (root / "ImageSets" / "SegmentationAug").mkdir()
     (root / "ImageSets" / "SegmentationAug" / "train_aug.txt").write_text("a\nb\n")
     assert create_dataset("voc", root=root, split="train").ids == ["a", "b"]
+
+
+def test_coco_crowd_regions_are_painted_as_their_class_by_default(tmp_path):
+    from synthetic_data import make_coco
+
+    from pipeline.data.labels import COCO_CLASSES
+
+    ds = create_dataset("coco", root=make_coco(tmp_path / "coco"), split="val")
+    mask = ds.load(0).mask
+    assert mask[10, 25] == COCO_CLASSES.index("person") + 1  # the crowd RLE's right third
+    assert COCO_CLASSES.index("person") + 1 in ds.classes_present(0)
+    with pytest.raises(UserError, match="crowd must be class or ignore"):
+        create_dataset("coco", root=tmp_path / "coco", split="val", crowd="skip")

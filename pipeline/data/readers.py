@@ -179,7 +179,11 @@ class FolderDataset(PairedDataset):
     def __init__(self, *, root: Path, split: str, skip_bad: bool, list_file: str | Path | None = None) -> None:
         list_path = Path(list_file) if list_file else None
         ids = self._pair(require_dir(root / "images", "images/"), require_dir(root / "masks", "masks/"), list_path)
-        super().__init__(root=root, split=split, class_names=read_lines(root / "classes.txt", what="class list"),
+        names = read_lines(root / "classes.txt", what="class list")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:  # mask value k names line k: a repeated name would hold out only its first value
+            raise UserError(f"{root / 'classes.txt'}: class names must be unique, repeated: {', '.join(repeated[:5])}")
+        super().__init__(root=root, split=split, class_names=names,
                          ids=ids, lists=[list_path] if list_path else [], skip_bad=skip_bad)
 
 

@@ -34,8 +34,9 @@ from pipeline.store.layout import (
     read_text,
     store_identity,
     write_text,
+    writer_lock,
 )
-from pipeline.store.splits import create_split, done_shards
+from pipeline.store.splits import create_split, done_shards, repair_lost_shards
 
 # --------------------------------------------------------------------------- #
 # The command
@@ -98,7 +99,25 @@ def builtin_names(config: ExtractConfig) -> list[str]:
 
 
 def extract(*, config: ExtractConfig, quiet: bool = False, client=None) -> ExtractReport:
-    """Plan, then extract the missing shards of one dataset split (and its text)."""
+    """Plan, then extract the missing shards of one dataset split (and its text).
+
+    The store's writer lock is held throughout: a second extraction into the same ``--out``
+    is refused in one line naming the holder (this one's own workers write disjoint shards).
+    """
+    with writer_lock(config.out):
+        return _extract(config=config, quiet=quiet, client=client)
+
+
+def _check_counts(config: ExtractConfig) -> None:
+    """Counts below 1 would write zeros, one window per image or nothing at all: refused."""
+    for flag, value in (("--views", config.views), ("--workers", config.workers),
+                        ("--batch-size", config.batch_size), ("--shard-size", config.shard_size),
+                        ("--stride", config.stride)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+
+
+def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
     from pipeline.data.labels import resolve_class_words, text_words
     from pipeline.data.registry import create_dataset
 
@@ -106,10 +125,7 @@ def extract(*, config: ExtractConfig, quiet: bool = False, client=None) -> Extra
     if config.text_only and "text" not in spec.towers:
         raise UserError(f"--text-only: encoder '{spec.name}' has no text tower")
     want_vision = not config.text_only and "vision" in spec.towers
-    if config.views < 1:
-        raise UserError("--views must be at least 1")
-    if config.workers < 1:
-        raise UserError("--workers must be at least 1")
+    _check_counts(config)
     dataset = None
     if want_vision:
         if not config.dataset or not config.data_root:
@@ -157,6 +173,7 @@ def extract(*, config: ExtractConfig, quiet: bool = False, client=None) -> Extra
         print(f"{plan.group_path}: {len(plan.image_ids)} images, {plan.num_views} views, about "
               f"{size / 2**30:.2f} GiB of fp16 features", file=sys.stderr)
     group = create_split(root, plan=plan, tokens=tokens, dim=spec.vision_dim, input_size=input_size)
+    repair_lost_shards(group, quiet=quiet)
     done = done_shards(group)
     todo = [int(s) for s in np.flatnonzero(~done)]
     if config.workers > 1 and len(todo) > 1:

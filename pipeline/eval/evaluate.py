@@ -108,6 +108,8 @@ def evaluate_split(*, model, vision_cache: str, text_cache: str, split: str, pro
                    mode: str = "binary", limit: int | None = None, quiet: bool = False,
                    min_pixels: int = SMALL_OBJECT_PIXELS) -> dict:
     """Score ``model`` on the novel classes of a protocol fold; returns metrics and counts."""
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1 episode, got {limit}")
     cached = open_split(store=vision_cache, split=split)
     # Multi-class (Mosaic-4) scores every class present in the masks, so it needs no
     # fold; resolving one would refuse the mosaic's own class list (or need its root).
@@ -194,6 +196,7 @@ def _result(*, meter: SegmentationMeter, names: list[str], novel, source: str, c
         "fb_iou": meter.fb_iou(),
         "episodes": meter.episodes,
         "per_class": {names[c - 1]: 100.0 * per_class[c] for c in novel if c in per_class},
+        "episodes_per_class": {names[c - 1]: n for c, n in meter.episodes_per_class().items() if c in novel},
         "episode_source": source,
         "pretrained_features": cached.pretrained,
         "meter": meter.state_dict(),

@@ -25,7 +25,13 @@ marked 0 and the next run writes it again. Each writer owns whole shards.
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import shutil
+import socket
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -66,12 +72,30 @@ _IDENTITY_KEYS = ("format_version", "encoder", "weights", "input_size", "grid", 
                   "activation")
 
 
+def _bare_group(path: Path) -> bool:
+    """A root ``zarr.json`` without Fusioner attributes and nothing else: a creation killed half-way."""
+    if {p.name for p in path.iterdir()} - {"zarr.json", LOCK_NAME}:
+        return False
+    try:
+        return ATTR_KEY not in json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return True
+
+
 def open_or_create_store(path: str | Path, *, identity: dict, overwrite: bool = False) -> zarr.Group:
-    """Open ``path`` for appending, refusing a store made differently, or create it."""
+    """Open ``path`` for appending, refusing a store made differently, or create it.
+
+    The root's metadata and attributes are one file written atomically, so a kill leaves
+    no store or a complete (empty) one; a bare root left by older versions is started over.
+    """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file, not a folder for a feature store")
     if overwrite and path.exists():
-        shutil.rmtree(path)
-    if path.exists() and any(path.iterdir()):
+        for child in path.iterdir():  # all but the writer lock, which this run holds
+            if child.name != LOCK_NAME:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    if path.exists() and any(path.iterdir()) and not _bare_group(path):
         root = open_store(path, mode="r+")
         existing = root.attrs[ATTR_KEY]
         for key in _IDENTITY_KEYS:
@@ -82,9 +106,40 @@ def open_or_create_store(path: str | Path, *, identity: dict, overwrite: bool = 
                 )
         return root
     path.mkdir(parents=True, exist_ok=True)
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
-    root.attrs[ATTR_KEY] = {**identity, "created": now_iso(), "versions": package_versions()}
-    return root
+    attributes = {ATTR_KEY: {**identity, "created": now_iso(), "versions": package_versions()}}
+    return zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attributes)
+
+
+LOCK_NAME = ".writer.lock"
+# Zarr lists every entry of a group's folder and warns about what is not a node: not this file.
+warnings.filterwarnings("ignore", message=r"Object at \.writer\.lock is not recognized")
+
+
+@contextmanager
+def writer_lock(path: str | Path):
+    """Hold the store's writer lock while extracting into it; a second writer is refused in one line.
+
+    The lock is ``flock`` on ``<store>/.writer.lock`` (the OS drops it when its holder dies);
+    the file names the holder. The workers of one extraction write disjoint shards under the
+    lock their coordinator holds and take none themselves.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file, not a folder for a feature store")
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / LOCK_NAME, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{path} is being written by {holder}; wait for it to finish or use another --out") \
+                from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}\n")
+        handle.flush()
+        yield
 
 
 def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -55,6 +56,14 @@ class OptimConfig:
     decoder_lr: float = 1e-3
     grad_clip: float = 0.0  # 0 = off
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for quick checks
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise UserError(f"optim.epochs must be at least 1, got {self.epochs}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"optim.lr must be a positive number, got {self.lr}")
+        if self.max_steps < 0 or self.warmup_epochs < 0:
+            raise UserError("optim.max_steps and optim.warmup_epochs must be >= 0")
 
 
 @dataclass

@@ -228,6 +228,8 @@ def train(*, config: TrainConfig, resume: bool = False, quiet: bool = False, hoo
     _fit_model_config(config, prepared)
     _check_resume_identity(config, resume=resume)
     loop = _start(config, prepared, resume=resume)
+    if resume and loop.step >= loop.total_steps and (loop.run / "summary.json").is_file():
+        return json.loads((loop.run / "summary.json").read_text())  # finished already: nothing to redo
     loop.run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(loop.run / "config.json", config)
     everything = [MetricsLog(), Checkpointer(), ProgressBar(quiet=quiet), *hooks]

@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 from pipeline.config import load_file, to_dict, write_json_atomic
 from pipeline.errors import UserError
 from pipeline.eval.evaluate import evaluate_split
-from pipeline.train.config import TrainConfig, build_config
-from pipeline.train.hooks import Hook, Loop, append_record
-from pipeline.train.loop import train
+from pipeline.training.config import TrainConfig, build_config
+from pipeline.training.hooks import Hook, Loop, append_record
+from pipeline.training.loop import train
 
 
 class Validation:
@@ -105,7 +105,7 @@ def _select_best(config: TrainConfig, summary: dict) -> dict:
 
 def train_and_validate(*, config: TrainConfig, resume: bool = False, quiet: bool = False,
                        hooks: Sequence[Hook] = ()) -> dict:
-    """:func:`pipeline.train.loop.train`, with validation on ``config.val_split`` when it is set (before ``hooks``).
+    """:func:`pipeline.training.loop.train`, with validation on ``config.val_split`` when it is set (before ``hooks``).
 
     ``config.select == "best-val"`` reports the weights of the best validation score instead of the final ones.
     """

@@ -11,9 +11,9 @@ from synthetic_data import train_overrides
 
 from pipeline.errors import UserError
 from pipeline.model import build_model, count_parameters, make_model_config
-from pipeline.train.config import OptimConfig, build_config
-from pipeline.train.loop import train
-from pipeline.train.schedule import lr_at, param_groups, set_group_rates
+from pipeline.training.config import OptimConfig, build_config
+from pipeline.training.loop import train
+from pipeline.training.schedule import lr_at, param_groups, set_group_rates
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,7 +71,7 @@ def test_training_the_neither_variant_takes_no_step_and_saves_a_usable_model(gen
                                 f"data.text_cache={gen.vision}", "optim.epochs=1")
     summary = train(config=build_config(preset="tiny", overrides=overrides), quiet=True)
     assert summary["steps"] == 0 and summary["parameters"]["total"] == 0
-    from pipeline.train.checkpoints import load_model
+    from pipeline.training.checkpoints import load_model
 
     model, config = load_model(run)
     assert config.model.fusion.mode == "frozen"
@@ -88,9 +88,9 @@ def _pascal_trn_lists(root, pairs_by_fold):
 
 def test_training_samples_follow_the_standard_lists_when_given(gen, tmp_path):
     from pipeline.store.reader import open_split
-    from pipeline.train.batches import training_pairs
-    from pipeline.train.config import DataConfig, resolve_fold
-    from pipeline.train.lists import restrict_to_lists
+    from pipeline.training.batches import training_pairs
+    from pipeline.training.config import DataConfig, resolve_fold
+    from pipeline.training.lists import restrict_to_lists
 
     split = open_split(store=gen.vision, split="folder/train")
     fold = resolve_fold(data=DataConfig(protocol="pascal5i", fold=0), class_names=split.class_names)
@@ -108,7 +108,7 @@ def test_training_samples_follow_the_standard_lists_when_given(gen, tmp_path):
 
 def test_a_listed_image_missing_from_the_cache_is_refused(gen, tmp_path):
     from pipeline.store.reader import open_split
-    from pipeline.train.lists import restrict_to_lists
+    from pipeline.training.lists import restrict_to_lists
 
     split = open_split(store=gen.vision, split="folder/train")
     lists = _pascal_trn_lists(tmp_path / "splits", {1: [("2008_000001", 6)], 2: [], 3: []})
@@ -117,7 +117,7 @@ def test_a_listed_image_missing_from_the_cache_is_refused(gen, tmp_path):
 
 
 def test_mosaic4_training_composites_see_every_class_of_their_split():
-    from pipeline.train.config import DataConfig, resolve_fold
+    from pipeline.training.config import DataConfig, resolve_fold
 
     fold = resolve_fold(data=DataConfig(protocol="mosaic4", fold=0, classes_per_sample="all"),
                         class_names=["a", "b", "c", "d", "e"])

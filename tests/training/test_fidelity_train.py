@@ -68,7 +68,7 @@ def test_neither_variant_needs_equal_widths_and_no_decoder():
 def test_training_the_neither_variant_takes_no_step_and_saves_a_usable_model(gen, tmp_path):
     run = tmp_path / "neither"
     overrides = train_overrides(gen, run, "model.fusion.mode=frozen", "model.decoder.enabled=false",
-                                f"data.text_cache={gen.vision}", "optim.epochs=1")
+                                f"data.text_cache={gen.vision}", "optim.epochs=2")
     summary = train(config=build_config(preset="tiny", overrides=overrides), quiet=True)
     assert summary["steps"] == 0 and summary["parameters"]["total"] == 0
     from pipeline.training.checkpoints import load_model

@@ -16,6 +16,7 @@ another writes shard ``i - 1``: decoding and writing overlap the forward pass.
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,7 @@ class ExtractReport:
     text_classes: int
     bad: list[tuple[str, str]]
     pretrained: bool
+    shard_seconds: float = 0.0  # render + encode + write of the shards run (encoder build and text excluded)
 
     def describe(self) -> str:
         """What was written, for the command line."""
@@ -112,9 +114,13 @@ def _check_counts(config: ExtractConfig) -> None:
     """Counts below 1 would write zeros, one window per image or nothing at all: refused."""
     for flag, value in (("--views", config.views), ("--workers", config.workers),
                         ("--batch-size", config.batch_size), ("--shard-size", config.shard_size),
-                        ("--stride", config.stride)):
+                        ("--stride", config.stride), ("--writers", config.writers)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    if config.render_workers < 0:
+        raise UserError(f"--render-workers must be at least 0, got {config.render_workers}")
+    if config.layout not in ("image", "shuffled"):
+        raise UserError(f"--layout must be image or shuffled, not '{config.layout}'")
 
 
 def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
@@ -158,7 +164,7 @@ def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
         known = set(read_text(root)[0]) if has_text(root) else set()
         todo = [n for n in names if n not in known]
         if todo:
-            emb = encoders.text.encode_names([text_words(n, words) for n in todo]).cpu().numpy()
+            emb = encoders.text.encode_names([text_words(n, words) for n in todo], quiet=quiet).cpu().numpy()
             write_text(root, names=todo, embeddings=emb,
                        meta={"encoder": spec.name, "templates": list(TEMPLATES), "class_words": words,
                              "prompt_names": {n: text_words(n, words) for n in names}})
@@ -176,6 +182,7 @@ def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
     repair_lost_shards(group, quiet=quiet)
     done = done_shards(group)
     todo = [int(s) for s in np.flatnonzero(~done)]
+    started = time.perf_counter()
     if config.workers > 1 and len(todo) > 1:
         from pipeline.encode.parallel import run_parallel
 
@@ -183,9 +190,10 @@ def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
         bad = run_parallel(config=config, shards=todo, group_path=plan.group_path, client=client, quiet=quiet)
     else:
         bad = run_shards(config=config, shards=todo, encoders=encoders, dataset=dataset, quiet=quiet) if todo else []
+    shard_seconds = time.perf_counter() - started
     skipped = plan.meta["plan_skipped"] + [list(b) for b in bad]
     if skipped:
         group.attrs["skipped"] = sorted({tuple(s) for s in skipped} | {tuple(s) for s in group.attrs.get("skipped", [])})
     return ExtractReport(out=config.out, split=plan.group_path, views=plan.num_views, shards_run=len(todo),
                          shards_skipped=int(done.sum()), text_classes=text_count, bad=[tuple(s) for s in skipped],
-                         pretrained=bool(identity["pretrained"]))
+                         pretrained=bool(identity["pretrained"]), shard_seconds=shard_seconds)

@@ -52,12 +52,24 @@ class ExtractConfig:
     episodes: str | None = None  # a splits folder: extract only the images the standard episodes score
     episode_folds: list[int] = field(default_factory=list)  # with episodes: these folds (default: all)
     normalize: str = "auto"  # auto (voc/coco: the released dataset statistics), encoder, pascal, coco
+    # "image": an image's views side by side; "shuffled": views in a seeded random order across images,
+    # in shards of about 128 MiB, so that contiguous reads are already mixed batches (read_mode stream).
+    layout: str = "image"
+    render_workers: int = 0  # processes decoding and rendering shards ahead of the encoder (0: one thread)
+    writers: int = 2  # threads writing finished shards (each shard has exactly one writer)
 
     @property
     def kind(self) -> str:
         if self.split in TRAIN_SPLITS:
             return "views"
         return "resize" if self.eval_resize else "windows"
+
+
+def config_from_dict(data: dict) -> ExtractConfig:
+    """The inverse of ``dataclasses.asdict`` (how a config travels to worker processes)."""
+    data = dict(data)
+    data["augment"] = AugmentConfig(**data["augment"])
+    return ExtractConfig(**data)
 
 
 # Readers whose evaluation images come from a protocol's standard episode lists.
@@ -95,10 +107,10 @@ def open_extraction_dataset(config: ExtractConfig):
 # --------------------------------------------------------------------------- #
 
 
-def _default_shard_size(*, tokens: int, dim: int, views_per_image: int, num_views: int) -> int:
-    """About 16 MiB of fp16 features per shard, a multiple of the views per image."""
+def _default_shard_size(*, tokens: int, dim: int, views_per_image: int, num_views: int, mib: int = 16) -> int:
+    """About ``mib`` MiB of fp16 features per shard, a multiple of the views per image."""
     per_view = max(tokens * dim * 2, 1)
-    size = max(1, (16 << 20) // per_view)
+    size = max(1, (mib << 20) // per_view)
     size = max(views_per_image, size - size % views_per_image)
     return max(1, min(size, num_views))
 
@@ -133,10 +145,15 @@ def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, 
             rows.append((index, ViewParams(box=(0, 0, width, height))))
     if not rows:
         raise UserError(f"{dataset.name} {dataset.split}: no readable images to extract")
+    if config.layout not in ("image", "shuffled"):
+        raise UserError(f"--layout must be image or shuffled, not '{config.layout}'")
     n = len(rows)
-    per_image = config.views if kind == "views" else 1
+    shuffled = config.layout == "shuffled" and kind == "views"
+    order = np.random.default_rng([config.seed, 0x5EED]).permutation(n) if shuffled else np.arange(n)
+    rows = [rows[i] for i in order]
+    per_image = config.views if kind == "views" and not shuffled else 1
     shard = config.shard_size or _default_shard_size(tokens=tokens, dim=dim, views_per_image=per_image,
-                                                      num_views=n)
+                                                      num_views=n, mib=128 if shuffled else 16)
     described = dataset.describe()
     # Part of the signature a resumed run must match: the same folder, however its path is spelled.
     described["root"] = str(Path(described["root"]).resolve())
@@ -148,6 +165,8 @@ def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, 
             "normalize": resolve_normalization(config.normalize, dataset=config.dataset,
                                                spec=get_spec(config.backbone)),
             "dataset": described, "plan_skipped": skipped}
+    if shuffled:  # only then, so that stores planned before the option existed keep their signature
+        meta["layout"] = "shuffled"
     return SplitPlan(
         dataset=dataset.name, split=dataset.split, kind=kind, image_ids=list(dataset.ids), image_hw=image_hw,
         view_image=np.array([r[0] for r in rows], np.int32),
@@ -155,4 +174,5 @@ def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, 
         view_flip=np.array([r[1].flip for r in rows], bool),
         view_jitter=np.array([r[1].jitter for r in rows], np.float32).reshape(n, 4),
         class_names=list(dataset.class_names), shard_size=shard, meta=meta,
+        view_order=order.astype(np.int32) if shuffled else None,
     )

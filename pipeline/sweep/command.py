@@ -28,7 +28,8 @@ def describe_runs(runs: list[Run]) -> str:
 
 
 def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int, gpus_per_job: int,
-                  workers: int | None, dry_run: bool, retries: int, quiet: bool, overrides: Mapping[str, Any]) -> int:
+                  workers: int | None, dry_run: bool, retries: int, quiet: bool, overrides: Mapping[str, Any],
+                  estimate: bool = False, gpu: str = "h100", timings: Path | None = None) -> int:
     """Run a whole study (folds x encoder pairs x variants x swept keys x seeds) and write the paper's table.
 
     Finished runs are skipped, so a killed sweep resumes by running the same command again; an
@@ -43,6 +44,8 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
 
       fusioner sweep pipeline/studies/table1.yaml --dry-run              # list runs, their folders and done state
 
+      fusioner sweep pipeline/studies/table1.yaml --estimate --gpu h100  # GPU-hours before committing a cluster
+
       fusioner sweep pipeline/studies/tiny.yaml --workers 2 --set optim.max_steps=20
 
       fusioner sweep pipeline/studies/table2.yaml --scheduler tcp://10.0.0.5:8786
@@ -53,6 +56,9 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
     ``study.<section>.<key>=value``, the study file itself (``study.grid.seeds=[0,1,2]``,
     ``study.out=/scratch/t4``).
     """
+    if estimate:
+        print(estimate_command(study=study, gpu=gpu, timings=timings, overrides=overrides))
+        return 0
     result = run_study(study=study, scheduler=scheduler, slurm=slurm, jobs=jobs, gpus_per_job=gpus_per_job,
                        workers=workers, dry_run=dry_run, retries=retries, quiet=quiet, overrides=overrides)
     if dry_run:
@@ -66,6 +72,14 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
     for line in result.failed:
         print(f"failed: {line}", file=sys.stderr)
     return 1 if result.failed else 0
+
+
+def estimate_command(*, study: Path, gpu: str, timings: Path | None, overrides: Mapping[str, Any] | None) -> str:
+    """The ``--estimate`` table: runs x steps x seconds per step = GPU-hours, per preset (runs nothing)."""
+    from pipeline.sweep.estimate import estimate_study, format_estimate
+
+    spec = load_study(path=Path(study), overrides=overrides or {})
+    return format_estimate(estimate_study(runs=expand_runs(spec), gpu=gpu, timings_file=timings), study_name=spec.name)
 
 
 @dataclass
@@ -125,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     whole.add_argument("--gpus-per-job", type=int, default=1)
     whole.add_argument("--workers", type=int, default=None)
     whole.add_argument("--dry-run", action="store_true")
+    whole.add_argument("--estimate", action="store_true")
+    whole.add_argument("--gpu", default="h100")
+    whole.add_argument("--timings", type=Path, default=None)
     whole.add_argument("--retries", type=int, default=2)
     whole.add_argument("--quiet", "-q", action="store_true")
     whole.add_argument("--set", dest="overrides", action="append", default=[])
@@ -138,7 +155,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_main(["run", str(args.run_dir)] + (["--threads", str(args.threads)] if args.threads else []))
     return sweep_command(study=args.study, scheduler=args.scheduler, slurm=args.slurm, jobs=args.jobs,
                          gpus_per_job=args.gpus_per_job, workers=args.workers, dry_run=args.dry_run,
-                         retries=args.retries, quiet=args.quiet, overrides=as_settings(args.overrides))
+                         estimate=args.estimate, gpu=args.gpu, timings=args.timings, retries=args.retries, quiet=args.quiet, overrides=as_settings(args.overrides))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,11 @@ class DataConfig:
     novel_pixels: Literal["background", "ignore"] = "background"
     # A splits folder: train only on the protocol's standard (image, class) lists (pascal/trn, coco/trn).
     train_lists: str | None = None
-    read_mode: Literal["auto", "memory", "shards"] = "auto"
+    # memory: load the split once; stream: contiguous block reads by `readers` threads into a shuffle
+    # buffer, targets built on the device; shards: the older row-by-row reader. auto: memory if it fits.
+    read_mode: Literal["auto", "memory", "shards", "stream"] = "auto"
     memory_limit_gb: float = 8.0
+    readers: int = 4  # reader threads of read_mode stream
 
     def __post_init__(self) -> None:
         self.classes_per_sample = str(self.classes_per_sample)
@@ -77,6 +80,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False  # torch.compile the model (measure first: docs/benchmarks.md)
     out: str = "runs/default"
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0 = at the end of every epoch only
@@ -95,7 +99,7 @@ class TrainConfig:
 # a resumed run may change them (e.g. raise optim.max_steps) and still reach the
 # weights of an uninterrupted run.
 RESUME_FREE_KEYS = ("optim.max_steps", "out", "log_every", "checkpoint_every", "val_split", "eval_every",
-                    "splits_dir")
+                    "splits_dir", "data.readers", "compile")
 
 
 def resume_identity(config: TrainConfig | dict) -> str:

@@ -206,6 +206,25 @@ def test_dry_run_lists_runs_with_their_state_and_writes_nothing(reference, capsy
     assert sorted(str(p) for p in out.rglob("*")) == before
 
 
+def test_estimate_prices_runs_times_steps_times_seconds_per_step(reference, capsys, tmp_path):
+    from pipeline.sweep.estimate import PEAK_TFLOPS, RECORDED_GFLOP, ASSUMED_UTILISATION
+
+    assert sweep(reference, estimate=True, gpu="a100", overrides=["study.grid.seeds=[0, 1]"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| tiny |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "8 (4)" and int(cells[2].replace(",", "")) == 8 * 12  # 8 runs of max_steps 12
+    per_step = RECORDED_GFLOP["tiny"] * 1e9 * 8 / (PEAK_TFLOPS["a100"] * 1e12 * ASSUMED_UTILISATION)
+    assert float(cells[3]) == pytest.approx(per_step, abs=1e-4) and "projected" in cells[5]
+    timings = tmp_path / "gpu.json"
+    timings.write_text('{"preset": "tiny", "batch_size": 8, "steps_per_s": 4.0, "machine": "H100 test"}\n')
+    assert sweep(reference, estimate=True, gpu="h100", timings=timings) == 0
+    out = capsys.readouterr().out
+    assert "measured by bench gpu on H100 test" in out and "total: 0.0 GPU-hours" in out
+    with pytest.raises(UserError, match="recorded figures exist for"):
+        sweep(reference, estimate=True, gpu="tpu")
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"grid_extra": {"colours": [1]}}, "unknown grid key 'colours'"),
     ({"top": {"budget": 3}}, "unknown study key 'budget'"),

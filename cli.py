@@ -141,6 +141,14 @@ def extract(
     layout: str = typer.Option("image", "--layout", metavar="LAYOUT",
                                help="image, or shuffled: views in a seeded random order in ~128 MiB shards, for streaming."),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:1 ..."),
+    class_words: str = typer.Option("auto", "--class-words", metavar="WORDS",
+                                    help="raw split-file names (auto for voc/coco, as released) or natural words."),
+    normalize: str = typer.Option("auto", "--normalize", metavar="STATS",
+                                  help="auto (voc/coco: the released dataset statistics), encoder, pascal, coco."),
+    last_window: str = typer.Option("pad", "--last-window", metavar="RULE", help="pad (released) or slide the last partial window."),
+    episodes: Optional[Path] = typer.Option(None, "--episodes", metavar="SPLITS",
+                                            help="Splits folder: only the images its standard episodes score."),
+    fold: List[int] = typer.Option([], "--fold", metavar="N", help="With --episodes: these folds (default all)."),
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -155,6 +163,7 @@ def extract(
       fusioner extract --backbone clip-l --dataset voc --data-root ~/data/VOCdevkit/VOC2012 --split val
       fusioner extract --backbone clip-l --dataset voc --data-root ~/data/VOCdevkit/VOC2012 --views 4 --layout shuffled --render-workers 12
       fusioner extract --backbone bert-b --text-only --dataset voc --out cache/bert-b
+      fusioner extract --backbone clip-l --dataset coco --data-root ~/data/coco --split val --episodes ../shared/splits
     """
     from pipeline.encode.extract import extract as run_extract
     from pipeline.encode.plan import ExtractConfig
@@ -166,6 +175,8 @@ def extract(
         batch_size=batch_size, shard_size=shard_size, text_only=text_only, vision_only=vision_only,
         weights=str(weights) if weights else None, random_init=random_init, skip_bad=skip_bad,
         overwrite=overwrite, workers=workers, device=device, extra_names=list(names or []),
+        class_words=class_words, normalize=normalize, last_window=last_window,
+        episodes=str(episodes) if episodes else None, episode_folds=list(fold),
         render_workers=render_workers, writers=writers, layout=layout,
     )
     report = run_extract(config=config, quiet=_quiet(quiet))

@@ -15,19 +15,21 @@ another writes shard ``i - 1``: decoding and writing overlap the forward pass.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.encode.families import create_encoder
-from pipeline.encode.plan import ExtractConfig, plan_split
+from pipeline.encode.plan import ExtractConfig, open_extraction_dataset, plan_split
 from pipeline.encode.prompts import TEMPLATES
-from pipeline.encode.registry import get_spec
+from pipeline.encode.registry import activation, get_spec
 from pipeline.encode.shards import run_shards
 from pipeline.errors import UserError
 from pipeline.runtime import resolve_device
 from pipeline.store.layout import (
+    check_text_words,
     has_text,
     open_or_create_store,
     read_text,
@@ -122,7 +124,7 @@ def _check_counts(config: ExtractConfig) -> None:
 
 
 def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
-    from pipeline.data.labels import prompt_name
+    from pipeline.data.labels import resolve_class_words, text_words
     from pipeline.data.registry import create_dataset
 
     spec = get_spec(config.backbone)
@@ -134,8 +136,7 @@ def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
     if want_vision:
         if not config.dataset or not config.data_root:
             raise UserError("extracting image features needs --dataset and --data-root")
-        dataset = create_dataset(config.dataset, root=config.data_root, split=config.split,
-                                 skip_bad=config.skip_bad, **config.dataset_options)
+        dataset = open_extraction_dataset(config)
     elif config.dataset and config.data_root:
         dataset = create_dataset(config.dataset, root=config.data_root, split=config.split,
                                  skip_bad=config.skip_bad, **config.dataset_options)
@@ -153,23 +154,30 @@ def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
     grid = encoders.vision.grid if encoders.vision else None
     identity = store_identity(
         encoder=spec.name, weights=encoders.weights.to_dict(), input_size=input_size, grid=grid,
-        vision_dim=spec.vision_dim or None, text_dim=spec.text_dim or None, mean=spec.mean, std=spec.std)
+        vision_dim=spec.vision_dim or None, text_dim=spec.text_dim or None, mean=spec.mean, std=spec.std,
+        activation=activation(spec))
     root = open_or_create_store(config.out, identity=identity, overwrite=config.overwrite)
     text_count = 0
     if encoders.text is not None and names:
+        words = resolve_class_words(config.class_words, dataset=config.dataset)
+        check_text_words(root, class_words=words)
         known = set(read_text(root)[0]) if has_text(root) else set()
         todo = [n for n in names if n not in known]
         if todo:
-            emb = encoders.text.encode_names([prompt_name(n) for n in todo], quiet=quiet).cpu().numpy()
+            emb = encoders.text.encode_names([text_words(n, words) for n in todo], quiet=quiet).cpu().numpy()
             write_text(root, names=todo, embeddings=emb,
-                          meta={"encoder": spec.name, "templates": list(TEMPLATES),
-                                "prompt_names": {n: prompt_name(n) for n in names}})
+                       meta={"encoder": spec.name, "templates": list(TEMPLATES), "class_words": words,
+                             "prompt_names": {n: text_words(n, words) for n in names}})
         text_count = len(names)
     if not want_vision:
         return ExtractReport(out=config.out, split=None, views=0, shards_run=0, shards_skipped=0,
                              text_classes=text_count, bad=[], pretrained=encoders.weights.pretrained)
     tokens = grid[0] * grid[1]
     plan = plan_split(dataset=dataset, config=config, input_size=input_size, tokens=tokens, dim=spec.vision_dim)
+    if not quiet:  # what is about to be written, before the first pixel is decoded
+        size = plan.num_views * tokens * spec.vision_dim * 2
+        print(f"{plan.group_path}: {len(plan.image_ids)} images, {plan.num_views} views, about "
+              f"{size / 2**30:.2f} GiB of fp16 features", file=sys.stderr)
     group = create_split(root, plan=plan, tokens=tokens, dim=spec.vision_dim, input_size=input_size)
     repair_lost_shards(group, quiet=quiet)
     done = done_shards(group)

@@ -15,6 +15,7 @@ from pipeline.data.views import (
     view_rng,
     window_boxes,
 )
+from pipeline.encode.registry import get_spec, resolve_normalization
 from pipeline.errors import UserError
 from pipeline.store.splits import SplitPlan
 
@@ -46,6 +47,11 @@ class ExtractConfig:
     device: str = "auto"
     extra_names: list[str] = field(default_factory=list)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    last_window: str = "pad"  # evaluation windows: pad the last partial one (released) or slide it back
+    class_words: str = "auto"  # raw split-file names (auto for voc/coco, as released) or natural words
+    episodes: str | None = None  # a splits folder: extract only the images the standard episodes score
+    episode_folds: list[int] = field(default_factory=list)  # with episodes: these folds (default: all)
+    normalize: str = "auto"  # auto (voc/coco: the released dataset statistics), encoder, pascal, coco
     # "image": an image's views side by side; "shuffled": views in a seeded random order across images,
     # in shards of about 128 MiB, so that contiguous reads are already mixed batches (read_mode stream).
     layout: str = "image"
@@ -64,6 +70,36 @@ def config_from_dict(data: dict) -> ExtractConfig:
     data = dict(data)
     data["augment"] = AugmentConfig(**data["augment"])
     return ExtractConfig(**data)
+
+
+# Readers whose evaluation images come from a protocol's standard episode lists.
+_EPISODE_PROTOCOLS = {"coco": "coco20i", "coco2014": "coco20i", "voc": "pascal5i", "pascal": "pascal5i"}
+
+
+def open_extraction_dataset(config: ExtractConfig):
+    """The reader an extraction runs over; with ``episodes``, only the images the standard episodes score
+    (COCO-20i: the first 1000 episodes of each fold use 730-894 of the 40,504 val images)."""
+    from pipeline.data.protocols import load_episodes, protocol_entry
+    from pipeline.data.registry import create_dataset
+
+    dataset = create_dataset(config.dataset, root=config.data_root, split=config.split,
+                             skip_bad=config.skip_bad, **config.dataset_options)
+    if not config.episodes:
+        return dataset
+    protocol = _EPISODE_PROTOCOLS.get(config.dataset or "")
+    if protocol is None:
+        raise UserError(f"--episodes knows the episode lists of {', '.join(sorted(_EPISODE_PROTOCOLS))}, "
+                        f"not of reader {config.dataset!r}")
+    folds = config.episode_folds or list(range(protocol_entry(protocol).folds))
+    wanted = {e.image_id for fold in folds
+              for e in load_episodes(protocol=protocol, fold=fold, splits_dir=Path(config.episodes))}
+    missing = sorted(wanted - set(dataset.ids))
+    if missing:
+        raise UserError(f"{len(missing)} image(s) of the {protocol} episodes in {config.episodes} are not in "
+                        f"{dataset.root} {dataset.split} (first: {missing[0]})")
+    dataset.ids = [i for i in dataset.ids if i in wanted]
+    dataset.lists.append(f"{Path(config.episodes).resolve()} {protocol} folds {folds}")
+    return dataset
 
 
 # --------------------------------------------------------------------------- #
@@ -102,7 +138,8 @@ def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, 
                 rng = view_rng(seed=config.seed, image_index=index, view_index=k)
                 rows.append((index, sample_view(rng=rng, height=height, width=width, aug=config.augment)))
         elif kind == "windows":
-            for box in window_boxes(height=height, width=width, size=input_size, stride=stride):
+            for box in window_boxes(height=height, width=width, size=input_size, stride=stride,
+                                    last=config.last_window):
                 rows.append((index, ViewParams(box=box)))
         else:
             rows.append((index, ViewParams(box=(0, 0, width, height))))
@@ -123,7 +160,10 @@ def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, 
     described["lists"] = [str(Path(p).resolve()) for p in described["lists"]]
     meta = {"seed": config.seed, "views": config.views if kind == "views" else None,
             "stride": stride if kind == "windows" else None, "input_size": input_size,
+            "last_window": config.last_window if kind == "windows" else None,
             "augment": vars(config.augment) if kind == "views" else None,
+            "normalize": resolve_normalization(config.normalize, dataset=config.dataset,
+                                               spec=get_spec(config.backbone)),
             "dataset": described, "plan_skipped": skipped}
     if shuffled:  # only then, so that stores planned before the option existed keep their signature
         meta["layout"] = "shuffled"

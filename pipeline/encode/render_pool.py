@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from pipeline.encode.plan import ExtractConfig, config_from_dict
+from pipeline.encode.plan import ExtractConfig, config_from_dict, open_extraction_dataset
 
 
 class ShardSource(torch.utils.data.Dataset):
@@ -39,13 +39,11 @@ class ShardSource(torch.utils.data.Dataset):
         return len(self.shards)
 
     def _open(self):
-        from pipeline.data.registry import create_dataset
         from pipeline.store.layout import open_store
 
         if self._state is None:
             config = config_from_dict(self.config)
-            dataset = create_dataset(config.dataset, root=config.data_root, split=config.split,
-                                     skip_bad=config.skip_bad, **config.dataset_options)
+            dataset = open_extraction_dataset(config)  # the same images as the plan (--episodes included)
             self._state = (dataset, open_store(config.out)[self.group_path], config.skip_bad)
         return self._state
 

@@ -14,7 +14,7 @@ import torch
 from pipeline.data.labels import IGNORE
 from pipeline.data.views import ViewParams, render_view
 from pipeline.encode.families import create_encoder
-from pipeline.encode.plan import ExtractConfig
+from pipeline.encode.plan import ExtractConfig, open_extraction_dataset
 from pipeline.encode.towers import Encoders
 from pipeline.runtime import progress, resolve_device
 from pipeline.store.layout import open_store, store_attrs
@@ -155,19 +155,20 @@ def _threaded_renders(render, shards: list[int]):
 def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders | None = None,
                dataset=None, quiet: bool = False, progress_desc: str = "extract") -> list[tuple[str, str]]:
     """Extract the given shards of a planned split; returns the (image id, reason) of bad images."""
-    from pipeline.data.registry import create_dataset
     from pipeline.encode.render_pool import rendered_shards
 
     root = open_store(config.out, mode="r+")
     attrs = store_attrs(root)
-    dataset = dataset or create_dataset(config.dataset, root=config.data_root, split=config.split,
-                                        skip_bad=config.skip_bad, **config.dataset_options)
+    dataset = dataset or open_extraction_dataset(config)
     group = root[f"{dataset.name}/{dataset.split}"]
     input_size = int(attrs["input_size"])
     if encoders is None:
         encoders = create_encoder(config.backbone, text=False, weights=config.weights,
                                   random_init=config.random_init, input_size=input_size,
                                   device=resolve_device(config.device))
+    normalization = group.attrs["meta"].get("normalize")  # recorded by the plan: what every shard applies
+    if normalization:
+        encoders.vision.use_normalization(mean=normalization["mean"], std=normalization["std"])
     total_views = sum(np.subtract(*shard_bounds(group, s)[::-1]) for s in shards)
     if config.render_workers > 0 and shards:
         items = rendered_shards(render=render_shard, config=config, group_path=f"{dataset.name}/{dataset.split}",

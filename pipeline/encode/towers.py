@@ -46,8 +46,12 @@ class VisionEncoder:
         self.dim = spec.vision_dim
         self.weights = weights
         self.device = device
-        self._mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+        self.use_normalization(mean=spec.mean, std=spec.std)
+
+    def use_normalization(self, *, mean, std) -> None:
+        """Normalise with these statistics instead (the released recipe's dataset statistics)."""
+        self._mean = torch.tensor(list(mean), device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std = torch.tensor(list(std), device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
 
     def normalize(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """[B, S, S, 3] uint8 -> [B, 3, S, S] float, the encoder's mean/std applied."""

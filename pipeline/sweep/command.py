@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline.config import as_settings
 from pipeline.errors import UserError, run_entry
+from pipeline.sweep.caches import describe_caches, needed
 from pipeline.sweep.cluster import open_cluster
 from pipeline.sweep.scheduler import run_all
 from pipeline.sweep.study import Run, expand_runs, load_study, run_state
@@ -21,7 +22,8 @@ def describe_runs(runs: list[Run]) -> str:
     states = [run_state(run.dir) for run in runs]
     lines = [f"{len(runs)} runs: " + ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "failed", "pending")
                                               if s in states)]
-    lines += [f"{state:8s} {run.describe()}  {run.dir}" for run, state in zip(runs, states)]
+    lines += [f"{state:8s} {run.describe()}  {run.dir}  needs: "
+              + ", ".join(f"{store} {split}" for store, split in needed(run)) for run, state in zip(runs, states)]
     return "\n".join(lines)
 
 
@@ -61,6 +63,7 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
                        workers=workers, dry_run=dry_run, retries=retries, quiet=quiet, overrides=overrides)
     if dry_run:
         print(result.plan)
+        print(result.caches, file=sys.stderr)  # stdout stays one line per run, for scripts
         return 0
     if not quiet:
         print(result.table)
@@ -83,7 +86,8 @@ def estimate_command(*, study: Path, gpu: str, timings: Path | None, overrides: 
 class StudyResult:
     """What a study run returns: its plan, its table, and which runs failed."""
 
-    plan: str  # one line per run: state, description, folder
+    plan: str  # one line per run: state, description, folder, the stores it reads
+    caches: str = ""  # dry run: every store/split the runs need, present or missing, and how to make it
     table: str = ""  # the paper-layout table, Markdown
     out: Path | None = None  # where results.csv, table.md, table.csv and chart.png are
     done: int = 0
@@ -102,9 +106,9 @@ def run_study(*, study: Path, scheduler: str | None = None, slurm: bool = False,
     if retries < 0 or jobs < 1 or gpus_per_job < 0 or (workers is not None and workers < 1):
         raise UserError("--retries and --gpus-per-job must be >= 0, --jobs and --workers >= 1")
     spec = load_study(path=Path(study), overrides=overrides or {})
-    runs = expand_runs(spec)
+    runs = expand_runs(spec, check_caches=not dry_run)  # a dry run plans without any cache present
     if dry_run:
-        return StudyResult(plan=describe_runs(runs))
+        return StudyResult(plan=describe_runs(runs), caches=describe_caches(runs))
     unique = {r.key: r for r in runs}
     todo = [run for run in unique.values() if run_state(run.dir) != "done"]
     errors: dict[str, str] = {}

@@ -49,8 +49,9 @@ from pipeline.training.config import (
 )
 from pipeline.training.hooks import Checkpointer, Hook, Loop, MetricsLog, ProgressBar, run_hooks
 from pipeline.training.inputs import write_run_inputs
+from pipeline.training.lists import restrict_to_lists
 from pipeline.training.losses import binary_segmentation_loss
-from pipeline.training.schedule import lr_at, param_groups, wd_at
+from pipeline.training.schedule import lr_at, param_groups, set_group_rates, wd_at
 from pipeline.training.stream import StreamBatch, stream_batches
 
 
@@ -79,6 +80,9 @@ def prepare_data(config: TrainConfig) -> Prepared:
     fold = resolve_fold(data=data, class_names=split.class_names)
     text = class_embeddings(text_store=data.text_store, names=split.class_names)
     samples = training_pairs(split=split, seen=fold.seen, classes_per_sample=data.classes_per_sample)
+    if data.train_lists:
+        samples = restrict_to_lists(samples=samples, split=split, protocol=data.protocol, fold=data.fold,
+                                    splits_dir=data.train_lists)
     mode = data.read_mode
     if mode == "auto":
         features = split.group["features"]
@@ -128,9 +132,11 @@ def _start(config: TrainConfig, prepared: Prepared, *, resume: bool) -> Loop:
     model = build_model(config.model).to(device)
     if device.type == "cuda" and model.decoder is not None:
         model.decoder.to(memory_format=torch.channels_last)  # cuDNN's fast layout for the conv decoder
+    groups = param_groups(model, optim=config.optim)
+    # A parameter-free variant (fusion.mode frozen) has nothing to optimise: it trains no step.
     # The fused kernel updates every parameter in one launch; it exists for CUDA tensors only.
-    optimizer = torch.optim.AdamW(param_groups(model), lr=config.optim.lr, weight_decay=config.optim.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(groups, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
+                                  fused=device.type == "cuda") if groups else None
     position = {"epoch": 0, "batch": 0, "step": 0}
     run = Path(config.out)
     if resume:
@@ -161,10 +167,7 @@ def train_step(loop: Loop, batch) -> float:
     optim = loop.config.optim
     lr = lr_at(step=loop.step, steps_per_epoch=loop.steps_per_epoch, optim=optim)
     wd = wd_at(step=loop.step, steps_per_epoch=loop.steps_per_epoch, optim=optim)
-    for group in loop.optimizer.param_groups:
-        group["lr"] = lr
-        if group.get("wd_schedule"):
-            group["weight_decay"] = wd
+    set_group_rates(loop.optimizer, lr=lr, wd=wd)
     device = loop.device
     if isinstance(batch, StreamBatch):
         feats, text, mask, targets = batch.to_device(device)
@@ -251,7 +254,8 @@ def train(*, config: TrainConfig, resume: bool = False, quiet: bool = False, hoo
     everything = [MetricsLog(), Checkpointer(), ProgressBar(quiet=quiet), *hooks]
     run_hooks(everything, "before_train", loop)
     try:
-        _run_epochs(loop, prepared, everything)
+        if loop.optimizer is not None:
+            _run_epochs(loop, prepared, everything)
     finally:
         run_hooks(everything, "after_train", loop)
     _save_final(loop)

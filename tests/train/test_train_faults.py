@@ -92,7 +92,9 @@ def test_an_empty_train_state_is_a_one_line_error_when_nothing_else_is_left(gen,
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("optim.epochs=0", "optim.epochs must be at least 1"),
+    ("optim.epochs=0", "optim.epochs and optim.batch_size must be at least 1"),
+    ("optim.batch_size=0", "optim.epochs and optim.batch_size must be at least 1"),
+    ("optim.batch_size=-1", "optim.epochs and optim.batch_size must be at least 1"),
     ("optim.lr=.nan", "optim.lr must be a positive number"),
     ("optim.lr=-0.1", "optim.lr must be a positive number"),
     ("optim.max_steps=-2", "must be >= 0"),

@@ -89,7 +89,7 @@ def listed_episodes(*, split: CachedSplit, protocol: str, fold: int, splits_dir:
 
 def _fold_for_eval(*, protocol: str, fold: int, class_names: list[str], novel_names: list[str]):
     from pipeline.data.protocols import create_protocol
-    from pipeline.train.config import DataConfig, resolve_fold
+    from pipeline.training.config import DataConfig, resolve_fold
 
     if protocol == "coco2voc":
         proto = create_protocol("coco2voc")

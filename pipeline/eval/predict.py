@@ -69,11 +69,17 @@ def predict_photo(*, image: str | Path, classes: list[str], checkpoint: str | Pa
 
 
 @torch.inference_mode()
-def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, out: str | Path,
+def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, out: str | Path | None,
             device: str = "cpu", resize: bool = False, stride: int | None = None,
             encoders=None) -> dict:
-    """Segment ``image`` into ``classes``; writes masks, a label map, an overlay and a JSON summary."""
-    from pipeline.train.checkpoints import load_model
+    """Segment ``image`` into ``classes``.
+
+    Returns the JSON summary plus ``label_map`` ([H, W], 0 = background, j + 1 =
+    ``classes[j]``) and ``probabilities`` ([C, H, W] float32) as arrays. With
+    ``out``, also writes one mask per class, the label map, an overlay and
+    ``prediction.json`` there.
+    """
+    from pipeline.training.checkpoints import load_model
 
     model, config = load_model(checkpoint, device=device)
     vision_store = config.data.cache
@@ -93,7 +99,23 @@ def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, ou
     full = stitch(logits, boxes=np.asarray(boxes), flips=np.zeros(len(boxes), bool), height=height, width=width)
     labels, probs = model.predict_masks(full[None])  # [1, H, W], [1, C, H, W]
     labels = labels[0].cpu().numpy().astype(np.uint8)
-    out = Path(out)
+    pretrained = bool(attrs["pretrained"])
+    summary = {
+        "image": str(image), "size": [height, width], "classes": classes, "views": len(boxes),
+        "coverage": {n: float((labels == j + 1).mean()) for j, n in enumerate(classes)},
+        "checkpoint": str(checkpoint), "pretrained_features": pretrained,
+    }
+    if out is not None:
+        summary.update(_write_prediction(out=Path(out), image=image, pixels=pixels, labels=labels, classes=classes,
+                                         pretrained=pretrained))
+        (Path(out) / "prediction.json").write_text(json.dumps(summary, indent=2) + "\n")
+    arrays = {"label_map": labels, "probabilities": probs[0].detach().float().cpu().numpy()}
+    return {**summary, **arrays}
+
+
+def _write_prediction(*, out: Path, image, pixels: np.ndarray, labels: np.ndarray, classes: list[str],
+                      pretrained: bool) -> dict:
+    """Masks, label map and overlay files; returns their names for the summary."""
     out.mkdir(parents=True, exist_ok=True)
     Image.fromarray(labels).save(out / "labels.png")
     files = {}
@@ -101,14 +123,6 @@ def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, ou
         path = out / f"mask_{j + 1:02d}_{_slug(name)}.png"
         Image.fromarray(((labels == j + 1) * 255).astype(np.uint8)).save(path)
         files[name] = path.name
-    pretrained = bool(attrs["pretrained"])
     title = f"{Path(image).name}" + ("" if pretrained else "  [random-init vision tower: pipeline check]")
     overlay(image=pixels, labels=labels, names=classes, out=out / "overlay.png", title=title)
-    summary = {
-        "image": str(image), "size": [height, width], "classes": classes, "views": len(boxes),
-        "coverage": {n: float((labels == j + 1).mean()) for j, n in enumerate(classes)},
-        "masks": files, "overlay": "overlay.png", "labels": "labels.png",
-        "checkpoint": str(checkpoint), "pretrained_features": pretrained,
-    }
-    (out / "prediction.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return {"masks": files, "overlay": "overlay.png", "labels": "labels.png"}

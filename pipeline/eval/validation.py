@@ -16,9 +16,9 @@ from typing import Any
 
 from pipeline.config import load_file, to_dict
 from pipeline.eval.evaluate import evaluate_split
-from pipeline.train.config import TrainConfig, build_config
-from pipeline.train.hooks import Hook, Loop, append_record
-from pipeline.train.loop import train
+from pipeline.training.config import TrainConfig, build_config
+from pipeline.training.hooks import Hook, Loop, append_record
+from pipeline.training.loop import train
 
 
 class Validation:
@@ -40,7 +40,7 @@ class Validation:
 
 def train_and_validate(*, config: TrainConfig, resume: bool = False, quiet: bool = False,
                        hooks: Sequence[Hook] = ()) -> dict:
-    """:func:`pipeline.train.loop.train`, with validation on ``config.val_split`` when it is set (before ``hooks``)."""
+    """:func:`pipeline.training.loop.train`, with validation on ``config.val_split`` when it is set (before ``hooks``)."""
     validation = [Validation()] if config.val_split else []
     return train(config=config, resume=resume, quiet=quiet, hooks=[*validation, *hooks])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,18 +51,48 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
     ``study.<section>.<key>=value``, the study file itself (``study.grid.seeds=[0,1,2]``,
     ``study.out=/scratch/t4``).
     """
+    result = run_study(study=study, scheduler=scheduler, slurm=slurm, jobs=jobs, gpus_per_job=gpus_per_job,
+                       workers=workers, dry_run=dry_run, retries=retries, quiet=quiet, overrides=overrides)
+    if dry_run:
+        print(result.plan)
+        return 0
+    if not quiet:
+        print(result.table)
+        print(f"{result.done} of {result.total} runs done, {len(result.failed)} failed; wrote {result.out}/results.csv, "
+              f"table.md, table.csv, chart.png")
+    for line in result.failed:
+        print(f"failed: {line}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+@dataclass
+class StudyResult:
+    """What a study run returns: its plan, its table, and which runs failed."""
+
+    plan: str  # one line per run: state, description, folder
+    table: str = ""  # the paper-layout table, Markdown
+    out: Path | None = None  # where results.csv, table.md, table.csv and chart.png are
+    done: int = 0
+    total: int = 0
+    failed: list[str] = field(default_factory=list)  # "<run>: <error>" for each failed run
+
+
+def run_study(*, study: Path, scheduler: str | None = None, slurm: bool = False, jobs: int = 1,
+              gpus_per_job: int = 1, workers: int | None = None, dry_run: bool = False, retries: int = 2,
+              quiet: bool = True, overrides: Mapping[str, Any] | None = None) -> StudyResult:
+    """Plan a study, run what is not done yet (unless ``dry_run``) and write its tables; prints nothing."""
     from pipeline.sweep.tables import markdown, write_outputs
 
     if scheduler and slurm:
         raise UserError("--scheduler and --slurm exclude each other")
     if retries < 0 or jobs < 1 or gpus_per_job < 0 or (workers is not None and workers < 1):
         raise UserError("--retries and --gpus-per-job must be >= 0, --jobs and --workers >= 1")
-    spec = load_study(path=Path(study), overrides=overrides)
+    spec = load_study(path=Path(study), overrides=overrides or {})
     runs = expand_runs(spec)
     if dry_run:
-        print(describe_runs(runs))
-        return 0
-    todo = [run for run in {r.key: r for r in runs}.values() if run_state(run.dir) != "done"]
+        return StudyResult(plan=describe_runs(runs))
+    unique = {r.key: r for r in runs}
+    todo = [run for run in unique.values() if run_state(run.dir) != "done"]
     errors: dict[str, str] = {}
     if todo:
         with open_cluster(study=spec, scheduler=scheduler, slurm=slurm, jobs=jobs, gpus_per_job=gpus_per_job,
@@ -69,16 +100,10 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
             errors = run_all(client=client, runs=runs, study_name=spec.name, retries=retries, threads=threads,
                              gpus=gpus, quiet=quiet)
     table = write_outputs(study=spec, runs=runs)
-    unique = {r.key: r for r in runs}
-    if not quiet:
-        done = sum(run_state(r.dir) == "done" for r in unique.values())
-        print(markdown(table, rows_name=" / ".join(spec.table.rows)))
-        print(f"{done} of {len(unique)} runs done, {len(errors)} failed; wrote {spec.out}/results.csv, table.md, "
-              f"table.csv, chart.png")
-    for run in unique.values():
-        if run.key in errors:
-            print(f"failed: {run.describe()}: {errors[run.key]}", file=sys.stderr)
-    return 1 if errors else 0
+    return StudyResult(plan=describe_runs(runs), table=markdown(table, rows_name=" / ".join(spec.table.rows)),
+                       out=spec.out, done=sum(run_state(r.dir) == "done" for r in unique.values()),
+                       total=len(unique),
+                       failed=[f"{r.describe()}: {errors[r.key]}" for r in unique.values() if r.key in errors])
 
 
 def main(argv: list[str] | None = None) -> int:

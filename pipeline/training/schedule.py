@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline.train.config import OptimConfig
+from pipeline.training.config import OptimConfig
 
 # --------------------------------------------------------------------------- #
 # Schedules

@@ -11,9 +11,9 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.runtime import load_torch_file
-from pipeline.train.checkpoints import latest_checkpoint, load_model
-from pipeline.train.config import build_config
-from pipeline.train.loop import train
+from pipeline.training.checkpoints import latest_checkpoint, load_model
+from pipeline.training.config import build_config
+from pipeline.training.loop import train
 from synthetic_data import LEARN_EPOCHS, train_overrides
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.reliability]

@@ -147,7 +147,7 @@ def load_model(run_or_checkpoint: str | Path, *, device: str | torch.device = "c
     path = Path(run_or_checkpoint)
     for candidate in (path, latest_checkpoint(path) if path.is_dir() else None):
         if candidate is not None and (candidate / "model.safetensors").is_file() and (candidate / "config.json").is_file():
-            from pipeline.train.config import TrainConfig
+            from pipeline.training.config import TrainConfig
 
             config = from_dict(TrainConfig, json.loads((candidate / "config.json").read_text()))
             model = build_model(config.model)

@@ -19,8 +19,8 @@ import torch
 
 from pipeline.model import count_parameters
 from pipeline.runtime import progress
-from pipeline.train.checkpoints import save_checkpoint, truncate_log
-from pipeline.train.config import TrainConfig
+from pipeline.training.checkpoints import save_checkpoint, truncate_log
+from pipeline.training.config import TrainConfig
 
 
 @dataclass

@@ -13,7 +13,7 @@ the same weights as an uninterrupted one.
 
 The loop itself only steps the optimiser; logging, checkpoints, the progress
 bar and (from the eval layer) validation are hooks called around steps and
-epochs (:mod:`pipeline.train.hooks`).
+epochs (:mod:`pipeline.training.hooks`).
 """
 
 from __future__ import annotations
@@ -39,17 +39,17 @@ from pipeline.runtime import resolve_device
 from pipeline.store.layout import open_store
 from pipeline.store.splits import list_splits
 from pipeline.store.reader import CachedSplit, load_into_memory, open_split
-from pipeline.train.batches import prefetch, training_batches, training_pairs
-from pipeline.train.checkpoints import checkpoint_problem, latest_checkpoint, load_train_state, set_rng_state
-from pipeline.train.config import (
+from pipeline.training.batches import prefetch, training_batches, training_pairs
+from pipeline.training.checkpoints import checkpoint_problem, latest_checkpoint, load_train_state, set_rng_state
+from pipeline.training.config import (
     RESUME_FREE_KEYS,
     TrainConfig,
     resolve_fold,
     resume_identity,
 )
-from pipeline.train.hooks import Checkpointer, Hook, Loop, MetricsLog, ProgressBar, run_hooks
-from pipeline.train.losses import binary_segmentation_loss
-from pipeline.train.schedule import lr_at, param_groups, wd_at
+from pipeline.training.hooks import Checkpointer, Hook, Loop, MetricsLog, ProgressBar, run_hooks
+from pipeline.training.losses import binary_segmentation_loss
+from pipeline.training.schedule import lr_at, param_groups, wd_at
 
 
 def _training_split_name(cache: str, split: str | None) -> str | None:

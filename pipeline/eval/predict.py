@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.labels import parse_names
+from pipeline.data.labels import parse_names, prompt_name
 from pipeline.data.readers import rgb_array
 from pipeline.data.views import ViewParams, render_view, stitch, window_boxes
-from pipeline.encode.text import class_embeddings, encoder_of
+from pipeline.encode.text import class_embeddings, encoder_from_identity
 from pipeline.errors import UserError
 from pipeline.plots import overlay
 from pipeline.store.layout import open_store, store_attrs
+from pipeline.training.inputs import read_run_inputs
 
 
 def read_photo(path: str | Path) -> np.ndarray:
@@ -50,6 +52,56 @@ def parse_classes(text: str | list[str]) -> list[str]:
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "class"
+
+
+def _is_store(path: str | Path | None) -> bool:
+    return path is not None and (Path(path) / "zarr.json").is_file()
+
+
+@dataclass
+class PredictionInputs:
+    """Where a run's encoders and class embeddings come from at prediction time.
+
+    The stores it was trained from when they are reachable (as configured, or by the absolute
+    paths the run kept), else what the run itself keeps (``inputs.json``): encoder identities and
+    the class embeddings it was trained with, new names encoded by the text encoder named there.
+    """
+
+    run: Path
+    vision_store: str | None
+    text_store: str | None
+    kept: dict | None
+
+    @classmethod
+    def of(cls, *, checkpoint: str | Path, config) -> PredictionInputs:
+        path = Path(checkpoint)
+        run = path if (path / "config.json").is_file() and path.parent.name != "checkpoints" else path.parent.parent
+        kept = read_run_inputs(run)
+        stores = []
+        for configured, key in ((config.data.cache, "vision_store"), (config.data.text_store, "text_store")):
+            found = next((p for p in (configured, (kept or {}).get(key)) if _is_store(p)), None)
+            if found is None and kept is None:
+                raise UserError(f"{run}: the store it was trained from ({configured}) is not reachable from here, and "
+                                f"the run keeps no copy of its inputs (trained before runs kept inputs.json): predict "
+                                f"from the folder it was trained in, or retrain it")
+            stores.append(found)
+        return cls(run=run, vision_store=stores[0], text_store=stores[1], kept=kept)
+
+    def vision_identity(self) -> dict:
+        if self.vision_store is not None:
+            return store_attrs(open_store(self.vision_store))
+        return self.kept["vision"]
+
+    def class_vectors(self, names: list[str], *, device: str) -> np.ndarray:
+        """[C, Dt]: from the text store when reachable, else the kept embeddings plus newly encoded names."""
+        if self.text_store is not None:
+            return class_embeddings(text_store=self.text_store, names=names, device=device)
+        kept = self.kept["embeddings"]
+        missing = [n for n in names if n not in kept]
+        if missing:
+            text = encoder_from_identity(self.kept["text"], vision=False, text=True, device=device).text
+            kept = {**kept, **dict(zip(missing, text.encode_names([prompt_name(n) for n in missing]).cpu().numpy()))}
+        return np.stack([kept[n] for n in names]).astype(np.float32)
 
 
 def predict_photo(*, image: str | Path, classes: list[str], checkpoint: str | Path, out: str | Path,
@@ -82,19 +134,18 @@ def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, ou
     from pipeline.training.checkpoints import load_model
 
     model, config = load_model(checkpoint, device=device)
-    vision_store = config.data.cache
-    text_store = config.data.text_store
-    attrs = store_attrs(open_store(vision_store))
+    source = PredictionInputs.of(checkpoint=checkpoint, config=config)
+    attrs = source.vision_identity()
     size = int(attrs["input_size"])
     pixels = read_photo(image)
     height, width = pixels.shape[:2]
     if encoders is None:
-        encoders = encoder_of(vision_store, vision=True, text=False, device=device)
+        encoders = encoder_from_identity(attrs, vision=True, text=False, device=device)
     boxes = [(0, 0, width, height)] if resize else window_boxes(
         height=height, width=width, size=size, stride=stride or max(1, (2 * size) // 3))
     views = np.stack([render_view(image=pixels, mask=None, params=ViewParams(box=b), size=size)[0] for b in boxes])
     tokens = encoders.vision.encode(views)  # [V, h*w, D]
-    text = torch.from_numpy(class_embeddings(text_store=text_store, names=classes, device=device))  # [C, Dt]
+    text = torch.from_numpy(source.class_vectors(classes, device=device))  # [C, Dt]
     logits = model(tokens.to(device), text.to(device), grid=tuple(attrs["grid"]))  # [V, C, S, S]
     full = stitch(logits, boxes=np.asarray(boxes), flips=np.zeros(len(boxes), bool), height=height, width=width)
     labels, probs = model.predict_masks(full[None])  # [1, H, W], [1, C, H, W]

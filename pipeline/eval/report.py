@@ -10,12 +10,12 @@ from pipeline.data.labels import TRAIN_SPLITS
 from pipeline.config import write_json_atomic
 from pipeline.errors import UserError
 from pipeline.store.layout import open_store, store_attrs
-from pipeline.store.splits import list_splits
+from pipeline.store.splits import list_splits, resolve_split
 
 
 def eval_split_name(cache: str, split: str | None) -> str:
     if split:
-        return split
+        return resolve_split(open_store(cache), split)
     names = [s for s in list_splits(open_store(cache)) if s.split("/")[-1] not in TRAIN_SPLITS]
     if len(names) != 1:
         raise UserError(f"{cache}: name the evaluation split with --split (candidates: {', '.join(names) or 'none'})")

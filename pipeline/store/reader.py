@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.store.layout import open_store, store_attrs
-from pipeline.store.splits import done_shards, list_splits, lost_shards, split_group
+from pipeline.store.splits import done_shards, list_splits, lost_shards, resolve_split, split_group
 
 
 @dataclass
@@ -66,6 +66,7 @@ def open_split(*, store: str | Path, split: str | None = None, require_complete:
         if len(splits) != 1:
             raise UserError(f"{store} holds splits {', '.join(splits) or 'none'}: name one with --split")
         split = splits[0]
+    split = resolve_split(root, split)
     group = split_group(root, split)
     done = done_shards(group)
     if require_complete and not done.all():

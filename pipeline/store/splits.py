@@ -204,11 +204,30 @@ def list_splits(root: zarr.Group) -> list[str]:
     return sorted(out)
 
 
+def match_split(names: list[str], name: str) -> str | None:
+    """``name`` among the split paths ``names``: exactly, or a bare ``train`` naming the one ``*/train``."""
+    if name in names:
+        return name
+    if "/" not in name:
+        endings = [n for n in names if n.split("/")[-1] == name]
+        if len(endings) == 1:
+            return endings[0]
+    return None
+
+
+def resolve_split(root: zarr.Group, name: str) -> str:
+    """The split path ``name`` stands for (``train`` is ``folder/train`` when that is the only ``train``)."""
+    names = list_splits(root)
+    found = match_split(names, name)
+    if found is None:
+        endings = [n for n in names if n.split("/")[-1] == name]
+        hint = f"'{name}' is ambiguous: " if len(endings) > 1 else ""
+        raise UserError(f"store has no split '{name}' ({hint}it has: {', '.join(names) or 'none'})")
+    return found
+
+
 def split_group(root: zarr.Group, path: str) -> zarr.Group:
-    if path not in root or "features" not in root[path]:
-        known = ", ".join(list_splits(root)) or "none"
-        raise UserError(f"store has no split '{path}' (it has: {known})")
-    return root[path]
+    return root[resolve_split(root, path)]
 
 
 def repair_lost_shards(group: zarr.Group, *, quiet: bool = False) -> list[int]:

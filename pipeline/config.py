@@ -7,6 +7,7 @@ key or a value of the wrong type is a one-line :class:`UserError`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -143,6 +144,37 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def flatten_keys(data: dict, prefix: str = "") -> dict:
+    """Nested mappings -> dotted keys (``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``)."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def set_key(data: dict, key: str, value: Any, *, where: str = "") -> None:
+    """Set dotted ``key`` in nested ``data``; a key the mapping does not already have is a UserError."""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.get(part)
+        if not isinstance(node, dict):
+            break
+    if not isinstance(node, dict) or parts[-1] not in node:
+        raise UserError(f"{where + ': ' if where else ''}unknown config key '{key}'")
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def get_key(data: dict, key: str) -> Any:
+    """The value at dotted ``key`` of nested ``data``."""
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
 def as_settings(overrides: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
     """Dotted-key settings as a mapping: a mapping is taken as it is (values already typed),
     ``key=value`` strings (a study file's or a script's) are parsed with :func:`parse_override`."""
@@ -155,16 +187,7 @@ def apply_overrides(cls: type[T], base: dict, overrides: Mapping[str, Any] | Ite
     """Set dotted keys of ``base`` (``{"optim.epochs": 5}``) and build ``cls`` strictly."""
     data = json.loads(json.dumps(base))
     for key, value in as_settings(overrides).items():
-        parts = key.split(".")
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                raise UserError(f"unknown config key '{key}'")
-            node = child
-        if parts[-1] not in node:
-            raise UserError(f"unknown config key '{key}'")
-        node[parts[-1]] = value
+        set_key(data, key, value)
     return from_dict(cls, data)
 
 

@@ -101,7 +101,7 @@ def _stage_one(*, root: Path, cache: Path, text_cache: Path, lists: tuple[Path, 
 
 
 def _train_config(*, cache: Path, text_cache: Path, novel: list[str], epochs: int, run_dir: Path):
-    from pipeline.train.config import build_config
+    from pipeline.training.config import build_config
 
     return build_config(preset="small", overrides={
         "data.cache": str(cache), "data.text_cache": str(text_cache), "data.split": "folder/train",
@@ -123,7 +123,7 @@ def run_demo(*, out: str | Path = "demo-out", data_root: str | Path | None = Non
     from pipeline.eval.evaluate import evaluate_split
     from pipeline.eval.predict import predict
     from pipeline.eval.validation import train_and_validate as train
-    from pipeline.train.checkpoints import load_model
+    from pipeline.training.checkpoints import load_model
 
     out = Path(out)
     novel = check_novel(data_root=data_root, novel=novel)

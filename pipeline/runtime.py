@@ -86,3 +86,14 @@ def load_torch_file(path, *, map_location="cpu", what: str = "file"):
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
         raise UserError(f"{path}: cannot read this {what} (empty or truncated?): {first}") from None
+
+
+def default_file_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode an ordinary new file gets (0644 under the usual umask).
+
+    safetensors writes its files 0600, so a checkpoint was the one file of a run its group
+    could not read.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

@@ -21,8 +21,8 @@ from pipeline.data.labels import VOC_CLASSES
 from pipeline.data.protocols import create_protocol
 from pipeline.encode.extract import extract
 from pipeline.encode.plan import ExtractConfig
-from pipeline.train.config import build_config
-from pipeline.train.loop import train
+from pipeline.training.config import build_config
+from pipeline.training.loop import train
 
 # Class value -> colour. 6 bus, 8 cat, 12 dog, 15 person are seen in PASCAL-5i fold 0; 1 aeroplane, 3 bird novel.
 COLOURS = {6: (230, 40, 40), 8: (40, 200, 60), 12: (50, 80, 240), 15: (240, 220, 40),

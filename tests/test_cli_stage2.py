@@ -95,3 +95,66 @@ def test_stage_two_user_errors_are_one_line_with_exit_code_2(trained: Path, cach
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, (args, err)
+
+
+def test_eval_accepts_a_bare_split_name(trained: Path, capsys) -> None:
+    assert main(["eval", str(trained), "--split", "val", "--min-pixels", "16", "--quiet", "--out",
+                 str(trained.parent / "eval-bare")]) == 0
+    assert "folder/val" in (trained.parent / "eval-bare" / "eval.json").read_text()
+
+
+def test_run_files_are_readable_by_the_group_like_everything_else(trained: Path) -> None:
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    weights = [trained / "model.safetensors", *trained.glob("checkpoints/step-*/model.safetensors")]
+    assert len(weights) >= 2
+    for path in weights:  # safetensors writes 0600 by itself
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+
+
+def _copy_elsewhere(run: Path, target: Path, *, keep_inputs: bool = True) -> Path:
+    """The run folder as it arrives on another machine: none of its stores exist there."""
+    import shutil
+
+    copy = shutil.copytree(run, target / "copied-run")
+    config = json.loads((copy / "config.json").read_text())
+    config["data"].update(cache="cache/clip-b", text_cache="cache/minilm")  # relative, as a user types them
+    (copy / "config.json").write_text(json.dumps(config))
+    if keep_inputs:
+        inputs = json.loads((copy / "inputs.json").read_text())
+        inputs.update(vision_store="/nowhere/clip-b", text_store="/nowhere/minilm")
+        (copy / "inputs.json").write_text(json.dumps(inputs))
+    else:
+        (copy / "inputs.json").unlink()
+    return copy
+
+
+def test_a_copied_run_predicts_new_names_without_its_stores(trained: Path, caches, tmp_path, monkeypatch) -> None:
+    photo = next((caches["data"] / "images").iterdir())
+    inputs = json.loads((trained / "inputs.json").read_text())
+    assert inputs["vision_store"] == str(caches["vision"].resolve()) and inputs["vision"]["encoder"] == "clip-b"
+    assert inputs["text"]["encoder"] == "minilm" and len(inputs["text"]["templates"]) == 32
+    assert inputs["vision"]["mean"] and inputs["class_names"][:2] == ["circle", "square"]
+    reference = tmp_path / "reference"
+    names = "star, square, zebra crossing"  # trained with, trained with, new
+    assert main(["predict", str(photo), "--classes", names, "--checkpoint", str(trained), "--out", str(reference),
+                 "--device", "cpu"]) == 0
+    copy = _copy_elsewhere(trained, tmp_path / "machine2")
+    monkeypatch.chdir(tmp_path / "machine2")
+    assert main(["predict", str(photo), "--classes", names, "--checkpoint", str(copy), "--out", "pred",
+                 "--device", "cpu"]) == 0
+    same = np.asarray(Image.open(reference / "labels.png")), np.asarray(Image.open(Path("pred") / "labels.png"))
+    assert np.array_equal(*same)  # the kept embeddings and the rebuilt encoders give the same answer
+
+
+def test_an_older_run_without_its_stores_says_what_to_do(trained: Path, caches, tmp_path, capsys) -> None:
+    photo = next((caches["data"] / "images").iterdir())
+    copy = _copy_elsewhere(trained, tmp_path, keep_inputs=False)
+    capsys.readouterr()
+    assert main(["predict", str(photo), "--classes", "star", "--checkpoint", str(copy), "--out",
+                 str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "not reachable" in err and "extract" not in err and err.count("\n") == 1, err

@@ -18,7 +18,7 @@ from pipeline.model import (
     make_model_config,
     predict_masks,
 )
-from pipeline.train.losses import binary_segmentation_loss
+from pipeline.training.losses import binary_segmentation_loss
 
 DV, DT = 24, 20  # small, unequal encoder widths catch swapped projections
 

@@ -21,8 +21,8 @@ from pipeline.errors import UserError, run_entry
 from pipeline.eval.evaluate import evaluate_split
 from pipeline.runtime import machine
 from pipeline.sweep.study import expand_runs, load_study, read_marker
-from pipeline.train.checkpoints import load_model
-from pipeline.train.config import TrainConfig
+from pipeline.training.checkpoints import load_model
+from pipeline.training.config import TrainConfig
 
 
 def split_bytes(store: str | Path, split: str) -> int:

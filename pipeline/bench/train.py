@@ -51,10 +51,10 @@ from pipeline.encode.shards import planned_view
 from pipeline.errors import run_entry
 from pipeline.model import build_model
 from pipeline.runtime import machine
-from pipeline.train.batches import Batch, binary_targets, prefetch, training_batches
-from pipeline.train.config import TrainConfig, build_config
-from pipeline.train.loop import prepare_data
-from pipeline.train.losses import binary_segmentation_loss
+from pipeline.training.batches import Batch, binary_targets, prefetch, training_batches
+from pipeline.training.config import TrainConfig, build_config
+from pipeline.training.loop import prepare_data
+from pipeline.training.losses import binary_segmentation_loss
 
 
 @dataclass

@@ -10,6 +10,8 @@ it to :meth:`SegDataset.record_bad` (appends to ``skipped`` under ``skip_bad``).
 
 from __future__ import annotations
 
+import sys
+
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,20 @@ def open_image_file(path: Path, what: str, convert):
             return convert(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise BadRecordError(f"{path}: unreadable {what} ({error})") from None
+
+
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """[H, W, 3] uint8 RGB of any PIL image; 16-bit greyscale is scaled down, not clipped.
+
+    PIL's own conversion of a 16-bit ("I;16") image to RGB clips every value above 255,
+    which turns a typical 16-bit photo almost entirely white.
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        grey = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
 
 
 def index_mask(path: Path) -> np.ndarray:
@@ -110,7 +126,7 @@ class SegDataset(ABC):
         return mask
 
     def load(self, index: int) -> Record:
-        image = open_image_file(self.image_path(index), "image", lambda im: np.asarray(im.convert("RGB")))
+        image = open_image_file(self.image_path(index), "image", rgb_array)
         mask = self.read_mask(index)
         if mask.shape != image.shape[:2]:
             raise BadRecordError(
@@ -156,7 +172,12 @@ class PairedDataset(SegDataset):
         self._image_dir, self._images, self._masks = images, images_by_stem(images), masks
         if list_path:
             return read_lines(list_path, what="image list")
-        return sorted(s for s in self._images if (masks / f"{s}.png").is_file())
+        paired = sorted(s for s in self._images if (masks / f"{s}.png").is_file())
+        unpaired = sorted(set(self._images) - set(paired))
+        if unpaired:
+            print(f"note: {len(unpaired)} image(s) in {images} have no mask in {masks} and are left out "
+                  f"(first: {unpaired[0]}); a list file names the images to use", file=sys.stderr)
+        return paired
 
     def image_path(self, index: int) -> Path:
         image_id = self.ids[index]
@@ -179,7 +200,11 @@ class FolderDataset(PairedDataset):
     def __init__(self, *, root: Path, split: str, skip_bad: bool, list_file: str | Path | None = None) -> None:
         list_path = Path(list_file) if list_file else None
         ids = self._pair(require_dir(root / "images", "images/"), require_dir(root / "masks", "masks/"), list_path)
-        super().__init__(root=root, split=split, class_names=read_lines(root / "classes.txt", what="class list"),
+        names = read_lines(root / "classes.txt", what="class list")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:  # mask value k names line k: a repeated name would hold out only its first value
+            raise UserError(f"{root / 'classes.txt'}: class names must be unique, repeated: {', '.join(repeated[:5])}")
+        super().__init__(root=root, split=split, class_names=names,
                          ids=ids, lists=[list_path] if list_path else [], skip_bad=skip_bad)
 
 
@@ -197,10 +222,11 @@ class Mosaic4Dataset(FolderDataset):
 
 
 _VOC_LISTS = {
-    "train": ("ImageSets/SegmentationAug/train_aug.txt", "ImageSets/Segmentation/train_aug.txt",
-              "ImageSets/Segmentation/train.txt"),
+    "train": ("ImageSets/SegmentationAug/train_aug.txt", "ImageSets/Segmentation/train_aug.txt"),
     "val": ("ImageSets/SegmentationAug/val.txt", "ImageSets/Segmentation/val.txt"),
 }
+# VOC 2012's own 1,464-image list; the paper trains on SBD's 10,582 (train_aug.txt).
+_VOC_SMALL_TRAIN = "ImageSets/Segmentation/train.txt"
 
 
 class VocDataset(PairedDataset):
@@ -209,13 +235,14 @@ class VocDataset(PairedDataset):
     name = "voc"
     layout = ("JPEGImages/*.jpg + SegmentationClassAug/*.png (palette: 0 bg, 1..20, 255 ignore), directly "
               "under root or under VOCdevkit/VOC2012; split lists from ImageSets/ when present")
-    options = ("list_file",)
+    options = ("list_file", "small_train")
 
-    def __init__(self, *, root: Path, split: str, skip_bad: bool, list_file: str | Path | None = None) -> None:
+    def __init__(self, *, root: Path, split: str, skip_bad: bool, list_file: str | Path | None = None,
+                 small_train: bool = False) -> None:
         base = root if (root / "JPEGImages").is_dir() else root / "VOCdevkit" / "VOC2012"
         masks = next((d for d in (base / "SegmentationClassAug", root / "SegmentationClassAug") if d.is_dir()),
                      root / "SegmentationClassAug")
-        list_path = Path(list_file) if list_file else self._split_list(base, split)
+        list_path = Path(list_file) if list_file else self._split_list(base, split, small_train=small_train)
         # Without a list (none shipped), every image that has a mask is used, whatever the split.
         ids = self._pair(require_dir(base / "JPEGImages", "JPEGImages/"),
                          require_dir(masks, "SegmentationClassAug/"), list_path)
@@ -223,10 +250,17 @@ class VocDataset(PairedDataset):
                          lists=[list_path] if list_path else [], skip_bad=skip_bad)
 
     @staticmethod
-    def _split_list(base: Path, split: str) -> Path | None:
+    def _split_list(base: Path, split: str, *, small_train: bool) -> Path | None:
         if split not in _VOC_LISTS:
             raise UserError(f"{base}: voc split must be one of {sorted(_VOC_LISTS)} (or pass list_file), got {split!r}")
-        return next((base / rel for rel in _VOC_LISTS[split] if (base / rel).is_file()), None)
+        found = next((base / rel for rel in _VOC_LISTS[split] if (base / rel).is_file()), None)
+        if found is None and split == "train" and (base / _VOC_SMALL_TRAIN).is_file():
+            if not small_train:
+                raise UserError(f"{base}: no train_aug.txt (SBD's 10,582-image training list the paper uses); put it "
+                                f"at ImageSets/SegmentationAug/train_aug.txt (docs/datasets.md), or pass --option "
+                                f"small_train=true to train on the 1,464 images of {_VOC_SMALL_TRAIN}")
+            found = base / _VOC_SMALL_TRAIN
+        return found
 
 
 class FssDataset(SegDataset):

@@ -14,9 +14,9 @@ CUDA or CPU, nothing is changed.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import sys
-
-import torch
 
 # Schemas of torchvision's compiled operators (torchvision/csrc/ops/*.cpp).
 _SCHEMAS = (
@@ -74,6 +74,8 @@ def ensure_torchvision() -> str:
     except (RuntimeError, OSError, ImportError):
         _drop_partial_import()
     if not _LIBRARY:
+        import torch
+
         lib = torch.library.Library("torchvision", "DEF")
         for schema in _SCHEMAS:
             try:
@@ -83,3 +85,43 @@ def ensure_torchvision() -> str:
         _LIBRARY.append(lib)
     import torchvision  # noqa: F401,F811
     return "patched"
+
+
+class _AlreadyLoaded(importlib.abc.Loader):
+    """Hands the import system a module that :func:`ensure_torchvision` has already imported."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+
+    def create_module(self, spec):
+        return self.module
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+class _TorchvisionOnFirstImport(importlib.abc.MetaPathFinder):
+    """Runs :func:`ensure_torchvision` the first time anything imports torchvision, then steps aside."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "torchvision":
+            return None
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _TorchvisionOnFirstImport)]
+        if ensure_torchvision() == "absent":
+            return None
+        module = sys.modules["torchvision"]
+        spec = importlib.util.spec_from_loader("torchvision", _AlreadyLoaded(module), origin=module.__spec__.origin,
+                                               is_package=True)
+        spec.submodule_search_locations = list(module.__path__)
+        return spec
+
+
+def install_import_hook() -> None:
+    """Make a later ``import torchvision`` (by open_clip, timm, a notebook) go through :func:`ensure_torchvision`.
+
+    Installing costs nothing (torch is not imported until torchvision is); on a
+    normal install the hook finds the plain import working and changes nothing.
+    """
+    if "torchvision" in sys.modules or any(isinstance(f, _TorchvisionOnFirstImport) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _TorchvisionOnFirstImport())

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.store.layout import has_text, open_store, read_text, store_attrs
+from pipeline.store.layout import has_text, open_store, read_text, store_attrs, text_class_words
 
 
 def class_embeddings(*, text_store: str | Path, names: list[str], encode_missing: bool = True,
@@ -17,7 +17,7 @@ def class_embeddings(*, text_store: str | Path, names: list[str], encode_missing
     On-demand encoding rebuilds the store's own text encoder with the same
     weights (random-init weights are seeded by name, so they match too).
     """
-    from pipeline.data.labels import prompt_name
+    from pipeline.data.labels import text_words
 
     root = open_store(text_store)
     known, table = read_text(root) if has_text(root) else ([], np.zeros((0, 0), np.float32))
@@ -28,7 +28,8 @@ def class_embeddings(*, text_store: str | Path, names: list[str], encode_missing
         if not encode_missing:
             raise UserError(f"{text_store} has no embedding for: {', '.join(missing[:5])}")
         encoders = text_encoder_of(text_store, device=device)
-        emb = encoders.text.encode_names([prompt_name(n) for n in missing]).cpu().numpy()
+        words = text_class_words(root) or "natural"
+        emb = encoders.text.encode_names([text_words(n, words) for n in missing]).cpu().numpy()
         extra = dict(zip(missing, emb))
     return np.stack([table[index[n]] if n in index else extra[n] for n in names]).astype(np.float32)
 
@@ -40,16 +41,24 @@ def text_encoder_of(store_path: str | Path, *, device: str = "cpu"):
 
 def encoder_of(store_path: str | Path, *, vision: bool, text: bool, device: str = "cpu"):
     """The frozen encoder(s) that made a store, rebuilt with the same weights and input size."""
+    return encoder_from_identity(store_attrs(open_store(store_path)), vision=vision, text=text, device=device)
+
+
+def encoder_from_identity(identity: dict, *, vision: bool, text: bool, device: str = "cpu"):
+    """The frozen encoder(s) an identity record names (a store's attributes, or the copy a run keeps):
+    encoder name, weights (random-init ones are seeded by name, so they match), input size."""
     from pipeline.encode.families import create_encoder
 
-    attrs = store_attrs(open_store(store_path))
-    weights = attrs["weights"]
+    weights = identity["weights"]
     source = weights["source"]
     if not weights["pretrained"]:
         kwargs = {"random_init": True}
     elif source.startswith("hub:") or "/" not in source:
         kwargs = {}
     else:
+        if not Path(source).exists():
+            raise UserError(f"the {identity['encoder']} weights this run was trained with ({source}) are not on "
+                            f"this machine; put them at that path (or a link to them)")
         kwargs = {"weights": source}
-    return create_encoder(attrs["encoder"], vision=vision, text=text, device=device,
-                          input_size=attrs["input_size"] if vision else None, **kwargs)
+    return create_encoder(identity["encoder"], vision=vision, text=text, device=device,
+                          input_size=identity["input_size"] if vision else None, **kwargs)

@@ -11,6 +11,7 @@ from torch import nn
 
 from pipeline.encode.prompts import TEMPLATES, fill
 from pipeline.encode.registry import EncoderSpec
+from pipeline.runtime import progress
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,12 @@ class VisionEncoder:
         self.dim = spec.vision_dim
         self.weights = weights
         self.device = device
-        self._mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+        self.use_normalization(mean=spec.mean, std=spec.std)
+
+    def use_normalization(self, *, mean, std) -> None:
+        """Normalise with these statistics instead (the released recipe's dataset statistics)."""
+        self._mean = torch.tensor(list(mean), device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std = torch.tensor(list(std), device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
 
     def normalize(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """[B, S, S, 3] uint8 -> [B, 3, S, S] float, the encoder's mean/std applied."""
@@ -55,13 +60,17 @@ class VisionEncoder:
         return (batch - self._mean) / self._std
 
     @torch.inference_mode()
-    def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """[B, S, S, 3] uint8 images -> [B, h*w, D] float32 patch tokens."""
+    def encode(self, images: np.ndarray | torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[B, S, S, 3] uint8 images -> [B, h*w, D] patch tokens (``dtype``, on the encoder's device).
+
+        On CUDA the forward pass runs under bf16 autocast (fp32 range: no overflow
+        in deep towers); the store keeps float16 either way.
+        """
         pixels = self.normalize(images)
         use_amp = self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
             tokens = self.forward_tokens(pixels)  # [B, h*w, D]
-        return tokens.float()
+        return tokens.to(dtype)
 
 
 class TextEncoder:
@@ -77,11 +86,18 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode_names(self, names: Sequence[str], *, templates: Sequence[str] = TEMPLATES,
-                     batch_size: int = 256) -> torch.Tensor:
-        """[C] names -> [C, D]: each template embedding normalised, averaged, normalised."""
+                     batch_size: int = 256, quiet: bool = True) -> torch.Tensor:
+        """[C] names -> [C, D]: each template embedding normalised, averaged, normalised.
+
+        ``quiet=False`` shows a progress bar over the prompts (80 names x 32 templates take
+        tens of seconds on a CPU).
+        """
         sentences = [s for name in names for s in fill(tuple(templates), name)]
-        chunks = [self._encode_sentences(sentences[i:i + batch_size])
-                  for i in range(0, len(sentences), batch_size)]
+        chunks = []
+        with progress(total=len(sentences), desc=f"{self.spec.name} text", unit="prompt", quiet=quiet) as bar:
+            for i in range(0, len(sentences), batch_size):
+                chunks.append(self._encode_sentences(sentences[i:i + batch_size]))
+                bar.update(len(chunks[-1]))
         emb = torch.cat(chunks).float()  # [C * T, D]
         emb = nn.functional.normalize(emb, dim=-1).view(len(names), len(templates), -1)
         return nn.functional.normalize(emb.mean(dim=1), dim=-1)  # [C, D]

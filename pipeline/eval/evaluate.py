@@ -88,16 +88,27 @@ def listed_episodes(*, split: CachedSplit, protocol: str, fold: int, splits_dir:
 
 
 def _fold_for_eval(*, protocol: str, fold: int, class_names: list[str], novel_names: list[str]):
-    from pipeline.data.protocols import create_protocol
-    from pipeline.train.config import DataConfig, resolve_fold
+    from pipeline.data.protocols import create_protocol, protocol_entry
+    from pipeline.training.config import DataConfig, resolve_fold
 
-    if protocol == "coco2voc":
-        proto = create_protocol("coco2voc")
+    if protocol_entry(protocol).train_protocol:
+        # Trained on another protocol's data (coco2voc: COCO-20i), scored on this one's classes.
+        proto = create_protocol(protocol)
         if list(proto.class_names) != list(class_names):
-            raise UserError("coco2voc evaluates on a VOC split: pass the VOC evaluation split of the cache")
+            raise UserError(f"{protocol} evaluates on its own class list ({len(proto.class_names)} classes): "
+                            f"pass the matching evaluation split of the cache")
         return proto.fold(fold)
     return resolve_fold(data=DataConfig(protocol=protocol, fold=fold, novel=list(novel_names)),
                         class_names=class_names)
+
+
+def _check_widths(model, *, vision: int, text: int, stores: tuple) -> None:
+    """A model scores only features as wide as those it was trained on."""
+    config = getattr(model, "config", None)
+    if config is not None and (config.vision_dim, config.text_dim) != (vision, text):
+        raise UserError(f"the model takes {config.vision_dim}-d vision and {config.text_dim}-d text features; "
+                        f"{stores[0]} and {stores[1]} hold {vision}-d and {text}-d: evaluate on stores of the "
+                        f"encoders it was trained with")
 
 
 @torch.inference_mode()
@@ -106,6 +117,8 @@ def evaluate_split(*, model, vision_cache: str, text_cache: str, split: str, pro
                    mode: str = "binary", limit: int | None = None, quiet: bool = False,
                    min_pixels: int = SMALL_OBJECT_PIXELS) -> dict:
     """Score ``model`` on the novel classes of a protocol fold; returns metrics and counts."""
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1 episode, got {limit}")
     cached = open_split(store=vision_cache, split=split)
     # Multi-class (Mosaic-4) scores every class present in the masks, so it needs no
     # fold; resolving one would refuse the mosaic's own class list (or need its root).
@@ -113,6 +126,8 @@ def evaluate_split(*, model, vision_cache: str, text_cache: str, split: str, pro
         protocol=protocol, fold=fold, class_names=cached.class_names, novel_names=list(novel_names))
     names = cached.class_names
     text = torch.from_numpy(class_embeddings(text_store=text_cache, names=names))  # [K, Dt]
+    _check_widths(model, vision=int(cached.group["features"].shape[2]), text=int(text.shape[1]),
+                  stores=(vision_cache, text_cache))
     images = image_views(cached)
     masks = cached.masks(slice(None))
     features = cached.features(slice(None))
@@ -192,6 +207,7 @@ def _result(*, meter: SegmentationMeter, names: list[str], novel, source: str, c
         "fb_iou": meter.fb_iou(),
         "episodes": meter.episodes,
         "per_class": {names[c - 1]: 100.0 * per_class[c] for c in novel if c in per_class},
+        "episodes_per_class": {names[c - 1]: n for c, n in meter.episodes_per_class().items() if c in novel},
         "episode_source": source,
         "pretrained_features": cached.pretrained,
         "meter": meter.state_dict(),

@@ -59,6 +59,7 @@ class SegmentationMeter:
         self.pooled_intersection = np.zeros(2, dtype=np.int64)  # [bg/fg], for FB-IoU
         self.pooled_union = np.zeros(2, dtype=np.int64)  # [bg/fg], for FB-IoU
         self._episodes = 0
+        self.class_episodes = np.zeros(len(self.class_ids), dtype=np.int64)  # episodes that scored each class
 
     @property
     def episodes(self) -> int:
@@ -87,6 +88,7 @@ class SegmentationMeter:
         self.pooled_intersection += inter
         self.pooled_union += union
         self._episodes += 1
+        self.class_episodes[column] += 1
 
     def update_multiclass(
         self, *, pred_labels: ArrayLike, target_labels: ArrayLike, class_ids_of_labels: Sequence[int]
@@ -123,15 +125,25 @@ class SegmentationMeter:
         self.pooled_intersection += inter
         self.pooled_union += union
         self._episodes += 1
+        self.class_episodes[columns] += 1
 
     def iou_per_class(self) -> dict[int, float]:
         """Foreground IoU per class (0..1): summed intersection / max(summed union, 1)."""
         iou = self.intersection[1] / np.maximum(self.union[1], 1)
         return {c: float(v) for c, v in zip(self.class_ids, iou)}
 
+    def episodes_per_class(self) -> dict[int, int]:
+        """How many episodes scored each class; a class with none has no IoU (shown as n/a)."""
+        return {c: int(n) for c, n in zip(self.class_ids, self.class_episodes)}
+
     def miou(self) -> float:
-        """Mean foreground IoU over the meter's classes, in percent."""
-        return float(np.mean(list(self.iou_per_class().values())) * 100.0)
+        """Mean foreground IoU over the meter's classes that some episode scored, in percent.
+
+        A class without episodes has no IoU: averaging it in as 0 would understate the mean
+        (NaN when no class was scored at all).
+        """
+        scored = [iou for c, iou in self.iou_per_class().items() if self.class_episodes[self._column[c]]]
+        return float(np.mean(scored) * 100.0) if scored else float("nan")
 
     def fb_iou(self) -> float:
         """Mean of pooled background and foreground IoU, in percent.
@@ -151,6 +163,7 @@ class SegmentationMeter:
         self.pooled_intersection += other.pooled_intersection
         self.pooled_union += other.pooled_union
         self._episodes += other._episodes
+        self.class_episodes += other.class_episodes
 
     def state_dict(self) -> dict:
         """A JSON-ready snapshot of the sums (integers, so merging stays exact)."""
@@ -158,6 +171,7 @@ class SegmentationMeter:
             "class_ids": list(self.class_ids),
             "ignore_index": self.ignore_index,
             "episodes": self._episodes,
+            "class_episodes": self.class_episodes.tolist(),
             "intersection": self.intersection.tolist(),
             "union": self.union.tolist(),
             "pooled_intersection": self.pooled_intersection.tolist(),
@@ -174,6 +188,9 @@ class SegmentationMeter:
         self.union = np.asarray(state["union"], dtype=np.int64).reshape(2, -1)
         self.pooled_intersection = np.asarray(state["pooled_intersection"], dtype=np.int64)
         self.pooled_union = np.asarray(state["pooled_union"], dtype=np.int64)
+        # Saved before per-class counts existed: a class with any union was scored.
+        counts = state.get("class_episodes", (self.union.sum(axis=0) > 0).astype(np.int64))
+        self.class_episodes = np.asarray(counts, dtype=np.int64).reshape(-1)
 
     @classmethod
     def from_state_dict(cls, state: dict) -> SegmentationMeter:
@@ -188,4 +205,5 @@ class SegmentationMeter:
             "fb_iou": self.fb_iou(),
             "episodes": self._episodes,
             "iou_per_class": {str(c): v * 100.0 for c, v in self.iou_per_class().items()},
+            "episodes_per_class": {str(c): n for c, n in self.episodes_per_class().items()},
         }

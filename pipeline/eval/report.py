@@ -10,12 +10,12 @@ from pipeline.data.labels import TRAIN_SPLITS
 from pipeline.config import write_json_atomic
 from pipeline.errors import UserError
 from pipeline.store.layout import open_store, store_attrs
-from pipeline.store.splits import list_splits
+from pipeline.store.splits import list_splits, resolve_split
 
 
-def _eval_split_name(cache: str, split: str | None) -> str:
+def eval_split_name(cache: str, split: str | None) -> str:
     if split:
-        return split
+        return resolve_split(open_store(cache), split)
     names = [s for s in list_splits(open_store(cache)) if s.split("/")[-1] not in TRAIN_SPLITS]
     if len(names) != 1:
         raise UserError(f"{cache}: name the evaluation split with --split (candidates: {', '.join(names) or 'none'})")
@@ -49,7 +49,7 @@ def evaluate_runs(*, runs: list[Path], split: str | None, cache: Path | None, te
     """Evaluate each run on its fold; write eval.json, per_class.csv and table.md; return the table."""
     from pipeline.eval.evaluate import evaluate_split
     from pipeline.runtime import resolve_device
-    from pipeline.train.checkpoints import load_model
+    from pipeline.training.checkpoints import load_model
 
     dev = resolve_device(device)
     results, rows, fb_rows = [], {}, {}
@@ -58,7 +58,7 @@ def evaluate_runs(*, runs: list[Path], split: str | None, cache: Path | None, te
         model, config = load_model(run, device=dev)
         vision = str(cache or config.data.cache)
         text = str(text_cache or config.data.text_store)
-        name = _eval_split_name(vision, split)
+        name = eval_split_name(vision, split)
         proto = protocol or config.data.protocol
         result = evaluate_split(model=model, vision_cache=vision, text_cache=text, split=name, protocol=proto,
                                 fold=config.data.fold, novel_names=config.data.novel,

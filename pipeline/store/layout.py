@@ -25,7 +25,13 @@ marked 0 and the next run writes it again. Each writer owns whole shards.
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import shutil
+import socket
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +51,7 @@ ATTR_KEY = "fusioner"
 
 
 def store_identity(*, encoder: str, weights: dict, input_size: int, grid: tuple[int, int] | None,
-                   vision_dim: int | None, text_dim: int | None, mean, std) -> dict:
+                   vision_dim: int | None, text_dim: int | None, mean, std, activation: str | None = None) -> dict:
     """The attributes two runs must share to write into one store."""
     return {
         "format_version": FORMAT_VERSION,
@@ -58,18 +64,38 @@ def store_identity(*, encoder: str, weights: dict, input_size: int, grid: tuple[
         "text_dim": text_dim,
         "mean": list(mean),
         "std": list(std),
+        "activation": activation,  # CLIP towers: quick_gelu for OpenAI weights; a store never mixes the two
     }
 
 
-_IDENTITY_KEYS = ("format_version", "encoder", "weights", "input_size", "grid", "vision_dim", "text_dim")
+_IDENTITY_KEYS = ("format_version", "encoder", "weights", "input_size", "grid", "vision_dim", "text_dim",
+                  "activation")
+
+
+def _bare_group(path: Path) -> bool:
+    """A root ``zarr.json`` without Fusioner attributes and nothing else: a creation killed half-way."""
+    if {p.name for p in path.iterdir()} - {"zarr.json", LOCK_NAME}:
+        return False
+    try:
+        return ATTR_KEY not in json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return True
 
 
 def open_or_create_store(path: str | Path, *, identity: dict, overwrite: bool = False) -> zarr.Group:
-    """Open ``path`` for appending, refusing a store made differently, or create it."""
+    """Open ``path`` for appending, refusing a store made differently, or create it.
+
+    The root's metadata and attributes are one file written atomically, so a kill leaves
+    no store or a complete (empty) one; a bare root left by older versions is started over.
+    """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file, not a folder for a feature store")
     if overwrite and path.exists():
-        shutil.rmtree(path)
-    if path.exists() and any(path.iterdir()):
+        for child in path.iterdir():  # all but the writer lock, which this run holds
+            if child.name != LOCK_NAME:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    if path.exists() and any(path.iterdir()) and not _bare_group(path):
         root = open_store(path, mode="r+")
         existing = root.attrs[ATTR_KEY]
         for key in _IDENTITY_KEYS:
@@ -80,9 +106,40 @@ def open_or_create_store(path: str | Path, *, identity: dict, overwrite: bool = 
                 )
         return root
     path.mkdir(parents=True, exist_ok=True)
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
-    root.attrs[ATTR_KEY] = {**identity, "created": now_iso(), "versions": package_versions()}
-    return root
+    attributes = {ATTR_KEY: {**identity, "created": now_iso(), "versions": package_versions()}}
+    return zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attributes)
+
+
+LOCK_NAME = ".writer.lock"
+# Zarr lists every entry of a group's folder and warns about what is not a node: not this file.
+warnings.filterwarnings("ignore", message=r"Object at \.writer\.lock is not recognized")
+
+
+@contextmanager
+def writer_lock(path: str | Path):
+    """Hold the store's writer lock while extracting into it; a second writer is refused in one line.
+
+    The lock is ``flock`` on ``<store>/.writer.lock`` (the OS drops it when its holder dies);
+    the file names the holder. The workers of one extraction write disjoint shards under the
+    lock their coordinator holds and take none themselves.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file, not a folder for a feature store")
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / LOCK_NAME, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{path} is being written by {holder}; wait for it to finish or use another --out") \
+                from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}\n")
+        handle.flush()
+        yield
 
 
 def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:
@@ -90,7 +147,11 @@ def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise UserError(f"no feature store at {path} (run `fusioner extract ... --out {path}` first)")
-    root = zarr.open_group(str(path), mode=mode)
+    try:
+        root = zarr.open_group(str(path), mode=mode)
+    except (ValueError, TypeError, KeyError) as err:  # a truncated or garbled zarr.json (JSONDecodeError is one)
+        raise UserError(f"{path}/zarr.json is damaged ({type(err).__name__}); extract again with --overwrite") \
+            from None
     attrs = root.attrs.asdict()
     if ATTR_KEY not in attrs:
         raise UserError(f"{path} is a Zarr group but not a Fusioner store")
@@ -112,6 +173,19 @@ def store_attrs(root: zarr.Group) -> dict:
 def has_text(root: zarr.Group) -> bool:
     """True once the store holds a complete class-name table (a text group alone is not one)."""
     return "text" in root and "names" in root["text"].attrs
+
+
+def text_class_words(root: zarr.Group) -> str:
+    """raw or natural: the words the store's class embeddings were made from (older stores: natural)."""
+    return str(root["text"].attrs.get("class_words", "natural")) if "text" in root else ""
+
+
+def check_text_words(root: zarr.Group, *, class_words: str) -> None:
+    """Part of the text store's identity: one store never mixes raw names and natural words."""
+    existing = text_class_words(root)
+    if existing and existing != class_words:
+        raise UserError(f"{root.store}: its class embeddings were made from {existing} names, this run asks for "
+                        f"{class_words}; use another --out (or --class-words {existing})")
 
 
 def write_text(root: zarr.Group, *, names: list[str], embeddings: np.ndarray, meta: dict) -> None:

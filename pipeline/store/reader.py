@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.store.layout import open_store, store_attrs
-from pipeline.store.splits import done_shards, list_splits, split_group
+from pipeline.store.splits import done_shards, list_splits, lost_shards, resolve_split, split_group
 
 
 @dataclass
@@ -66,11 +66,16 @@ def open_split(*, store: str | Path, split: str | None = None, require_complete:
         if len(splits) != 1:
             raise UserError(f"{store} holds splits {', '.join(splits) or 'none'}: name one with --split")
         split = splits[0]
+    split = resolve_split(root, split)
     group = split_group(root, split)
     done = done_shards(group)
     if require_complete and not done.all():
         raise UserError(f"{store} {split}: {int((~done).sum())} of {done.size} shards not written yet; "
                         f"re-run the same `fusioner extract` to finish it")
+    lost = lost_shards(group)
+    if lost:
+        raise UserError(f"{store} {split}: the files of {len(lost)} written shard(s) are missing (first: shard "
+                        f"{lost[0]}); re-run the same `fusioner extract` to write them again")
     return CachedSplit(
         path=Path(store), split=split, group=group, class_names=list(group.attrs["class_names"]),
         grid=tuple(attrs["grid"]), input_size=int(attrs["input_size"]),

@@ -35,6 +35,7 @@ class SplitPlan:
     class_names: list[str]
     shard_size: int
     meta: dict = field(default_factory=dict)  # dataset description, seed, views, stride, ...
+    view_order: np.ndarray | None = None  # [N] image-major plan row of each view, when written shuffled
 
     @property
     def group_path(self) -> str:
@@ -97,7 +98,7 @@ def create_split(root: zarr.Group, *, plan: SplitPlan, tokens: int, dim: int, in
         ("view_flip", plan.view_flip.astype(bool), ("view",)),
         ("view_jitter", plan.view_jitter.astype(np.float32), ("view", "bcsh")),
         ("image_hw", plan.image_hw.astype(np.int32), ("image", "hw")),
-    ):
+    ) + ((("view_order", plan.view_order.astype(np.int32), ("view",)),) if plan.view_order is not None else ()):
         arr = _array(group, name, shape=data.shape, dtype=data.dtype, chunks=data.shape or (1,),
                      compress=True, dims=dims)
         arr[...] = data
@@ -138,23 +139,58 @@ def _clear_shard(group: zarr.Group, *, shard: int) -> None:
     fail its checksum and the shard could never be resumed. Its bytes are
     worthless by definition, so the rewrite starts from nothing.
     """
-    for name in ("features", "masks", "view_classes", "view_valid"):
+    for name in SHARD_ARRAYS:
         array = group[name]
-        coords = (shard,) + (0,) * (array.ndim - 1)  # shards and per-shard chunks both start at view shard*S
-        sync(array.store.delete(f"{array.path}/{array.metadata.encode_chunk_key(coords)}"))
+        sync(array.store.delete(_shard_key(array, shard)))
+
+
+SHARD_ARRAYS = ("features", "masks", "view_classes", "view_valid")
+
+
+def _shard_key(array, shard: int) -> str:
+    coords = (shard,) + (0,) * (array.ndim - 1)  # shards and per-shard chunks both start at view shard*S
+    return f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
 
 
 def write_shard(group: zarr.Group, *, shard: int, features: np.ndarray, masks: np.ndarray,
                 classes: np.ndarray, valid: np.ndarray) -> None:
-    """Write one whole shard, then mark it done (the marker goes last)."""
+    """Write one whole shard, then mark it done (the marker goes last).
+
+    Every file of the shard is written even when it holds only the fill value (Zarr skips
+    those by default), so a done shard whose file is missing is known to be lost.
+    """
     start, stop = shard_bounds(group, shard)
     assert features.shape[0] == stop - start, (features.shape, start, stop)
     _clear_shard(group, shard=shard)
-    group["features"][start:stop] = features.astype(np.float16, copy=False)
-    group["masks"][start:stop] = masks
-    group["view_classes"][start:stop] = classes
-    group["view_valid"][start:stop] = valid
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        group["features"][start:stop] = features.astype(np.float16, copy=False)
+        group["masks"][start:stop] = masks
+        group["view_classes"][start:stop] = classes
+        group["view_valid"][start:stop] = valid
     group["shard_done"][shard] = 1
+
+
+def lost_shards(group: zarr.Group, *, deep: bool = False) -> list[int]:
+    """Shards marked done whose files are gone (or, with ``deep``, whose last view fails to decode).
+
+    Zarr reads a missing file as fill values: without this check such a shard would pass as
+    zero features and all-ignore masks. ``deep`` also reads each done shard's index and last
+    view, so a truncated or corrupt shard file is found too (extract's resume uses it).
+    """
+    arrays = {name: group[name] for name in SHARD_ARRAYS}
+    lost = []
+    for shard in np.flatnonzero(done_shards(group)):
+        shard = int(shard)
+        if not all(sync(a.store.exists(_shard_key(a, shard))) for a in arrays.values()):
+            lost.append(shard)
+        elif deep:
+            last = shard_bounds(group, shard)[1] - 1
+            try:
+                for name in ("features", "masks"):
+                    arrays[name][last]
+            except Exception:  # noqa: BLE001 - any failure to decode means the shard must be written again
+                lost.append(shard)
+    return lost
 
 
 def list_splits(root: zarr.Group) -> list[str]:
@@ -169,8 +205,40 @@ def list_splits(root: zarr.Group) -> list[str]:
     return sorted(out)
 
 
+def match_split(names: list[str], name: str) -> str | None:
+    """``name`` among the split paths ``names``: exactly, or a bare ``train`` naming the one ``*/train``."""
+    if name in names:
+        return name
+    if "/" not in name:
+        endings = [n for n in names if n.split("/")[-1] == name]
+        if len(endings) == 1:
+            return endings[0]
+    return None
+
+
+def resolve_split(root: zarr.Group, name: str) -> str:
+    """The split path ``name`` stands for (``train`` is ``folder/train`` when that is the only ``train``)."""
+    names = list_splits(root)
+    found = match_split(names, name)
+    if found is None:
+        endings = [n for n in names if n.split("/")[-1] == name]
+        hint = f"'{name}' is ambiguous: " if len(endings) > 1 else ""
+        raise UserError(f"store has no split '{name}' ({hint}it has: {', '.join(names) or 'none'})")
+    return found
+
+
 def split_group(root: zarr.Group, path: str) -> zarr.Group:
-    if path not in root or "features" not in root[path]:
-        known = ", ".join(list_splits(root)) or "none"
-        raise UserError(f"store has no split '{path}' (it has: {known})")
-    return root[path]
+    return root[resolve_split(root, path)]
+
+
+def repair_lost_shards(group: zarr.Group, *, quiet: bool = False) -> list[int]:
+    """Mark lost or undecodable done shards as not done, so this extraction writes them again."""
+    import sys
+
+    lost = lost_shards(group, deep=True)
+    for shard in lost:
+        group["shard_done"][shard] = 0
+    if lost and not quiet:
+        print(f"note: {group.path}: {len(lost)} written shard(s) were missing or unreadable "
+              f"(first: shard {lost[0]}); writing them again", file=sys.stderr)
+    return lost

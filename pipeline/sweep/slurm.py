@@ -55,7 +55,10 @@ def lifetime_options(spec: SlurmSpec) -> list[str]:
 
 def slurm_cluster(*, spec: SlurmSpec, gpus_per_job: int, log_dir: Path):
     """A SLURMCluster (no job submitted yet: the caller scales or adapts it)."""
-    from dask_jobqueue import SLURMCluster
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as err:
+        raise UserError("--slurm needs dask-jobqueue: pip install 'fusioner[slurm]'") from err
 
     processes = max(gpus_per_job, 1)
     directives = [f"--gres=gpu:{gpus_per_job}"] if gpus_per_job else []

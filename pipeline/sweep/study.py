@@ -21,7 +21,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config import as_settings, config_hash, from_dict, load_file, to_dict
+from pipeline.config import as_settings, config_hash, flatten_keys, from_dict, get_key, load_file, set_key, to_dict
 from pipeline.errors import UserError
 from pipeline.sweep.catalog import find_study
 from pipeline.eval.config import EvalConfig
@@ -96,42 +96,13 @@ class Run:
         return f"{self.pair} | {self.variant} | fold {self.fold} | seed {self.seed}{extra}"
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
-    """Nested mappings -> dotted keys, so studies may write either form."""
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _set(data: dict, key: str, value, *, where: str) -> None:
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.get(part)
-        if not isinstance(node, dict):
-            raise UserError(f"{where}: unknown config key '{key}'")
-    if parts[-1] not in node:
-        raise UserError(f"{where}: unknown config key '{key}'")
-    node[parts[-1]] = copy.deepcopy(value)
-
-
-def _get(data: dict, key: str):
-    for part in key.split("."):
-        data = data[part]
-    return data
-
-
 def _split_overrides(mapping, *, where: str) -> tuple[dict, dict]:
     """A variant's override set -> (training keys, eval keys)."""
     if mapping is None:
         return {}, {}
     if not isinstance(mapping, dict):
         raise UserError(f"{where}: expected a mapping of dotted keys, got {mapping!r}")
-    flat = _flatten(mapping)
+    flat = flatten_keys(mapping)
     if "preset" in flat:
         raise UserError(f"{where}: 'preset' belongs in base (a preset sets many model keys at once)")
     train = {k: v for k, v in flat.items() if not k.startswith("eval.")}
@@ -148,7 +119,7 @@ def _apply_study_overrides(raw: dict, sets: dict, path: Path) -> None:
         if not rest:
             raw[section] = value
         elif section == "base":
-            raw["base"] = {**_flatten(raw.get("base") or {}), rest: value}
+            raw["base"] = {**flatten_keys(raw.get("base") or {}), rest: value}
         elif section == "grid" and rest.startswith("variants."):  # study.grid.variants.late={...}
             grid = raw.setdefault("grid", {})
             grid["variants"] = {**(grid.get("variants") or {}), rest[len("variants."):]: value}
@@ -211,7 +182,7 @@ def _derived(raw, path: Path) -> dict[str, tuple[str, str, int]]:
 def load_study(*, path: str | Path, overrides: Mapping[str, Any] | Iterable[str] = ()) -> Study:
     """Read and check a study file (a path, or the name of a shipped study); ``overrides`` are ``--set`` settings (study.* or TrainConfig keys),
     a mapping of dotted keys to typed values (``key=value`` strings are parsed)."""
-    from pipeline.train.config import build_config
+    from pipeline.training.config import build_config
 
     path = find_study(path)
     raw = load_file(path)
@@ -223,7 +194,7 @@ def load_study(*, path: str | Path, overrides: Mapping[str, Any] | Iterable[str]
     train_sets = {k: v for k, v in settings.items() if not k.startswith("study.")}
     name = str(raw.get("name") or path.stem)
     grid = dict(raw.get("grid") or {})
-    base_flat = _flatten(raw.get("base") or {})
+    base_flat = flatten_keys(raw.get("base") or {})
     preset = base_flat.pop("preset", None)
     nested: dict = {}
     for key, value in base_flat.items():  # dotted -> nested for build_config's merge
@@ -290,33 +261,32 @@ def _check_table(study: Study) -> None:
 def _derive(config: dict, derived: dict, *, where: str) -> None:
     for key, (source, op, number) in derived.items():
         try:
-            value = _get(config, source)
+            value = get_key(config, source)
         except (KeyError, TypeError):
             raise UserError(f"{where}: derived '{key}': unknown config key '{source}'") from None
         if op == "*":
-            _set(config, key, value * number, where=where)
+            set_key(config, key, value * number, where=where)
         elif value % number:
             raise UserError(f"{where}: derived '{key}': {source} = {value} is not divisible by {number}")
         else:
-            _set(config, key, value // number, where=where)
+            set_key(config, key, value // number, where=where)
 
 
 def _check_fold(data: dict, *, where: str) -> None:
     """A fold the protocol lacks fails at planning (and ``--dry-run``), not on a worker."""
-    from pipeline.data.protocols import create_protocol
+    from pipeline.data.protocols import check_fold, protocol_entry
 
-    if data["protocol"] == "custom":
-        return
-    protocol = create_protocol(data["protocol"])
-    protocol = create_protocol(getattr(protocol, "train_protocol", None) or data["protocol"])
-    if not 0 <= data["fold"] < protocol.num_folds:
-        raise UserError(f"{where}: protocol '{data['protocol']}' has folds 0..{protocol.num_folds - 1}, "
-                        f"not {data['fold']}")
+    try:
+        entry = protocol_entry(data["protocol"])
+        if not entry.named_novel:  # custom protocols: the folds come from the user's class names
+            check_fold(data["protocol"], data["fold"])
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
 
 
 def expand_runs(study: Study, *, check_caches: bool = True) -> list[Run]:
     """Every (pair, variant, values, fold, seed) of the grid as a resolved, hashed run."""
-    from pipeline.train.config import TrainConfig
+    from pipeline.training.config import TrainConfig
 
     runs = []
     keys = list(study.values)
@@ -331,7 +301,7 @@ def expand_runs(study: Study, *, check_caches: bool = True) -> list[Run]:
         pair_train, pair_eval = _split_overrides(dict(pair.overrides), where=where)
         value_train, value_eval = _split_overrides(values, where=where)
         for key, value in [*pair_train.items(), *variant_train.items(), *value_train.items()]:
-            _set(config, key, value, where=where)
+            set_key(config, key, value, where=where)
         evals = {**study.eval, **pair_eval, **variant_eval, **value_eval}
         _derive(config, study.derived, where=where)
         config["out"] = ""
@@ -356,7 +326,7 @@ def expand_runs(study: Study, *, check_caches: bool = True) -> list[Run]:
 def check_caches_exist(runs: list[Run], *, study: Study) -> None:
     """Missing stores and splits fail here, in one line, not hours later on a worker."""
     from pipeline.store.layout import has_text, open_store
-    from pipeline.store.splits import list_splits
+    from pipeline.store.splits import list_splits, match_split
 
     splits: dict[str, list[str]] = {}
     for run in runs:
@@ -369,7 +339,7 @@ def check_caches_exist(runs: list[Run], *, study: Study) -> None:
                     raise UserError(f"{study.path}: pair '{run.pair}': {err}") from None
                 splits[path] = list_splits(root) + (["text"] if has_text(root) else [])
             for split in filter(None, wanted):
-                if split not in splits[path]:
+                if match_split(splits[path], split) is None:
                     raise UserError(f"{study.path}: pair '{run.pair}': {path} has no split '{split}' "
                                     f"(it has: {', '.join(splits[path]) or 'none'})")
         if "text" not in splits[data["text_cache"]]:

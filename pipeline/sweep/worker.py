@@ -37,7 +37,7 @@ from pipeline.config import write_json_atomic
 from pipeline.errors import UserError, run_entry
 from pipeline.sweep.study import read_marker
 
-PRELOAD = ("torch", "torch._dynamo", "matplotlib.pyplot", "zarr", "safetensors.torch", "pipeline.train.loop",
+PRELOAD = ("torch", "torch._dynamo", "matplotlib.pyplot", "zarr", "safetensors.torch", "pipeline.training.loop",
            "pipeline.eval.evaluate", "pipeline.plots")
 
 
@@ -118,7 +118,7 @@ def run_lock(run_dir: Path):
 
 def training_finished(*, run_dir: Path, config) -> bool:
     """True once the last step is checkpointed, so a run killed during evaluation never trains again."""
-    from pipeline.train.checkpoints import latest_checkpoint, load_train_state
+    from pipeline.training.checkpoints import latest_checkpoint, load_train_state
 
     if (run_dir / "summary.json").is_file() and (run_dir / "model.safetensors").is_file():
         return True
@@ -134,7 +134,7 @@ def _evaluate(*, run_dir: Path, config, evals: dict, device) -> dict:
     """Score the run; ``multiclass`` (Mosaic-4) scores every class of the evaluation masks, fold-free."""
     from pipeline.eval.evaluate import evaluate_split
     from pipeline.store.layout import open_store, store_attrs
-    from pipeline.train.checkpoints import load_model
+    from pipeline.training.checkpoints import load_model
 
     model, _ = load_model(run_dir, device=device)
     text = config.data.text_store
@@ -153,8 +153,8 @@ def execute_run(*, run_dir: Path, threads: int | None = None, quiet: bool = True
 
     from pipeline.config import from_dict
     from pipeline.runtime import resolve_device
-    from pipeline.train.checkpoints import latest_checkpoint
-    from pipeline.train.config import TrainConfig
+    from pipeline.training.checkpoints import latest_checkpoint
+    from pipeline.training.config import TrainConfig
     from pipeline.eval.validation import train_and_validate as train
 
     run_dir = Path(run_dir).resolve()

@@ -20,7 +20,7 @@ from pipeline.eval.evaluate import (
 from pipeline.eval.metrics import SegmentationMeter
 from pipeline.model import build_model
 from pipeline.store.reader import open_split
-from pipeline.train.checkpoints import load_model
+from pipeline.training.checkpoints import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,7 +115,7 @@ def test_episodes_from_cached_windows_follow_the_dataset_rule(gen):
 
 
 def _untrained(gen):
-    from pipeline.train.config import build_config
+    from pipeline.training.config import build_config
 
     config = build_config(preset="tiny")
     config.model.vision_dim, config.model.text_dim, config.model.decoder.out_size = 512, 384, INPUT

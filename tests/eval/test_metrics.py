@@ -70,10 +70,12 @@ def test_empty_target_and_prediction_counts_zero_like_hsnet():
     assert meter.fb_iou() == pytest.approx(100.0)
 
 
-def test_unseen_class_counts_zero_in_miou():
+def test_unseen_class_is_left_out_of_miou():
+    # Issue 14 item 7 reverses the earlier rule (a class without episodes counted as 0):
+    # such a class has no IoU, and is reported as n/a with its episode count of 0.
     meter = SegmentationMeter([1, 2])
     meter.update(pred=np.ones((2, 2), bool), target=np.ones((2, 2), np.uint8), class_id=1)
-    assert meter.miou() == pytest.approx(50.0)
+    assert meter.miou() == pytest.approx(100.0) and meter.episodes_per_class() == {1: 1, 2: 0}
 
 
 def test_two_episodes_sum_then_divide():

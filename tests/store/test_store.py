@@ -215,3 +215,13 @@ def test_real_photos_round_trip(coco128, voc_sample, tmp_path):
     voc_group = open_store(voc.out)["voc/val"]
     assert group is not None and (voc_group["masks"][...] == 255).any()
     assert np.array_equal(voc_group["view_box"][:, :2], np.zeros((3, 2)))  # whole images, resized
+
+
+def test_a_bare_split_name_is_accepted_when_unambiguous():
+    from pipeline.store.splits import match_split
+
+    names = ["coco/train", "folder/val", "voc/val"]
+    assert match_split(names, "train") == "coco/train"
+    assert match_split(names, "folder/val") == "folder/val"
+    assert match_split(names, "val") is None  # two stores' val: ambiguous
+    assert match_split(names, "test") is None and match_split(names, "voc/train") is None

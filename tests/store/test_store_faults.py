@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import zarr
@@ -76,3 +78,111 @@ def test_a_text_group_without_a_table_reads_as_no_text(tmp_path):
     assert not layout.has_text(open_store(tmp_path / "s"))
     write_text(open_store(tmp_path / "s", mode="r+"), names=["cat"], embeddings=np.ones((1, 4), np.float32), meta={})
     assert read_text(open_store(tmp_path / "s"))[0] == ["cat"]
+
+
+# --------------------------------------------------------------------------- #
+# Extraction into a store: lost shard files, a bare root, two writers (items 3, 8, 9)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture()
+def extracted(tmp_path, one_thread, reuse_encoders):
+    from synthetic_data import tiny_extract_config, write_folder_dataset
+
+    from pipeline.encode.extract import extract
+
+    data = write_folder_dataset(tmp_path / "data")
+    config = tiny_extract_config(data, tmp_path / "store")
+    extract(config=config, quiet=True)
+    return tmp_path / "store", config
+
+
+def test_a_done_shard_whose_files_vanished_is_refused_on_open_and_rewritten_by_extract(extracted):
+    from synthetic_data import store_arrays
+
+    from pipeline.encode.extract import extract
+    from pipeline.errors import UserError
+    from pipeline.store.reader import open_split
+
+    path, config = extracted
+    before = store_arrays(path)
+    (path / "folder/train/features/c/1/0/0").unlink()  # shard 1's features file, shard marked done
+    (path / "folder/train/masks/c/1/0/0").unlink()
+    with pytest.raises(UserError, match=r"files of 1 written shard\(s\) are missing \(first: shard 1\).*extract"):
+        open_split(store=path, split="folder/train")
+    report = extract(config=config, quiet=True)
+    assert report.shards_run == 1
+    after = store_arrays(path)
+    for name in before:
+        assert np.array_equal(before[name], after[name]), name
+    open_split(store=path, split="folder/train")
+
+
+def test_a_truncated_done_shard_is_written_again_by_extract(extracted):
+    from synthetic_data import store_arrays
+
+    from pipeline.encode.extract import extract
+
+    path, config = extracted
+    before = store_arrays(path)
+    shard = path / "folder/train/features/c/0/0/0"
+    shard.write_bytes(shard.read_bytes()[:-200])  # its index, written last, is cut off
+    assert extract(config=config, quiet=True).shards_run == 1
+    assert np.array_equal(store_arrays(path)["features"].view(np.uint16), before["features"].view(np.uint16))
+
+
+def test_a_store_killed_right_after_its_root_was_created_resumes(extracted, tmp_path):
+    from pipeline.encode.extract import extract
+
+    _, config = extracted
+    bare = tmp_path / "bare"
+    zarr.open_group(str(bare), mode="w", zarr_format=3)  # what older versions left when killed here
+    report = extract(config=replace(config, out=str(bare)), quiet=True)
+    assert report.shards_skipped == 0 and open_store(bare)
+
+
+def test_a_second_writer_is_refused_naming_the_holder(extracted):
+    from pipeline.encode.extract import extract
+    from pipeline.errors import UserError
+    from pipeline.store.layout import writer_lock
+
+    path, config = extracted
+    with writer_lock(path):
+        with pytest.raises(UserError, match=r"is being written by pid \d+ on .* since .*another --out") as err:
+            extract(config=config, quiet=True)
+    assert "\n" not in str(err.value)
+    assert extract(config=config, quiet=True).shards_run == 0  # free again once the holder is gone
+
+
+def test_out_pointing_at_a_file_is_a_one_line_error(extracted, tmp_path):
+    from pipeline.encode.extract import extract
+    from pipeline.errors import UserError
+
+    _, config = extracted
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        extract(config=replace(config, out=str(tmp_path / "a-file")), quiet=True)
+
+
+@pytest.mark.parametrize("option", ["batch_size", "shard_size", "stride"])
+@pytest.mark.parametrize("value", [0, -4])
+def test_extraction_counts_below_one_are_refused(tmp_path, option, value):
+    from synthetic_data import tiny_extract_config
+
+    from pipeline.encode.extract import extract
+    from pipeline.errors import UserError
+
+    config = tiny_extract_config(tmp_path / "data", tmp_path / "store", **{option: value})
+    with pytest.raises(UserError, match=f"--{option.replace('_', '-')} must be at least 1, got {value}"):
+        extract(config=config, quiet=True)
+
+
+def test_a_truncated_root_metadata_file_is_a_one_line_error(tmp_path):
+    from pipeline.errors import UserError
+
+    _store(tmp_path / "s")
+    meta = tmp_path / "s" / "zarr.json"
+    meta.write_text(meta.read_text()[:40])
+    with pytest.raises(UserError, match=r"zarr.json is damaged \(JSONDecodeError\); extract again") as err:
+        open_store(tmp_path / "s")
+    assert "\n" not in str(err.value)

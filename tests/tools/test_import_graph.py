@@ -17,22 +17,22 @@ def test_the_package_follows_the_layering_rule():
 
 def test_layers_order_the_data_flow():
     order = ["pipeline.errors", "pipeline.data.readers", "pipeline.store.layout", "pipeline.encode.extract",
-             "pipeline.model", "pipeline.train.loop", "pipeline.eval.evaluate", "pipeline.sweep.scheduler"]
+             "pipeline.model", "pipeline.training.loop", "pipeline.eval.evaluate", "pipeline.sweep.scheduler"]
     assert [layer_of(m) for m in order] == sorted(layer_of(m) for m in order)
     assert layer_of("pipeline.bench.extract") == layer_of("pipeline.sweep.worker") == layer_of("pipeline.demo")
 
 
 def test_a_cycle_through_function_level_imports_is_found(tmp_path):
     package = tmp_path / "pipeline"
-    (package / "train").mkdir(parents=True)
+    (package / "training").mkdir(parents=True)
     (package / "eval").mkdir()
-    for folder in (package, package / "train", package / "eval"):
+    for folder in (package, package / "training", package / "eval"):
         (folder / "__init__.py").write_text("")
-    (package / "train" / "loop.py").write_text("def validate():\n    from pipeline.eval.evaluate import score\n")
-    (package / "eval" / "evaluate.py").write_text("from pipeline.train.loop import validate\n\ndef score():\n    pass\n")
-    (package / "eval" / "helpers.py").write_text("from pipeline.train.loop import _private\n")
+    (package / "training" / "loop.py").write_text("def validate():\n    from pipeline.eval.evaluate import score\n")
+    (package / "eval" / "evaluate.py").write_text("from pipeline.training.loop import validate\n\ndef score():\n    pass\n")
+    (package / "eval" / "helpers.py").write_text("from pipeline.training.loop import _private\n")
     problems = check(package)
-    assert any("layer above" in p and "pipeline.train.loop" in p for p in problems)
+    assert any("layer above" in p and "pipeline.training.loop" in p for p in problems)
     assert any("imports private _private" in p for p in problems)
     assert any(p.startswith("import cycle:") for p in problems)
 

@@ -13,7 +13,7 @@ the same weights as an uninterrupted one.
 
 The loop itself only steps the optimiser; logging, checkpoints, the progress
 bar and (from the eval layer) validation are hooks called around steps and
-epochs (:mod:`pipeline.train.hooks`).
+epochs (:mod:`pipeline.training.hooks`).
 """
 
 from __future__ import annotations
@@ -34,24 +34,27 @@ from pipeline.errors import UserError
 from pipeline.model import build_model, count_parameters, make_model_config
 from pipeline.data.labels import TRAIN_SPLITS
 from pipeline.plots import plot_curves
-from pipeline.runtime import resolve_device
+from pipeline.runtime import default_file_mode, resolve_device
 from pipeline.store.layout import open_store
 from pipeline.store.splits import list_splits
 from pipeline.store.reader import load_into_memory, open_split
-from pipeline.train.batches import Prepared, image_pairs, prefetch, training_batches, view_table
-from pipeline.train.checkpoints import checkpoint_problem, latest_checkpoint, load_train_state, set_rng_state
-from pipeline.train.config import (
+from pipeline.training.batches import Prepared, image_pairs, prefetch, training_batches, training_pairs, view_table
+from pipeline.training.checkpoints import checkpoint_problem, latest_checkpoint, load_train_state, set_rng_state
+from pipeline.training.config import (
     RESUME_FREE_KEYS,
     TrainConfig,
     resolve_fold,
     resume_identity,
 )
-from pipeline.train.hooks import Checkpointer, Hook, Loop, MetricsLog, ProgressBar, run_hooks
-from pipeline.train.losses import binary_segmentation_loss
-from pipeline.train.schedule import lr_at, param_groups, wd_at
+from pipeline.training.hooks import Checkpointer, Hook, Loop, MetricsLog, ProgressBar, run_hooks
+from pipeline.training.inputs import write_run_inputs
+from pipeline.training.lists import restrict_to_lists
+from pipeline.training.losses import binary_segmentation_loss
+from pipeline.training.schedule import lr_at, param_groups, set_group_rates, wd_at
+from pipeline.training.stream import StreamBatch, stream_batches
 
 
-def _training_split_name(cache: str, split: str | None) -> str | None:
+def training_split_name(cache: str, split: str | None) -> str | None:
     if split:
         return split
     names = [s for s in list_splits(open_store(cache)) if s.split("/")[-1] in TRAIN_SPLITS]
@@ -63,18 +66,22 @@ def _training_split_name(cache: str, split: str | None) -> str | None:
 def prepare_data(config: TrainConfig) -> Prepared:
     data = config.data
     if data.online.enabled:
-        from pipeline.train.online import prepare_online
+        from pipeline.training.online import prepare_online
 
         return prepare_online(config)
-    split = open_split(store=data.cache, split=_training_split_name(data.cache, data.split))
+    split = open_split(store=data.cache, split=training_split_name(data.cache, data.split))
     fold = resolve_fold(data=data, class_names=split.class_names)
     text = class_embeddings(text_store=data.text_store, names=split.class_names)
-    samples = image_pairs(split=split, seen=fold.seen, classes_per_sample=data.classes_per_sample)
+    view_pairs = training_pairs(split=split, seen=fold.seen, classes_per_sample="all")
+    if data.train_lists:
+        view_pairs = restrict_to_lists(samples=view_pairs, split=split, protocol=data.protocol, fold=data.fold,
+                                       splits_dir=data.train_lists)
+    samples = image_pairs(split=split, view_pairs=view_pairs, classes_per_sample=data.classes_per_sample)
     mode = data.read_mode
     if mode == "auto":
         features = split.group["features"]
         size_gb = features.nbytes / 2**30 + split.group["masks"].nbytes / 2**30
-        mode = "memory" if size_gb <= data.memory_limit_gb else "shards"
+        mode = "memory" if size_gb <= data.memory_limit_gb else "stream"
     memory = load_into_memory(split) if mode == "memory" else None
     return Prepared(split=split, samples=samples, text=text, fold=fold, memory=memory, mode=mode,
                     vision_dim=int(split.group["features"].shape[2]), table=view_table(split), seed=config.seed)
@@ -118,7 +125,13 @@ def _start(config: TrainConfig, prepared: Prepared, *, resume: bool) -> Loop:
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = build_model(config.model).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    if device.type == "cuda" and model.decoder is not None:
+        model.decoder.to(memory_format=torch.channels_last)  # cuDNN's fast layout for the conv decoder
+    groups = param_groups(model, optim=config.optim)
+    # A parameter-free variant (fusion.mode frozen) has nothing to optimise: it trains no step.
+    # The fused kernel updates every parameter in one launch; it exists for CUDA tensors only.
+    optimizer = torch.optim.AdamW(groups, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
+                                  fused=device.type == "cuda") if groups else None
     position = {"epoch": 0, "batch": 0, "step": 0}
     run = Path(config.out)
     if resume:
@@ -137,7 +150,8 @@ def _start(config: TrainConfig, prepared: Prepared, *, resume: bool) -> Loop:
     if config.optim.max_steps:
         total = min(total, config.optim.max_steps)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    return Loop(config=config, run=run, model=model, optimizer=optimizer, device=device, bf16=bf16,
+    forward = torch.compile(model) if config.compile else None
+    return Loop(config=config, run=run, model=model, forward=forward, optimizer=optimizer, device=device, bf16=bf16,
                 split=prepared.split, steps_per_epoch=steps_per_epoch, total_steps=total,
                 epoch=position["epoch"], batch=position["batch"], step=position["step"], resumed=resume,
                 samples=len(prepared.samples), read_mode=prepared.mode, fold_novel=list(prepared.fold.novel))
@@ -148,17 +162,17 @@ def train_step(loop: Loop, batch) -> float:
     optim = loop.config.optim
     lr = lr_at(step=loop.step, steps_per_epoch=loop.steps_per_epoch, optim=optim)
     wd = wd_at(step=loop.step, steps_per_epoch=loop.steps_per_epoch, optim=optim)
-    for group in loop.optimizer.param_groups:
-        group["lr"] = lr
-        if group.get("wd_schedule"):
-            group["weight_decay"] = wd
+    set_group_rates(loop.optimizer, lr=lr, wd=wd)
     device = loop.device
-    feats = batch.features.to(device, non_blocking=True)
-    text = batch.text.to(device, non_blocking=True)
-    mask = batch.text_mask.to(device, non_blocking=True)
-    targets = batch.targets.to(device, non_blocking=True)
+    if isinstance(batch, StreamBatch):
+        feats, text, mask, targets = batch.to_device(device)
+    else:
+        feats = batch.features.to(device, non_blocking=True)
+        text = batch.text.to(device, non_blocking=True)
+        mask = batch.text_mask.to(device, non_blocking=True)
+        targets = batch.targets.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=loop.bf16):
-        logits = loop.model(feats, text, grid=loop.split.grid, text_mask=mask)
+        logits = (loop.forward or loop.model)(feats, text, grid=loop.split.grid, text_mask=mask)
     loss = binary_segmentation_loss(logits.float(), targets, text_mask=mask)
     loop.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -173,6 +187,12 @@ def _epoch_batches(loop: Loop, prepared: Prepared):
     if prepared.epoch_batches is not None:
         return prepared.epoch_batches(loop)
     config = loop.config
+    if prepared.mode == "stream":  # batches gathered and pinned in a thread; blocks read by the readers
+        return prefetch(stream_batches(
+            split=prepared.split, samples=prepared.samples, text=prepared.text, batch_size=config.optim.batch_size,
+            epoch=loop.epoch, seed=config.seed, novel=tuple(prepared.fold.novel),
+            novel_pixels=config.data.novel_pixels, device=loop.device, readers=config.data.readers,
+            skip_batches=loop.batch))
     return prefetch(training_batches(
         split=prepared.split, samples=prepared.epoch_samples(loop.epoch), text=prepared.text,
         batch_size=config.optim.batch_size, epoch=loop.epoch, seed=config.seed, novel=tuple(prepared.fold.novel),
@@ -207,6 +227,7 @@ def _save_final(loop: Loop) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in loop.model.state_dict().items()}
     tmp = loop.run / ".model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "fusioner"})
+    default_file_mode(tmp)
     os.replace(tmp, loop.run / "model.safetensors")
 
 
@@ -222,12 +243,17 @@ def train(*, config: TrainConfig, resume: bool = False, quiet: bool = False, hoo
     _fit_model_config(config, prepared)
     _check_resume_identity(config, resume=resume)
     loop = _start(config, prepared, resume=resume)
+    if resume and loop.step >= loop.total_steps and (loop.run / "summary.json").is_file():
+        return json.loads((loop.run / "summary.json").read_text())  # finished already: nothing to redo
     loop.run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(loop.run / "config.json", config)
+    write_run_inputs(run=loop.run, vision_store=config.data.cache, text_store=config.data.text_store,
+                     class_names=prepared.split.class_names, embeddings=prepared.text)
     everything = [MetricsLog(), Checkpointer(), ProgressBar(quiet=quiet), *hooks]
     run_hooks(everything, "before_train", loop)
     try:
-        _run_epochs(loop, prepared, everything)
+        if loop.optimizer is not None:
+            _run_epochs(loop, prepared, everything)
     finally:
         run_hooks(everything, "after_train", loop)
     _save_final(loop)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.config import from_dict, write_json_atomic
 from pipeline.errors import UserError
 from pipeline.model import build_model
-from pipeline.runtime import load_torch_file
+from pipeline.runtime import default_file_mode, load_torch_file
 
 
 def save_checkpoint(*, run: Path, model, optimizer, position: dict, config, keep: int = 2) -> Path:
@@ -38,6 +38,7 @@ def save_checkpoint(*, run: Path, model, optimizer, position: dict, config, keep
     tmp.mkdir()
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "fusioner"})
+    default_file_mode(tmp / "model.safetensors")
     # The torch RNG state makes dropout continue as in an uninterrupted run.
     torch.save({"optimizer": optimizer.state_dict(), "position": position, "rng": rng_state()},
                tmp / "train_state.pt")
@@ -147,7 +148,7 @@ def load_model(run_or_checkpoint: str | Path, *, device: str | torch.device = "c
     path = Path(run_or_checkpoint)
     for candidate in (path, latest_checkpoint(path) if path.is_dir() else None):
         if candidate is not None and (candidate / "model.safetensors").is_file() and (candidate / "config.json").is_file():
-            from pipeline.train.config import TrainConfig
+            from pipeline.training.config import TrainConfig
 
             config = from_dict(TrainConfig, json.loads((candidate / "config.json").read_text()))
             model = build_model(config.model)

@@ -11,9 +11,9 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.runtime import load_torch_file
-from pipeline.train.checkpoints import latest_checkpoint, load_model
-from pipeline.train.config import build_config
-from pipeline.train.loop import train
+from pipeline.training.checkpoints import latest_checkpoint, load_model
+from pipeline.training.config import build_config
+from pipeline.training.loop import train
 from synthetic_data import LEARN_EPOCHS, train_overrides
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.reliability]
@@ -89,3 +89,44 @@ def test_an_empty_train_state_is_a_one_line_error_when_nothing_else_is_left(gen,
         _resume(gen, run)
     with pytest.raises(UserError, match="empty or truncated"):
         load_torch_file(next((run / "checkpoints").glob("step-*")) / "train_state.pt", what="training state")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("optim.epochs=0", "optim.epochs and optim.batch_size must be at least 1"),
+    ("optim.batch_size=0", "optim.epochs and optim.batch_size must be at least 1"),
+    ("optim.batch_size=-1", "optim.epochs and optim.batch_size must be at least 1"),
+    ("optim.lr=.nan", "optim.lr must be a positive number"),
+    ("optim.lr=-0.1", "optim.lr must be a positive number"),
+    ("optim.max_steps=-2", "must be >= 0"),
+])
+def test_training_settings_that_would_save_an_untrained_model_are_refused(override, message):
+    with pytest.raises(UserError, match=message) as err:
+        build_config(preset="tiny", overrides=[override])
+    assert "\n" not in str(err.value)
+
+
+def test_resuming_a_finished_run_keeps_its_summary(gen, run):
+    before = (run / "summary.json").read_text()
+    summary = _resume(gen, run)
+    assert summary["final_loss"] == summary["final_loss"]  # not NaN
+    assert (run / "summary.json").read_text() == before
+
+
+def test_eval_limit_below_one_is_refused():
+    from pipeline.eval.evaluate import evaluate_split
+
+    for limit in (0, -3):
+        with pytest.raises(UserError, match="--limit must be at least 1"):
+            evaluate_split(model=None, vision_cache="nowhere", text_cache="nowhere", split="x", protocol="pascal5i",
+                           fold=0, limit=limit)
+
+
+def test_evaluating_against_a_store_of_another_width_is_one_line(gen):
+    from pipeline.eval.evaluate import evaluate_split
+    from pipeline.model import build_model, make_model_config
+
+    model = build_model(make_model_config(vision_dim=768, text_dim=384, preset="tiny"))
+    with pytest.raises(UserError, match=r"takes 768-d vision and 384-d text features; .* hold 512-d and 384-d") as err:
+        evaluate_split(model=model, vision_cache=str(gen.vision), text_cache=str(gen.text), split="folder/val",
+                       protocol="pascal5i", fold=0)
+    assert "\n" not in str(err.value)

@@ -13,8 +13,8 @@ from PIL import Image
 from pipeline.data.labels import VOC_CLASSES
 from pipeline.encode.extract import extract
 from pipeline.encode.plan import ExtractConfig
-from pipeline.train.config import build_config
-from pipeline.train.loop import prepare_data, train
+from pipeline.training.config import build_config
+from pipeline.training.loop import prepare_data, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

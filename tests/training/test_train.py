@@ -25,10 +25,10 @@ from pipeline.errors import UserError
 from pipeline.eval.metrics import SegmentationMeter
 from pipeline.model import build_model
 from pipeline.store.reader import open_split
-from pipeline.train.checkpoints import latest_checkpoint, load_model
-from pipeline.train.config import TrainConfig, build_config, resume_identity
-from pipeline.train.loop import train
-from pipeline.train.schedule import lr_at, wd_at
+from pipeline.training.checkpoints import latest_checkpoint, load_model
+from pipeline.training.config import TrainConfig, build_config, resume_identity
+from pipeline.training.loop import train
+from pipeline.training.schedule import lr_at, wd_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -156,7 +156,7 @@ def _complete(folder: Path) -> bool:
 def test_killed_run_resumes_to_the_same_bits(gen, straight, tmp_path):
     run = tmp_path / "run"
     script = ("import torch; torch.set_num_threads(1)\n"
-              "from pipeline.train.config import build_config\nfrom pipeline.train.loop import train\n"
+              "from pipeline.training.config import build_config\nfrom pipeline.training.loop import train\n"
               f"train(config=build_config(preset='tiny', overrides={train_overrides(gen, run, *RESUME_EPOCHS)!r}), "
               "quiet=True)\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

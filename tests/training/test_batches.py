@@ -20,7 +20,7 @@ from pipeline.data.labels import VOC_CLASSES, prompt_name
 from pipeline.encode.text import class_embeddings, text_encoder_of
 from pipeline.errors import UserError
 from pipeline.store.reader import load_into_memory, open_split
-from pipeline.train.batches import (
+from pipeline.training.batches import (
     binary_targets,
     prefetch,
     training_batches,

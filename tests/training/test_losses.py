@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.train.losses import binary_segmentation_loss, class_targets
+from pipeline.training.losses import binary_segmentation_loss, class_targets
 
 
 def _bce(logit: float, target: float) -> float:

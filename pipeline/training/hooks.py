@@ -19,8 +19,8 @@ import torch
 
 from pipeline.model import count_parameters
 from pipeline.runtime import progress
-from pipeline.train.checkpoints import save_checkpoint, truncate_log
-from pipeline.train.config import TrainConfig
+from pipeline.training.checkpoints import save_checkpoint, truncate_log
+from pipeline.training.config import TrainConfig
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Loop:
     wait_seconds: float = 0.0
     compute_seconds: float = 0.0
     records: dict = field(default_factory=dict)
+    forward: Any = None  # the compiled model when config.compile, else None (call the model itself)
 
     @property
     def finished(self) -> bool:

@@ -29,8 +29,8 @@ from pipeline.encode.families import create_encoder
 from pipeline.encode.text import class_embeddings
 from pipeline.errors import UserError
 from pipeline.runtime import resolve_device
-from pipeline.train.batches import Batch, Prepared, binary_targets
-from pipeline.train.config import TrainConfig, resolve_fold
+from pipeline.training.batches import Batch, Prepared, binary_targets
+from pipeline.training.config import TrainConfig, resolve_fold
 
 
 @dataclass

@@ -47,15 +47,16 @@ def training_pairs(*, split: CachedSplit, seen: tuple[int, ...],
     return samples
 
 
-def image_pairs(*, split: CachedSplit, seen: tuple[int, ...],
-                classes_per_sample: Literal["1", "all"]) -> list[tuple[int, tuple[int, ...]]]:
+def image_pairs(*, split: CachedSplit, classes_per_sample: Literal["1", "all"], seen: tuple[int, ...] = (),
+                view_pairs: list | None = None) -> list[tuple[int, tuple[int, ...]]]:
     """Samples as (image, classes in W), as the released code counts them: an epoch is one pass over these.
 
     An image's classes are the seen classes of any of its K views, so the number of
     samples, and with it the steps of an epoch, does not depend on K.
     """
-    by_image = [(int(split.view_image[v]), classes)
-                for v, classes in training_pairs(split=split, seen=seen, classes_per_sample="all")]
+    if view_pairs is None:  # (view, every seen class of it), as training_pairs gives with "all"
+        view_pairs = training_pairs(split=split, seen=seen, classes_per_sample="all")
+    by_image = [(int(split.view_image[v]), classes) for v, classes in view_pairs]
     union: dict[int, set[int]] = {}
     for image, classes in by_image:
         union.setdefault(image, set()).update(classes)
@@ -197,7 +198,7 @@ def training_batches(*, split: CachedSplit, samples: list[tuple[int, tuple[int, 
 
 @dataclass
 class Prepared:
-    """What the loop trains on: cached views here, fresh augmentations in :mod:`pipeline.train.online`.
+    """What the loop trains on: cached views here, fresh augmentations in :mod:`pipeline.training.online`.
 
     ``samples`` are the (image, classes) pairs of an epoch, whatever the number of
     views per image; ``split`` gives ``grid``, ``input_size`` and ``pretrained``.

@@ -14,8 +14,8 @@ from pipeline.config import from_dict
 from pipeline.encode.extract import extract
 from pipeline.encode.plan import ExtractConfig
 from pipeline.errors import UserError
-from pipeline.train.config import TrainConfig, build_config
-from pipeline.train.loop import prepare_data, train
+from pipeline.training.config import TrainConfig, build_config
+from pipeline.training.loop import prepare_data, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

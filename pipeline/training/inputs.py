@@ -1,0 +1,62 @@
+"""What a run keeps of its inputs, so it predicts without the stores it was trained from.
+
+``inputs.json`` holds the stores' absolute paths (resolved at training time) and the
+identity of each frozen encoder (name, weights source and hash, input size, grid, image
+normalisation, prompt templates); ``class_embeddings.safetensors`` holds the class-name
+embeddings the run was trained with. A run folder copied to another machine then predicts
+on a photo with new class names given the encoder weights alone: the known names use the
+kept embeddings, new ones are encoded by the text encoder the identity names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import write_json_atomic
+from pipeline.runtime import default_file_mode
+from pipeline.store.layout import has_text, open_store, store_attrs
+
+INPUTS = "inputs.json"
+EMBEDDINGS = "class_embeddings.safetensors"
+_IDENTITY_KEYS = ("encoder", "weights", "pretrained", "input_size", "grid", "vision_dim", "text_dim", "mean", "std")
+
+
+def _identity(store: str | Path) -> dict:
+    root = open_store(store)
+    attrs = store_attrs(root)
+    identity = {k: attrs.get(k) for k in _IDENTITY_KEYS}
+    if has_text(root):
+        identity["templates"] = root["text"].attrs.get("templates")
+    return identity
+
+
+def write_run_inputs(*, run: str | Path, vision_store: str | Path, text_store: str | Path,
+                     class_names: list[str], embeddings: np.ndarray) -> None:
+    """Keep the stores' absolute paths, the encoders' identities and the class embeddings in ``run``."""
+    run = Path(run)
+    record = {
+        "vision_store": str(Path(vision_store).resolve()), "text_store": str(Path(text_store).resolve()),
+        "vision": _identity(vision_store), "text": _identity(text_store), "class_names": list(class_names),
+    }
+    write_json_atomic(run / INPUTS, record)
+    tmp = run / f".{EMBEDDINGS}.tmp"
+    save_file({"embeddings": torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))}, str(tmp),
+              metadata={"class_names": json.dumps(list(class_names))})
+    default_file_mode(tmp)
+    tmp.replace(run / EMBEDDINGS)
+
+
+def read_run_inputs(run: str | Path) -> dict | None:
+    """The record :func:`write_run_inputs` kept (with ``embeddings``: name -> vector), or None for older runs."""
+    run = Path(run)
+    if not (run / INPUTS).is_file():
+        return None
+    record = json.loads((run / INPUTS).read_text())
+    table = load_file(str(run / EMBEDDINGS))["embeddings"].numpy() if (run / EMBEDDINGS).is_file() else None
+    record["embeddings"] = {} if table is None else dict(zip(record["class_names"], table))
+    return record

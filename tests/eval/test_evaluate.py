@@ -206,3 +206,26 @@ def test_evaluation_refuses_a_protocol_of_other_classes(gen):
     result = evaluate_split(model=_untrained(gen), vision_cache=str(gen.vision), text_cache=str(gen.text),
                             split="folder/val", protocol="coco2voc", fold=0, min_pixels=MIN_PIXELS, quiet=True)
     assert {1, 12, 15} <= set(novel) and result["episodes"] > 0
+
+
+def test_a_class_without_episodes_is_na_with_its_count_never_zero():
+    """Honest tables: IoU None (n/a) beside 0 episodes, in the result, the CLI text and per_class.csv."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.eval.evaluate import _result
+    from pipeline.eval.metrics import SegmentationMeter
+    from pipeline.eval.report import class_cell
+
+    meter = SegmentationMeter([1, 2])
+    target = torch.zeros(4, 4, dtype=torch.uint8)
+    target[:2] = 1
+    meter.update(pred=target.bool(), target=target, class_id=1)
+    result = _result(meter=meter, names=["cat", "dog"], novel=(1, 2), source="derived",
+                     cached=SimpleNamespace(pretrained=False))
+    assert result["per_class"] == {"cat": 100.0, "dog": None}
+    assert result["episodes_per_class"] == {"cat": 1, "dog": 0}
+    assert result["miou"] == 100.0  # the mean is over classes with episodes (issue 14)
+    assert class_cell("dog", None, result["episodes_per_class"]) == "dog n/a (0 episodes)"
+    assert class_cell("cat", 100.0, result["episodes_per_class"]) == "cat 100.0 (1 ep.)"

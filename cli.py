@@ -135,7 +135,20 @@ def extract(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images as skipped instead of stopping."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the store and start over."),
     workers: int = typer.Option(1, "--workers", metavar="N", help="Worker processes (dask), each owning whole shards."),
+    render_workers: int = typer.Option(0, "--render-workers", metavar="N",
+                                       help="Processes decoding and rendering shards ahead of the encoder (0: one thread)."),
+    writers: int = typer.Option(2, "--writers", metavar="N", help="Threads writing finished shards."),
+    layout: str = typer.Option("image", "--layout", metavar="LAYOUT",
+                               help="image, or shuffled: views in a seeded random order in ~128 MiB shards, for streaming."),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:1 ..."),
+    class_words: str = typer.Option("auto", "--class-words", metavar="WORDS",
+                                    help="raw split-file names (auto for voc/coco, as released) or natural words."),
+    normalize: str = typer.Option("auto", "--normalize", metavar="STATS",
+                                  help="auto (voc/coco: the released dataset statistics), encoder, pascal, coco."),
+    last_window: str = typer.Option("pad", "--last-window", metavar="RULE", help="pad (released) or slide the last partial window."),
+    episodes: Optional[Path] = typer.Option(None, "--episodes", metavar="SPLITS",
+                                            help="Splits folder: only the images its standard episodes score."),
+    fold: List[int] = typer.Option([], "--fold", metavar="N", help="With --episodes: these folds (default all)."),
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -148,7 +161,9 @@ def extract(
     \b
       fusioner extract --backbone clip-l --dataset voc --data-root ~/data/VOCdevkit/VOC2012 --out cache/clip-l
       fusioner extract --backbone clip-l --dataset voc --data-root ~/data/VOCdevkit/VOC2012 --split val
+      fusioner extract --backbone clip-l --dataset voc --data-root ~/data/VOCdevkit/VOC2012 --views 4 --layout shuffled --render-workers 12
       fusioner extract --backbone bert-b --text-only --dataset voc --out cache/bert-b
+      fusioner extract --backbone clip-l --dataset coco --data-root ~/data/coco --split val --episodes ../shared/splits
     """
     from pipeline.encode.extract import extract as run_extract
     from pipeline.encode.plan import ExtractConfig
@@ -160,6 +175,9 @@ def extract(
         batch_size=batch_size, shard_size=shard_size, text_only=text_only, vision_only=vision_only,
         weights=str(weights) if weights else None, random_init=random_init, skip_bad=skip_bad,
         overwrite=overwrite, workers=workers, device=device, extra_names=list(names or []),
+        class_words=class_words, normalize=normalize, last_window=last_window,
+        episodes=str(episodes) if episodes else None, episode_folds=list(fold),
+        render_workers=render_workers, writers=writers, layout=layout,
     )
     report = run_extract(config=config, quiet=_quiet(quiet))
     typer.echo(report.describe())
@@ -368,6 +386,10 @@ def sweep(
     workers: Optional[int] = typer.Option(None, "--workers", metavar="N",
                                           show_default="one per GPU, else 2 CPU workers", help="Local workers."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs, their folders and what is done; run nothing."),
+    estimate: bool = typer.Option(False, "--estimate", help="Print the study's GPU-hours (runs x steps x s/step); run nothing."),
+    gpu: str = typer.Option("h100", "--gpu", metavar="KIND", help="GPU kind --estimate prices: h100, h200, a100, l40s."),
+    timings: Optional[Path] = typer.Option(None, "--timings", metavar="FILE",
+                                           help="JSON from `python -m pipeline.bench gpu` to use measured s/step."),
     retries: int = typer.Option(2, "--retries", metavar="N", help="Retries of a failed run before it is reported."),
     overrides: Settings = [],
     quiet: Quiet = False,
@@ -388,6 +410,7 @@ def sweep(
       fusioner sweep pipeline/studies/table1.yaml --scheduler tcp://head:8786
       fusioner sweep pipeline/studies/table1.yaml --slurm --jobs 8 --gpus-per-job 1
       fusioner sweep pipeline/studies/table1.yaml --dry-run
+      fusioner sweep table1 --estimate --gpu h100
     """
     from pipeline.sweep.catalog import describe_studies
     from pipeline.sweep.command import sweep_command
@@ -397,7 +420,7 @@ def sweep(
         raise typer.Exit(0 if list_studies else 2)
     code = sweep_command(study=study, scheduler=scheduler, slurm=slurm, jobs=jobs, gpus_per_job=gpus_per_job,
                          workers=workers, dry_run=dry_run, retries=retries, quiet=_quiet(quiet),
-                         overrides=dict(overrides))
+                         overrides=dict(overrides), estimate=estimate, gpu=gpu, timings=timings)
     if code:
         raise typer.Exit(code)
 

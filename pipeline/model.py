@@ -1,11 +1,14 @@
 """The Fusioner model: fuse frozen visual and text tokens, decode, score by cosine.
 
 Y = DEC(FUSE(F_V, F_W)). The frozen encoders run once, at extraction time; this
-module sees only their cached tokens, so everything here is trainable. Three
-fusion modes cover the paper's comparisons: ``early`` (the cross-modal
-transformer of section 3), ``late`` (LSeg-style: one MLP stack per modality,
-fused only at the similarity) and ``none`` (Table 4, projections only). The
-decoder can be switched off (Table 4 "without decoder").
+module sees only their cached tokens, so everything here is trainable. Fusion
+modes cover the paper's comparisons: ``early`` (the cross-modal transformer of
+section 3), ``late`` (LSeg-style: one MLP stack per modality, fused only at the
+similarity), ``none`` (Table 4 "without fusion": the width-unifying projections
+only, no mixer) and ``frozen`` (Table 4 "neither", with the decoder off: no
+parameter at all, the cosine of the frozen upsampled patch features against the
+frozen text embeddings, which needs equal widths). The decoder can be switched
+off (Table 4 "without decoder").
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class FusionConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     dropout: float = 0.0
-    mode: Literal["early", "late", "none"] = "early"
+    mode: Literal["early", "late", "none", "frozen"] = "early"
     late_mlp_layers: int = 6
 
 
@@ -100,6 +103,11 @@ def check_config(config: ModelConfig) -> None:
             "decoder.channels must be a non-empty list of positive integers")
     require(decoder.out_size > 0, "decoder.out_size must be positive")
     require(config.temperature > 0, "temperature must be positive")
+    if fusion.mode == "frozen":
+        require(not decoder.enabled, "fusion.mode 'frozen' has no parameters: set decoder.enabled false too")
+        require(config.vision_dim == config.text_dim,
+                f"fusion.mode 'frozen' compares frozen features directly, so vision_dim ({config.vision_dim}) "
+                f"must equal text_dim ({config.text_dim}); pair encoders of one joint space (e.g. CLIP + CLIP)")
     require(0.0 < config.threshold < 1.0, "threshold must be in (0, 1)")
 
 
@@ -282,7 +290,10 @@ class Fusioner(nn.Module):
         super().__init__()
         check_config(config)
         self.config = config
-        self.fusion = Fusion(config.fusion, vision_dim=config.vision_dim, text_dim=config.text_dim)
+        # Device and dtype of the model, also for the parameter-free variant (not saved).
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)
+        self.fusion = None if config.fusion.mode == "frozen" else Fusion(
+            config.fusion, vision_dim=config.vision_dim, text_dim=config.text_dim)
         self.decoder = (
             ConvDecoder(width=config.fusion.width, channels=tuple(config.decoder.channels))
             if config.decoder.enabled else None
@@ -314,7 +325,7 @@ class Fusioner(nn.Module):
         Padded classes (``text_mask`` False) get :data:`PADDED_LOGIT`, and
         cannot influence the real classes' logits.
         """
-        reference = self.fusion.class_type
+        reference = self.anchor
         visual = visual.to(device=reference.device, dtype=reference.dtype)
         text = text.to(device=reference.device, dtype=reference.dtype)
         if text_mask is not None:
@@ -328,7 +339,8 @@ class Fusioner(nn.Module):
             # The paper's features are unit vectors; the cache keeps them raw.
             visual, text = F.normalize(visual, dim=-1), F.normalize(text, dim=-1)
 
-        patches, classes = self.fusion(visual, text, text_mask=text_mask)  # [B, HW, d], [B, C, d]
+        patches, classes = (visual, text) if self.fusion is None else self.fusion(
+            visual, text, text_mask=text_mask)  # [B, HW, d], [B, C, d]
         pixels = patches.transpose(1, 2).reshape(batch, -1, height, width)  # [B, d, h, w]
         size = _size_pair(out_size if out_size is not None else self.config.decoder.out_size)
         temperature = self.config.temperature
@@ -355,7 +367,7 @@ def build_model(config: ModelConfig) -> Fusioner:
 
 def count_parameters(model: Fusioner) -> dict[str, int]:
     """Parameter counts of the fusion module (projections included), the decoder and the whole."""
-    fusion = sum(p.numel() for p in model.fusion.parameters())
+    fusion = sum(p.numel() for p in model.fusion.parameters()) if model.fusion is not None else 0
     decoder = sum(p.numel() for p in model.decoder.parameters()) if model.decoder is not None else 0
     total = sum(p.numel() for p in model.parameters())
     return {"fusion": fusion, "decoder": decoder, "total": total}

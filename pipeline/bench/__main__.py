@@ -1,6 +1,8 @@
-"""``python -m pipeline.bench {extract,train,sweep} [options]``: the benchmarks behind docs/benchmarks.md.
+"""``python -m pipeline.bench {extract,train,sweep,datapath,gpu} [options]``: the benchmarks behind docs/benchmarks.md.
 
 - ``extract``: encoder forward vs. whole extraction, then cache read speed;
+- ``datapath``: render processes, shard writers and the streaming loader against raw disk speed;
+- ``gpu``: the one GPU check (extract, stream-train, evaluate), one JSON line;
 - ``train``: a cached training step vs. one running the encoder online, loader wait, cost per pair;
 - ``sweep``: the same runs through a 2-worker sweep and in one process.
 """
@@ -9,20 +11,25 @@ import sys
 
 from pipeline.errors import UserError, run_entry
 
-USAGE = "usage: python -m pipeline.bench {extract,train,sweep} [--help | options]"
+COMMANDS = ("extract", "train", "sweep", "datapath", "gpu")
+USAGE = f"usage: python -m pipeline.bench {{{','.join(COMMANDS)}}} [--help | options]"
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__.strip())
         return 0
-    if not argv or argv[0] not in ("extract", "train", "sweep"):
+    if not argv or argv[0] not in COMMANDS:
         raise UserError(USAGE if not argv else f"unknown benchmark {argv[0]!r} ({USAGE})")
     if argv[0] == "extract":
         from pipeline.bench.extract import main as run
         return run(argv)
     if argv[0] == "train":
         from pipeline.bench.train import main as run
+    elif argv[0] == "datapath":
+        from pipeline.bench.datapath import main as run
+    elif argv[0] == "gpu":
+        from pipeline.bench.gpu import main as run
     else:
         from pipeline.bench.sweep import main as run
     return run(argv[1:])

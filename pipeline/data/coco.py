@@ -34,17 +34,24 @@ class CocoDataset(PairedDataset):
     """MS-COCO: semantic masks rendered from instance polygons/RLEs, or read from pre-rendered PNGs.
 
     Rendering paints instances larger-first, so a small object on top of a large
-    one stays visible. Crowd regions become 255 (ignore) only where no instance
-    was painted: their pixels are real objects, but unlabelled per instance, so
-    they should neither count as background nor as foreground.
+    one stays visible. Crowd regions (option ``crowd``): ``class`` (default) paints
+    them with their category like any instance, which is how we read the standard
+    pre-rendered COCO-20i masks (one category per annotation, crowd included);
+    ``ignore`` makes them 255 where no instance was painted, since their pixels are
+    real objects unlabelled per instance.
     """
 
     name = "coco"
     layout = ("{train,val}2014/*.jpg + annotations/instances_{train,val}2014.json (rendered larger-first, "
-              "crowd -> 255), or mask_dir/<stem>.png pre-rendered (k = COCO-20i class k)")
-    options = ("mask_dir",)
+              "crowd painted as its class, or 255 with crowd=ignore), or mask_dir/<stem>.png pre-rendered "
+              "(k = COCO-20i class k)")
+    options = ("mask_dir", "crowd")
 
-    def __init__(self, *, root: Path, split: str, skip_bad: bool, mask_dir: str | Path | None = None) -> None:
+    def __init__(self, *, root: Path, split: str, skip_bad: bool, mask_dir: str | Path | None = None,
+                 crowd: str = "class") -> None:
+        if crowd not in ("class", "ignore"):
+            raise UserError(f"coco option crowd must be class or ignore, got {crowd!r}")
+        self._crowd = crowd
         if split not in ("train", "val"):
             raise UserError(f"{root}: coco split must be train or val, got {split!r}")
         folder = require_dir(root / f"{split}2014", f"{split}2014/")
@@ -71,7 +78,7 @@ class CocoDataset(PairedDataset):
         crowd = np.zeros_like(mask, dtype=bool)
         for area, iscrowd, segmentation, value in sorted(entry.annotations, key=lambda a: -a[0]):
             region = self._decode(segmentation, entry)
-            if iscrowd:
+            if iscrowd and self._crowd == "ignore":
                 crowd |= region
             else:
                 mask[region] = value

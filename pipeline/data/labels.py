@@ -44,6 +44,27 @@ def prompt_name(name: str) -> str:
     return _PROMPT_NAMES.get(name, name.replace("_", " "))
 
 
+# Which words the text encoder sees: the split files' raw names ("diningtable", as the released
+# code feeds them) or natural words ("dining table"). "auto": raw for the paper's readers.
+CLASS_WORDS = ("auto", "raw", "natural")
+_RAW_NAME_READERS = {"voc", "pascal", "coco", "coco2014"}
+
+
+def resolve_class_words(choice: str, *, dataset: str | None) -> str:
+    if choice not in CLASS_WORDS:
+        from pipeline.errors import UserError
+
+        raise UserError(f"class words must be one of {', '.join(CLASS_WORDS)}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    return "raw" if dataset in _RAW_NAME_READERS else "natural"
+
+
+def text_words(name: str, class_words: str) -> str:
+    """What the text encoder reads for a class name under a resolved ``class_words`` choice."""
+    return name if class_words == "raw" else prompt_name(name)
+
+
 def coco_class_name(category: str) -> str:
     """Split-file name of an official COCO category name ("dining table" -> "diningtable")."""
     return _COCO_ALIASES.get(category, category.replace(" ", ""))

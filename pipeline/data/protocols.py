@@ -138,23 +138,6 @@ def _custom(*, class_names: list[str], novel: list[str]) -> Protocol:
                     "derived from masks (derive_episodes)")
 
 
-_PROTOCOLS: dict[str, Callable[..., Protocol]] = {
-    "pascal5i": _pascal5i, "coco20i": _coco20i, "coco2voc": _coco2voc, "fss": _fss, "mosaic4": _mosaic4,
-    "custom": _custom,
-}
-
-
-def list_protocols() -> list[str]:
-    return sorted(_PROTOCOLS)
-
-
-def create_protocol(name: str, **options) -> Protocol:
-    if name not in _PROTOCOLS:
-        raise UserError(f"unknown protocol {name!r}; known: {', '.join(list_protocols())}")
-    try:
-        return _PROTOCOLS[name](**options)
-    except TypeError as error:  # a missing or unexpected option of the builder
-        raise UserError(f"protocol {name!r}: {error}") from None
 
 
 def _pascal_pairs(path: Path) -> list[Episode]:
@@ -217,9 +200,73 @@ def _mosaic_index(splits_dir: Path, fold: int, dataset: SegDataset | None) -> tu
     return source, [Episode(c["image_id"], t["value"]) for c in read_mosaic_index(source) for t in c["tiles"]]
 
 
-_EPISODE_LISTS = {"pascal5i": _pascal_val, "coco20i": _coco_val, "coco2voc": _coco2voc_val, "fss": _fss_test,
-                  "mosaic4": _mosaic_index}
-_STANDARD_LIMITS = {"coco20i": COCO_STANDARD_EPISODES}
+def _pascal_trn(splits_dir: Path, fold: int) -> list[Episode]:
+    """The trn lists of the three other folds (each lists its own classes)."""
+    trn = splits_dir / "pascal" / "trn"
+    return [e for j in range(4) if j != fold for e in _pascal_pairs(trn / f"fold{j}.txt")]
+
+
+def _coco_trn(splits_dir: Path, fold: int) -> list[Episode]:
+    """trn/fold{i}.json already holds the 60 seen classes of fold i."""
+    path = splits_dir / "coco" / "trn" / f"fold{fold}.json"
+    episodes = _coco_pairs(path, None)
+    seen = set(create_protocol("coco20i").fold(fold).seen)
+    if any(e.class_value not in seen for e in episodes):
+        raise UserError(f"{path}: lists a class that is novel in fold {fold}")
+    return episodes
+
+
+@dataclass(frozen=True)
+class ProtocolEntry:
+    """A protocol's behaviour as data: callers read these fields and never compare protocol names."""
+
+    build: Callable[..., Protocol]
+    folds: int = 1  # known without building (fss/mosaic4/custom need options to build)
+    episode_list: Callable | None = None  # (splits_dir, fold, dataset) -> (source, episodes); None: derive
+    standard_limit: int | None = None  # the protocol scores only the first N episodes (COCO-20i: 1000)
+    training_list: Callable | None = None  # (splits_dir, fold) -> the standard (image, seen class) pairs
+    multiclass: bool = False  # each image is scored with all its classes at once (|W| > 1)
+    named_novel: bool = False  # the novel classes are given by name (data.novel)
+    train_on_own_classes: bool = False  # training composites whose every class is seen (Mosaic-4 training)
+    train_protocol: str = ""  # trained on another protocol's data and folds (coco2voc: coco20i)
+
+
+_PROTOCOLS: dict[str, ProtocolEntry] = {
+    "pascal5i": ProtocolEntry(_pascal5i, folds=4, episode_list=_pascal_val, training_list=_pascal_trn),
+    "coco20i": ProtocolEntry(_coco20i, folds=4, episode_list=_coco_val, standard_limit=COCO_STANDARD_EPISODES,
+                             training_list=_coco_trn),
+    "coco2voc": ProtocolEntry(_coco2voc, folds=4, episode_list=_coco2voc_val, train_protocol="coco20i"),
+    "fss": ProtocolEntry(_fss, episode_list=_fss_test),
+    "mosaic4": ProtocolEntry(_mosaic4, episode_list=_mosaic_index, multiclass=True, train_on_own_classes=True),
+    "custom": ProtocolEntry(_custom, named_novel=True),
+}
+
+
+def list_protocols() -> list[str]:
+    return sorted(_PROTOCOLS)
+
+
+def protocol_entry(name: str) -> ProtocolEntry:
+    if name not in _PROTOCOLS:
+        raise UserError(f"unknown protocol {name!r}; known: {', '.join(list_protocols())}")
+    return _PROTOCOLS[name]
+
+
+def create_protocol(name: str, **options) -> Protocol:
+    entry = protocol_entry(name)
+    try:
+        return entry.build(**options)
+    except TypeError as error:  # a missing or unexpected option of the builder
+        raise UserError(f"protocol {name!r}: {error}") from None
+
+
+def check_fold(protocol: str, fold: int) -> None:
+    folds = protocol_entry(protocol).folds
+    if folds == 1 and fold != 0:
+        raise UserError(f"protocol {protocol!r} has one fold (0), not {fold}")
+    if not 0 <= fold < folds:
+        raise UserError(f"protocol {protocol!r} has folds 0..{folds - 1}, not {fold}")
+
 
 
 def load_episodes(*, protocol: str, fold: int, splits_dir: Path, limit: int | None = None,
@@ -232,16 +279,14 @@ def load_episodes(*, protocol: str, fold: int, splits_dir: Path, limit: int | No
     replaces that); fss follows the reader; mosaic4 follows mosaic4.json. With
     ``dataset``, every listed image must exist in it.
     """
-    if protocol not in _EPISODE_LISTS:
-        known = ", ".join(sorted(_EPISODE_LISTS))
+    entry = protocol_entry(protocol)
+    if entry.episode_list is None:
+        known = ", ".join(n for n in list_protocols() if _PROTOCOLS[n].episode_list)
         raise UserError(f"protocol {protocol!r} has no episode lists (those with lists: {known}); "
                         "use derive_episodes on its dataset")
-    if protocol in ("pascal5i", "coco20i", "coco2voc"):
-        create_protocol(protocol).fold(fold)
-    elif fold != 0:
-        raise UserError(f"protocol {protocol!r} has one fold (0), not {fold}")
-    source, episodes = _EPISODE_LISTS[protocol](Path(splits_dir), fold, dataset)
-    limit = limit or _STANDARD_LIMITS.get(protocol)
+    check_fold(protocol, fold)
+    source, episodes = entry.episode_list(Path(splits_dir), fold, dataset)
+    limit = limit or entry.standard_limit
     episodes = episodes[:limit] if limit else episodes
     if dataset is not None:
         _check_images(episodes, dataset, source)
@@ -249,22 +294,12 @@ def load_episodes(*, protocol: str, fold: int, splits_dir: Path, limit: int | No
 
 
 def load_training_pairs(*, protocol: str, fold: int, splits_dir: Path) -> list[Episode]:
-    """The official (image, seen class) training pairs for test fold ``fold``.
-
-    PASCAL: the trn lists of the three other folds (each lists its own classes);
-    COCO: trn/fold{i}.json already holds the 60 seen classes of fold i.
-    """
-    create_protocol(protocol).fold(fold)
-    trn = Path(splits_dir) / ("pascal" if protocol == "pascal5i" else "coco") / "trn"
-    if protocol == "pascal5i":
-        return [e for j in range(4) if j != fold for e in _pascal_pairs(trn / f"fold{j}.txt")]
-    if protocol == "coco20i":
-        episodes = _coco_pairs(trn / f"fold{fold}.json", None)
-        seen = set(create_protocol("coco20i").fold(fold).seen)
-        if any(e.class_value not in seen for e in episodes):
-            raise UserError(f"{trn / f'fold{fold}.json'}: lists a class that is novel in fold {fold}")
-        return episodes
-    raise UserError(f"protocol {protocol!r} has no training lists: use seen_training_indices")
+    """The official (image, seen class) training pairs for test fold ``fold`` (the entry's training_list)."""
+    entry = protocol_entry(protocol)
+    if entry.training_list is None:
+        raise UserError(f"protocol {protocol!r} has no training lists: use seen_training_indices")
+    check_fold(protocol, fold)
+    return entry.training_list(Path(splits_dir), fold)
 
 
 def _check_images(episodes: list[Episode], dataset: SegDataset, source: Path) -> None:
@@ -321,7 +356,7 @@ def describe_all() -> str:
     lines = ["Readers (name: layout expected under the root):"]
     lines += [f"  {name:8s} {layout}" for name, layout in reader_layouts().items()]
     lines.append("Protocols (name: folds, classes, episode source):")
-    for name in ("pascal5i", "coco20i", "coco2voc"):
+    for name in (n for n in _PROTOCOLS if _PROTOCOLS[n].folds > 1):  # buildable without options
         spec = create_protocol(name)
         sizes = "/".join(str(len(f.novel)) for f in spec.folds)
         train = f", trained on {spec.train_protocol}" if spec.train_protocol else ""

@@ -201,10 +201,11 @@ class Mosaic4Dataset(FolderDataset):
 
 
 _VOC_LISTS = {
-    "train": ("ImageSets/SegmentationAug/train_aug.txt", "ImageSets/Segmentation/train_aug.txt",
-              "ImageSets/Segmentation/train.txt"),
+    "train": ("ImageSets/SegmentationAug/train_aug.txt", "ImageSets/Segmentation/train_aug.txt"),
     "val": ("ImageSets/SegmentationAug/val.txt", "ImageSets/Segmentation/val.txt"),
 }
+# VOC 2012's own 1,464-image list; the paper trains on SBD's 10,582 (train_aug.txt).
+_VOC_SMALL_TRAIN = "ImageSets/Segmentation/train.txt"
 
 
 class VocDataset(PairedDataset):
@@ -213,13 +214,14 @@ class VocDataset(PairedDataset):
     name = "voc"
     layout = ("JPEGImages/*.jpg + SegmentationClassAug/*.png (palette: 0 bg, 1..20, 255 ignore), directly "
               "under root or under VOCdevkit/VOC2012; split lists from ImageSets/ when present")
-    options = ("list_file",)
+    options = ("list_file", "small_train")
 
-    def __init__(self, *, root: Path, split: str, skip_bad: bool, list_file: str | Path | None = None) -> None:
+    def __init__(self, *, root: Path, split: str, skip_bad: bool, list_file: str | Path | None = None,
+                 small_train: bool = False) -> None:
         base = root if (root / "JPEGImages").is_dir() else root / "VOCdevkit" / "VOC2012"
         masks = next((d for d in (base / "SegmentationClassAug", root / "SegmentationClassAug") if d.is_dir()),
                      root / "SegmentationClassAug")
-        list_path = Path(list_file) if list_file else self._split_list(base, split)
+        list_path = Path(list_file) if list_file else self._split_list(base, split, small_train=small_train)
         # Without a list (none shipped), every image that has a mask is used, whatever the split.
         ids = self._pair(require_dir(base / "JPEGImages", "JPEGImages/"),
                          require_dir(masks, "SegmentationClassAug/"), list_path)
@@ -227,10 +229,17 @@ class VocDataset(PairedDataset):
                          lists=[list_path] if list_path else [], skip_bad=skip_bad)
 
     @staticmethod
-    def _split_list(base: Path, split: str) -> Path | None:
+    def _split_list(base: Path, split: str, *, small_train: bool) -> Path | None:
         if split not in _VOC_LISTS:
             raise UserError(f"{base}: voc split must be one of {sorted(_VOC_LISTS)} (or pass list_file), got {split!r}")
-        return next((base / rel for rel in _VOC_LISTS[split] if (base / rel).is_file()), None)
+        found = next((base / rel for rel in _VOC_LISTS[split] if (base / rel).is_file()), None)
+        if found is None and split == "train" and (base / _VOC_SMALL_TRAIN).is_file():
+            if not small_train:
+                raise UserError(f"{base}: no train_aug.txt (SBD's 10,582-image training list the paper uses); put it "
+                                f"at ImageSets/SegmentationAug/train_aug.txt (docs/datasets.md), or pass --option "
+                                f"small_train=true to train on the 1,464 images of {_VOC_SMALL_TRAIN}")
+            found = base / _VOC_SMALL_TRAIN
+        return found
 
 
 class FssDataset(SegDataset):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 from pipeline.data.labels import IGNORE
+from pipeline.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -84,18 +85,29 @@ def sample_view(*, rng: np.random.Generator, height: int, width: int, aug: Augme
     return ViewParams(box=box, flip=flip, jitter=jitter)
 
 
-def window_boxes(*, height: int, width: int, size: int, stride: int) -> list[tuple[int, int, int, int]]:
+LAST_WINDOW = ("pad", "slide")
+
+
+def window_boxes(*, height: int, width: int, size: int, stride: int,
+                 last: str = "pad") -> list[tuple[int, int, int, int]]:
     """Sliding windows at the original resolution covering the whole image.
 
-    Positions step by ``stride``; the last window is aligned to the far edge so
-    every pixel is covered. A side shorter than ``size`` gets one window at 0.
+    Positions step by ``stride``. ``last="pad"`` (the released recipe) keeps
+    stepping until the far edge is covered, so the last window reaches past the
+    image and is padded (black pixels, ignore label); ``"slide"`` moves it back
+    to end on the far edge instead. A side shorter than ``size`` gets one
+    padded window at 0 either way.
     """
+    if last not in LAST_WINDOW:
+        raise UserError(f"last window must be one of {', '.join(LAST_WINDOW)}, got {last!r}")
 
     def starts(length: int) -> list[int]:
         if length <= size:
             return [0]
         positions = list(range(0, length - size, stride))
-        return positions + [length - size]
+        if last == "slide":
+            return positions + [length - size]
+        return positions + [positions[-1] + stride]  # positions[-1] + size < length: one more, padded
 
     return [(x, y, x + size, y + size) for y in starts(height) for x in starts(width)]
 

@@ -15,18 +15,21 @@ another writes shard ``i - 1``: decoding and writing overlap the forward pass.
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.encode.families import create_encoder
-from pipeline.encode.plan import ExtractConfig, plan_split
+from pipeline.encode.plan import ExtractConfig, open_extraction_dataset, plan_split
 from pipeline.encode.prompts import TEMPLATES
-from pipeline.encode.registry import get_spec
+from pipeline.encode.registry import activation, get_spec
 from pipeline.encode.shards import run_shards
 from pipeline.errors import UserError
 from pipeline.runtime import resolve_device
 from pipeline.store.layout import (
+    check_text_words,
     has_text,
     open_or_create_store,
     read_text,
@@ -51,6 +54,7 @@ class ExtractReport:
     text_classes: int
     bad: list[tuple[str, str]]
     pretrained: bool
+    shard_seconds: float = 0.0  # render + encode + write of the shards run (encoder build and text excluded)
 
     def describe(self) -> str:
         """What was written, for the command line."""
@@ -110,13 +114,17 @@ def _check_counts(config: ExtractConfig) -> None:
     """Counts below 1 would write zeros, one window per image or nothing at all: refused."""
     for flag, value in (("--views", config.views), ("--workers", config.workers),
                         ("--batch-size", config.batch_size), ("--shard-size", config.shard_size),
-                        ("--stride", config.stride)):
+                        ("--stride", config.stride), ("--writers", config.writers)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    if config.render_workers < 0:
+        raise UserError(f"--render-workers must be at least 0, got {config.render_workers}")
+    if config.layout not in ("image", "shuffled"):
+        raise UserError(f"--layout must be image or shuffled, not '{config.layout}'")
 
 
 def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
-    from pipeline.data.labels import prompt_name
+    from pipeline.data.labels import resolve_class_words, text_words
     from pipeline.data.registry import create_dataset
 
     spec = get_spec(config.backbone)
@@ -128,8 +136,7 @@ def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
     if want_vision:
         if not config.dataset or not config.data_root:
             raise UserError("extracting image features needs --dataset and --data-root")
-        dataset = create_dataset(config.dataset, root=config.data_root, split=config.split,
-                                 skip_bad=config.skip_bad, **config.dataset_options)
+        dataset = open_extraction_dataset(config)
     elif config.dataset and config.data_root:
         dataset = create_dataset(config.dataset, root=config.data_root, split=config.split,
                                  skip_bad=config.skip_bad, **config.dataset_options)
@@ -147,27 +154,35 @@ def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
     grid = encoders.vision.grid if encoders.vision else None
     identity = store_identity(
         encoder=spec.name, weights=encoders.weights.to_dict(), input_size=input_size, grid=grid,
-        vision_dim=spec.vision_dim or None, text_dim=spec.text_dim or None, mean=spec.mean, std=spec.std)
+        vision_dim=spec.vision_dim or None, text_dim=spec.text_dim or None, mean=spec.mean, std=spec.std,
+        activation=activation(spec))
     root = open_or_create_store(config.out, identity=identity, overwrite=config.overwrite)
     text_count = 0
     if encoders.text is not None and names:
+        words = resolve_class_words(config.class_words, dataset=config.dataset)
+        check_text_words(root, class_words=words)
         known = set(read_text(root)[0]) if has_text(root) else set()
         todo = [n for n in names if n not in known]
         if todo:
-            emb = encoders.text.encode_names([prompt_name(n) for n in todo], quiet=quiet).cpu().numpy()
+            emb = encoders.text.encode_names([text_words(n, words) for n in todo], quiet=quiet).cpu().numpy()
             write_text(root, names=todo, embeddings=emb,
-                          meta={"encoder": spec.name, "templates": list(TEMPLATES),
-                                "prompt_names": {n: prompt_name(n) for n in names}})
+                       meta={"encoder": spec.name, "templates": list(TEMPLATES), "class_words": words,
+                             "prompt_names": {n: text_words(n, words) for n in names}})
         text_count = len(names)
     if not want_vision:
         return ExtractReport(out=config.out, split=None, views=0, shards_run=0, shards_skipped=0,
                              text_classes=text_count, bad=[], pretrained=encoders.weights.pretrained)
     tokens = grid[0] * grid[1]
     plan = plan_split(dataset=dataset, config=config, input_size=input_size, tokens=tokens, dim=spec.vision_dim)
+    if not quiet:  # what is about to be written, before the first pixel is decoded
+        size = plan.num_views * tokens * spec.vision_dim * 2
+        print(f"{plan.group_path}: {len(plan.image_ids)} images, {plan.num_views} views, about "
+              f"{size / 2**30:.2f} GiB of fp16 features", file=sys.stderr)
     group = create_split(root, plan=plan, tokens=tokens, dim=spec.vision_dim, input_size=input_size)
     repair_lost_shards(group, quiet=quiet)
     done = done_shards(group)
     todo = [int(s) for s in np.flatnonzero(~done)]
+    started = time.perf_counter()
     if config.workers > 1 and len(todo) > 1:
         from pipeline.encode.parallel import run_parallel
 
@@ -175,9 +190,10 @@ def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
         bad = run_parallel(config=config, shards=todo, group_path=plan.group_path, client=client, quiet=quiet)
     else:
         bad = run_shards(config=config, shards=todo, encoders=encoders, dataset=dataset, quiet=quiet) if todo else []
+    shard_seconds = time.perf_counter() - started
     skipped = plan.meta["plan_skipped"] + [list(b) for b in bad]
     if skipped:
         group.attrs["skipped"] = sorted({tuple(s) for s in skipped} | {tuple(s) for s in group.attrs.get("skipped", [])})
     return ExtractReport(out=config.out, split=plan.group_path, views=plan.num_views, shards_run=len(todo),
                          shards_skipped=int(done.sum()), text_classes=text_count, bad=[tuple(s) for s in skipped],
-                         pretrained=bool(identity["pretrained"]))
+                         pretrained=bool(identity["pretrained"]), shard_seconds=shard_seconds)

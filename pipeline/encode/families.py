@@ -28,7 +28,7 @@ from torch import nn
 from safetensors.torch import load_file
 
 from pipeline.encode.compat import ensure_torchvision
-from pipeline.encode.registry import EncoderSpec, get_spec
+from pipeline.encode.registry import EncoderSpec, activation, get_spec
 from pipeline.encode.towers import (
     Encoders,
     TextEncoder,
@@ -127,6 +127,8 @@ def _build_open_clip(spec, info, input_size, want_vision, want_text, device):
     if info.pretrained:
         pretrained = info.source if not info.source.startswith("hub:") else spec.weights_tag
     kwargs = {"force_image_size": input_size} if input_size != spec.input_size else {}
+    # Build the activation the weights were trained with (OpenAI tags: QuickGELU), whatever the file.
+    kwargs["force_quick_gelu"] = activation(spec) == "quick_gelu"
     try:
         with torch.random.fork_rng(devices=[]), _quiet_logger("root"):
             torch.manual_seed(_seed_for(spec.name))
@@ -138,11 +140,7 @@ def _build_open_clip(spec, info, input_size, want_vision, want_text, device):
     vision = text = None
     if want_vision:
         visual = model.visual
-        visual.output_tokens = True
-
-        def tokens(pixels: torch.Tensor) -> torch.Tensor:
-            _, toks = visual(pixels)  # [B, h*w, width] after ln_post
-            return toks @ visual.proj  # [B, h*w, D]
+        tokens = _dense_resnet_tokens(visual) if spec.dense == "attnpool-vc" else _vit_tokens(visual)
 
         vision = VisionEncoder(spec=spec, tower=visual, forward_tokens=tokens, input_size=input_size,
                                weights=info, device=device)
@@ -157,6 +155,36 @@ def _build_open_clip(spec, info, input_size, want_vision, want_text, device):
         text = TextEncoder(spec=spec, encode_sentences=sentences, weights=info, device=device,
                            dim=spec.text_dim)
     return vision, text
+
+
+def _vit_tokens(visual: nn.Module):
+    visual.output_tokens = True
+
+    def tokens(pixels: torch.Tensor) -> torch.Tensor:
+        _, toks = visual(pixels)  # [B, h*w, width] after ln_post
+        return toks @ visual.proj  # [B, h*w, D]
+
+    return tokens
+
+
+def _dense_resnet_tokens(visual: nn.Module):
+    """CLIP ResNet patch features in the joint space, MaskCLIP style.
+
+    The attention pool mixes all positions into one vector; applying only its
+    value and output projections at each position of the last stage keeps the
+    7x7 (at 224 px) grid and lands every position in the space the text
+    embeddings live in. Query, key and the positional embedding are unused, so
+    any input size that is a multiple of 32 works.
+    """
+    pool = visual.attnpool
+
+    def tokens(pixels: torch.Tensor) -> torch.Tensor:
+        x = visual.stem(pixels.to(pool.v_proj.weight.dtype))
+        x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))  # [B, 2048, h, w]
+        x = x.flatten(2).transpose(1, 2)  # [B, h*w, 2048]
+        return pool.c_proj(pool.v_proj(x))  # [B, h*w, D]
+
+    return tokens
 
 
 @contextlib.contextmanager

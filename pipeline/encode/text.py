@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.store.layout import has_text, open_store, read_text, store_attrs
+from pipeline.store.layout import has_text, open_store, read_text, store_attrs, text_class_words
 
 
 def class_embeddings(*, text_store: str | Path, names: list[str], encode_missing: bool = True,
@@ -17,7 +17,7 @@ def class_embeddings(*, text_store: str | Path, names: list[str], encode_missing
     On-demand encoding rebuilds the store's own text encoder with the same
     weights (random-init weights are seeded by name, so they match too).
     """
-    from pipeline.data.labels import prompt_name
+    from pipeline.data.labels import text_words
 
     root = open_store(text_store)
     known, table = read_text(root) if has_text(root) else ([], np.zeros((0, 0), np.float32))
@@ -28,7 +28,8 @@ def class_embeddings(*, text_store: str | Path, names: list[str], encode_missing
         if not encode_missing:
             raise UserError(f"{text_store} has no embedding for: {', '.join(missing[:5])}")
         encoders = text_encoder_of(text_store, device=device)
-        emb = encoders.text.encode_names([prompt_name(n) for n in missing]).cpu().numpy()
+        words = text_class_words(root) or "natural"
+        emb = encoders.text.encode_names([text_words(n, words) for n in missing]).cpu().numpy()
         extra = dict(zip(missing, emb))
     return np.stack([table[index[n]] if n in index else extra[n] for n in names]).astype(np.float32)
 

@@ -46,8 +46,12 @@ class VisionEncoder:
         self.dim = spec.vision_dim
         self.weights = weights
         self.device = device
-        self._mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+        self.use_normalization(mean=spec.mean, std=spec.std)
+
+    def use_normalization(self, *, mean, std) -> None:
+        """Normalise with these statistics instead (the released recipe's dataset statistics)."""
+        self._mean = torch.tensor(list(mean), device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std = torch.tensor(list(std), device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
 
     def normalize(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """[B, S, S, 3] uint8 -> [B, 3, S, S] float, the encoder's mean/std applied."""
@@ -56,13 +60,17 @@ class VisionEncoder:
         return (batch - self._mean) / self._std
 
     @torch.inference_mode()
-    def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """[B, S, S, 3] uint8 images -> [B, h*w, D] float32 patch tokens."""
+    def encode(self, images: np.ndarray | torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[B, S, S, 3] uint8 images -> [B, h*w, D] patch tokens (``dtype``, on the encoder's device).
+
+        On CUDA the forward pass runs under bf16 autocast (fp32 range: no overflow
+        in deep towers); the store keeps float16 either way.
+        """
         pixels = self.normalize(images)
         use_amp = self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
             tokens = self.forward_tokens(pixels)  # [B, h*w, D]
-        return tokens.float()
+        return tokens.to(dtype)
 
 
 class TextEncoder:

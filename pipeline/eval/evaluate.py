@@ -88,13 +88,15 @@ def listed_episodes(*, split: CachedSplit, protocol: str, fold: int, splits_dir:
 
 
 def _fold_for_eval(*, protocol: str, fold: int, class_names: list[str], novel_names: list[str]):
-    from pipeline.data.protocols import create_protocol
+    from pipeline.data.protocols import create_protocol, protocol_entry
     from pipeline.training.config import DataConfig, resolve_fold
 
-    if protocol == "coco2voc":
-        proto = create_protocol("coco2voc")
+    if protocol_entry(protocol).train_protocol:
+        # Trained on another protocol's data (coco2voc: COCO-20i), scored on this one's classes.
+        proto = create_protocol(protocol)
         if list(proto.class_names) != list(class_names):
-            raise UserError("coco2voc evaluates on a VOC split: pass the VOC evaluation split of the cache")
+            raise UserError(f"{protocol} evaluates on its own class list ({len(proto.class_names)} classes): "
+                            f"pass the matching evaluation split of the cache")
         return proto.fold(fold)
     return resolve_fold(data=DataConfig(protocol=protocol, fold=fold, novel=list(novel_names)),
                         class_names=class_names)

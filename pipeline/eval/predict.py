@@ -53,6 +53,16 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "class"
 
 
+def _training_normalization(store: str, split: str | None) -> dict | None:
+    """The mean/std the training split was extracted with (None for stores that predate the record)."""
+    from pipeline.data.labels import TRAIN_SPLITS
+    from pipeline.store.splits import list_splits
+
+    root = open_store(store)
+    names = [split] if split else [s for s in list_splits(root) if s.split("/")[-1] in TRAIN_SPLITS][:1]
+    return dict(root[names[0]].attrs["meta"]).get("normalize") if names else None
+
+
 def _is_store(path: str | Path | None) -> bool:
     return path is not None and (Path(path) / "zarr.json").is_file()
 
@@ -140,6 +150,9 @@ def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, ou
     height, width = pixels.shape[:2]
     if encoders is None:
         encoders = encoder_from_identity(attrs, vision=True, text=False, device=device)
+    normalization = _training_normalization(source.vision_store, config.data.split) if source.vision_store else None
+    if normalization:  # photos are normalised as the training views were
+        encoders.vision.use_normalization(mean=normalization["mean"], std=normalization["std"])
     boxes = [(0, 0, width, height)] if resize else window_boxes(
         height=height, width=width, size=size, stride=stride or max(1, (2 * size) // 3))
     views = np.stack([render_view(image=pixels, mask=None, params=ViewParams(box=b), size=size)[0] for b in boxes])

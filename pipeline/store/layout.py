@@ -51,7 +51,7 @@ ATTR_KEY = "fusioner"
 
 
 def store_identity(*, encoder: str, weights: dict, input_size: int, grid: tuple[int, int] | None,
-                   vision_dim: int | None, text_dim: int | None, mean, std) -> dict:
+                   vision_dim: int | None, text_dim: int | None, mean, std, activation: str | None = None) -> dict:
     """The attributes two runs must share to write into one store."""
     return {
         "format_version": FORMAT_VERSION,
@@ -64,10 +64,12 @@ def store_identity(*, encoder: str, weights: dict, input_size: int, grid: tuple[
         "text_dim": text_dim,
         "mean": list(mean),
         "std": list(std),
+        "activation": activation,  # CLIP towers: quick_gelu for OpenAI weights; a store never mixes the two
     }
 
 
-_IDENTITY_KEYS = ("format_version", "encoder", "weights", "input_size", "grid", "vision_dim", "text_dim")
+_IDENTITY_KEYS = ("format_version", "encoder", "weights", "input_size", "grid", "vision_dim", "text_dim",
+                  "activation")
 
 
 def _bare_group(path: Path) -> bool:
@@ -167,6 +169,19 @@ def store_attrs(root: zarr.Group) -> dict:
 def has_text(root: zarr.Group) -> bool:
     """True once the store holds a complete class-name table (a text group alone is not one)."""
     return "text" in root and "names" in root["text"].attrs
+
+
+def text_class_words(root: zarr.Group) -> str:
+    """raw or natural: the words the store's class embeddings were made from (older stores: natural)."""
+    return str(root["text"].attrs.get("class_words", "natural")) if "text" in root else ""
+
+
+def check_text_words(root: zarr.Group, *, class_words: str) -> None:
+    """Part of the text store's identity: one store never mixes raw names and natural words."""
+    existing = text_class_words(root)
+    if existing and existing != class_words:
+        raise UserError(f"{root.store}: its class embeddings were made from {existing} names, this run asks for "
+                        f"{class_words}; use another --out (or --class-words {existing})")
 
 
 def write_text(root: zarr.Group, *, names: list[str], embeddings: np.ndarray, meta: dict) -> None:

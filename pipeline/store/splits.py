@@ -35,6 +35,7 @@ class SplitPlan:
     class_names: list[str]
     shard_size: int
     meta: dict = field(default_factory=dict)  # dataset description, seed, views, stride, ...
+    view_order: np.ndarray | None = None  # [N] image-major plan row of each view, when written shuffled
 
     @property
     def group_path(self) -> str:
@@ -97,7 +98,7 @@ def create_split(root: zarr.Group, *, plan: SplitPlan, tokens: int, dim: int, in
         ("view_flip", plan.view_flip.astype(bool), ("view",)),
         ("view_jitter", plan.view_jitter.astype(np.float32), ("view", "bcsh")),
         ("image_hw", plan.image_hw.astype(np.int32), ("image", "hw")),
-    ):
+    ) + ((("view_order", plan.view_order.astype(np.int32), ("view",)),) if plan.view_order is not None else ()):
         arr = _array(group, name, shape=data.shape, dtype=data.dtype, chunks=data.shape or (1,),
                      compress=True, dims=dims)
         arr[...] = data

@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline.config import as_settings
 from pipeline.errors import UserError, run_entry
+from pipeline.sweep.caches import describe_caches, needed
 from pipeline.sweep.cluster import open_cluster
 from pipeline.sweep.scheduler import run_all
 from pipeline.sweep.study import Run, expand_runs, load_study, run_state
@@ -21,12 +22,14 @@ def describe_runs(runs: list[Run]) -> str:
     states = [run_state(run.dir) for run in runs]
     lines = [f"{len(runs)} runs: " + ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "failed", "pending")
                                               if s in states)]
-    lines += [f"{state:8s} {run.describe()}  {run.dir}" for run, state in zip(runs, states)]
+    lines += [f"{state:8s} {run.describe()}  {run.dir}  needs: "
+              + ", ".join(f"{store} {split}" for store, split in needed(run)) for run, state in zip(runs, states)]
     return "\n".join(lines)
 
 
 def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int, gpus_per_job: int,
-                  workers: int | None, dry_run: bool, retries: int, quiet: bool, overrides: Mapping[str, Any]) -> int:
+                  workers: int | None, dry_run: bool, retries: int, quiet: bool, overrides: Mapping[str, Any],
+                  estimate: bool = False, gpu: str = "h100", timings: Path | None = None) -> int:
     """Run a whole study (folds x encoder pairs x variants x swept keys x seeds) and write the paper's table.
 
     Finished runs are skipped, so a killed sweep resumes by running the same command again; an
@@ -41,6 +44,8 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
 
       fusioner sweep pipeline/studies/table1.yaml --dry-run              # list runs, their folders and done state
 
+      fusioner sweep pipeline/studies/table1.yaml --estimate --gpu h100  # GPU-hours before committing a cluster
+
       fusioner sweep pipeline/studies/tiny.yaml --workers 2 --set optim.max_steps=20
 
       fusioner sweep pipeline/studies/table2.yaml --scheduler tcp://10.0.0.5:8786
@@ -51,10 +56,14 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
     ``study.<section>.<key>=value``, the study file itself (``study.grid.seeds=[0,1,2]``,
     ``study.out=/scratch/t4``).
     """
+    if estimate:
+        print(estimate_command(study=study, gpu=gpu, timings=timings, overrides=overrides))
+        return 0
     result = run_study(study=study, scheduler=scheduler, slurm=slurm, jobs=jobs, gpus_per_job=gpus_per_job,
                        workers=workers, dry_run=dry_run, retries=retries, quiet=quiet, overrides=overrides)
     if dry_run:
         print(result.plan)
+        print(result.caches, file=sys.stderr)  # stdout stays one line per run, for scripts
         return 0
     if not quiet:
         print(result.table)
@@ -65,11 +74,20 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
     return 1 if result.failed else 0
 
 
+def estimate_command(*, study: Path, gpu: str, timings: Path | None, overrides: Mapping[str, Any] | None) -> str:
+    """The ``--estimate`` table: runs x steps x seconds per step = GPU-hours, per preset (runs nothing)."""
+    from pipeline.sweep.estimate import estimate_study, format_estimate
+
+    spec = load_study(path=Path(study), overrides=overrides or {})
+    return format_estimate(estimate_study(runs=expand_runs(spec), gpu=gpu, timings_file=timings), study_name=spec.name)
+
+
 @dataclass
 class StudyResult:
     """What a study run returns: its plan, its table, and which runs failed."""
 
-    plan: str  # one line per run: state, description, folder
+    plan: str  # one line per run: state, description, folder, the stores it reads
+    caches: str = ""  # dry run: every store/split the runs need, present or missing, and how to make it
     table: str = ""  # the paper-layout table, Markdown
     out: Path | None = None  # where results.csv, table.md, table.csv and chart.png are
     done: int = 0
@@ -88,9 +106,9 @@ def run_study(*, study: Path, scheduler: str | None = None, slurm: bool = False,
     if retries < 0 or jobs < 1 or gpus_per_job < 0 or (workers is not None and workers < 1):
         raise UserError("--retries and --gpus-per-job must be >= 0, --jobs and --workers >= 1")
     spec = load_study(path=Path(study), overrides=overrides or {})
-    runs = expand_runs(spec)
+    runs = expand_runs(spec, check_caches=not dry_run)  # a dry run plans without any cache present
     if dry_run:
-        return StudyResult(plan=describe_runs(runs))
+        return StudyResult(plan=describe_runs(runs), caches=describe_caches(runs))
     unique = {r.key: r for r in runs}
     todo = [run for run in unique.values() if run_state(run.dir) != "done"]
     errors: dict[str, str] = {}
@@ -121,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     whole.add_argument("--gpus-per-job", type=int, default=1)
     whole.add_argument("--workers", type=int, default=None)
     whole.add_argument("--dry-run", action="store_true")
+    whole.add_argument("--estimate", action="store_true")
+    whole.add_argument("--gpu", default="h100")
+    whole.add_argument("--timings", type=Path, default=None)
     whole.add_argument("--retries", type=int, default=2)
     whole.add_argument("--quiet", "-q", action="store_true")
     whole.add_argument("--set", dest="overrides", action="append", default=[])
@@ -134,7 +155,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_main(["run", str(args.run_dir)] + (["--threads", str(args.threads)] if args.threads else []))
     return sweep_command(study=args.study, scheduler=args.scheduler, slurm=args.slurm, jobs=args.jobs,
                          gpus_per_job=args.gpus_per_job, workers=args.workers, dry_run=args.dry_run,
-                         retries=args.retries, quiet=args.quiet, overrides=as_settings(args.overrides))
+                         estimate=args.estimate, gpu=args.gpu, timings=args.timings, retries=args.retries, quiet=args.quiet, overrides=as_settings(args.overrides))
 
 
 if __name__ == "__main__":

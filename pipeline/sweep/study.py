@@ -274,15 +274,14 @@ def _derive(config: dict, derived: dict, *, where: str) -> None:
 
 def _check_fold(data: dict, *, where: str) -> None:
     """A fold the protocol lacks fails at planning (and ``--dry-run``), not on a worker."""
-    from pipeline.data.protocols import create_protocol
+    from pipeline.data.protocols import check_fold, protocol_entry
 
-    if data["protocol"] == "custom":
-        return
-    protocol = create_protocol(data["protocol"])
-    protocol = create_protocol(getattr(protocol, "train_protocol", None) or data["protocol"])
-    if not 0 <= data["fold"] < protocol.num_folds:
-        raise UserError(f"{where}: protocol '{data['protocol']}' has folds 0..{protocol.num_folds - 1}, "
-                        f"not {data['fold']}")
+    try:
+        entry = protocol_entry(data["protocol"])
+        if not entry.named_novel:  # custom protocols: the folds come from the user's class names
+            check_fold(data["protocol"], data["fold"])
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
 
 
 def expand_runs(study: Study, *, check_caches: bool = True) -> list[Run]:

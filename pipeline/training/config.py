@@ -27,8 +27,13 @@ class DataConfig:
     # A bare 1 is accepted because YAML and ``--set`` read it as an integer.
     classes_per_sample: Literal["1", "all", 1] = "1"
     novel_pixels: Literal["background", "ignore"] = "background"
-    read_mode: Literal["auto", "memory", "shards"] = "auto"
+    # A splits folder: train only on the protocol's standard (image, class) lists (pascal/trn, coco/trn).
+    train_lists: str | None = None
+    # memory: load the split once; stream: contiguous block reads by `readers` threads into a shuffle
+    # buffer, targets built on the device; shards: the older row-by-row reader. auto: memory if it fits.
+    read_mode: Literal["auto", "memory", "shards", "stream"] = "auto"
     memory_limit_gb: float = 8.0
+    readers: int = 4  # reader threads of read_mode stream
 
     def __post_init__(self) -> None:
         self.classes_per_sample = str(self.classes_per_sample)
@@ -48,6 +53,10 @@ class OptimConfig:
     min_lr: float = 2e-6
     weight_decay: float = 0.01
     weight_decay_end: float = 0.4
+    # Released: the decoder has its own Adam at a constant 1e-3; only the fusion module follows warm-up +
+    # cosine and the weight-decay ramp. "shared" puts the decoder on the fusion schedule instead.
+    decoder_schedule: Literal["constant", "shared"] = "constant"
+    decoder_lr: float = 1e-3
     grad_clip: float = 0.0  # 0 = off
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for quick checks
 
@@ -71,19 +80,26 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False  # torch.compile the model (measure first: docs/benchmarks.md)
     out: str = "runs/default"
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0 = at the end of every epoch only
     val_split: str | None = None  # evaluate novel-class mIoU on this split of the cache each eval_every epochs
     eval_every: int = 1
     splits_dir: str | None = None  # episode lists for val (default: derived from masks)
+    # Which weights the run reports: "final" (the honest default) or "best-val", the checkpoint with the
+    # best validation mIoU on val_split (episodes derived from its masks), which must share no image with
+    # the test episodes of test_lists (a splits folder). The released code picks the best of many *test*
+    # evaluations instead; this option is the labelled, leak-free form of model selection.
+    select: Literal["final", "best-val"] = "final"
+    test_lists: str | None = None
 
 
 # Keys that say how far to go, where to write and what to log, not what is trained:
 # a resumed run may change them (e.g. raise optim.max_steps) and still reach the
 # weights of an uninterrupted run.
 RESUME_FREE_KEYS = ("optim.max_steps", "out", "log_every", "checkpoint_every", "val_split", "eval_every",
-                    "splits_dir")
+                    "splits_dir", "data.readers", "compile")
 
 
 def resume_identity(config: TrainConfig | dict) -> str:
@@ -142,17 +158,23 @@ def check_schedule(optim: OptimConfig) -> None:
 
 def resolve_fold(*, data: DataConfig, class_names: list[str]):
     """The protocol fold for the store's class list, refusing a mismatched one."""
-    from pipeline.data.protocols import create_protocol
+    from pipeline.data.protocols import Fold, create_protocol, protocol_entry
 
-    if data.protocol == "custom":
+    entry = protocol_entry(data.protocol)
+    if entry.named_novel:
         if not data.novel:
-            raise UserError("protocol 'custom' needs data.novel (the held-out class names)")
-        protocol = create_protocol("custom", class_names=class_names, novel=list(data.novel))
+            raise UserError(f"protocol '{data.protocol}' needs data.novel (the held-out class names)")
+        protocol = create_protocol(data.protocol, class_names=class_names, novel=list(data.novel))
+    elif entry.train_on_own_classes:
+        # Training composites (Mosaic-4 from FSS-1000's training classes): every class of the
+        # training split is seen; the test composites' classes are another list altogether.
+        if data.fold != 0:
+            raise UserError(f"protocol '{data.protocol}' has one fold (0), not {data.fold}")
+        return Fold(data.protocol, 0, (), tuple(range(1, len(class_names) + 1)))
     else:
         protocol = create_protocol(data.protocol)
-        train_protocol = getattr(protocol, "train_protocol", None)
-        if train_protocol:
-            protocol = create_protocol(train_protocol)
+        if protocol.train_protocol:
+            protocol = create_protocol(protocol.train_protocol)
         if list(protocol.class_names) != list(class_names):
             raise UserError(f"protocol '{data.protocol}' classes do not match the store's "
                             f"({len(protocol.class_names)} vs {len(class_names)} classes); "

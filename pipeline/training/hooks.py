@@ -48,6 +48,7 @@ class Loop:
     wait_seconds: float = 0.0
     compute_seconds: float = 0.0
     records: dict = field(default_factory=dict)
+    forward: Any = None  # the compiled model when config.compile, else None (call the model itself)
 
     @property
     def finished(self) -> bool:

@@ -49,11 +49,13 @@ from pipeline.training.config import (
 )
 from pipeline.training.hooks import Checkpointer, Hook, Loop, MetricsLog, ProgressBar, run_hooks
 from pipeline.training.inputs import write_run_inputs
+from pipeline.training.lists import restrict_to_lists
 from pipeline.training.losses import binary_segmentation_loss
-from pipeline.training.schedule import lr_at, param_groups, wd_at
+from pipeline.training.schedule import lr_at, param_groups, set_group_rates, wd_at
+from pipeline.training.stream import StreamBatch, stream_batches
 
 
-def _training_split_name(cache: str, split: str | None) -> str | None:
+def training_split_name(cache: str, split: str | None) -> str | None:
     if split:
         return split
     names = [s for s in list_splits(open_store(cache)) if s.split("/")[-1] in TRAIN_SPLITS]
@@ -74,15 +76,18 @@ class Prepared:
 
 def prepare_data(config: TrainConfig) -> Prepared:
     data = config.data
-    split = open_split(store=data.cache, split=_training_split_name(data.cache, data.split))
+    split = open_split(store=data.cache, split=training_split_name(data.cache, data.split))
     fold = resolve_fold(data=data, class_names=split.class_names)
     text = class_embeddings(text_store=data.text_store, names=split.class_names)
     samples = training_pairs(split=split, seen=fold.seen, classes_per_sample=data.classes_per_sample)
+    if data.train_lists:
+        samples = restrict_to_lists(samples=samples, split=split, protocol=data.protocol, fold=data.fold,
+                                    splits_dir=data.train_lists)
     mode = data.read_mode
     if mode == "auto":
         features = split.group["features"]
         size_gb = features.nbytes / 2**30 + split.group["masks"].nbytes / 2**30
-        mode = "memory" if size_gb <= data.memory_limit_gb else "shards"
+        mode = "memory" if size_gb <= data.memory_limit_gb else "stream"
     memory = load_into_memory(split) if mode == "memory" else None
     return Prepared(split=split, samples=samples, text=text, fold=fold, memory=memory, mode=mode)
 
@@ -125,7 +130,13 @@ def _start(config: TrainConfig, prepared: Prepared, *, resume: bool) -> Loop:
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = build_model(config.model).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    if device.type == "cuda" and model.decoder is not None:
+        model.decoder.to(memory_format=torch.channels_last)  # cuDNN's fast layout for the conv decoder
+    groups = param_groups(model, optim=config.optim)
+    # A parameter-free variant (fusion.mode frozen) has nothing to optimise: it trains no step.
+    # The fused kernel updates every parameter in one launch; it exists for CUDA tensors only.
+    optimizer = torch.optim.AdamW(groups, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
+                                  fused=device.type == "cuda") if groups else None
     position = {"epoch": 0, "batch": 0, "step": 0}
     run = Path(config.out)
     if resume:
@@ -144,7 +155,8 @@ def _start(config: TrainConfig, prepared: Prepared, *, resume: bool) -> Loop:
     if config.optim.max_steps:
         total = min(total, config.optim.max_steps)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    return Loop(config=config, run=run, model=model, optimizer=optimizer, device=device, bf16=bf16,
+    forward = torch.compile(model) if config.compile else None
+    return Loop(config=config, run=run, model=model, forward=forward, optimizer=optimizer, device=device, bf16=bf16,
                 split=prepared.split, steps_per_epoch=steps_per_epoch, total_steps=total,
                 epoch=position["epoch"], batch=position["batch"], step=position["step"], resumed=resume,
                 samples=len(prepared.samples), read_mode=prepared.mode, fold_novel=list(prepared.fold.novel))
@@ -155,17 +167,17 @@ def train_step(loop: Loop, batch) -> float:
     optim = loop.config.optim
     lr = lr_at(step=loop.step, steps_per_epoch=loop.steps_per_epoch, optim=optim)
     wd = wd_at(step=loop.step, steps_per_epoch=loop.steps_per_epoch, optim=optim)
-    for group in loop.optimizer.param_groups:
-        group["lr"] = lr
-        if group.get("wd_schedule"):
-            group["weight_decay"] = wd
+    set_group_rates(loop.optimizer, lr=lr, wd=wd)
     device = loop.device
-    feats = batch.features.to(device, non_blocking=True)
-    text = batch.text.to(device, non_blocking=True)
-    mask = batch.text_mask.to(device, non_blocking=True)
-    targets = batch.targets.to(device, non_blocking=True)
+    if isinstance(batch, StreamBatch):
+        feats, text, mask, targets = batch.to_device(device)
+    else:
+        feats = batch.features.to(device, non_blocking=True)
+        text = batch.text.to(device, non_blocking=True)
+        mask = batch.text_mask.to(device, non_blocking=True)
+        targets = batch.targets.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=loop.bf16):
-        logits = loop.model(feats, text, grid=loop.split.grid, text_mask=mask)
+        logits = (loop.forward or loop.model)(feats, text, grid=loop.split.grid, text_mask=mask)
     loss = binary_segmentation_loss(logits.float(), targets, text_mask=mask)
     loop.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -178,6 +190,12 @@ def train_step(loop: Loop, batch) -> float:
 
 def _epoch_batches(loop: Loop, prepared: Prepared):
     config = loop.config
+    if prepared.mode == "stream":  # batches gathered and pinned in a thread; blocks read by the readers
+        return prefetch(stream_batches(
+            split=prepared.split, samples=prepared.samples, text=prepared.text, batch_size=config.optim.batch_size,
+            epoch=loop.epoch, seed=config.seed, novel=tuple(prepared.fold.novel),
+            novel_pixels=config.data.novel_pixels, device=loop.device, readers=config.data.readers,
+            skip_batches=loop.batch))
     return prefetch(training_batches(
         split=prepared.split, samples=prepared.samples, text=prepared.text, batch_size=config.optim.batch_size,
         epoch=loop.epoch, seed=config.seed, novel=tuple(prepared.fold.novel), novel_pixels=config.data.novel_pixels,
@@ -236,7 +254,8 @@ def train(*, config: TrainConfig, resume: bool = False, quiet: bool = False, hoo
     everything = [MetricsLog(), Checkpointer(), ProgressBar(quiet=quiet), *hooks]
     run_hooks(everything, "before_train", loop)
     try:
-        _run_epochs(loop, prepared, everything)
+        if loop.optimizer is not None:
+            _run_epochs(loop, prepared, everything)
     finally:
         run_hooks(everything, "after_train", loop)
     _save_final(loop)

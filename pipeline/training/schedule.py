@@ -28,7 +28,13 @@ def wd_at(*, step: int, steps_per_epoch: int, optim: OptimConfig) -> float:
     return optim.weight_decay_end + 0.5 * (optim.weight_decay - optim.weight_decay_end) * (1 + math.cos(math.pi * frac))
 
 
-def param_groups(model) -> list[dict]:
+def param_groups(model, *, optim: OptimConfig | None = None) -> list[dict]:
+    """Fusion weights (decayed on the ramp), fusion norms and biases (no decay), decoder.
+
+    With ``optim.decoder_schedule == "constant"`` (the released recipe) the decoder group
+    carries ``constant_lr``: it stays at ``decoder_lr`` with no weight decay, which is
+    exactly a separate Adam at a constant learning rate (AdamW without decay is Adam).
+    """
     decay, no_decay, decoder = [], [], []
     for name, param in model.named_parameters():
         if name.startswith("decoder."):
@@ -37,5 +43,16 @@ def param_groups(model) -> list[dict]:
             no_decay.append(param)
         else:
             decay.append(param)
-    return [{"params": decay, "wd_schedule": True}, {"params": no_decay, "weight_decay": 0.0},
-            {"params": decoder, "weight_decay": 0.0}]
+    decoder_group = {"params": decoder, "weight_decay": 0.0}
+    if optim is not None and optim.decoder_schedule == "constant":
+        decoder_group["constant_lr"] = optim.decoder_lr
+    groups = [{"params": decay, "wd_schedule": True}, {"params": no_decay, "weight_decay": 0.0}, decoder_group]
+    return [g for g in groups if g["params"]]
+
+
+def set_group_rates(optimizer, *, lr: float, wd: float) -> None:
+    """This step's learning rates and weight decay on every group."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("constant_lr", lr)
+        if group.get("wd_schedule"):
+            group["weight_decay"] = wd

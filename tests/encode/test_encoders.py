@@ -15,7 +15,7 @@ from pipeline.encode.registry import get_spec, list_encoders
 from pipeline.errors import UserError
 
 # The smallest input each vision tower accepts: one patch grid of 2 x 2 keeps ViT-L cheap.
-SMALL_INPUT = {"clip-b": 32, "clip-l": 28, "dino-b": 32, "moco-b": 32}
+SMALL_INPUT = {"clip-b": 32, "clip-l": 28, "clip-rn101": 64, "dino-b": 32, "moco-b": 32}
 FEW_TEMPLATES = TEMPLATES[:3]
 
 
@@ -38,8 +38,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(nn.functional.cosine_similarity(a, b, dim=0))
 
 
-def test_registry_lists_the_seven_encoders():
-    assert list_encoders() == ["bert-b", "bert-l", "clip-b", "clip-l", "dino-b", "minilm", "moco-b"]
+def test_registry_lists_the_eight_encoders():
+    assert list_encoders() == ["bert-b", "bert-l", "clip-b", "clip-l", "clip-rn101", "dino-b", "minilm", "moco-b"]
 
 
 @pytest.mark.parametrize("name", list_encoders())

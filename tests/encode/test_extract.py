@@ -99,7 +99,7 @@ def test_render_view_pads_a_window_past_the_image_with_ignore():
 @pytest.mark.parametrize(("height", "width"), [(100, 250), (64, 64), (65, 300), (40, 90)])
 def test_window_boxes_cover_the_image_and_end_on_its_edge(height, width):
     size, stride = 64, (2 * 64) // 3
-    boxes = window_boxes(height=height, width=width, size=size, stride=stride)
+    boxes = window_boxes(height=height, width=width, size=size, stride=stride, last="slide")
     covered = np.zeros((max(height, size), max(width, size)), bool)
     for x0, y0, x1, y1 in boxes:
         assert (x1 - x0, y1 - y0) == (size, size) and x0 >= 0 and y0 >= 0

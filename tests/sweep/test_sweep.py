@@ -206,6 +206,25 @@ def test_dry_run_lists_runs_with_their_state_and_writes_nothing(reference, capsy
     assert sorted(str(p) for p in out.rglob("*")) == before
 
 
+def test_estimate_prices_runs_times_steps_times_seconds_per_step(reference, capsys, tmp_path):
+    from pipeline.sweep.estimate import PEAK_TFLOPS, RECORDED_GFLOP, ASSUMED_UTILISATION
+
+    assert sweep(reference, estimate=True, gpu="a100", overrides=["study.grid.seeds=[0, 1]"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| tiny |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "8 (4)" and int(cells[2].replace(",", "")) == 8 * 12  # 8 runs of max_steps 12
+    per_step = RECORDED_GFLOP["tiny"] * 1e9 * 8 / (PEAK_TFLOPS["a100"] * 1e12 * ASSUMED_UTILISATION)
+    assert float(cells[3]) == pytest.approx(per_step, abs=1e-4) and "projected" in cells[5]
+    timings = tmp_path / "gpu.json"
+    timings.write_text('{"preset": "tiny", "batch_size": 8, "steps_per_s": 4.0, "machine": "H100 test"}\n')
+    assert sweep(reference, estimate=True, gpu="h100", timings=timings) == 0
+    out = capsys.readouterr().out
+    assert "measured by bench gpu on H100 test" in out and "total: 0.0 GPU-hours" in out
+    with pytest.raises(UserError, match="recorded figures exist for"):
+        sweep(reference, estimate=True, gpu="tpu")
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"grid_extra": {"colours": [1]}}, "unknown grid key 'colours'"),
     ({"top": {"budget": 3}}, "unknown study key 'budget'"),
@@ -226,7 +245,9 @@ def test_study_mistakes_are_one_line_user_errors(caches, tmp_path, change, messa
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(study))
     with pytest.raises(UserError) as err:
-        sweep(path, dry_run=True)
+        # A dry run plans without caches (it lists the missing ones); a real run checks them first.
+        missing_cache = "vision" in change or change.get("eval", {}).get("split") == "voc/val"
+        sweep(path, dry_run=not missing_cache)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -291,3 +312,39 @@ def test_a_fold_the_protocol_lacks_is_refused_at_planning(caches, tmp_path):
     with pytest.raises(UserError, match=r"protocol 'pascal5i' has folds 0..3, not 9") as err:
         sweep(study, dry_run=True)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("table", "runs", "rows"), [
+    ("table1", 96, 12), ("table2", 16, 4), ("table3", 1, 1), ("table4", 16, 4), ("table5", 8, 2), ("table7", 48, 12)])
+def test_paper_studies_plan_without_any_cache(table, runs, rows, tmp_path, monkeypatch, capsys):
+    """Issue 10: a dry run of every paper study lists its rows and folds and the caches to make."""
+    monkeypatch.chdir(tmp_path)  # no cache/ folder here
+    assert sweep(ROOT / "pipeline" / "studies" / f"{table}.yaml", dry_run=True) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == f"{runs} runs: {runs} pending" and all(" needs: " in line for line in lines[1:])
+    assert "MISSING" in captured.err and "make: fusioner extract --backbone" in captured.err
+    spec = load_study(path=ROOT / "pipeline" / "studies" / f"{table}.yaml")
+    labels = {tuple(getattr(r, a) if a in ("pair", "variant") else None for a in spec.table.rows)
+              for r in expand_runs(spec, check_caches=False)}
+    assert len(labels) == rows
+
+
+def test_paper_study_contents_follow_the_paper():
+    studies = ROOT / "pipeline" / "studies"
+    t4 = {r.variant: r.config for r in expand_runs(load_study(path=studies / "table4.yaml"), check_caches=False)}
+    assert t4["neither"]["model"]["fusion"]["mode"] == "frozen" and not t4["neither"]["model"]["decoder"]["enabled"]
+    t7 = expand_runs(load_study(path=studies / "table7.yaml"), check_caches=False)
+    shapes = {(r.config["model"]["fusion"]["layers"], r.config["model"]["fusion"]["heads"],
+               r.config["model"]["fusion"]["width"]) for r in t7}
+    assert shapes == {(n, 8, 512) for n in (1, 3, 6, 12, 18, 24)} | {
+        (12, h, 64 * h) for h in (1, 4, 8, 10, 12, 16)}
+    t3 = expand_runs(load_study(path=studies / "table3.yaml"), check_caches=False)
+    assert [(r.config["data"]["protocol"], r.config["data"]["split"], r.config["data"]["classes_per_sample"],
+             r.eval["mode"]) for r in t3] == [("mosaic4", "mosaic4/train", "all", "multiclass")]
+    t5 = expand_runs(load_study(path=studies / "table5.yaml"), check_caches=False)
+    assert {(r.config["data"]["protocol"], r.config["data"]["split"], r.eval["split"]) for r in t5} == {
+        ("coco2voc", "coco/train", "voc/val")}
+    t2 = expand_runs(load_study(path=studies / "table2.yaml"), check_caches=False)
+    rn = [r for r in t2 if "RN101" in r.pair]
+    assert len(rn) == 8 and all(len(r.config["model"]["decoder"]["channels"]) == 5 for r in rn)

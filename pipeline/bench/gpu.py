@@ -1,0 +1,206 @@
+"""The one GPU check: ``python -m pipeline.bench gpu`` prints one JSON line.
+
+No network, random-init weights, everything generated in a temporary folder:
+
+1. 3000 PASCAL-sized (500 x 375) JPEGs of shapes;
+2. the vision tower's pure forward rate (uint8 views already in pinned host
+   memory, the same batch size), then the extraction of 4 views per training
+   image into a shuffled-layout store (render processes, pinned memory, bf16,
+   shard writers), timed from its first shard to its last write (the encoder
+   build and the class-name embeddings excluded): ``extract_over_forward`` =
+   forward rate / extraction rate (target on a GPU: <= 1.10);
+3. the paper preset trained for ``--steps`` steps streaming from that store
+   (``read_mode=stream``): steps/s, samples/s, data wait % (target <= 5 %),
+   peak GPU memory and GPU utilisation sampled while it trains;
+4. windowed evaluation of the held-out shapes on the validation images.
+
+Sized to finish in under 8 minutes on one H100-class GPU with the defaults.
+``--tiny`` runs the same stages at a size a CPU finishes in a minute or two
+(the test suite runs it); its rates say nothing about a GPU.
+
+    python -m pipeline.bench gpu                      # on the GPU machine
+    python -m pipeline.bench gpu --tiny --device cpu  # the pipeline check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+from pipeline.runtime import load_average, machine, resolve_device
+
+FULL = {"images": 3000, "backbone": "clip-l", "input_size": None, "steps": 300, "batch_size": 32,
+        "extract_batch": 256, "preset": "paper", "render_workers": min(12, max(1, (os.cpu_count() or 2) - 2)),
+        "val_images": 64, "forward_views": 2048, "image_size": (375, 500), "views": 4}
+TINY = {"images": 10, "backbone": "clip-b", "input_size": 32, "steps": 3, "batch_size": 4,
+        "extract_batch": 8, "preset": "tiny", "render_workers": 0, "val_images": 3, "forward_views": 16,
+        "image_size": (48, 64), "views": 1}
+
+
+class GpuSampler:
+    """GPU utilisation (%) sampled every 0.5 s in a thread while a stage runs (None without NVML/nvidia-smi)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.samples, self.stop = device, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _read(self) -> float | None:
+        try:
+            return float(torch.cuda.utilization(self.device))
+        except Exception:  # noqa: BLE001 - pynvml missing: ask nvidia-smi
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                      f"--id={self.device.index or 0}"], capture_output=True, text=True, timeout=5)
+                return float(out.stdout.strip().splitlines()[0])
+            except Exception:  # noqa: BLE001
+                return None
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            value = self._read()
+            if value is not None:
+                self.samples.append(value)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
+
+
+def forward_rate(*, backbone: str, input_size: int | None, views: int, batch_size: int, device) -> float:
+    """Views/s of the vision tower alone on uint8 views already in pinned host memory."""
+    from pipeline.encode.families import create_encoder
+
+    vision = create_encoder(backbone, text=False, random_init=True, input_size=input_size, device=device).vision
+    size = vision.input_size
+    images = torch.randint(0, 256, (views, size, size, 3), dtype=torch.uint8)
+    if device.type == "cuda":
+        images = images.pin_memory()
+    vision.encode(images[:batch_size], dtype=torch.float16)  # warm-up: kernels, cuDNN choices
+    _sync(device)
+    start = time.perf_counter()
+    for begin in range(0, views, batch_size):
+        vision.encode(images[begin:begin + batch_size], dtype=torch.float16).to("cpu", non_blocking=True)
+    _sync(device)
+    return views / (time.perf_counter() - start)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _extract(*, work: Path, root: Path, lists, size: dict, device: torch.device) -> tuple[float, int]:
+    from pipeline.encode.extract import extract
+    from pipeline.encode.plan import ExtractConfig
+
+    base = dict(backbone=size["backbone"], out=str(work / "cache"), dataset="folder", data_root=str(root),
+                input_size=size["input_size"], random_init=True, device=str(device), batch_size=size["extract_batch"],
+                render_workers=size["render_workers"], writers=2)
+    report = extract(config=ExtractConfig(**base, split="train", views=size["views"], layout="shuffled",
+                                          dataset_options={"list_file": str(lists[0])}), quiet=True)
+    extract(config=ExtractConfig(**base, split="val", dataset_options={"list_file": str(lists[1])}), quiet=True)
+    return report.views / report.shard_seconds, report.views
+
+
+def _train(*, work: Path, size: dict, device: torch.device, compile_model: bool, novel: list[str]) -> dict:
+    from pipeline.training.config import build_config
+    from pipeline.training.loop import train
+
+    config = build_config(preset=size["preset"], overrides=[
+        f"data.cache={work / 'cache'}", "data.split=folder/train", "data.protocol=custom",
+        "data.novel=[" + ",".join(json.dumps(n) for n in novel) + "]", "data.classes_per_sample=all",
+        "data.read_mode=stream", f"optim.max_steps={size['steps']}", f"optim.batch_size={size['batch_size']}",
+        "optim.epochs=1000", "optim.warmup_epochs=1", f"out={work / 'run'}", f"device={device}",
+        f"compile={str(compile_model).lower()}", "log_every=50"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with GpuSampler(device) as sampler:
+        summary = train(config=config, quiet=True)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    seconds = max(summary["seconds"], 1e-9)
+    return {"steps": summary["steps"], "batch_size": size["batch_size"], "steps_per_s": summary["steps"] / seconds,
+            "samples_per_s": summary["steps"] * size["batch_size"] / seconds,
+            "data_wait_pct": 100 * summary["data_wait_fraction"], "peak_gpu_memory_gib": peak,
+            "gpu_utilisation_pct": sampler.mean, "train_seconds": seconds}
+
+
+def run_gpu_check(*, work: Path, size: dict, device: str = "auto", compile_model: bool = False) -> dict:
+    """Every stage; returns the JSON-able record."""
+    from pipeline.data.synthetic import NOVEL_SHAPES, make_shapes_dataset, split_lists
+    from pipeline.eval.evaluate import evaluate_split
+    from pipeline.training.checkpoints import load_model
+
+    dev = resolve_device(device)
+    total = size["images"] + size["val_images"]
+    root = make_shapes_dataset(out=work / "data", count=total, size=tuple(size["image_size"]))
+    lists = split_lists(root=root, out=work, val_fraction=size["val_images"] / total)
+    forward = forward_rate(backbone=size["backbone"], input_size=size["input_size"], views=size["forward_views"],
+                           batch_size=size["extract_batch"], device=dev)
+    with GpuSampler(dev) as extract_sampler:
+        extract_rate, views = _extract(work=work, root=root, lists=lists, size=size, device=dev)
+    trained = _train(work=work, size=size, device=dev, compile_model=compile_model, novel=list(NOVEL_SHAPES))
+    model, _ = load_model(work / "run", device=dev)
+    start = time.perf_counter()
+    scores = evaluate_split(model=model, vision_cache=str(work / "cache"), text_cache=str(work / "cache"),
+                            split="folder/val", protocol="custom", fold=0, novel_names=list(NOVEL_SHAPES),
+                            device=dev, quiet=True, min_pixels=1)
+    return {
+        "machine": machine(), "device": str(dev), "load_average": load_average(), "backbone": size["backbone"],
+        "preset": size["preset"], "images": size["images"], "extract_views": views,
+        "extract_views_per_s": extract_rate, "forward_views_per_s": forward, "extract_over_forward": forward / extract_rate,
+        "extract_gpu_utilisation_pct": extract_sampler.mean, **trained,
+        "eval_seconds": time.perf_counter() - start, "eval_miou": scores.get("miou"), "compile": compile_model,
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench gpu", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="A CPU-sized pipeline check (the test suite's).")
+    for key in ("images", "views", "steps", "batch_size", "extract_batch", "render_workers", "val_images"):
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
+    parser.add_argument("--backbone", default=None)
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model for training.")
+    parser.add_argument("--work", type=Path, default=None, help="Keep the data, store and run here.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    size = dict(TINY if args.tiny else FULL)
+    size.update({k: v for k, v in vars(args).items() if k in size and v is not None})
+    work = args.work or Path(tempfile.mkdtemp(prefix="fusioner-gpu-"))
+    try:
+        record = run_gpu_check(work=work, size=size, device=args.device, compile_model=args.compile)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(record, default=float))
+    return 0

@@ -1,0 +1,73 @@
+"""Rendering shards ahead of the encoder in a pool of worker processes.
+
+Decoding JPEGs and rendering views (crop, resize, flip, jitter) is CPU work
+that one thread cannot do at a GPU's rate. :func:`rendered_shards` hands whole
+shards to ``workers`` processes through a torch DataLoader and yields them in
+the order asked for, each shard's images already in pinned host memory when
+the encoder runs on CUDA.
+
+The workers are *spawned*, never forked: zarr keeps a background event loop
+thread, and a forked child can inherit its lock held. Each worker opens the
+store and the dataset itself on its first shard (only the config travels), and
+renders with the function it is given (``render_shard``), so whatever that
+function renders, the pool renders too, and the bytes are the same as in one
+process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Iterator
+
+import torch
+
+from pipeline.encode.plan import ExtractConfig, config_from_dict, open_extraction_dataset
+
+
+class ShardSource(torch.utils.data.Dataset):
+    """Item ``i`` is shard ``shards[i]`` rendered by ``render``, as a dict of tensors.
+
+    Picklable: the config, and ``render`` (a module-level function, pickled by name).
+    """
+
+    def __init__(self, *, render, config: dict, group_path: str, shards: list[int], input_size: int):
+        self.render, self.config, self.group_path = render, config, group_path
+        self.shards, self.input_size = list(shards), input_size
+        self._state = None
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def _open(self):
+        from pipeline.store.layout import open_store
+
+        if self._state is None:
+            config = config_from_dict(self.config)
+            dataset = open_extraction_dataset(config)  # the same images as the plan (--episodes included)
+            self._state = (dataset, open_store(config.out)[self.group_path], config.skip_bad)
+        return self._state
+
+    def __getitem__(self, i: int) -> dict:
+        dataset, group, skip_bad = self._open()
+        rendered = self.render(dataset=dataset, group=group, shard=self.shards[i], input_size=self.input_size,
+                                skip_bad=skip_bad)
+        return {"shard": rendered.shard, "images": torch.from_numpy(rendered.images),
+                "masks": torch.from_numpy(rendered.masks), "valid": torch.from_numpy(rendered.valid),
+                "bad": [list(b) for b in rendered.bad]}
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)  # the workers decode and resize; torch's threads would only compete
+
+
+def rendered_shards(*, render, config: ExtractConfig, group_path: str, shards: list[int], input_size: int,
+                    workers: int, pin: bool) -> Iterator[dict]:
+    """Yield ``shards`` rendered by ``render(dataset=, group=, shard=, input_size=, skip_bad=)`` in ``workers``
+    processes, in order, as dicts of the rendered fields (images a tensor, pinned when ``pin``)."""
+    source = ShardSource(render=render, config=asdict(config), group_path=group_path, shards=shards,
+                         input_size=input_size)
+    loader = torch.utils.data.DataLoader(
+        source, batch_size=None, shuffle=False, num_workers=workers, multiprocessing_context="spawn",
+        pin_memory=pin, prefetch_factor=2, worker_init_fn=_one_thread, persistent_workers=False)
+    yield from loader
+

@@ -1,0 +1,78 @@
+"""What a study's runs need from the stores, and how to make what is missing (``--dry-run``).
+
+A dry run plans without any data: for every store and split the runs read it
+says whether it exists and prints the ``fusioner extract`` command that makes
+it. The encoder is read from the store's folder name when it starts with a
+registry name (``cache/clip-l``, ``cache/clip-l-coco``), the reader and split from the split name
+(``voc/train``); data roots are placeholders the user fills in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.encode.registry import list_encoders
+from pipeline.errors import UserError
+
+_ROOTS = {"voc": "~/data/VOCdevkit/VOC2012", "coco": "~/data/coco", "mosaic4": "~/data/mosaic4-{split}",
+          "fss": "~/data/FSS-1000", "folder": "DATA_ROOT"}
+
+
+def needed(run) -> list[tuple[str, str]]:
+    """(store, split) pairs a run reads; split "text" means the class-name embeddings."""
+    data = run.config["data"]
+    wanted = [(data["cache"], data["split"] or "<training split>"), (data["cache"], run.eval["split"])]
+    return wanted + [(data["text_cache"] or data["cache"], "text")]
+
+
+def _present(store: str, split: str) -> bool:
+    from pipeline.store.layout import open_store
+    from pipeline.store.splits import list_splits
+
+    try:
+        root = open_store(store)
+    except UserError:
+        return False
+    return "text" in root if split == "text" else split in list_splits(root)
+
+
+def _backbone(store: str) -> str:
+    """The registry name a store's folder starts with (cache/clip-l-coco -> clip-l), else a placeholder."""
+    name = Path(store).name
+    matches = [e for e in list_encoders() if name == e or name.startswith(e + "-")]
+    return max(matches, key=len) if matches else "ENCODER"
+
+
+def make_command(store: str, split: str, *, splits_dir: str | None = None, train_reader: str = "") -> str:
+    """The ``fusioner extract`` command that writes ``split`` (or the text embeddings) into ``store``."""
+    backbone = _backbone(store)
+    if split == "text" and train_reader not in ("voc", "coco"):
+        return "(written by the vision extractions into this store: they embed their class names)"
+    if split == "text":
+        return f"fusioner extract --backbone {backbone} --text-only --dataset {train_reader} --out {store}"
+    reader, _, part = split.partition("/")
+    root = _ROOTS.get(reader, "DATA_ROOT").format(split=part)
+    command = f"fusioner extract --backbone {backbone} --dataset {reader} --data-root {root} --split {part}"
+    if reader == "coco" and part == "val" and splits_dir:
+        command += f" --episodes {splits_dir}"  # only the images the standard episodes score
+    if train_reader in ("voc", "coco") and reader in ("voc", "coco") and reader != train_reader:
+        command += f" --normalize {'pascal' if train_reader == 'voc' else 'coco'}"  # as the training views
+    return command + f" --out {store}"
+
+
+def describe_caches(runs) -> str:
+    """Every store/split the runs need: present or missing, and the command that makes it."""
+    users: dict[tuple[str, str], int] = {}
+    hints: dict[tuple[str, str], dict] = {}
+    for run in runs:
+        train_reader = (run.config["data"]["split"] or "").partition("/")[0]
+        for key in needed(run):
+            users[key] = users.get(key, 0) + 1
+            hints[key] = {"splits_dir": run.eval.get("splits_dir"), "train_reader": train_reader}
+    lines = [f"caches needed ({len(users)}):"]
+    for (store, split), count in users.items():
+        state = "present" if _present(store, split) else "MISSING"
+        lines.append(f"  {state:7s} {store} {split} ({count} runs)")
+        if state == "MISSING":
+            lines.append(f"          make: {make_command(store, split, **hints[(store, split)])}")
+    return "\n".join(lines)

@@ -163,10 +163,12 @@ def test_scores_are_hsnet_sums_over_the_folds_classes(gen):
     for column, value in enumerate(meter.class_ids):
         assert meter.intersection[1, column] <= labelled[value] <= meter.union[1, column]
     assert np.array_equal(meter.pooled_union, meter.union.sum(axis=1))
-    # Classes without an episode (bicycle, boat, bottle) still count, as zeros, in the fold's mIoU.
+    # Classes without an episode (bicycle, boat, bottle) have no IoU (n/a, issue 13 item 10) and 0 episodes;
+    # the fold's mIoU is the mean over the classes that have episodes (issue 14 item 7 reversed the zeros rule).
     per_class = [result["per_class"][name] for name in ("aeroplane", "bicycle", "bird", "boat", "bottle")]
-    assert per_class[1] == per_class[3] == per_class[4] == 0.0
-    assert result["miou"] == pytest.approx(np.mean(per_class))
+    assert per_class[1] is None and per_class[3] is None and per_class[4] is None
+    assert [result["episodes_per_class"][n] for n in ("bicycle", "boat", "bottle")] == [0, 0, 0]
+    assert result["miou"] == pytest.approx(np.mean([v for v in per_class if v is not None]))
     pooled = meter.pooled_intersection / np.maximum(meter.pooled_union, 1)
     assert result["fb_iou"] == pytest.approx(100 * pooled.mean())
 

@@ -10,6 +10,8 @@ it to :meth:`SegDataset.record_bad` (appends to ``skipped`` under ``skip_bad``).
 
 from __future__ import annotations
 
+import sys
+
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,20 @@ def open_image_file(path: Path, what: str, convert):
             return convert(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise BadRecordError(f"{path}: unreadable {what} ({error})") from None
+
+
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """[H, W, 3] uint8 RGB of any PIL image; 16-bit greyscale is scaled down, not clipped.
+
+    PIL's own conversion of a 16-bit ("I;16") image to RGB clips every value above 255,
+    which turns a typical 16-bit photo almost entirely white.
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        grey = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
 
 
 def index_mask(path: Path) -> np.ndarray:
@@ -110,7 +126,7 @@ class SegDataset(ABC):
         return mask
 
     def load(self, index: int) -> Record:
-        image = open_image_file(self.image_path(index), "image", lambda im: np.asarray(im.convert("RGB")))
+        image = open_image_file(self.image_path(index), "image", rgb_array)
         mask = self.read_mask(index)
         if mask.shape != image.shape[:2]:
             raise BadRecordError(
@@ -156,7 +172,12 @@ class PairedDataset(SegDataset):
         self._image_dir, self._images, self._masks = images, images_by_stem(images), masks
         if list_path:
             return read_lines(list_path, what="image list")
-        return sorted(s for s in self._images if (masks / f"{s}.png").is_file())
+        paired = sorted(s for s in self._images if (masks / f"{s}.png").is_file())
+        unpaired = sorted(set(self._images) - set(paired))
+        if unpaired:
+            print(f"note: {len(unpaired)} image(s) in {images} have no mask in {masks} and are left out "
+                  f"(first: {unpaired[0]}); a list file names the images to use", file=sys.stderr)
+        return paired
 
     def image_path(self, index: int) -> Path:
         image_id = self.ids[index]

@@ -102,6 +102,15 @@ def _fold_for_eval(*, protocol: str, fold: int, class_names: list[str], novel_na
                         class_names=class_names)
 
 
+def _check_widths(model, *, vision: int, text: int, stores: tuple) -> None:
+    """A model scores only features as wide as those it was trained on."""
+    config = getattr(model, "config", None)
+    if config is not None and (config.vision_dim, config.text_dim) != (vision, text):
+        raise UserError(f"the model takes {config.vision_dim}-d vision and {config.text_dim}-d text features; "
+                        f"{stores[0]} and {stores[1]} hold {vision}-d and {text}-d: evaluate on stores of the "
+                        f"encoders it was trained with")
+
+
 @torch.inference_mode()
 def evaluate_split(*, model, vision_cache: str, text_cache: str, split: str, protocol: str, fold: int,
                    novel_names: list[str] = (), splits_dir: str | None = None, device="cpu",
@@ -117,6 +126,8 @@ def evaluate_split(*, model, vision_cache: str, text_cache: str, split: str, pro
         protocol=protocol, fold=fold, class_names=cached.class_names, novel_names=list(novel_names))
     names = cached.class_names
     text = torch.from_numpy(class_embeddings(text_store=text_cache, names=names))  # [K, Dt]
+    _check_widths(model, vision=int(cached.group["features"].shape[2]), text=int(text.shape[1]),
+                  stores=(vision_cache, text_cache))
     images = image_views(cached)
     masks = cached.masks(slice(None))
     features = cached.features(slice(None))

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from pipeline.data.labels import parse_names, prompt_name
+from pipeline.data.readers import rgb_array
 from pipeline.data.views import ViewParams, render_view, stitch, window_boxes
 from pipeline.encode.text import class_embeddings, encoder_from_identity
 from pipeline.errors import UserError
@@ -34,7 +35,7 @@ def read_photo(path: str | Path) -> np.ndarray:
         raise UserError(f"image not found: {path}")
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return rgb_array(image)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read image {path}: {err}") from err
 

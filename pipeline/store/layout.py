@@ -147,7 +147,11 @@ def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise UserError(f"no feature store at {path} (run `fusioner extract ... --out {path}` first)")
-    root = zarr.open_group(str(path), mode=mode)
+    try:
+        root = zarr.open_group(str(path), mode=mode)
+    except (ValueError, TypeError, KeyError) as err:  # a truncated or garbled zarr.json (JSONDecodeError is one)
+        raise UserError(f"{path}/zarr.json is damaged ({type(err).__name__}); extract again with --overwrite") \
+            from None
     attrs = root.attrs.asdict()
     if ATTR_KEY not in attrs:
         raise UserError(f"{path} is a Zarr group but not a Fusioner store")

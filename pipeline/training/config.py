@@ -61,8 +61,9 @@ class OptimConfig:
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for quick checks
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise UserError(f"optim.epochs must be at least 1, got {self.epochs}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UserError(f"optim.epochs and optim.batch_size must be at least 1, got {self.epochs} and "
+                            f"{self.batch_size}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"optim.lr must be a positive number, got {self.lr}")
         if self.max_steps < 0 or self.warmup_epochs < 0:

@@ -175,3 +175,14 @@ def test_extraction_counts_below_one_are_refused(tmp_path, option, value):
     config = tiny_extract_config(tmp_path / "data", tmp_path / "store", **{option: value})
     with pytest.raises(UserError, match=f"--{option.replace('_', '-')} must be at least 1, got {value}"):
         extract(config=config, quiet=True)
+
+
+def test_a_truncated_root_metadata_file_is_a_one_line_error(tmp_path):
+    from pipeline.errors import UserError
+
+    _store(tmp_path / "s")
+    meta = tmp_path / "s" / "zarr.json"
+    meta.write_text(meta.read_text()[:40])
+    with pytest.raises(UserError, match=r"zarr.json is damaged \(JSONDecodeError\); extract again") as err:
+        open_store(tmp_path / "s")
+    assert "\n" not in str(err.value)

@@ -128,7 +128,9 @@ def test_killed_sweep_reruns_only_the_missing_runs_and_gives_the_same_table(cach
 
 
 def test_failed_runs_are_retried_reported_and_do_not_stop_the_others(caches, tmp_path, capsys):
-    variants = {"ok": {}, "crash": {"optim.batch_size": 0}, "bad-heads": {"model.fusion.heads": 3}}
+    # log_every 0 crashes inside the run (step % 0); optim.batch_size 0, the crash used before, is now
+    # refused when the study is planned (issue 14 item 6).
+    variants = {"ok": {}, "crash": {"log_every": 0}, "bad-heads": {"model.fusion.heads": 3}}
     study = write_study(tmp_path / "failing.yaml", caches, folds=[0], variants=variants)
     assert sweep(study, retries=1, workers=1) == 1
     runs = {r.variant: r for r in expand_runs(load_study(path=study))}
@@ -296,7 +298,7 @@ def test_fusioner_sweep_exits_1_listing_the_failed_runs_and_quiet_means_quiet(ca
     output is the failed runs, one line each, without dask's multi-line logs."""
     from cli import main as cli_main
 
-    variants = {"bad-heads": {"model.fusion.heads": 3}, "crash": {"optim.batch_size": 0}}
+    variants = {"bad-heads": {"model.fusion.heads": 3}, "crash": {"log_every": 0}}
     study = write_study(tmp_path / "all-fail.yaml", caches, folds=[0], variants=variants)
     done = subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "sweep", str(study),
                            "--workers", "1", "--retries", "0", "-q"], cwd=ROOT, capture_output=True, text=True)

@@ -92,7 +92,9 @@ def test_an_empty_train_state_is_a_one_line_error_when_nothing_else_is_left(gen,
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("optim.epochs=0", "optim.epochs must be at least 1"),
+    ("optim.epochs=0", "optim.epochs and optim.batch_size must be at least 1"),
+    ("optim.batch_size=0", "optim.epochs and optim.batch_size must be at least 1"),
+    ("optim.batch_size=-1", "optim.epochs and optim.batch_size must be at least 1"),
     ("optim.lr=.nan", "optim.lr must be a positive number"),
     ("optim.lr=-0.1", "optim.lr must be a positive number"),
     ("optim.max_steps=-2", "must be >= 0"),
@@ -117,3 +119,14 @@ def test_eval_limit_below_one_is_refused():
         with pytest.raises(UserError, match="--limit must be at least 1"):
             evaluate_split(model=None, vision_cache="nowhere", text_cache="nowhere", split="x", protocol="pascal5i",
                            fold=0, limit=limit)
+
+
+def test_evaluating_against_a_store_of_another_width_is_one_line(gen):
+    from pipeline.eval.evaluate import evaluate_split
+    from pipeline.model import build_model, make_model_config
+
+    model = build_model(make_model_config(vision_dim=768, text_dim=384, preset="tiny"))
+    with pytest.raises(UserError, match=r"takes 768-d vision and 384-d text features; .* hold 512-d and 384-d") as err:
+        evaluate_split(model=model, vision_cache=str(gen.vision), text_cache=str(gen.text), split="folder/val",
+                       protocol="pascal5i", fold=0)
+    assert "\n" not in str(err.value)

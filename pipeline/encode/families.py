@@ -77,22 +77,38 @@ def _resolve_weights(spec: EncoderSpec, weights: str | Path | None, random_init:
         raise UserError(f"{spec.name}: no hub weights exist; pass --weights PATH ({spec.weights_hint}) "
                         f"or --random-init")
     if not _hub_reachable():
-        raise _weights_missing(spec, "huggingface.co is not reachable; with a filled hub cache set HF_HUB_OFFLINE=1")
+        host, port = hub_probe_target()
+        raise _weights_missing(spec, f"the model hub ({host}:{port}) is not reachable; with a filled hub cache "
+                                     f"(HF_HOME) set HF_HUB_OFFLINE=1")
     return WeightsInfo(pretrained=True, source=f"hub:{spec.weights_tag}")
+
+
+def hub_probe_target(env: dict | None = None) -> tuple[str, int]:
+    """(host, port) to try before a hub download: the HTTPS proxy when one is set (a direct
+    connection fails behind it), else the hub endpoint (``HF_ENDPOINT``, a mirror, or huggingface.co)."""
+    from urllib.parse import urlsplit
+
+    env = os.environ if env is None else env
+    proxy = env.get("HTTPS_PROXY") or env.get("https_proxy")
+    endpoint = env.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlsplit(proxy if proxy else endpoint)
+    if not url.hostname:  # a proxy written without a scheme: host:port
+        url = urlsplit(f"http://{proxy}")
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the model hub answers; skipped (True) when the user works from a hub cache offline.
 
     Without this check an offline download attempt retries for about a minute
-    before failing.
+    before failing. A mirror (``HF_ENDPOINT``) and an HTTPS proxy are respected.
     """
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return True
     import socket
 
     try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+        with socket.create_connection(hub_probe_target(), timeout=timeout):
             return True
     except OSError:
         return False

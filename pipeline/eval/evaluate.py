@@ -145,7 +145,10 @@ def evaluate_split(*, model, vision_cache: str, text_cache: str, split: str, pro
         episodes = episodes[:limit] if limit else episodes
         source = f"derived from masks (novel class >= {min_pixels} px)"
     if not episodes:
-        raise UserError(f"{vision_cache} {split}: no evaluation episode for fold {fold}'s novel classes")
+        hint = ("the episode lists in --episode-lists name no image of this split" if splits_dir else
+                f"no novel class covers --min-pixels {min_pixels} px in any image: lower --min-pixels, or give "
+                f"the standard lists with --episode-lists")
+        raise UserError(f"{vision_cache} {split}: no evaluation episode for fold {fold}'s novel classes ({hint})")
     meter = SegmentationMeter(list(fold_.novel))
     truth_cache: dict[int, np.ndarray] = {}
     bar = progress(total=len(episodes), desc="eval", quiet=quiet, unit="episode")
@@ -202,11 +205,13 @@ def _evaluate_multiclass(*, model, cached, images, masks, features, text, device
 
 def _result(*, meter: SegmentationMeter, names: list[str], novel, source: str, cached: CachedSplit) -> dict:
     per_class = meter.iou_per_class()
+    counts = meter.episodes_per_class()
     return {
         "miou": meter.miou(),
         "fb_iou": meter.fb_iou(),
         "episodes": meter.episodes,
-        "per_class": {names[c - 1]: 100.0 * per_class[c] for c in novel if c in per_class},
+        # A class no episode scored has no IoU (None, shown as n/a), never 0.0.
+        "per_class": {names[c - 1]: 100.0 * per_class[c] if counts.get(c) else None for c in novel if c in per_class},
         "episodes_per_class": {names[c - 1]: n for c, n in meter.episodes_per_class().items() if c in novel},
         "episode_source": source,
         "pretrained_features": cached.pretrained,

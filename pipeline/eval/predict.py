@@ -24,7 +24,7 @@ from pipeline.data.readers import rgb_array
 from pipeline.data.views import ViewParams, render_view, stitch, window_boxes
 from pipeline.encode.text import class_embeddings, encoder_from_identity
 from pipeline.errors import UserError
-from pipeline.plots import overlay
+from pipeline.plots import overlay, save_label_png
 from pipeline.store.layout import open_store, store_attrs
 from pipeline.training.inputs import read_run_inputs
 
@@ -181,7 +181,7 @@ def _write_prediction(*, out: Path, image, pixels: np.ndarray, labels: np.ndarra
                       pretrained: bool) -> dict:
     """Masks, label map and overlay files; returns their names for the summary."""
     out.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(labels).save(out / "labels.png")
+    save_label_png(labels, out / "labels.png")
     files = {}
     for j, name in enumerate(classes):
         path = out / f"mask_{j + 1:02d}_{_slug(name)}.png"

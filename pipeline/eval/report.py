@@ -32,6 +32,13 @@ def run_label(config) -> str:
     return f"{vision} + {text}, {variant}"
 
 
+def class_cell(name: str, iou: float | None, episodes: dict) -> str:
+    """``cat 41.2`` or, for a class no episode scored, ``cat n/a (0 episodes)``, never 0.0."""
+    if iou is None:
+        return f"{name} n/a ({episodes.get(name, 0)} episodes)"
+    return f"{name} {iou:.1f}" + (f" ({episodes[name]} ep.)" if name in episodes else "")
+
+
 def markdown_table(*, rows: dict[str, dict[int, float]], fb: dict[str, float], title: str) -> str:
     folds = sorted({f for r in rows.values() for f in r})
     header = "| " + " | ".join(["model"] + [f"fold {f}" for f in folds] + ["mean", "FB-IoU"]) + " |"
@@ -82,11 +89,13 @@ def evaluate_runs(*, runs: list[Path], split: str | None, cache: Path | None, te
     write_json_atomic(target / "eval.json", results)
     with open(target / "per_class.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["run", "fold", "class", "iou"])
+        writer.writerow(["run", "fold", "class", "iou", "episodes"])
         for r in results:
             for cls, iou in r["per_class"].items():
-                writer.writerow([r["run"], r["fold"], cls, f"{iou:.3f}"])
+                writer.writerow([r["run"], r["fold"], cls, "n/a" if iou is None else f"{iou:.3f}",
+                                 r.get("episodes_per_class", {}).get(cls, "")])
     (target / "table.md").write_text(table + "\n")
-    per_class = "\n".join(f"  fold {r['fold']}: " + ", ".join(f"{c} {v:.1f}" for c, v in r["per_class"].items())
+    per_class = "\n".join(f"  fold {r['fold']}: " + ", ".join(class_cell(c, v, r.get("episodes_per_class", {}))
+                                                             for c, v in r["per_class"].items())
                           for r in results)
     return f"{table}\n\nper-class IoU:\n{per_class}\n\nwrote {target}/eval.json, per_class.csv, table.md"

@@ -176,3 +176,13 @@ def test_text_encoding_shows_progress_unless_quiet(capsys):
     encoder.encode_names(["cat", "dog", "bus"], batch_size=40, quiet=False)
     err = capsys.readouterr().err
     assert "minilm text" in err and "96/96" in err  # 3 names x 32 templates
+
+
+def test_the_hub_probe_respects_a_mirror_and_an_https_proxy():
+    from pipeline.encode.families import hub_probe_target
+
+    assert hub_probe_target({}) == ("huggingface.co", 443)
+    assert hub_probe_target({"HF_ENDPOINT": "https://hf-mirror.example.org"}) == ("hf-mirror.example.org", 443)
+    assert hub_probe_target({"HF_ENDPOINT": "http://10.0.0.9:8080"}) == ("10.0.0.9", 8080)
+    assert hub_probe_target({"HTTPS_PROXY": "http://proxy:3128", "HF_ENDPOINT": "https://m.org"}) == ("proxy", 3128)
+    assert hub_probe_target({"https_proxy": "proxy.local:8080"}) == ("proxy.local", 8080)

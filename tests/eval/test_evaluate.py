@@ -163,10 +163,12 @@ def test_scores_are_hsnet_sums_over_the_folds_classes(gen):
     for column, value in enumerate(meter.class_ids):
         assert meter.intersection[1, column] <= labelled[value] <= meter.union[1, column]
     assert np.array_equal(meter.pooled_union, meter.union.sum(axis=1))
-    # Classes without an episode (bicycle, boat, bottle) still count, as zeros, in the fold's mIoU.
+    # Classes without an episode (bicycle, boat, bottle) have no IoU (n/a, issue 13 item 10) and 0 episodes;
+    # the fold's mIoU is the mean over the classes that have episodes (issue 14 item 7 reversed the zeros rule).
     per_class = [result["per_class"][name] for name in ("aeroplane", "bicycle", "bird", "boat", "bottle")]
-    assert per_class[1] == per_class[3] == per_class[4] == 0.0
-    assert result["miou"] == pytest.approx(np.mean(per_class))
+    assert per_class[1] is None and per_class[3] is None and per_class[4] is None
+    assert [result["episodes_per_class"][n] for n in ("bicycle", "boat", "bottle")] == [0, 0, 0]
+    assert result["miou"] == pytest.approx(np.mean([v for v in per_class if v is not None]))
     pooled = meter.pooled_intersection / np.maximum(meter.pooled_union, 1)
     assert result["fb_iou"] == pytest.approx(100 * pooled.mean())
 
@@ -206,3 +208,26 @@ def test_evaluation_refuses_a_protocol_of_other_classes(gen):
     result = evaluate_split(model=_untrained(gen), vision_cache=str(gen.vision), text_cache=str(gen.text),
                             split="folder/val", protocol="coco2voc", fold=0, min_pixels=MIN_PIXELS, quiet=True)
     assert {1, 12, 15} <= set(novel) and result["episodes"] > 0
+
+
+def test_a_class_without_episodes_is_na_with_its_count_never_zero():
+    """Honest tables: IoU None (n/a) beside 0 episodes, in the result, the CLI text and per_class.csv."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.eval.evaluate import _result
+    from pipeline.eval.metrics import SegmentationMeter
+    from pipeline.eval.report import class_cell
+
+    meter = SegmentationMeter([1, 2])
+    target = torch.zeros(4, 4, dtype=torch.uint8)
+    target[:2] = 1
+    meter.update(pred=target.bool(), target=target, class_id=1)
+    result = _result(meter=meter, names=["cat", "dog"], novel=(1, 2), source="derived",
+                     cached=SimpleNamespace(pretrained=False))
+    assert result["per_class"] == {"cat": 100.0, "dog": None}
+    assert result["episodes_per_class"] == {"cat": 1, "dog": 0}
+    assert result["miou"] == 100.0  # the mean is over classes with episodes (issue 14)
+    assert class_cell("dog", None, result["episodes_per_class"]) == "dog n/a (0 episodes)"
+    assert class_cell("cat", 100.0, result["episodes_per_class"]) == "cat 100.0 (1 ep.)"

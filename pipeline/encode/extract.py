@@ -26,6 +26,7 @@ from pipeline.encode.plan import ExtractConfig, open_extraction_dataset, plan_sp
 from pipeline.encode.prompts import TEMPLATES
 from pipeline.encode.registry import activation, get_spec
 from pipeline.encode.shards import run_shards
+from pipeline.encode.towers import Encoders
 from pipeline.errors import UserError
 from pipeline.runtime import resolve_device
 from pipeline.store.layout import (
@@ -124,7 +125,6 @@ def _check_counts(config: ExtractConfig) -> None:
 
 
 def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
-    from pipeline.data.labels import resolve_class_words, text_words
     from pipeline.data.registry import create_dataset
 
     spec = get_spec(config.backbone)
@@ -157,21 +157,36 @@ def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
         vision_dim=spec.vision_dim or None, text_dim=spec.text_dim or None, mean=spec.mean, std=spec.std,
         activation=activation(spec))
     root = open_or_create_store(config.out, identity=identity, overwrite=config.overwrite)
-    text_count = 0
-    if encoders.text is not None and names:
-        words = resolve_class_words(config.class_words, dataset=config.dataset)
-        check_text_words(root, class_words=words)
-        known = set(read_text(root)[0]) if has_text(root) else set()
-        todo = [n for n in names if n not in known]
-        if todo:
-            emb = encoders.text.encode_names([text_words(n, words) for n in todo], quiet=quiet).cpu().numpy()
-            write_text(root, names=todo, embeddings=emb,
-                       meta={"encoder": spec.name, "templates": list(TEMPLATES), "class_words": words,
-                             "prompt_names": {n: text_words(n, words) for n in names}})
-        text_count = len(names)
+    text_count = _extract_text(root, encoders=encoders, names=names, config=config, quiet=quiet)
     if not want_vision:
         return ExtractReport(out=config.out, split=None, views=0, shards_run=0, shards_skipped=0,
                              text_classes=text_count, bad=[], pretrained=encoders.weights.pretrained)
+    return _extract_vision(root, encoders=encoders, dataset=dataset, config=config, identity=identity,
+                           text_count=text_count, quiet=quiet, client=client)
+
+
+def _extract_text(root, *, encoders: Encoders, names: list[str], config: ExtractConfig, quiet: bool) -> int:
+    """Embed the class names the store lacks; returns how many names the store now serves."""
+    from pipeline.data.labels import resolve_class_words, text_words
+
+    if encoders.text is None or not names:
+        return 0
+    words = resolve_class_words(config.class_words, dataset=config.dataset)
+    check_text_words(root, class_words=words)
+    known = set(read_text(root)[0]) if has_text(root) else set()
+    todo = [n for n in names if n not in known]
+    if todo:
+        emb = encoders.text.encode_names([text_words(n, words) for n in todo], quiet=quiet).cpu().numpy()
+        write_text(root, names=todo, embeddings=emb,
+                   meta={"encoder": encoders.spec.name, "templates": list(TEMPLATES), "class_words": words,
+                         "prompt_names": {n: text_words(n, words) for n in names}})
+    return len(names)
+
+
+def _extract_vision(root, *, encoders: Encoders, dataset, config: ExtractConfig, identity: dict, text_count: int,
+                    quiet: bool, client) -> ExtractReport:
+    """Plan the split, then run its shards that are not done yet (here, or on ``config.workers`` workers)."""
+    spec, grid, input_size = encoders.spec, encoders.vision.grid, encoders.vision.input_size
     tokens = grid[0] * grid[1]
     plan = plan_split(dataset=dataset, config=config, input_size=input_size, tokens=tokens, dim=spec.vision_dim)
     if not quiet:  # what is about to be written, before the first pixel is decoded

@@ -110,18 +110,12 @@ def _default_shard_size(*, tokens: int, dim: int, views_per_image: int, num_view
     return max(1, min(size, num_views))
 
 
-def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, dim: int) -> SplitPlan:
-    """Every view of the split, decided before decoding.
-
-    Training views are rendered from the whole image by the seeded augmentation
-    (:mod:`pipeline.data.augment`): their plan row is the image's full box, and the
-    resolved augmentation config goes into the split's signature, so a resume or an
-    append with another augmentation is refused.
-    """
+def _view_rows(*, dataset, config: ExtractConfig, input_size: int,
+               stride: int) -> tuple[np.ndarray, list[tuple[int, ViewParams]], list[list[str]]]:
+    """Image sizes from headers, and one (image index, view) row per view in image order."""
     from pipeline.data.readers import BadRecordError
 
     kind = config.kind
-    stride = config.stride or max(1, (2 * input_size) // 3)
     image_hw = np.zeros((len(dataset), 2), np.int32)
     rows: list[tuple[int, ViewParams]] = []
     skipped: list[list[str]] = []
@@ -137,11 +131,24 @@ def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, 
         if kind == "views":
             rows.extend((index, ViewParams(box=(0, 0, width, height))) for _ in range(config.views))
         elif kind == "windows":
-            for box in window_boxes(height=height, width=width, size=input_size, stride=stride,
-                                    last=config.last_window):
-                rows.append((index, ViewParams(box=box)))
+            rows.extend((index, ViewParams(box=box)) for box in window_boxes(
+                height=height, width=width, size=input_size, stride=stride, last=config.last_window))
         else:
             rows.append((index, ViewParams(box=(0, 0, width, height))))
+    return image_hw, rows, skipped
+
+
+def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, dim: int) -> SplitPlan:
+    """Every view of the split, decided before decoding.
+
+    Training views are rendered from the whole image by the seeded augmentation
+    (:mod:`pipeline.data.augment`): their plan row is the image's full box, and the
+    resolved augmentation config goes into the split's signature, so a resume or an
+    append with another augmentation is refused.
+    """
+    kind = config.kind
+    stride = config.stride or max(1, (2 * input_size) // 3)
+    image_hw, rows, skipped = _view_rows(dataset=dataset, config=config, input_size=input_size, stride=stride)
     if not rows:
         raise UserError(f"{dataset.name} {dataset.split}: no readable images to extract")
     if config.layout not in ("image", "shuffled"):

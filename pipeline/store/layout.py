@@ -126,20 +126,27 @@ def writer_lock(path: str | Path):
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path} is a file, not a folder for a feature store")
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
-    with open(path / LOCK_NAME, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    try:
+        with open(path / LOCK_NAME, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise UserError(f"{path} is being written by {holder}; wait for it to finish or use another --out") \
+                    from None
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise UserError(f"{path} is being written by {holder}; wait for it to finish or use another --out") \
-                from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}\n")
-        handle.flush()
-        yield
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}\n")
+            handle.flush()
+            yield
+    except BaseException:
+        # Refused before writing anything (a bad option, a missing dataset): leave no folder behind.
+        if created and {p.name for p in path.iterdir()} <= {LOCK_NAME}:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:

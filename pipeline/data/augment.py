@@ -164,11 +164,21 @@ def augment_view(*, image: np.ndarray, mask: np.ndarray, config: AugmentConfig, 
     return np.ascontiguousarray(out["image"], dtype=np.uint8), np.ascontiguousarray(out["mask"], dtype=np.uint8)
 
 
-def view_numbers(view_image: np.ndarray) -> np.ndarray:
-    """For planned rows grouped by image, each row's position among its image's views (0..K-1)."""
+def view_numbers(view_image: np.ndarray, *, order: np.ndarray | None = None) -> np.ndarray:
+    """Each planned row's position among its image's views (0..K-1), the ``k`` of its seed (seed, i, k).
+
+    The plan groups an image's views side by side; a shuffled layout stores row ``order[p]`` of that
+    plan at position ``p`` (``view_order``), so the numbers are taken in plan order and then shuffled
+    the same way. Without this, views of one image scattered over a shuffled store would share a seed.
+    """
     view_image = np.asarray(view_image)
     if view_image.size == 0:
         return np.zeros(0, np.int64)
+    if order is not None:
+        order = np.asarray(order)
+        planned = np.empty_like(view_image)
+        planned[order] = view_image  # back to plan order: views of an image side by side
+        return view_numbers(planned)[order]
     starts = np.flatnonzero(np.r_[True, view_image[1:] != view_image[:-1]])
     lengths = np.diff(np.r_[starts, view_image.size])
     return np.arange(view_image.size) - np.repeat(starts, lengths)

@@ -55,7 +55,8 @@ def render_shard(*, dataset, group, shard: int, input_size: int, skip_bad: bool)
     start, stop = shard_bounds(group, shard)
     meta, kind = group.attrs["meta"], group.attrs["kind"]
     all_images = group["view_image"][:]
-    view_image, view_number = all_images[start:stop], view_numbers(all_images)[start:stop]
+    order = group["view_order"][:] if "view_order" in group else None  # a shuffled layout's plan rows
+    view_image, view_number = all_images[start:stop], view_numbers(all_images, order=order)[start:stop]
     boxes = group["view_box"][start:stop]
     flips = group["view_flip"][start:stop]
     jitter = group["view_jitter"][start:stop]

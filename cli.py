@@ -23,7 +23,7 @@ import typer
 from pipeline import __version__
 from pipeline.config import parse_override
 from pipeline.data.labels import parse_names
-from pipeline.errors import run_entry
+from pipeline.errors import UserError, run_entry
 
 app = typer.Typer(
     name="fusioner",

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -40,7 +39,7 @@ from pipeline.encode.registry import get_spec
 from pipeline.errors import UserError
 from pipeline.runtime import load_average, machine
 from pipeline.store.layout import open_or_create_store, store_identity
-from pipeline.store.splits import SplitPlan, create_split, num_shards, write_shard
+from pipeline.store.splits import SplitPlan, create_split, num_shards
 
 # --------------------------------------------------------------------------- #
 # (1) render + write, encoder excluded

@@ -26,7 +26,9 @@ EMBEDDINGS = "class_embeddings.safetensors"
 _IDENTITY_KEYS = ("encoder", "weights", "pretrained", "input_size", "grid", "vision_dim", "text_dim", "mean", "std")
 
 
-def _identity(store: str | Path) -> dict:
+def _identity(store: str | Path) -> dict | None:
+    if not (Path(store) / "zarr.json").is_file():  # an online run reads no vision store
+        return None
     root = open_store(store)
     attrs = store_attrs(root)
     identity = {k: attrs.get(k) for k in _IDENTITY_KEYS}

@@ -24,7 +24,6 @@ import time
 from typing import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 

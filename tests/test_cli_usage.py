@@ -170,7 +170,7 @@ def test_wrapper_user_error_argparse_and_plain_returns(capsys):
 
 @pytest.mark.parametrize(("module", "args", "needle"), [
     ("pipeline.sweep.command", [], "the following arguments are required"),
-    ("pipeline.sweep.command", ["study", "absent.yaml"], "error: study file not found: absent.yaml (shipped studies: table1"),
+    ("pipeline.sweep.command", ["study", "absent.yaml"], "error: study file not found: absent.yaml (shipped studies: cache-vs-online, table1"),
     ("pipeline.sweep.command", ["study", "x.yaml", "--jobs", "two"], "invalid int value"),
     ("pipeline.sweep.worker", [], "error: usage: python -m pipeline.sweep.worker"),
     ("pipeline.sweep.worker", ["run", "dir", "--threads", "z"], "error: --threads expects a whole number"),
@@ -202,7 +202,7 @@ def test_python_m_entry_points_exit_2(module):
 @pytest.mark.parametrize(("sets", "needle"), [
     (["optim.epochs=5"], "optim.warmup_epochs (10) must be from 0 to below optim.epochs (5)"),
     (["optim.epochs=4", "optim.warmup_epochs=4"], "optim.warmup_epochs (4) must be from 0 to below"),
-    (["optim.epochs=0", "optim.warmup_epochs=0"], "optim.epochs must be at least 1"),
+    (["optim.epochs=0", "optim.warmup_epochs=0"], "optim.epochs and optim.batch_size must be at least 1, got 0 and"),
 ])
 def test_a_schedule_that_ends_in_warm_up_is_one_line(capsys, sets, needle):
     assert main(["train", "--print-config", *[a for s in sets for a in ("--set", s)]]) == 2

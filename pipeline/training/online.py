@@ -136,8 +136,11 @@ def prepare_online(config: TrainConfig) -> Prepared:
     augment = resolve_augment(online.augment, class_names=dataset.class_names)
     views = FreshViews(dataset=dataset, samples=samples, augment=augment, size=vision.input_size, seed=config.seed)
     order = EpochOrder(count=len(samples), batch_size=config.optim.batch_size, seed=config.seed)
+    # Spawned, not forked: a forked worker inherits zarr's event-loop thread and torch's thread pools
+    # half-held and can deadlock (it hung a full test run that had opened stores before this).
     loader = DataLoader(views, batch_sampler=order, num_workers=online.workers, collate_fn=collate,
-                        persistent_workers=online.workers > 0, worker_init_fn=_quiet_worker)
+                        persistent_workers=online.workers > 0, worker_init_fn=_quiet_worker,
+                        multiprocessing_context="spawn" if online.workers > 0 else None)
     source = OnlineSource(path=str(online.data_root), grid=tuple(vision.grid), input_size=vision.input_size,
                           pretrained=bool(encoders.weights.pretrained), class_names=list(dataset.class_names))
     width = max(len(c) for _, c in samples)

@@ -47,7 +47,7 @@ from pipeline.training.config import (
 )
 from pipeline.training.hooks import Checkpointer, Hook, Loop, MetricsLog, ProgressBar, run_hooks
 from pipeline.training.inputs import write_run_inputs
-from pipeline.training.lists import restrict_to_lists
+from pipeline.training.lists import listed_samples
 from pipeline.training.losses import binary_segmentation_loss
 from pipeline.training.schedule import lr_at, param_groups, set_group_rates, wd_at
 from pipeline.training.stream import StreamBatch, stream_batches
@@ -71,11 +71,12 @@ def prepare_data(config: TrainConfig) -> Prepared:
     split = open_split(store=data.cache, split=training_split_name(data.cache, data.split))
     fold = resolve_fold(data=data, class_names=split.class_names)
     text = class_embeddings(text_store=data.text_store, names=split.class_names)
-    view_pairs = training_pairs(split=split, seen=fold.seen, classes_per_sample="all")
     if data.train_lists:
-        view_pairs = restrict_to_lists(samples=view_pairs, split=split, protocol=data.protocol, fold=data.fold,
-                                       splits_dir=data.train_lists)
-    samples = image_pairs(split=split, view_pairs=view_pairs, classes_per_sample=data.classes_per_sample)
+        samples = listed_samples(split=split, protocol=data.protocol, fold=data.fold, splits_dir=data.train_lists,
+                                 classes_per_sample=data.classes_per_sample)
+    else:
+        view_pairs = training_pairs(split=split, seen=fold.seen, classes_per_sample="all")
+        samples = image_pairs(split=split, view_pairs=view_pairs, classes_per_sample=data.classes_per_sample)
     mode = data.read_mode
     if mode == "auto":
         features = split.group["features"]

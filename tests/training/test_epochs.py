@@ -88,3 +88,23 @@ def test_each_epoch_shows_one_view_per_image_without_replacement(stores):
         assert Counter(views[:4]) == Counter(table[image]) == Counter(views[4:])  # each view once per cycle
     assert any(used[i][:4] != used[i][4:] for i in used)  # cycles draw new permutations
     assert prepared.epoch_samples(5) == prepared.epoch_samples(5)  # a function of (seed, epoch)
+
+
+def test_with_the_standard_lists_an_epoch_is_the_listed_pairs_for_every_k(stores, tmp_path):
+    """The released code's epoch: one pass over the listed (image, class) pairs, even a pair whose
+    class a cached crop does not show (it trains on an empty target there, as a fresh crop would)."""
+    listed = [("q0", 6), ("q0", 7), ("q1", 8), ("q3", 9), ("q4", 10)]  # class 10 (cow) is in no view
+    trn = tmp_path / "splits" / "pascal" / "trn"
+    trn.mkdir(parents=True)
+    for fold in (1, 2, 3):
+        (trn / f"fold{fold}.txt").write_text("".join(f"{i}__{c:02d}\n" for i, c in listed if fold == 1))
+    steps = {}
+    for views in (1, 4):
+        config = _config(stores, views, tmp_path / f"k{views}", f"data.train_lists={tmp_path / 'splits'}")
+        prepared = prepare_data(config)
+        ids = list(prepared.split.image_ids)
+        assert sorted((ids[i], c) for i, (c,) in prepared.samples) == sorted(listed)
+        summary = train(config=config, quiet=True)
+        start = json.loads((tmp_path / f"k{views}" / "metrics.jsonl").read_text().splitlines()[0])
+        steps[views] = (start["steps_per_epoch"], summary["steps"])
+    assert steps[1] == steps[4] == (2, 4)  # 5 pairs in batches of 3, for 2 epochs

@@ -90,7 +90,7 @@ def test_training_samples_follow_the_standard_lists_when_given(gen, tmp_path):
     from pipeline.store.reader import open_split
     from pipeline.training.batches import training_pairs
     from pipeline.training.config import DataConfig, resolve_fold
-    from pipeline.training.lists import restrict_to_lists
+    from pipeline.training.lists import listed_samples
 
     split = open_split(store=gen.vision, split="folder/train")
     fold = resolve_fold(data=DataConfig(protocol="pascal5i", fold=0), class_names=split.class_names)
@@ -100,20 +100,20 @@ def test_training_samples_follow_the_standard_lists_when_given(gen, tmp_path):
     lists = _pascal_trn_lists(tmp_path / "splits", {1: [p for p in listed if p[1] <= 10],
                                                     2: [p for p in listed if 10 < p[1] <= 15],
                                                     3: [p for p in listed if p[1] > 15]})
-    kept = restrict_to_lists(samples=every, split=split, protocol="pascal5i", fold=0, splits_dir=lists)
-    pairs = {(split.image_ids[int(split.view_image[v])], c[0]) for v, c in kept}
-    assert pairs == set(listed) and len(kept) < len(every)
-    assert all((split.image_ids[int(split.view_image[v])], c[0]) in set(listed) for v, c in kept)
+    kept = listed_samples(split=split, protocol="pascal5i", fold=0, splits_dir=lists, classes_per_sample="1")
+    pairs = {(split.image_ids[image], c[0]) for image, c in kept}
+    assert pairs == set(listed) and len(kept) == len(listed) < len(present)
+    assert all((split.image_ids[image], c[0]) in set(listed) for image, c in kept)
 
 
 def test_a_listed_image_missing_from_the_cache_is_refused(gen, tmp_path):
     from pipeline.store.reader import open_split
-    from pipeline.training.lists import restrict_to_lists
+    from pipeline.training.lists import listed_samples
 
     split = open_split(store=gen.vision, split="folder/train")
     lists = _pascal_trn_lists(tmp_path / "splits", {1: [("2008_000001", 6)], 2: [], 3: []})
     with pytest.raises(UserError, match="not in .*first: 2008_000001"):
-        restrict_to_lists(samples=[(0, (6,))], split=split, protocol="pascal5i", fold=0, splits_dir=lists)
+        listed_samples(split=split, protocol="pascal5i", fold=0, splits_dir=lists, classes_per_sample="1")
 
 
 def test_mosaic4_training_composites_see_every_class_of_their_split():

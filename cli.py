@@ -373,6 +373,8 @@ def predict(
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="PATH", show_default="predictions/<image stem>",
                                        help="Output folder."),
     resize: bool = typer.Option(False, "--resize", help="One resized view instead of sliding windows."),
+    batch_size: int = typer.Option(16, "--batch-size", metavar="N",
+                                   help="Windows encoded at once (bounds memory on large photos)."),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:1 ..."),
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -386,7 +388,8 @@ def predict(
     from pipeline.eval.predict import predict_photo
 
     summary = predict_photo(image=image, classes=classes, checkpoint=checkpoint,
-                            out=out or Path("predictions") / image.stem, device=device, resize=resize)
+                            out=out or Path("predictions") / image.stem, device=device, resize=resize,
+                            batch_size=batch_size, quiet=quiet)
     typer.echo(summary["text"])
     for line in summary["notes"]:
         typer.echo(line, err=True)

@@ -117,18 +117,19 @@ def evaluate(*, run: str | Path, split: str | None = None, splits_dir: str | Pat
 
 
 def predict(*, image: str | Path, classes: list[str], run: str | Path, out: str | Path | None = None,
-            device: str = "cpu", resize: bool = False) -> dict:
+            device: str = "cpu", resize: bool = False, batch_size: int = 16) -> dict:
     """Segment any photo into free-form ``classes`` with a trained run.
 
-    Returns ``label_map`` ([H, W] uint8: 0 background, j + 1 = ``classes[j]``), ``probabilities``
-    ([C, H, W]) and the per-class ``coverage``; with ``out``, also writes the masks, the label map and an
-    overlay there.
+    Returns ``label_map`` ([H, W] uint8, uint16 beyond 255 classes: 0 background, j + 1 = ``classes[j]``),
+    ``probabilities`` ([C, H, W]) and the per-class ``coverage``; with ``out``, also writes the masks, the
+    label map and an overlay there. ``batch_size`` windows are encoded at once.
     """
     from pipeline.eval.predict import predict as run_prediction
 
     if not classes:
         raise UserError("predict needs at least one class name")
-    return run_prediction(image=image, classes=list(classes), checkpoint=run, out=out, device=device, resize=resize)
+    return run_prediction(image=image, classes=list(classes), checkpoint=run, out=out, device=device, resize=resize,
+                          batch_size=batch_size)
 
 
 def run_study(*, study: str | Path, workers: int | None = None, dry_run: bool = False, retries: int = 2,

@@ -56,15 +56,25 @@ def palette(count: int) -> np.ndarray:
 
 def save_label_png(labels: np.ndarray, out: str | Path) -> Path:
     """A label map as a palette PNG: pixel values stay the label numbers (0 = background), and
-    viewers show them in :func:`palette`'s colours instead of near-black greys."""
+    viewers show them in :func:`palette`'s colours instead of near-black greys. Label maps with
+    numbers above 255 (uint16) are saved as 16-bit greyscale PNGs, which keep the numbers exactly."""
     from PIL import Image
 
     import imgviz
 
+    if labels.dtype == np.uint16 or (labels.size and labels.max() > 255):
+        if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.uint16).max):
+            raise ValueError(f"label numbers must be in 0..65535, got {labels.min()}..{labels.max()}")
+        Image.fromarray(labels.astype(np.uint16)).save(out)  # mode I;16: a 16-bit PNG
+        return Path(out)
     image = Image.fromarray(labels.astype(np.uint8), mode="P")
     image.putpalette(imgviz.label_colormap().flatten().tolist())
     image.save(out)
     return Path(out)
+
+
+OVERLAY_PIXELS = 2048  # longest side of the image drawn in an overlay
+LEGEND_ROWS = 40  # beyond this many classes the legend lists the largest ones present
 
 
 def overlay(*, image: np.ndarray, labels: np.ndarray, names: list[str], out: str | Path, title: str = "",
@@ -74,16 +84,23 @@ def overlay(*, image: np.ndarray, labels: np.ndarray, names: list[str], out: str
     from matplotlib.patches import Patch
 
     colours = palette(len(names))
-    tinted = image.astype(np.float32).copy()
-    for j in range(len(names)):
-        where = labels == j + 1
-        tinted[where] = (1 - alpha) * tinted[where] + alpha * colours[j]
+    shares = np.bincount(labels.ravel(), minlength=len(names) + 1)[1:len(names) + 1] / max(labels.size, 1)
+    # The figure is ~600 px tall: a large photo is subsampled before tinting (no full-size float copy).
+    step = max(1, -(-max(image.shape[:2]) // OVERLAY_PIXELS))
+    image, labels = image[::step, ::step], labels[::step, ::step]
+    lut = np.concatenate([np.zeros((1, 3)), colours]).astype(np.float32)  # label -> colour, 0 untinted
+    tinted = image.astype(np.float32)
+    where = (labels > 0) & (labels <= len(names))
+    tinted[where] = (1 - alpha) * tinted[where] + alpha * lut[labels[where]]
     height, width = image.shape[:2]
     fig, ax = plt.subplots(figsize=(max(4.0, 6.0 * width / max(height, 1)), 6.0))
     ax.imshow(tinted.astype(np.uint8))
     ax.axis("off")
-    handles = [Patch(color=colours[j] / 255.0, label=f"{n} ({(labels == j + 1).mean() * 100:.1f}%)")
-               for j, n in enumerate(names)]
+    shown = range(len(names)) if len(names) <= LEGEND_ROWS else [
+        j for j in np.argsort(-shares, kind="stable")[:LEGEND_ROWS] if shares[j] > 0]
+    handles = [Patch(color=colours[j] / 255.0, label=f"{names[j]} ({shares[j] * 100:.1f}%)") for j in shown]
+    if len(handles) < len(names):
+        handles.append(Patch(color="none", label=f"(+{len(names) - len(handles)} classes not listed)"))
     # The legend beside the photo, never over it.
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=9,
               frameon=False)

@@ -82,16 +82,19 @@ def render_view(*, image: np.ndarray, mask: np.ndarray | None, params: ViewParam
     height, width = image.shape[:2]
     x0, y0, x1, y1 = params.box
     inside = x0 >= 0 and y0 >= 0 and x1 <= width and y1 <= height
-    if not inside:  # pad: only windows on images smaller than the window
-        pad_img = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
-        pad_mask = np.full((y1 - y0, x1 - x0), IGNORE, np.uint8)
+    # Only the window's pixels are handed to PIL: PIL copies whatever array it is given, and a
+    # whole 8000 x 6000 photo per window made prediction on large photos crawl (issue 14).
+    if inside:
+        window = image[y0:y1, x0:x1]
+        window_mask = mask[y0:y1, x0:x1] if mask is not None else None
+    else:  # pad: only windows on images smaller than the window
+        window = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
+        window_mask = np.full((y1 - y0, x1 - x0), IGNORE, np.uint8) if mask is not None else None
         sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
-        pad_img[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
+        window[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
         if mask is not None:
-            pad_mask[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = mask[sy0:sy1, sx0:sx1]
-        image, mask = pad_img, (pad_mask if mask is not None else None)
-        x0, y0, x1, y1 = 0, 0, x1 - x0, y1 - y0
-    crop = Image.fromarray(image).crop((x0, y0, x1, y1))
+            window_mask[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = mask[sy0:sy1, sx0:sx1]
+    crop = Image.fromarray(np.ascontiguousarray(window))
     if crop.size != (size, size):
         crop = crop.resize((size, size), Image.BILINEAR)
     if params.jitter != IDENTITY_JITTER:
@@ -99,7 +102,7 @@ def render_view(*, image: np.ndarray, mask: np.ndarray | None, params: ViewParam
     view = np.asarray(crop, dtype=np.uint8)
     view_mask = None
     if mask is not None:
-        mcrop = Image.fromarray(mask).crop((x0, y0, x1, y1))
+        mcrop = Image.fromarray(np.ascontiguousarray(window_mask))
         if mcrop.size != (size, size):
             mcrop = mcrop.resize((size, size), Image.NEAREST)
         view_mask = np.asarray(mcrop, dtype=np.uint8)
@@ -114,21 +117,41 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
+class Stitcher:
+    """Per-view maps accumulated onto the original image as they come, averaged where views overlap.
+
+    Adding views batch by batch holds one batch of view maps at a time, never all of them; the sums
+    are made in view order, so the result does not depend on how the views were batched.
+    """
+
+    def __init__(self, *, channels: int, height: int, width: int, device: torch.device | str = "cpu",
+                 mode: str = "bilinear"):
+        self.height, self.width, self.mode = height, width, mode
+        self.total = torch.zeros(channels, height, width, dtype=torch.float32, device=device)
+        self.count = torch.zeros(1, height, width, dtype=torch.float32, device=device)
+
+    def add(self, values: torch.Tensor, *, boxes: np.ndarray, flips: np.ndarray) -> None:
+        """Views [V, C, S, S] whose boxes and flips are ``boxes[v]``, ``flips[v]``."""
+        for v in range(values.shape[0]):
+            x0, y0, x1, y1 = (int(b) for b in boxes[v])
+            view = values[v].float()  # [C, S, S]
+            if flips[v]:
+                view = view.flip(-1)
+            if view.shape[-2:] != (y1 - y0, x1 - x0):
+                kwargs = {"align_corners": False} if self.mode == "bilinear" else {}
+                view = F.interpolate(view[None], size=(y1 - y0, x1 - x0), mode=self.mode, **kwargs)[0]
+            sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, self.width), min(y1, self.height)
+            self.total[:, sy0:sy1, sx0:sx1] += view[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0]
+            self.count[:, sy0:sy1, sx0:sx1] += 1
+
+    def result(self) -> torch.Tensor:
+        """[C, H, W] the average; divides in place (no second full-size copy), so call it once."""
+        return self.total.div_(self.count.clamp_min(1))
+
+
 def stitch(values: torch.Tensor, *, boxes: np.ndarray, flips: np.ndarray, height: int, width: int,
            mode: str = "bilinear") -> torch.Tensor:
     """Per-view maps [V, C, S, S] -> [C, H, W] on the original image, averaged where views overlap."""
-    channels = values.shape[1]
-    total = torch.zeros(channels, height, width, dtype=torch.float32, device=values.device)
-    count = torch.zeros(1, height, width, dtype=torch.float32, device=values.device)
-    for v in range(values.shape[0]):
-        x0, y0, x1, y1 = (int(b) for b in boxes[v])
-        view = values[v].float()  # [C, S, S]
-        if flips[v]:
-            view = view.flip(-1)
-        if view.shape[-2:] != (y1 - y0, x1 - x0):
-            kwargs = {"align_corners": False} if mode == "bilinear" else {}
-            view = F.interpolate(view[None], size=(y1 - y0, x1 - x0), mode=mode, **kwargs)[0]
-        sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
-        total[:, sy0:sy1, sx0:sx1] += view[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0]
-        count[:, sy0:sy1, sx0:sx1] += 1
-    return total / count.clamp_min(1)
+    stitcher = Stitcher(channels=values.shape[1], height=height, width=width, device=values.device, mode=mode)
+    stitcher.add(values, boxes=boxes, flips=flips)
+    return stitcher.result()

@@ -21,10 +21,11 @@ from PIL import Image
 
 from pipeline.data.labels import parse_names, prompt_name
 from pipeline.data.readers import rgb_array
-from pipeline.data.views import ViewParams, render_view, stitch, window_boxes
+from pipeline.data.views import Stitcher, ViewParams, render_view, window_boxes
 from pipeline.encode.text import class_embeddings, encoder_from_identity
 from pipeline.errors import UserError
 from pipeline.plots import overlay, save_label_png
+from pipeline.runtime import progress
 from pipeline.store.layout import open_store, store_attrs
 from pipeline.training.inputs import read_run_inputs
 
@@ -115,14 +116,14 @@ class PredictionInputs:
 
 
 def predict_photo(*, image: str | Path, classes: list[str], checkpoint: str | Path, out: str | Path,
-                  device: str = "auto", resize: bool = False) -> dict:
+                  device: str = "auto", resize: bool = False, batch_size: int = 16, quiet: bool = False) -> dict:
     """``fusioner predict``: :func:`predict` on the resolved device, with the lines to print
     (``text``) and the notes for stderr (``notes``) added to its summary."""
     from pipeline.runtime import resolve_device
 
     names = parse_classes(classes)
     summary = predict(image=image, classes=names, checkpoint=checkpoint, out=out, device=str(resolve_device(device)),
-                      resize=resize)
+                      resize=resize, batch_size=batch_size, quiet=quiet)
     lines = [f"{name:>24s}  {100 * share:5.1f}% of pixels" for name, share in summary["coverage"].items()]
     lines.append(f"wrote {out}/overlay.png and {len(names)} masks")
     notes = [] if summary["pretrained_features"] else [
@@ -130,19 +131,34 @@ def predict_photo(*, image: str | Path, classes: list[str], checkpoint: str | Pa
     return {**summary, "text": "\n".join(lines), "notes": notes}
 
 
+PREDICT_BATCH = 16  # windows encoded at once: bounds memory on large photos, still fills a GPU
+
+
+def label_dtype(count: int) -> type:
+    """uint8 label maps up to 255 classes (0 is background), uint16 beyond (up to 65535)."""
+    if count > np.iinfo(np.uint16).max:
+        raise UserError(f"predict takes at most {np.iinfo(np.uint16).max} class names, got {count}")
+    return np.uint8 if count <= np.iinfo(np.uint8).max else np.uint16
+
+
 @torch.inference_mode()
 def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, out: str | Path | None,
             device: str = "cpu", resize: bool = False, stride: int | None = None,
-            encoders=None) -> dict:
+            encoders=None, batch_size: int = PREDICT_BATCH, quiet: bool = True) -> dict:
     """Segment ``image`` into ``classes``.
 
     Returns the JSON summary plus ``label_map`` ([H, W], 0 = background, j + 1 =
-    ``classes[j]``) and ``probabilities`` ([C, H, W] float32) as arrays. With
-    ``out``, also writes one mask per class, the label map, an overlay and
-    ``prediction.json`` there.
+    ``classes[j]``; uint8, uint16 beyond 255 classes) and ``probabilities`` ([C, H, W]
+    float32) as arrays. With ``out``, also writes one mask per class, the label map, an
+    overlay and ``prediction.json`` there. Windows are encoded ``batch_size`` at a time and
+    their logits added onto the full-size map as they come, so memory holds one batch of
+    windows plus the output, however large the photo.
     """
     from pipeline.training.checkpoints import load_model
 
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    dtype = label_dtype(len(classes))
     model, config = load_model(checkpoint, device=device)
     source = PredictionInputs.of(checkpoint=checkpoint, config=config)
     attrs = source.vision_identity()
@@ -156,25 +172,53 @@ def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, ou
         encoders.vision.use_normalization(mean=normalization["mean"], std=normalization["std"])
     boxes = [(0, 0, width, height)] if resize else window_boxes(
         height=height, width=width, size=size, stride=stride or max(1, (2 * size) // 3))
-    views = np.stack([render_view(image=pixels, mask=None, params=ViewParams(box=b), size=size)[0] for b in boxes])
-    tokens = encoders.vision.encode(views)  # [V, h*w, D]
-    text = torch.from_numpy(source.class_vectors(classes, device=device))  # [C, Dt]
-    logits = model(tokens.to(device), text.to(device), grid=tuple(attrs["grid"]))  # [V, C, S, S]
-    full = stitch(logits, boxes=np.asarray(boxes), flips=np.zeros(len(boxes), bool), height=height, width=width)
-    labels, probs = model.predict_masks(full[None])  # [1, H, W], [1, C, H, W]
-    labels = labels[0].cpu().numpy().astype(np.uint8)
+    text = torch.from_numpy(source.class_vectors(classes, device=device)).to(device)  # [C, Dt]
+    logits = _window_logits(model=model, encoders=encoders, pixels=pixels, boxes=boxes, text=text, size=size,
+                            grid=tuple(attrs["grid"]), batch_size=batch_size, quiet=quiet)
+    labels, probs = _label_map(model, logits, dtype=dtype)
+    coverage = np.bincount(labels.ravel(), minlength=len(classes) + 1) / labels.size
     pretrained = bool(attrs["pretrained"])
     summary = {
         "image": str(image), "size": [height, width], "classes": classes, "views": len(boxes),
-        "coverage": {n: float((labels == j + 1).mean()) for j, n in enumerate(classes)},
+        "coverage": {n: float(share) for n, share in zip(classes, coverage[1:])},
         "checkpoint": str(checkpoint), "pretrained_features": pretrained,
     }
     if out is not None:
         summary.update(_write_prediction(out=Path(out), image=image, pixels=pixels, labels=labels, classes=classes,
                                          pretrained=pretrained))
         (Path(out) / "prediction.json").write_text(json.dumps(summary, indent=2) + "\n")
-    arrays = {"label_map": labels, "probabilities": probs[0].detach().float().cpu().numpy()}
+    arrays = {"label_map": labels, "probabilities": probs.detach().float().cpu().numpy()}
     return {**summary, **arrays}
+
+
+def _window_logits(*, model, encoders, pixels: np.ndarray, boxes: list, text: torch.Tensor, size: int,
+                   grid: tuple, batch_size: int, quiet: bool) -> torch.Tensor:
+    """[C, H, W] logits: windows rendered, encoded and decoded ``batch_size`` at a time, each
+    batch's logits added onto the full-size map before the next batch is rendered."""
+    height, width = pixels.shape[:2]
+    stitcher = Stitcher(channels=text.shape[0], height=height, width=width, device=text.device)
+    with progress(total=len(boxes), desc="predict", unit="window", quiet=quiet) as bar:
+        for start in range(0, len(boxes), batch_size):
+            batch = boxes[start:start + batch_size]
+            views = np.stack([render_view(image=pixels, mask=None, params=ViewParams(box=b), size=size)[0]
+                              for b in batch])
+            tokens = encoders.vision.encode(views)  # [B, h*w, D]
+            logits = model(tokens.to(text.device), text, grid=grid)  # [B, C, S, S]
+            stitcher.add(logits, boxes=np.asarray(batch), flips=np.zeros(len(batch), bool))
+            bar.update(len(batch))
+    return stitcher.result()
+
+
+def _label_map(model, logits: torch.Tensor, *, dtype: type, rows: int = 256) -> tuple[np.ndarray, torch.Tensor]:
+    """The model's mask rule on [C, H, W] logits, a band of rows at a time: the probabilities
+    overwrite the logits in place, so a large photo holds one full-size map, not three."""
+    height = logits.shape[1]
+    labels = np.zeros(logits.shape[1:], dtype)
+    for r0 in range(0, height, rows):
+        band_labels, band_probs = model.predict_masks(logits[None, :, r0:r0 + rows])
+        logits[:, r0:r0 + rows] = band_probs[0]
+        labels[r0:r0 + rows] = band_labels[0].cpu().numpy()
+    return labels, logits
 
 
 def _write_prediction(*, out: Path, image, pixels: np.ndarray, labels: np.ndarray, classes: list[str],
@@ -182,9 +226,9 @@ def _write_prediction(*, out: Path, image, pixels: np.ndarray, labels: np.ndarra
     """Masks, label map and overlay files; returns their names for the summary."""
     out.mkdir(parents=True, exist_ok=True)
     save_label_png(labels, out / "labels.png")
-    files = {}
+    files, digits = {}, max(2, len(str(len(classes))))
     for j, name in enumerate(classes):
-        path = out / f"mask_{j + 1:02d}_{_slug(name)}.png"
+        path = out / f"mask_{j + 1:0{digits}d}_{_slug(name)}.png"
         Image.fromarray(((labels == j + 1) * 255).astype(np.uint8)).save(path)
         files[name] = path.name
     title = f"{Path(image).name}" + ("" if pretrained else "  [random-init vision tower: pipeline check]")

@@ -16,6 +16,8 @@ Layout (``docs/store.md`` walks through it)::
         view_valid  [N] bool          False for views of images skipped as bad
         image_hw    [M, 2] i32
         shard_done  [n_shards] u8     1 once a shard's data is completely written
+        class_name  [K] str           coordinates: the names of view_classes' columns
+        image_id    [M] str           coordinates: the ids of image_hw's rows
 
 Every array chunk carries a CRC32C checksum, so a damaged chunk fails to
 decode instead of being read as numbers. Data of a shard is read as valid only
@@ -37,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
+from zarr.errors import ZarrUserWarning
 
 from pipeline.errors import UserError
 from pipeline.runtime import now_iso, package_versions
@@ -176,7 +179,8 @@ def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:
     if not (path / "zarr.json").is_file():
         raise UserError(f"no feature store at {path} (run `fusioner extract ... --out {path}` first)")
     try:
-        root = zarr.open_group(str(path), mode=mode)
+        # Never the consolidated copy: after a kill it may lag behind (see ``consolidate``).
+        root = zarr.open_group(str(path), mode=mode, use_consolidated=False)
     except (ValueError, TypeError, KeyError) as err:  # a truncated or garbled zarr.json (JSONDecodeError is one)
         raise UserError(f"{path}/zarr.json is damaged ({type(err).__name__}); extract again with --overwrite") \
             from None
@@ -187,6 +191,23 @@ def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:
     if version != FORMAT_VERSION:
         raise UserError(f"{path} has store format {version}, this Fusioner reads format {FORMAT_VERSION}")
     return root
+
+
+def consolidate(root: zarr.Group, *, splits: tuple[str, ...] | list[str] = ()) -> None:
+    """Consolidated metadata, for readers that look for it (xarray opens a store without a warning).
+
+    Each split named gets its own (what ``xarray.open_zarr("<store>/<split>")`` reads), then the
+    root gets one of the whole tree (``open_zarr(store, group=...)``). Every copy is one
+    ``zarr.json`` rewritten whole by temp file and rename (zarr's local store), never half-written.
+    Call it after each change of the tree. A kill before it leaves an older copy behind, which
+    is why Fusioner never reads the root's copy (``open_store``) and a split gets its copy only
+    once complete (its arrays never change after that); the next extraction rewrites them.
+    """
+    with warnings.catch_warnings():  # "not part of the Zarr v3 specification yet": known, and wanted here
+        warnings.simplefilter("ignore", ZarrUserWarning)
+        for split in splits:
+            zarr.consolidate_metadata(root.store, path=split, zarr_format=3)
+        zarr.consolidate_metadata(root.store, zarr_format=3)
 
 
 def store_attrs(root: zarr.Group) -> dict:
@@ -240,6 +261,7 @@ def write_text(root: zarr.Group, *, names: list[str], embeddings: np.ndarray, me
     group.attrs.update({**meta, "names": all_names, "table": name, "table_version": version, "updated": now_iso()})
     if current is not None:
         del group[current]
+    consolidate(root)
 
 
 def read_text(root: zarr.Group) -> tuple[list[str], np.ndarray]:

@@ -47,7 +47,12 @@ def _kill_before_delete(monkeypatch):
     monkeypatch.setattr(zarr.Group, "__delitem__", die)
 
 
-@pytest.mark.parametrize("kill", [_kill_after_create, _kill_before_switch, _kill_before_delete])
+def _kill_before_consolidation(monkeypatch):
+    monkeypatch.setattr(layout, "consolidate", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+
+
+@pytest.mark.parametrize("kill", [_kill_after_create, _kill_before_switch, _kill_before_delete,
+                                  _kill_before_consolidation])
 def test_a_text_update_killed_anywhere_leaves_the_old_or_the_new_table(tmp_path, monkeypatch, kill):
     _store(tmp_path / "s")
     old_names, old_table = read_text(open_store(tmp_path / "s"))
@@ -69,6 +74,21 @@ def test_a_text_update_killed_anywhere_leaves_the_old_or_the_new_table(tmp_path,
     names, table = read_text(root)
     assert names == ["cat", "dog", "bus", "car"] and np.array_equal(table[:2], old_table)
     assert len(list(root["text"].array_keys())) == 1
+
+
+def test_a_stale_consolidated_copy_left_by_a_kill_never_reaches_fusioner(tmp_path, monkeypatch):
+    """The root's consolidated metadata lags behind after a kill; Fusioner reads the real metadata."""
+    _store(tmp_path / "s")
+    with monkeypatch.context() as patch:
+        _kill_before_consolidation(patch)
+        with pytest.raises(Killed):
+            write_text(open_store(tmp_path / "s", mode="r+"), names=["bus"], embeddings=np.ones((1, 4), np.float32),
+                       meta={})
+    stale = zarr.open_consolidated(str(tmp_path / "s"), mode="r")["text"].attrs["names"]
+    assert stale == ["cat", "dog"]  # what a reader of the consolidated copy sees until the next write
+    assert read_text(open_store(tmp_path / "s"))[0] == ["cat", "dog", "bus"]
+    write_text(open_store(tmp_path / "s", mode="r+"), names=["car"], embeddings=np.ones((1, 4), np.float32), meta={})
+    assert zarr.open_consolidated(str(tmp_path / "s"), mode="r")["text"].attrs["names"] == ["cat", "dog", "bus", "car"]
 
 
 def test_a_text_group_without_a_table_reads_as_no_text(tmp_path):

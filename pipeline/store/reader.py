@@ -31,6 +31,7 @@ class CachedSplit:
     image_hw: np.ndarray
     kind: str
     pretrained: bool
+    source_classes: np.ndarray | None = None  # [N, K] bool: classes of each view's whole image (None: older store)
 
     @property
     def num_views(self) -> int:
@@ -84,6 +85,7 @@ def open_split(*, store: str | Path, split: str | None = None, require_complete:
         view_valid=np.asarray(group["view_valid"][:]), image_ids=list(group.attrs["image_ids"]),
         image_hw=np.asarray(group["image_hw"][:]), kind=str(group.attrs["kind"]),
         pretrained=bool(attrs["pretrained"]),
+        source_classes=np.asarray(group["source_classes"][:]) if "source_classes" in group else None,
     )
 
 

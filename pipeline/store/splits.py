@@ -92,6 +92,8 @@ def create_split(root: zarr.Group, *, plan: SplitPlan, tokens: int, dim: int, in
            fill_value=IGNORE, dims=("view", "y", "x"))
     _array(group, "view_classes", shape=(n, k), dtype="bool", chunks=(s, k), compress=True,
            fill_value=False, dims=("view", "class_name"))
+    _array(group, "source_classes", shape=(n, k), dtype="bool", chunks=(s, k), compress=True,
+           fill_value=False, dims=("view", "class_name"))
     _array(group, "view_valid", shape=(n,), dtype="bool", chunks=(s,), fill_value=False, dims=("view",))
     _array(group, "shard_done", shape=(n_shards,), dtype="uint8", chunks=(1,), dims=("shard",))
     for name, data, dims in (
@@ -153,12 +155,17 @@ def _clear_shard(group: zarr.Group, *, shard: int) -> None:
     fail its checksum and the shard could never be resumed. Its bytes are
     worthless by definition, so the rewrite starts from nothing.
     """
-    for name in SHARD_ARRAYS:
+    for name in shard_arrays(group):
         array = group[name]
         sync(array.store.delete(_shard_key(array, shard)))
 
 
-SHARD_ARRAYS = ("features", "masks", "view_classes", "view_valid")
+SHARD_ARRAYS = ("features", "masks", "view_classes", "source_classes", "view_valid")
+
+
+def shard_arrays(group: zarr.Group) -> tuple[str, ...]:
+    """The per-shard arrays this split has (``source_classes`` came with format 1.1: older splits lack it)."""
+    return tuple(name for name in SHARD_ARRAYS if name != "source_classes" or name in group)
 
 
 def _shard_key(array, shard: int) -> str:
@@ -167,7 +174,7 @@ def _shard_key(array, shard: int) -> str:
 
 
 def write_shard(group: zarr.Group, *, shard: int, features: np.ndarray, masks: np.ndarray,
-                classes: np.ndarray, valid: np.ndarray) -> None:
+                classes: np.ndarray, valid: np.ndarray, source: np.ndarray | None = None) -> None:
     """Write one whole shard, then mark it done (the marker goes last).
 
     Every file of the shard is written even when it holds only the fill value (Zarr skips
@@ -181,6 +188,8 @@ def write_shard(group: zarr.Group, *, shard: int, features: np.ndarray, masks: n
         group["masks"][start:stop] = masks
         group["view_classes"][start:stop] = classes
         group["view_valid"][start:stop] = valid
+        if "source_classes" in group:
+            group["source_classes"][start:stop] = source if source is not None else classes
     group["shard_done"][shard] = 1
 
 
@@ -191,7 +200,7 @@ def lost_shards(group: zarr.Group, *, deep: bool = False) -> list[int]:
     zero features and all-ignore masks. ``deep`` also reads each done shard's index and last
     view, so a truncated or corrupt shard file is found too (extract's resume uses it).
     """
-    arrays = {name: group[name] for name in SHARD_ARRAYS}
+    arrays = {name: group[name] for name in shard_arrays(group)}
     lost = []
     for shard in np.flatnonzero(done_shards(group)):
         shard = int(shard)

@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from pipeline.plots import CAVEAT_KEY, RANDOM_INIT_CAVEAT
 
 
 def _console_script() -> str:
@@ -41,6 +44,7 @@ def test_demo_writes_a_report_with_numbers(tmp_path: Path) -> None:
     assert data["online_estimate_seconds"] > data["stages"]["train"]
     for picture in ("run/curves.png", "prediction/overlay.png"):
         assert (out / picture).stat().st_size > 1000
+        assert Image.open(out / picture).text[CAVEAT_KEY] == RANDOM_INIT_CAVEAT  # the report's pictures say it too
     assert len(data["predict"]["masks"]) == 4
 
 

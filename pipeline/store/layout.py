@@ -109,8 +109,11 @@ def open_or_create_store(path: str | Path, *, identity: dict, overwrite: bool = 
                 )
         return root
     path.mkdir(parents=True, exist_ok=True)
+    (path / "zarr.json").unlink(missing_ok=True)  # a bare root: started over
     attributes = {ATTR_KEY: {**identity, "created": now_iso(), "versions": package_versions()}}
-    return zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attributes)
+    # Mode "a", not "w": "w" empties the folder, writer lock included, and a second writer could then lock
+    # a new file beside the first; the folder holds at most the lock here, so there is nothing else to clear.
+    return zarr.open_group(str(path), mode="a", zarr_format=3, attributes=attributes)
 
 
 LOCK_NAME = ".writer.lock"
@@ -123,7 +126,8 @@ def writer_lock(path: str | Path):
     """Hold the store's writer lock while extracting into it; a second writer is refused in one line.
 
     The lock is ``flock`` on ``<store>/.writer.lock`` (the OS drops it when its holder dies);
-    the file names the holder. The workers of one extraction write disjoint shards under the
+    the file names the holder and is removed when the writer finishes, so a finished store
+    holds Zarr nodes only (plain zarr warns about any other file in a group's folder). The workers of one extraction write disjoint shards under the
     lock their coordinator holds and take none themselves.
     """
     path = Path(path)
@@ -132,24 +136,41 @@ def writer_lock(path: str | Path):
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     try:
-        with open(path / LOCK_NAME, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise UserError(f"{path} is being written by {holder}; wait for it to finish or use another --out") \
-                    from None
+        with _locked(path / LOCK_NAME) as handle:
             handle.seek(0)
             handle.truncate()
             handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}\n")
             handle.flush()
-            yield
+            try:
+                yield
+            finally:  # removed while still held, so that a finished store holds nothing but Zarr nodes
+                (path / LOCK_NAME).unlink(missing_ok=True)
     except BaseException:
         # Refused before writing anything (a bad option, a missing dataset): leave no folder behind.
         if created and {p.name for p in path.iterdir()} <= {LOCK_NAME}:
             shutil.rmtree(path, ignore_errors=True)
         raise
+
+
+@contextmanager
+def _locked(lock: Path):
+    """flock on ``lock``; retried when the holder removed the file between our open and our lock."""
+    while True:
+        with open(lock, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise UserError(f"{lock.parent} is being written by {holder}; wait for it to finish or use another "
+                                "--out") from None
+            try:
+                same = os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                yield handle
+                return
 
 
 def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:

@@ -206,3 +206,34 @@ def test_a_truncated_root_metadata_file_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match=r"zarr.json is damaged \(JSONDecodeError\); extract again") as err:
         open_store(tmp_path / "s")
     assert "\n" not in str(err.value)
+
+
+def test_a_finished_store_holds_zarr_nodes_only_and_plain_zarr_lists_it_without_warnings(extracted):
+    import subprocess
+    import sys
+
+    from pipeline.encode.extract import extract
+
+    path, config = extracted
+    extract(config=config, quiet=True)  # a second writer into the finished store (all shards done)
+    assert not (path / ".writer.lock").exists()
+    script = ("import sys, warnings, zarr; warnings.simplefilter('error'); "
+              "print(len(list(zarr.open_group(sys.argv[1], mode='r').members(max_depth=None))))")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) > 0
+
+
+def test_creating_a_store_keeps_its_writer_lock(tmp_path):
+    from pipeline.errors import UserError
+    from pipeline.store.layout import open_or_create_store, store_identity, writer_lock
+
+    path = tmp_path / "store"
+    identity = store_identity(encoder="clip-b", weights={}, input_size=32, grid=(2, 2), vision_dim=8,
+                              text_dim=None, mean=(0, 0, 0), std=(1, 1, 1))
+    with writer_lock(path):
+        open_or_create_store(path, identity=identity)
+        with pytest.raises(UserError, match="is being written by pid"):
+            with writer_lock(path):
+                pass
+    assert sorted(p.name for p in path.iterdir()) == ["zarr.json"]

@@ -31,6 +31,7 @@ from pipeline.errors import UserError
 from pipeline.runtime import resolve_device
 from pipeline.store.layout import (
     check_text_words,
+    consolidate,
     has_text,
     open_or_create_store,
     read_text,
@@ -209,6 +210,7 @@ def _extract_vision(root, *, encoders: Encoders, dataset, config: ExtractConfig,
     skipped = plan.meta["plan_skipped"] + [list(b) for b in bad]
     if skipped:
         group.attrs["skipped"] = sorted({tuple(s) for s in skipped} | {tuple(s) for s in group.attrs.get("skipped", [])})
+        consolidate(root, splits=[plan.group_path])  # the rewrite of the group's attributes dropped its copy
     return ExtractReport(out=config.out, split=plan.group_path, views=plan.num_views, shards_run=len(todo),
                          shards_skipped=int(done.sum()), text_classes=text_count, bad=[tuple(s) for s in skipped],
                          pretrained=bool(identity["pretrained"]), shard_seconds=shard_seconds)

@@ -16,6 +16,8 @@ Layout (``docs/store.md`` walks through it)::
         view_valid  [N] bool          False for views of images skipped as bad
         image_hw    [M, 2] i32
         shard_done  [n_shards] u8     1 once a shard's data is completely written
+        class_name  [K] str           coordinates: the names of view_classes' columns
+        image_id    [M] str           coordinates: the ids of image_hw's rows
 
 Every array chunk carries a CRC32C checksum, so a damaged chunk fails to
 decode instead of being read as numbers. Data of a shard is read as valid only
@@ -37,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
+from zarr.errors import ZarrUserWarning
 
 from pipeline.errors import UserError
 from pipeline.runtime import now_iso, package_versions
@@ -106,8 +109,11 @@ def open_or_create_store(path: str | Path, *, identity: dict, overwrite: bool = 
                 )
         return root
     path.mkdir(parents=True, exist_ok=True)
+    (path / "zarr.json").unlink(missing_ok=True)  # a bare root: started over
     attributes = {ATTR_KEY: {**identity, "created": now_iso(), "versions": package_versions()}}
-    return zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attributes)
+    # Mode "a", not "w": "w" empties the folder, writer lock included, and a second writer could then lock
+    # a new file beside the first; the folder holds at most the lock here, so there is nothing else to clear.
+    return zarr.open_group(str(path), mode="a", zarr_format=3, attributes=attributes)
 
 
 LOCK_NAME = ".writer.lock"
@@ -120,7 +126,8 @@ def writer_lock(path: str | Path):
     """Hold the store's writer lock while extracting into it; a second writer is refused in one line.
 
     The lock is ``flock`` on ``<store>/.writer.lock`` (the OS drops it when its holder dies);
-    the file names the holder. The workers of one extraction write disjoint shards under the
+    the file names the holder and is removed when the writer finishes, so a finished store
+    holds Zarr nodes only (plain zarr warns about any other file in a group's folder). The workers of one extraction write disjoint shards under the
     lock their coordinator holds and take none themselves.
     """
     path = Path(path)
@@ -129,24 +136,41 @@ def writer_lock(path: str | Path):
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     try:
-        with open(path / LOCK_NAME, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise UserError(f"{path} is being written by {holder}; wait for it to finish or use another --out") \
-                    from None
+        with _locked(path / LOCK_NAME) as handle:
             handle.seek(0)
             handle.truncate()
             handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}\n")
             handle.flush()
-            yield
+            try:
+                yield
+            finally:  # removed while still held, so that a finished store holds nothing but Zarr nodes
+                (path / LOCK_NAME).unlink(missing_ok=True)
     except BaseException:
         # Refused before writing anything (a bad option, a missing dataset): leave no folder behind.
         if created and {p.name for p in path.iterdir()} <= {LOCK_NAME}:
             shutil.rmtree(path, ignore_errors=True)
         raise
+
+
+@contextmanager
+def _locked(lock: Path):
+    """flock on ``lock``; retried when the holder removed the file between our open and our lock."""
+    while True:
+        with open(lock, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise UserError(f"{lock.parent} is being written by {holder}; wait for it to finish or use another "
+                                "--out") from None
+            try:
+                same = os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                yield handle
+                return
 
 
 def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:
@@ -155,7 +179,8 @@ def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:
     if not (path / "zarr.json").is_file():
         raise UserError(f"no feature store at {path} (run `fusioner extract ... --out {path}` first)")
     try:
-        root = zarr.open_group(str(path), mode=mode)
+        # Never the consolidated copy: after a kill it may lag behind (see ``consolidate``).
+        root = zarr.open_group(str(path), mode=mode, use_consolidated=False)
     except (ValueError, TypeError, KeyError) as err:  # a truncated or garbled zarr.json (JSONDecodeError is one)
         raise UserError(f"{path}/zarr.json is damaged ({type(err).__name__}); extract again with --overwrite") \
             from None
@@ -166,6 +191,23 @@ def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:
     if version != FORMAT_VERSION:
         raise UserError(f"{path} has store format {version}, this Fusioner reads format {FORMAT_VERSION}")
     return root
+
+
+def consolidate(root: zarr.Group, *, splits: tuple[str, ...] | list[str] = ()) -> None:
+    """Consolidated metadata, for readers that look for it (xarray opens a store without a warning).
+
+    Each split named gets its own (what ``xarray.open_zarr("<store>/<split>")`` reads), then the
+    root gets one of the whole tree (``open_zarr(store, group=...)``). Every copy is one
+    ``zarr.json`` rewritten whole by temp file and rename (zarr's local store), never half-written.
+    Call it after each change of the tree. A kill before it leaves an older copy behind, which
+    is why Fusioner never reads the root's copy (``open_store``) and a split gets its copy only
+    once complete (its arrays never change after that); the next extraction rewrites them.
+    """
+    with warnings.catch_warnings():  # "not part of the Zarr v3 specification yet": known, and wanted here
+        warnings.simplefilter("ignore", ZarrUserWarning)
+        for split in splits:
+            zarr.consolidate_metadata(root.store, path=split, zarr_format=3)
+        zarr.consolidate_metadata(root.store, zarr_format=3)
 
 
 def store_attrs(root: zarr.Group) -> dict:
@@ -219,6 +261,7 @@ def write_text(root: zarr.Group, *, names: list[str], embeddings: np.ndarray, me
     group.attrs.update({**meta, "names": all_names, "table": name, "table_version": version, "updated": now_iso()})
     if current is not None:
         del group[current]
+    consolidate(root)
 
 
 def read_text(root: zarr.Group) -> tuple[list[str], np.ndarray]:

@@ -14,6 +14,7 @@ from pipeline.data.labels import IGNORE
 from pipeline.errors import UserError
 from pipeline.runtime import now_iso
 from pipeline.store.fastread import read_rows
+from pipeline.store.layout import consolidate
 
 # --------------------------------------------------------------------------- #
 # Splits
@@ -85,6 +86,7 @@ def create_split(root: zarr.Group, *, plan: SplitPlan, tokens: int, dim: int, in
                 f"differ); use another --out or --overwrite"
             )
         else:
+            consolidate(root, splits=[path])  # a kill may have come before the last consolidation
             return group
     group = root.require_group(path)
     n, s, k = plan.num_views, plan.shard_size, max(len(plan.class_names), 1)
@@ -95,7 +97,7 @@ def create_split(root: zarr.Group, *, plan: SplitPlan, tokens: int, dim: int, in
            chunks=(1, input_size, input_size), shards=(s, input_size, input_size), compress=True,
            fill_value=IGNORE, dims=("view", "y", "x"))
     _array(group, "view_classes", shape=(n, k), dtype="bool", chunks=(s, k), compress=True,
-           fill_value=False, dims=("view", "class"))
+           fill_value=False, dims=("view", "class_name"))
     _array(group, "view_valid", shape=(n,), dtype="bool", chunks=(s,), fill_value=False, dims=("view",))
     _array(group, "shard_done", shape=(n_shards,), dtype="uint8", chunks=(1,), dims=("shard",))
     for name, data, dims in (
@@ -103,18 +105,30 @@ def create_split(root: zarr.Group, *, plan: SplitPlan, tokens: int, dim: int, in
         ("view_box", plan.view_box.astype(np.int32), ("view", "xyxy")),
         ("view_flip", plan.view_flip.astype(bool), ("view",)),
         ("view_jitter", plan.view_jitter.astype(np.float32), ("view", "bcsh")),
-        ("image_hw", plan.image_hw.astype(np.int32), ("image", "hw")),
+        ("image_hw", plan.image_hw.astype(np.int32), ("image_id", "hw")),
     ) + ((("view_order", plan.view_order.astype(np.int32), ("view",)),) if plan.view_order is not None else ()):
         arr = _array(group, name, shape=data.shape, dtype=data.dtype, chunks=data.shape or (1,),
                      compress=True, dims=dims)
         arr[...] = data
+    _coordinates(group, names=plan.class_names, k=k, image_ids=plan.image_ids)
     group.attrs.update(jsonable({
         "dataset": plan.dataset, "split": plan.split, "kind": plan.kind,
         "class_names": plan.class_names, "image_ids": plan.image_ids, "shard_size": s,
         "num_views": n, "num_images": len(plan.image_ids), "meta": plan.meta,
         "signature": plan.signature(), "created": now_iso(),
     }))
+    consolidate(root, splits=[path])  # only now, complete: its arrays never change after this
     return group
+
+
+def _coordinates(group: zarr.Group, *, names: list[str], k: int, image_ids: list[str]) -> None:
+    """Class names and image ids as arrays named after their axes: xarray's ``ds.sel(class_name="cat")``."""
+    for name, values in (("class_name", (list(names) + [""] * k)[:k]), ("image_id", list(image_ids))):
+        data = np.array([str(v) for v in values], dtype=object)
+        arr = group.create_array(name, shape=data.shape, dtype=str, chunks=data.shape or (1,),
+                                 compressors=[ZstdCodec(level=1), Crc32cCodec()], dimension_names=(name,))
+        if data.size:
+            arr[...] = data
 
 
 def jsonable(obj: Any) -> Any:
@@ -266,10 +280,14 @@ def damaged_metadata(root: zarr.Group, err: Exception | None) -> UserError:
 
 
 def split_metadata_error(group: zarr.Group) -> Exception | None:
-    """Why one of a split's arrays cannot be opened (damaged ``zarr.json``), or None when all open."""
+    """Why one of a split's arrays cannot be opened from its own ``zarr.json``, or None when all open.
+
+    Each array's own file is read, not the split's consolidated copy (which a complete split
+    carries for xarray): a damaged file is damage even while that copy hides it from zarr.
+    """
     for name in (*SHARD_ARRAYS, "shard_done", "view_image", "view_box", "view_flip", "view_jitter", "image_hw"):
         try:
-            group[name].metadata.data_type  # noqa: B018
+            zarr.open_array(store=group.store, path=f"{group.path}/{name}", mode="r").metadata.data_type  # noqa: B018
         except Exception as err:  # noqa: BLE001 - zarr raises what its parsers raise
             return err
     return None

@@ -24,6 +24,7 @@ import torch
 from pipeline.data.labels import IGNORE
 from pipeline.errors import UserError
 from pipeline.store.reader import CachedSplit
+from pipeline.training.stream import epoch_order
 
 # --------------------------------------------------------------------------- #
 # Training samples
@@ -131,17 +132,9 @@ def _epoch_order(*, samples, split: CachedSplit, rng: np.random.Generator, mode:
                  buffer_shards: int) -> list[int]:
     if mode == "memory":
         return list(rng.permutation(len(samples)))
-    size = int(split.group.attrs["shard_size"])
-    by_shard: dict[int, list[int]] = {}
-    for i, (view, _) in enumerate(samples):
-        by_shard.setdefault(view // size, []).append(i)
-    shards = list(by_shard)
-    rng.shuffle(shards)
-    order: list[int] = []
-    for g in range(0, len(shards), buffer_shards):
-        block = [i for s in shards[g:g + buffer_shards] for i in by_shard[s]]
-        order.extend(rng.permutation(block).tolist())
-    return order
+    # Shards mode: the streaming loader's block shuffle, one block a shard.
+    return epoch_order(samples=samples, block=int(split.group.attrs["shard_size"]), rng=rng,
+                       buffer_blocks=buffer_shards)
 
 
 def jitter_features(features: np.ndarray, *, strength: float, rng: np.random.Generator) -> np.ndarray:

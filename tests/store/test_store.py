@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,40 @@ def test_readable_with_plain_zarr_and_dask_without_this_package(tiny, tmp_path):
     assert seen["sum_dask"] == pytest.approx(features.sum(), rel=1e-9)
     assert seen["mask_sum"] == int(group["masks"][...].astype(np.int64).sum())
     assert seen["names"] == list(TINY_CLASSES)
+
+
+def test_consolidated_metadata_opens_without_warnings_and_names_its_coordinates(tiny):
+    """Plain zarr and dask read each split's consolidated metadata; names and ids are coordinate arrays."""
+    import dask.array as da
+
+    _, path, _ = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a missing or broken consolidation warns (xarray) or raises (zarr)
+        split = zarr.open_consolidated(str(path / "folder" / "train"), mode="r")
+        whole = zarr.open_consolidated(str(path), mode="r")
+        assert split.metadata.consolidated_metadata is not None
+        names = list(split["class_name"][...])
+        assert names == list(TINY_CLASSES) and split["class_name"].metadata.dimension_names == ("class_name",)
+        assert list(split["image_id"][...]) == [f"img{n:03d}" for n in range(len(TINY_SIZES))]
+        assert split["view_classes"].metadata.dimension_names == ("view", "class_name")
+        assert split["image_hw"].metadata.dimension_names == ("image_id", "hw")
+        assert whole["folder/train"].attrs["num_views"] == split.attrs["num_views"]
+        assert whole["text"].attrs["names"] == list(TINY_CLASSES)
+        column = da.from_zarr(str(path / "folder" / "train"), component="view_classes")[:, names.index("dog")]
+        assert np.array_equal(column.compute(), open_store(path)["folder/train/view_classes"][:, 1])
+
+
+def test_xarray_opens_a_split_and_selects_by_class_name(tiny):
+    xr = pytest.importorskip("xarray")  # not a dependency: checked where it is installed
+    _, path, _ = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for ds in (xr.open_zarr(str(path / "folder" / "train")), xr.open_zarr(str(path), group="folder/train")):
+            dog = ds.sel(class_name="dog").view_classes.values
+            assert np.array_equal(dog, open_store(path)["folder/train/view_classes"][:, 1])
+            hw = open_store(path)["folder/train/image_hw"][1].tolist()
+            assert ds.sel(image_id="img001").image_hw.values.tolist() == hw
+            assert ds.features.dims == ("view", "token", "channel")
 
 
 def _shard_file(store: Path, array: str, shard: int) -> Path:

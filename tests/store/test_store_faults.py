@@ -49,7 +49,12 @@ def _kill_before_delete(monkeypatch):
     monkeypatch.setattr(zarr.Group, "__delitem__", die)
 
 
-@pytest.mark.parametrize("kill", [_kill_after_create, _kill_before_switch, _kill_before_delete])
+def _kill_before_consolidation(monkeypatch):
+    monkeypatch.setattr(layout, "consolidate", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+
+
+@pytest.mark.parametrize("kill", [_kill_after_create, _kill_before_switch, _kill_before_delete,
+                                  _kill_before_consolidation])
 def test_a_text_update_killed_anywhere_leaves_the_old_or_the_new_table(tmp_path, monkeypatch, kill):
     _store(tmp_path / "s")
     old_names, old_table = read_text(open_store(tmp_path / "s"))
@@ -71,6 +76,21 @@ def test_a_text_update_killed_anywhere_leaves_the_old_or_the_new_table(tmp_path,
     names, table = read_text(root)
     assert names == ["cat", "dog", "bus", "car"] and np.array_equal(table[:2], old_table)
     assert len(list(root["text"].array_keys())) == 1
+
+
+def test_a_stale_consolidated_copy_left_by_a_kill_never_reaches_fusioner(tmp_path, monkeypatch):
+    """The root's consolidated metadata lags behind after a kill; Fusioner reads the real metadata."""
+    _store(tmp_path / "s")
+    with monkeypatch.context() as patch:
+        _kill_before_consolidation(patch)
+        with pytest.raises(Killed):
+            write_text(open_store(tmp_path / "s", mode="r+"), names=["bus"], embeddings=np.ones((1, 4), np.float32),
+                       meta={})
+    stale = zarr.open_consolidated(str(tmp_path / "s"), mode="r")["text"].attrs["names"]
+    assert stale == ["cat", "dog"]  # what a reader of the consolidated copy sees until the next write
+    assert read_text(open_store(tmp_path / "s"))[0] == ["cat", "dog", "bus"]
+    write_text(open_store(tmp_path / "s", mode="r+"), names=["car"], embeddings=np.ones((1, 4), np.float32), meta={})
+    assert zarr.open_consolidated(str(tmp_path / "s"), mode="r")["text"].attrs["names"] == ["cat", "dog", "bus", "car"]
 
 
 def test_a_text_group_without_a_table_reads_as_no_text(tmp_path):
@@ -314,3 +334,34 @@ def test_a_really_read_only_out_is_one_line(extracted, tmp_path, capsys):
         folder.chmod(0o755)
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: permission denied") and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_finished_store_holds_zarr_nodes_only_and_plain_zarr_lists_it_without_warnings(extracted):
+    import subprocess
+    import sys
+
+    from pipeline.encode.extract import extract
+
+    path, config = extracted
+    extract(config=config, quiet=True)  # a second writer into the finished store (all shards done)
+    assert not (path / ".writer.lock").exists()
+    script = ("import sys, warnings, zarr; warnings.simplefilter('error'); "
+              "print(len(list(zarr.open_group(sys.argv[1], mode='r').members(max_depth=None))))")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) > 0
+
+
+def test_creating_a_store_keeps_its_writer_lock(tmp_path):
+    from pipeline.errors import UserError
+    from pipeline.store.layout import open_or_create_store, store_identity, writer_lock
+
+    path = tmp_path / "store"
+    identity = store_identity(encoder="clip-b", weights={}, input_size=32, grid=(2, 2), vision_dim=8,
+                              text_dim=None, mean=(0, 0, 0), std=(1, 1, 1))
+    with writer_lock(path):
+        open_or_create_store(path, identity=identity)
+        with pytest.raises(UserError, match="is being written by pid"):
+            with writer_lock(path):
+                pass
+    assert sorted(p.name for p in path.iterdir()) == ["zarr.json"]

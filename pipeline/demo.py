@@ -72,13 +72,14 @@ class StageOne:
 
 
 def _stage_one(*, root: Path, cache: Path, text_cache: Path, lists: tuple[Path, Path], backbone: str, views: int,
-               quiet: bool) -> StageOne:
+               quiet: bool, input_size: int | None = None) -> StageOne:
     """Extract the vision cache (random-init when no weights are reachable) and the MiniLM text cache."""
     from pipeline.encode.extract import extract
     from pipeline.encode.plan import ExtractConfig
 
     train_list, val_list = lists
-    base = dict(backbone=backbone, out=str(cache), dataset="folder", data_root=str(root), vision_only=True)
+    base = dict(backbone=backbone, out=str(cache), dataset="folder", data_root=str(root), vision_only=True,
+                input_size=input_size)
     train_views = dict(split="train", views=views, dataset_options={"list_file": str(train_list)})
     start = time.perf_counter()
     try:
@@ -111,8 +112,10 @@ def _train_config(*, cache: Path, text_cache: Path, novel: list[str], epochs: in
 
 
 def run_demo(*, out: str | Path = "demo-out", data_root: str | Path | None = None, novel: list[str] | None = None,
-             backbone: str = "clip-b", views: int = 2, epochs: int = 8, quiet: bool = False) -> Path:
-    """Run every stage and write ``out/report.md``; returns the report path.
+             backbone: str = "clip-b", views: int = 2, epochs: int = 8, quiet: bool = False,
+             input_size: int | None = None) -> Path:
+    """Run every stage and write ``out/report.md``; returns the report path (``input_size``: the vision
+    encoder's, its own by default; the tests use a tiny one).
 
     Every input is checked before any long work starts; a second run reuses the caches and says so.
     """
@@ -136,7 +139,8 @@ def run_demo(*, out: str | Path = "demo-out", data_root: str | Path | None = Non
     lists = split_lists(root=root, out=out)
     cache, text_cache = out / "cache" / backbone, out / "cache" / "minilm"
     one = _timed(stages, "extract", f"{backbone} views + eval views, MiniLM text", lambda: _stage_one(
-        root=root, cache=cache, text_cache=text_cache, lists=lists, backbone=backbone, views=views, quiet=quiet))
+        root=root, cache=cache, text_cache=text_cache, lists=lists, backbone=backbone, views=views, quiet=quiet,
+        input_size=input_size))
     if one.reused:
         stages[-1].detail += " (cache reused: nothing extracted)"
     names = [n for n in (root / "classes.txt").read_text().split("\n") if n.strip()]

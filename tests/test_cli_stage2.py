@@ -11,6 +11,7 @@ from PIL import Image
 
 from cli import main
 from pipeline.data.synthetic import make_shapes_dataset, split_lists
+from pipeline.plots import CAVEAT_KEY, RANDOM_INIT_CAVEAT
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,9 @@ def test_train_writes_safetensors_config_metrics_and_curves(trained: Path) -> No
     config = json.loads((trained / "config.json").read_text())
     assert config["data"]["novel"] == ["star", "ring"] and config["preset"] == "tiny"
     assert (trained / "checkpoints" / "latest").read_text().strip().startswith("step-")
+    steps = [json.loads(line).get("step") for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == json.loads((trained / "summary.json").read_text())["steps"]  # the curve reaches the end
+    assert Image.open(trained / "curves.png").text[CAVEAT_KEY] == RANDOM_INIT_CAVEAT  # random-init features
 
 
 def test_eval_prints_and_saves_the_fold_table(trained: Path, capsys) -> None:
@@ -75,6 +79,8 @@ def test_predict_writes_one_mask_per_class_and_an_overlay(trained: Path, caches,
         assert np.array_equal(mask == 255, labels == j + 1)
         assert summary["coverage"][name] == pytest.approx((labels == j + 1).mean())
     assert (out / "overlay.png").stat().st_size > 1000
+    for picture in ("overlay.png", "labels.png", *summary["masks"].values()):  # from a random-init vision tower
+        assert Image.open(out / picture).text[CAVEAT_KEY] == RANDOM_INIT_CAVEAT, picture
 
 
 def test_stage_two_user_errors_are_one_line_with_exit_code_2(trained: Path, caches, capsys, tmp_path) -> None:

@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from pipeline.plots import CAVEAT_KEY, RANDOM_INIT_CAVEAT
 
 
 def _console_script() -> str:
@@ -41,6 +44,7 @@ def test_demo_writes_a_report_with_numbers(tmp_path: Path) -> None:
     assert data["online_estimate_seconds"] > data["stages"]["train"]
     for picture in ("run/curves.png", "prediction/overlay.png"):
         assert (out / picture).stat().st_size > 1000
+        assert Image.open(out / picture).text[CAVEAT_KEY] == RANDOM_INIT_CAVEAT  # the report's pictures say it too
     assert len(data["predict"]["masks"]) == 4
 
 
@@ -78,3 +82,25 @@ def test_demo_checks_its_inputs_before_any_work(tmp_path: Path, capsys, coco128,
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1, err
     assert not out.exists()  # nothing generated or extracted first
+
+
+@pytest.mark.slow  # two whole demos: ~2 CPU minutes (5 wall minutes on a loaded 2-core machine)
+def test_a_second_demo_run_reports_the_reused_cache_end_to_end(tmp_path: Path, monkeypatch) -> None:
+    """Two whole demos in one folder at a tiny input size: the second says it extracted nothing and
+    compares online and cached training with the first run's extraction time, never its own check."""
+    from pipeline.demo import run_demo
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "demo"
+    reports = []
+    for _ in range(2):
+        run_demo(out=out, epochs=1, views=1, input_size=32, quiet=True)
+        reports.append((json.loads((out / "report.json").read_text()), (out / "report.md").read_text()))
+    (first, first_md), (second, second_md) = reports
+    assert first["cache_reused"] is False and "was reused" not in first_md
+    assert second["cache_reused"] is True
+    assert "(cache reused: nothing extracted)" in second_md and "this run extracted nothing" in second_md
+    recorded = json.loads((out / "cache" / "clip-b.timing.json").read_text())["vision_seconds"]
+    assert f"({recorded:.1f} s)" in second_md  # the first run's extraction, not the reuse check
+    assert second["online_estimate_seconds"] > second["stages"]["train"]
+    assert second["cached_seconds"] == pytest.approx(recorded + second["stages"]["train"])

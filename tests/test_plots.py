@@ -1,12 +1,29 @@
-"""Pictures people put in slides: a label map that is not black, a legend beside the photo."""
+"""Pictures people put in slides: a label map that is not black, a legend beside the photo, a chart
+whose title fits and whose error bars are explained, curves with their last step, the random-init caveat."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import imgviz
 import numpy as np
+import pytest
 from PIL import Image
 
-from pipeline.plots import overlay, palette, save_label_png
+from pipeline.plots import (
+    CAVEAT_KEY,
+    NOTES_KEY,
+    RANDOM_INIT_CAVEAT,
+    bar_chart,
+    bar_chart_figure,
+    curves_figure,
+    overlay,
+    palette,
+    plot_curves,
+    read_records,
+    save_label_png,
+)
+from pipeline.training.hooks import CURVE_POINTS, MetricsLog
 
 
 def test_labels_png_is_a_palette_image_keeping_the_label_numbers(tmp_path):
@@ -27,3 +44,69 @@ def test_the_overlay_legend_sits_beside_the_photo(tmp_path):
                   out=tmp_path / "overlay.png")
     width, height = Image.open(out).size
     assert width > 1.2 * height * 60 / 40  # wider than the photo alone: the legend has its own room
+
+
+def _texts(fig) -> list[str]:
+    from matplotlib.text import Text
+
+    return [t.get_text() for t in fig.findobj(Text) if t.get_text()]
+
+
+def test_a_long_sweep_title_wraps_and_stays_inside_the_figure():
+    title = "Table 2: vision and text encoder pairs on PASCAL-5i, every fold, against the released recipe"
+    fig = bar_chart_figure(rows={"clip-b / clip-b": 40.0, "dino-b / minilm": 30.0}, title=title)
+    fig.canvas.draw()
+    box, shown = fig.axes[0].title.get_window_extent(), fig.axes[0].get_title()
+    assert "\n" in shown and shown.replace("\n", " ") == title  # wrapped, nothing dropped
+    assert box.x0 >= fig.bbox.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1  # not cut off
+
+
+@pytest.mark.parametrize(("seeds", "errors", "needle"), [
+    (3, {"a": 1.0, "b": 2.0}, "error bars: ± std over seeds (n=3)"),
+    (1, None, "no error bars: one seed per bar"),
+])
+def test_the_sweep_chart_says_what_its_error_bars_are(tmp_path, seeds, errors, needle):
+    out = bar_chart(rows={"a": 10.0, "b": 20.0}, errors=errors, out=tmp_path / "chart.png", title="t", seeds=seeds)
+    assert needle in Image.open(out).text[NOTES_KEY]
+
+
+def _log_run(path, *, total: int, log_every: int) -> list[dict]:
+    log = MetricsLog()
+    log.path = path
+    for step in range(1, total + 1):
+        log.after_step(SimpleNamespace(step=step, total_steps=total, config=SimpleNamespace(log_every=log_every),
+                                       epoch=0, loss=1.0 / step, lr=0.1, wait_fraction=0.0))
+    return read_records(path)
+
+
+@pytest.mark.parametrize(("total", "log_every"), [(37, 10), (45, 10), (203, 10), (1000, 10), (3, 10)])
+def test_curves_log_the_last_step_and_enough_points(tmp_path, total, log_every):
+    records = _log_run(tmp_path / "metrics.jsonl", total=total, log_every=log_every)
+    steps = [r["step"] for r in records]
+    assert steps[0] == 1 and steps[-1] == total  # the last step is on the curve (203 % 10 != 0)
+    assert len(steps) >= min(total, CURVE_POINTS)
+    assert len(steps) <= max(2 * CURVE_POINTS, total // log_every) + 2  # no more than needed; log_every caps long runs
+    fig = curves_figure(records)
+    line = fig.axes[0].get_lines()[0]
+    assert list(line.get_xdata())[-1] == total and f"steps 1-{total}" in " ".join(_texts(fig))
+
+
+def test_every_picture_of_random_init_features_carries_the_caveat(tmp_path):
+    labels = np.zeros((20, 30), np.uint8)
+    labels[5:10] = 1
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"event": "start", "pretrained_features": false}\n{"step": 1, "loss": 0.5}\n'
+                       '{"step": 2, "loss": 0.4}\n')
+    for caveat in (True, False):
+        pictures = [
+            overlay(image=np.zeros((20, 30, 3), np.uint8), labels=labels, names=["cat"], out=tmp_path / "o.png",
+                    caveat=caveat),
+            save_label_png(labels, tmp_path / "labels.png", caveat=caveat),
+            bar_chart(rows={"a": 1.0}, out=tmp_path / "chart.png", caveat=caveat),
+            plot_curves(metrics_path=metrics, out=tmp_path / "curves.png", pretrained=not caveat),
+        ]
+        for picture in pictures:
+            assert (Image.open(picture).text.get(CAVEAT_KEY) == RANDOM_INIT_CAVEAT) is caveat, picture
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "labels.png")), labels)  # the numbers are untouched
+    # the run's own start record decides when the caller does not say
+    assert Image.open(plot_curves(metrics_path=metrics, out=tmp_path / "c2.png")).text[CAVEAT_KEY]

@@ -24,7 +24,7 @@ from pipeline.data.readers import rgb_array
 from pipeline.data.views import Stitcher, ViewParams, render_view, window_boxes
 from pipeline.encode.text import class_embeddings, encoder_from_identity
 from pipeline.errors import UserError
-from pipeline.plots import overlay, save_label_png
+from pipeline.plots import overlay, png_caveat, save_label_png
 from pipeline.runtime import progress
 from pipeline.store.layout import open_store, store_attrs
 from pipeline.training.inputs import read_run_inputs
@@ -225,12 +225,12 @@ def _write_prediction(*, out: Path, image, pixels: np.ndarray, labels: np.ndarra
                       pretrained: bool) -> dict:
     """Masks, label map and overlay files; returns their names for the summary."""
     out.mkdir(parents=True, exist_ok=True)
-    save_label_png(labels, out / "labels.png")
+    save_label_png(labels, out / "labels.png", caveat=not pretrained)
     files, digits = {}, max(2, len(str(len(classes))))
     for j, name in enumerate(classes):
         path = out / f"mask_{j + 1:0{digits}d}_{_slug(name)}.png"
-        Image.fromarray(((labels == j + 1) * 255).astype(np.uint8)).save(path)
+        Image.fromarray(((labels == j + 1) * 255).astype(np.uint8)).save(path, pnginfo=png_caveat(not pretrained))
         files[name] = path.name
-    title = f"{Path(image).name}" + ("" if pretrained else "  [random-init vision tower: pipeline check]")
-    overlay(image=pixels, labels=labels, names=classes, out=out / "overlay.png", title=title)
+    overlay(image=pixels, labels=labels, names=classes, out=out / "overlay.png", title=Path(image).name,
+            caveat=not pretrained)
     return {"masks": files, "overlay": "overlay.png", "labels": "labels.png"}

@@ -28,6 +28,7 @@ class Table:
     cells: dict[str, dict[str, tuple[float, float] | None]]  # row -> column -> (mean, std over seeds)
     seeds: int
     notes: list[str] = field(default_factory=list)
+    random_init: int = 0  # runs whose features came from random-init encoders
 
 
 def axis_label(axis: str, run: Run) -> str:
@@ -92,7 +93,8 @@ def build_table(*, study: Study, runs: list[Run], results: dict[str, dict]) -> T
     metric = "mIoU / FB-IoU" if study.table.columns == "metric" else METRIC_NAMES[study.table.metric]
     seeds = f", mean ± std over {len(study.seeds)} seeds" if len(study.seeds) > 1 else ""
     title = f"{study.title} ({metric} %, eval {study.eval['split']}{seeds})"
-    return Table(title=title, columns=columns, cells=cells, seeds=len(study.seeds), notes=notes)
+    return Table(title=title, columns=columns, cells=cells, seeds=len(study.seeds), notes=notes,
+                 random_init=random_init)
 
 
 def _fmt(cell: tuple[float, float] | None, seeds: int) -> str:
@@ -166,5 +168,6 @@ def write_outputs(*, study: Study, runs: list[Run]) -> Table:
     (study.out / "chart.png").unlink(missing_ok=True)
     if bars:
         bar_chart(rows=bars, errors=errors if table.seeds > 1 else None, out=study.out / "chart.png",
-                  title=study.title, ylabel=f"{METRIC_NAMES[study.table.metric]} (%)")
+                  title=study.title, ylabel=f"{METRIC_NAMES[study.table.metric]} (%)", seeds=table.seeds,
+                  caveat=table.random_init > 0)
     return table

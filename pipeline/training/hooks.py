@@ -80,8 +80,17 @@ def append_record(path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+CURVE_POINTS = 20  # a loss curve needs about this many points: shorter runs log more often than log_every
+
+
+def log_interval(*, log_every: int, total_steps: int) -> int:
+    """Steps between loss records: ``log_every``, or fewer when the run has too few steps for ~20 points."""
+    return min(log_every, max(1, total_steps // CURVE_POINTS))
+
+
 class MetricsLog:
-    """``metrics.jsonl``: a start record, every ``log_every``-th step, anything hooks add under ``event``."""
+    """``metrics.jsonl``: a start record, the first step, every ``log_interval``-th step, the last step,
+    and anything hooks add under ``event``."""
 
     def before_train(self, loop: Loop) -> None:
         self.path = loop.run / "metrics.jsonl"
@@ -96,7 +105,8 @@ class MetricsLog:
                 "pretrained_features": loop.split.pretrained, "fold_novel": loop.fold_novel})
 
     def after_step(self, loop: Loop) -> None:
-        if loop.step % loop.config.log_every == 0 or loop.step == 1:
+        every = log_interval(log_every=loop.config.log_every, total_steps=loop.total_steps)
+        if loop.step % every == 0 or loop.step == 1 or loop.step >= loop.total_steps:
             append_record(self.path, {"step": loop.step, "epoch": loop.epoch, "loss": loop.loss, "lr": loop.lr,
                                       "data_wait_fraction": loop.wait_fraction})
 

@@ -261,5 +261,6 @@ def train(*, config: TrainConfig, resume: bool = False, quiet: bool = False, hoo
                "data_wait_fraction": loop.wait_fraction, "seconds": loop.wait_seconds + loop.compute_seconds,
                "val": loop.records.get("val", []), "pretrained_features": prepared.split.pretrained}
     write_json_atomic(loop.run / "summary.json", summary)
-    plot_curves(metrics_path=loop.run / "metrics.jsonl", out=loop.run / "curves.png")
+    plot_curves(metrics_path=loop.run / "metrics.jsonl", out=loop.run / "curves.png",
+                pretrained=prepared.split.pretrained)
     return summary

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from pipeline.bench.sweep import build_demo_caches, demo_study
 from pipeline.errors import UserError
+from pipeline.plots import CAVEAT_KEY, NOTES_KEY, RANDOM_INIT_CAVEAT
 from pipeline.sweep.command import sweep_command
 from pipeline.sweep.study import SlurmSpec, expand_runs, load_study
 from pipeline.sweep.tables import build_table
@@ -122,7 +124,8 @@ def test_killed_sweep_reruns_only_the_missing_runs_and_gives_the_same_table(cach
     table = (out / "table.csv").read_text().splitlines()
     assert table[0] == "variant,fold 0,fold 1,mean" and len(table) == 3 and ",," not in "".join(table)
     assert "random-init" in (out / "table.md").read_text()
-    assert (out / "chart.png").stat().st_size > 0
+    chart = Image.open(out / "chart.png").text
+    assert chart[CAVEAT_KEY] == RANDOM_INIT_CAVEAT and "no error bars: one seed per bar" in chart[NOTES_KEY]
     rows = (out / "results.csv").read_text().splitlines()
     assert len(rows) == 5 and all(",done," in r for r in rows[1:])
 

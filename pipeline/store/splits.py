@@ -13,6 +13,7 @@ from zarr.core.sync import sync
 from pipeline.data.labels import IGNORE
 from pipeline.errors import UserError
 from pipeline.runtime import now_iso
+from pipeline.store.fastread import read_rows
 from pipeline.store.layout import consolidate
 
 # --------------------------------------------------------------------------- #
@@ -73,6 +74,11 @@ def create_split(root: zarr.Group, *, plan: SplitPlan, tokens: int, dim: int, in
         if old is None:
             # The signature is written last: a run killed while creating the split left
             # arrays without it and no shard marked done, so nothing here is worth keeping.
+            del root[path]
+        elif split_metadata_error(group) is not None:
+            import sys
+
+            print(f"note: {path}: the metadata of its arrays is damaged; planning the split again", file=sys.stderr)
             del root[path]
         elif old != jsonable(plan.signature()):
             raise UserError(
@@ -193,39 +199,107 @@ def write_shard(group: zarr.Group, *, shard: int, features: np.ndarray, masks: n
     group["shard_done"][shard] = 1
 
 
-def lost_shards(group: zarr.Group, *, deep: bool = False) -> list[int]:
-    """Shards marked done whose files are gone (or, with ``deep``, whose last view fails to decode).
+def lost_shards(group: zarr.Group, *, deep: bool = False, full: bool = False) -> list[int]:
+    """Shards marked done whose files are gone (or, with ``deep``, whose last view fails to decode;
+    with ``full``, any of whose chunks fails its checksum).
 
     Zarr reads a missing file as fill values: without this check such a shard would pass as
     zero features and all-ignore masks. ``deep`` also reads each done shard's index and last
-    view, so a truncated or corrupt shard file is found too (extract's resume uses it).
+    view, so a truncated shard file is found too (extract's resume uses it); ``full`` reads
+    every byte of every done shard (``extract --verify``: as long as reading the whole split).
     """
     arrays = {name: group[name] for name in shard_arrays(group)}
     lost = []
     for shard in np.flatnonzero(done_shards(group)):
         shard = int(shard)
+        start, stop = shard_bounds(group, shard)
         if not all(sync(a.store.exists(_shard_key(a, shard))) for a in arrays.values()):
             lost.append(shard)
-        elif deep:
-            last = shard_bounds(group, shard)[1] - 1
-            try:
+            continue
+        try:
+            if full:
+                for name in SHARD_ARRAYS:
+                    read_rows(arrays[name], start, stop)
+            elif deep:
                 for name in ("features", "masks"):
-                    arrays[name][last]
-            except Exception:  # noqa: BLE001 - any failure to decode means the shard must be written again
-                lost.append(shard)
+                    arrays[name][stop - 1]
+        except Exception:  # noqa: BLE001 - any failure to decode means the shard must be written again
+            lost.append(shard)
     return lost
 
 
 def list_splits(root: zarr.Group) -> list[str]:
-    """Group paths of every split in the store, e.g. ``["coco/train", "voc/val"]``."""
+    """Group paths of every split in the store, e.g. ``["coco/train", "voc/val"]``.
+
+    A split whose metadata is damaged (a ``zarr.json`` overwritten with junk) is one line naming
+    the file, never a traceback from inside zarr nor a split that silently vanishes.
+    """
     out = []
-    for name, child in root.groups():
-        if name == "text":
-            continue
-        for sub, grand in child.groups():
-            if "features" in grand:
-                out.append(f"{name}/{sub}")
+    try:
+        for name, child in root.groups():
+            if name == "text":
+                continue
+            for sub, grand in child.groups():
+                if "features" in grand:
+                    out.append(f"{name}/{sub}")
+        problems = [split_metadata_error(root[path]) for path in out]
+    except Exception as err:  # noqa: BLE001 - zarr raises what its parsers raise (JSON, validation, Type)
+        raise damaged_metadata(root, err) from None
+    base = _local_root(root)
+    vanished = base is not None and any("/".join(meta.parts[-4:-2]) not in out
+                                        for meta in base.glob("*/*/features/zarr.json"))
+    if vanished or any(problems):  # a features array zarr does not see as one, or another array that fails
+        raise damaged_metadata(root, next((p for p in problems if p), None))
     return sorted(out)
+
+
+def _local_root(root: zarr.Group):
+    from pathlib import Path
+
+    store_root = getattr(root.store, "root", None)
+    return Path(str(store_root)) / root.path if store_root is not None else None
+
+
+def _metadata_error(meta) -> Exception | None:
+    """What goes wrong opening the node ``meta`` (a ``zarr.json``) describes, or None."""
+    try:
+        node = zarr.open(str(meta.parent), mode="r")
+        if isinstance(node, zarr.Array):
+            node.metadata.data_type  # noqa: B018 - parsed in full
+    except Exception as err:  # noqa: BLE001
+        return err
+    return None
+
+
+def damaged_metadata(root: zarr.Group, err: Exception | None) -> UserError:
+    """The one-line error for a store whose split metadata does not parse, naming the first bad file."""
+    base = _local_root(root)
+    found = None
+    if base is not None:
+        for meta in [m for depth in ("*/*/*", "*/*", "*") for m in sorted(base.glob(f"{depth}/zarr.json"))]:
+            problem = _metadata_error(meta)
+            if problem is not None:
+                found, err = meta, problem
+                break
+    where = str(found) if found is not None else f"a zarr.json under {base or root.store}"
+    parts = found.relative_to(base).parts[:-1] if found is not None else ()
+    split = "/".join(parts[:2]) if len(parts) >= 2 else "that split"
+    return UserError(f"{where} is damaged ({type(err).__name__ if err else 'unreadable'}); re-run the same "
+                     f"`fusioner extract` for {split} to write it again (or extract into another --out)")
+
+
+def split_metadata_error(group: zarr.Group) -> Exception | None:
+    """Why one of a split's arrays cannot be opened from its own ``zarr.json``, or None when all open.
+
+    Each array's own file is read, not the split's consolidated copy (which a complete split
+    carries for xarray): a damaged file is damage even while that copy hides it from zarr.
+    """
+    for name in (*SHARD_ARRAYS, "shard_done", "view_image", "view_box", "view_flip", "view_jitter", "image_hw"):
+        try:
+            zarr.open_array(store=group.store, path=f"{group.path}/{name}", mode="r").metadata.data_type  # noqa: B018
+        except Exception as err:  # noqa: BLE001 - zarr raises what its parsers raise
+            return err
+    return None
 
 
 def match_split(names: list[str], name: str) -> str | None:
@@ -254,11 +328,12 @@ def split_group(root: zarr.Group, path: str) -> zarr.Group:
     return root[resolve_split(root, path)]
 
 
-def repair_lost_shards(group: zarr.Group, *, quiet: bool = False) -> list[int]:
-    """Mark lost or undecodable done shards as not done, so this extraction writes them again."""
+def repair_lost_shards(group: zarr.Group, *, quiet: bool = False, verify: bool = False) -> list[int]:
+    """Mark lost or undecodable done shards as not done, so this extraction writes them again
+    (``verify``: every chunk of every done shard is checked, see :func:`lost_shards`)."""
     import sys
 
-    lost = lost_shards(group, deep=True)
+    lost = lost_shards(group, deep=True, full=verify)
     for shard in lost:
         group["shard_done"][shard] = 0
     if lost and not quiet:

@@ -27,13 +27,12 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.bench.common import work_folder
 from pipeline.encode.plan import ExtractConfig, plan_split
 from pipeline.encode.registry import get_spec
 from pipeline.errors import UserError
@@ -72,7 +71,7 @@ def _planned_store(*, work: Path, data_root: Path, images: int, views: int, back
 def render_rate(*, config: ExtractConfig, dataset, group, feature_shape, workers: int) -> float:
     """Views/s of render + write with ``workers`` render processes (0: today's one thread), after the first shard."""
     from pipeline.encode.render_pool import rendered_shards
-    from pipeline.encode.shards import ShardWriters, render_shard
+    from pipeline.encode.shards import RenderedShard, ShardWriters, render_shard
 
     shards = list(range(num_shards(group)))
     path = f"{dataset.name}/{dataset.split}"
@@ -80,7 +79,7 @@ def render_rate(*, config: ExtractConfig, dataset, group, feature_shape, workers
         items = rendered_shards(render=render_shard, config=config, group_path=path, shards=shards,
                                 input_size=int(group["masks"].shape[1]), workers=workers, pin=False)
     else:
-        items = ({"masks": r.masks, "valid": r.valid, "shard": r.shard} for r in (
+        items = ({"masks": r.masks, "valid": r.valid, "shard": r.shard, "source": r.source} for r in (
             render_shard(dataset=dataset, group=group, shard=s, input_size=int(group["masks"].shape[1]),
                          skip_bad=False) for s in shards))
     writers = ShardWriters(group=group, num_classes=len(group.attrs["class_names"]), count=config.writers)
@@ -89,7 +88,9 @@ def render_rate(*, config: ExtractConfig, dataset, group, feature_shape, workers
         for item in items:
             masks, valid = np.asarray(item["masks"]), np.asarray(item["valid"]).astype(bool)
             feats = np.zeros((len(valid), *feature_shape), np.float16)  # the encoder's output, left out
-            writers.put(int(item["shard"]), feats, _Rendered(masks=masks, valid=valid))
+            source = np.asarray(item["source"]).astype(bool)
+            writers.put(int(item["shard"]), feats, RenderedShard(shard=int(item["shard"]), images=None, masks=masks,
+                                                                 valid=valid, bad=[], source=source))
             if first is None:
                 first = time.perf_counter()
             else:
@@ -97,13 +98,6 @@ def render_rate(*, config: ExtractConfig, dataset, group, feature_shape, workers
     finally:
         writers.close()
     return counted / max(time.perf_counter() - first, 1e-9)
-
-
-class _Rendered:
-    """The two fields of a rendered shard that the writers read."""
-
-    def __init__(self, *, masks, valid):
-        self.masks, self.valid = masks, valid
 
 
 # --------------------------------------------------------------------------- #
@@ -144,7 +138,7 @@ def shard_data(rng: np.random.Generator, n: int, group, classes: int = 20):
 
 def write_rates(*, work: Path, views: int, shard: int, writers: int) -> dict:
     """MB/s of the writer threads filling a store vs plain sequential writes of the same bytes."""
-    from pipeline.encode.shards import ShardWriters
+    from pipeline.encode.shards import RenderedShard, ShardWriters
 
     group = feature_store(work=work, views=views, shard=shard)
     rng = np.random.default_rng(0)
@@ -153,7 +147,7 @@ def write_rates(*, work: Path, views: int, shard: int, writers: int) -> dict:
     start = time.perf_counter()
     pool = ShardWriters(group=group, num_classes=20, count=writers)
     for s, (feats, masks, present) in enumerate(shards):
-        pool.put(s, feats, _Rendered(masks=masks, valid=np.ones(len(feats), bool)))
+        pool.put(s, feats, RenderedShard(shard=s, images=None, masks=masks, valid=np.ones(len(feats), bool), bad=[]))
     pool.close()
     store_seconds = time.perf_counter() - start
     raw = work / "raw"
@@ -267,16 +261,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="fusioner-datapath-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_folder(args.work, prefix="fusioner-datapath-") as work:
         result = run_datapath_bench(work=work, data_root=args.data_root, images=args.images, views=args.views,
                                     backbone=args.backbone, read_views=args.read_views, repeats=args.repeats)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=1, default=float))
     return 0

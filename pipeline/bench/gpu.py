@@ -27,10 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from pipeline.bench.common import work_folder
 from pipeline.runtime import load_average, machine, resolve_device
 
 FULL = {"images": 3000, "backbone": "clip-l", "input_size": None, "steps": 300, "batch_size": 32,
@@ -193,14 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     size = dict(TINY if args.tiny else FULL)
     size.update({k: v for k, v in vars(args).items() if k in size and v is not None})
-    work = args.work or Path(tempfile.mkdtemp(prefix="fusioner-gpu-"))
-    try:
+    with work_folder(args.work, prefix="fusioner-gpu-") as work:
         record = run_gpu_check(work=work, size=size, device=args.device, compile_model=args.compile)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(record, default=float))
     return 0

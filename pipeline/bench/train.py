@@ -30,9 +30,7 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.bench.common import work_folder
 from pipeline.data.registry import create_dataset
 from pipeline.data.augment import view_numbers
 from pipeline.data.views import ViewParams
@@ -327,15 +326,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench-train-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_folder(args.work, prefix="bench-train-") as work:
         result = run(steps=args.steps, batch_size=args.batch_size, backbone=args.backbone, preset=args.preset,
                      data_root=args.data_root, images=args.images, text_cache=args.text_cache, warmup=args.warmup,
                      pair_steps=args.pair_steps, work=work)
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
     print(table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

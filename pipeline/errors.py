@@ -12,6 +12,7 @@ raised them.
 
 from __future__ import annotations
 
+import errno
 import sys
 import traceback
 from typing import Callable
@@ -65,6 +66,30 @@ def one_line(message: object) -> str:
     return lines[0] + (f" (+{len(lines) - 1} more lines; --verbose shows them)" if len(lines) > 1 else "")
 
 
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+NOT_PERMITTED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def environment_error(err: BaseException) -> UserError | None:
+    """A full disk or a folder the user may not write to, anywhere in ``err``'s chain, as one line.
+
+    Writes are atomic or resumable throughout (stores, checkpoints, sweep folders), so the advice is
+    the same everywhere: fix the cause and run the same command again.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_FULL | NOT_PERMITTED:
+            where = err.filename or "a file"
+            if err.errno in DISK_FULL:
+                return UserError(f"no space left on the device writing {where}; free some space and run the same "
+                                 f"command again (it resumes where it stopped)")
+            return UserError(f"permission denied: {where} ({err.strerror or 'not writable'}); make it writable or "
+                             f"use another folder (--out), then run the same command again")
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def run_entry(command: Callable[[], int | None], *, verbose: bool = False) -> int:
     """Run an entry point's ``command`` and turn how it ended into an exit code.
 
@@ -73,7 +98,8 @@ def run_entry(command: Callable[[], int | None], *, verbose: bool = False) -> in
       usage block, exit code 2;
     - an int returned by ``command``: that exit code (anything else returned: 0);
     - ``SystemExit`` / click's ``Exit`` (``--help``, ``--version``, ``typer.Exit(n)``): its code;
-    - Ctrl-C / click's ``Abort``: ``interrupted``, exit code 130.
+    - Ctrl-C / click's ``Abort``: ``interrupted``, exit code 130;
+    - a full disk or a permission denied (:func:`environment_error`): one line, exit code 2.
 
     ``verbose`` prints the traceback first. Anything else is a bug and propagates.
     """
@@ -101,6 +127,12 @@ def run_entry(command: Callable[[], int | None], *, verbose: bool = False) -> in
             err.show()  # type: ignore[attr-defined]
             return int(getattr(err, "exit_code", USAGE_EXIT))
         code = _click_exit_code(err)
+        environment = environment_error(err) if code is None else None
+        if environment is not None:
+            if verbose:
+                traceback.print_exc()
+            print(f"error: {one_line(environment)}", file=sys.stderr)
+            return environment.exit_code
         if code is None:
             raise
         if code == INTERRUPT_EXIT:

@@ -195,7 +195,7 @@ def _extract_vision(root, *, encoders: Encoders, dataset, config: ExtractConfig,
         print(f"{plan.group_path}: {len(plan.image_ids)} images, {plan.num_views} views, about "
               f"{size / 2**30:.2f} GiB of fp16 features", file=sys.stderr)
     group = create_split(root, plan=plan, tokens=tokens, dim=spec.vision_dim, input_size=input_size)
-    repair_lost_shards(group, quiet=quiet)
+    repair_lost_shards(group, quiet=quiet, verify=config.verify)
     done = done_shards(group)
     todo = [int(s) for s in np.flatnonzero(~done)]
     started = time.perf_counter()

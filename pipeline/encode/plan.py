@@ -38,6 +38,7 @@ class ExtractConfig:
     random_init: bool = False
     skip_bad: bool = False
     overwrite: bool = False
+    verify: bool = False  # on resume, check every chunk of the done shards (reads the whole split)
     workers: int = 1
     device: str = "auto"
     extra_names: list[str] = field(default_factory=list)

@@ -53,7 +53,7 @@ class ShardSource(torch.utils.data.Dataset):
                                 skip_bad=skip_bad)
         return {"shard": rendered.shard, "images": torch.from_numpy(rendered.images),
                 "masks": torch.from_numpy(rendered.masks), "valid": torch.from_numpy(rendered.valid),
-                "bad": [list(b) for b in rendered.bad]}
+                "source": torch.from_numpy(rendered.source), "bad": [list(b) for b in rendered.bad]}
 
 
 def _one_thread(_worker: int) -> None:

@@ -33,6 +33,7 @@ class RenderedShard:
     masks: np.ndarray  # [S, in, in] uint8
     valid: np.ndarray  # [S] bool
     bad: list[tuple[str, str]]
+    source: np.ndarray | None = None  # [S, K] bool: the classes of the whole image each view comes from
 
 
 def planned_view(record, *, meta: dict, kind: str, image_index: int, view_number: int, params: ViewParams,
@@ -64,8 +65,10 @@ def render_shard(*, dataset, group, shard: int, input_size: int, skip_bad: bool)
     images = np.zeros((n, input_size, input_size, 3), np.uint8)
     masks = np.full((n, input_size, input_size), IGNORE, np.uint8)
     valid = np.zeros(n, bool)
+    num_classes = max(len(group.attrs["class_names"]), 1)
+    source = np.zeros((n, num_classes), bool)
     bad: list[tuple[str, str]] = []
-    record, record_index, record_bad = None, -1, False
+    record, record_index, record_bad, record_classes = None, -1, False, source[0]
     # Views of one image side by side decode it once; in a shuffled layout the same holds per shard.
     for j in np.argsort(view_image, kind="stable"):
         index = int(view_image[j])
@@ -73,6 +76,8 @@ def render_shard(*, dataset, group, shard: int, input_size: int, skip_bad: bool)
             record_index, record_bad = index, False
             try:
                 record = dataset.load(index)
+                record_classes = (classes_in(record.mask[None], num_classes)[0] if record.mask is not None
+                                  else np.zeros(num_classes, bool))
             except BadRecordError as err:
                 if not skip_bad:
                     raise
@@ -85,7 +90,8 @@ def render_shard(*, dataset, group, shard: int, input_size: int, skip_bad: bool)
         images[j], masks[j] = planned_view(record, meta=meta, kind=kind, image_index=index,
                                            view_number=int(view_number[j]), params=params, size=input_size)
         valid[j] = True
-    return RenderedShard(shard=shard, images=images, masks=masks, valid=valid, bad=bad)
+        source[j] = record_classes
+    return RenderedShard(shard=shard, images=images, masks=masks, valid=valid, bad=bad, source=source)
 
 
 def encode_shard(*, encoders: Encoders, rendered: RenderedShard, batch_size: int) -> np.ndarray:
@@ -142,7 +148,7 @@ class ShardWriters:
             try:
                 write_shard(self.group, shard=shard, features=feats, masks=rendered.masks,
                             classes=classes_in(rendered.masks, self.num_classes) & rendered.valid[:, None],
-                            valid=rendered.valid)
+                            valid=rendered.valid, source=rendered.source)
             except BaseException as err:  # noqa: BLE001 - surfaced in the main thread
                 self.errors.append(err)
 
@@ -193,7 +199,8 @@ def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders |
                                 shards=shards, input_size=input_size, workers=config.render_workers,
                                 pin=encoders.vision.device.type == "cuda")
         renders = (RenderedShard(shard=int(d["shard"]), images=d["images"], masks=d["masks"].numpy(),
-                                 valid=d["valid"].numpy().astype(bool), bad=[tuple(b) for b in d["bad"]])
+                                 valid=d["valid"].numpy().astype(bool), bad=[tuple(b) for b in d["bad"]],
+                                 source=d["source"].numpy().astype(bool))
                    for d in items)
     else:
         renders = _threaded_renders(lambda s: render_shard(dataset=dataset, group=group, shard=s,

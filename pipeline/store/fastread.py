@@ -28,6 +28,11 @@ from pipeline.errors import UserError
 _EMPTY = np.uint64(2**64 - 1)
 
 
+class ChecksumMismatch(UserError, ValueError):
+    """A chunk or shard index whose CRC32C does not match its bytes (a ValueError, as zarr raises;
+    :class:`pipeline.store.reader.CachedSplit` turns either into a line naming the shard)."""
+
+
 def _plan(array) -> tuple[ShardingCodec, bool] | None:
     """(sharding codec, compressed) when the fast path can read ``array``, else None."""
     codecs = array.metadata.codecs
@@ -52,7 +57,7 @@ def _checked(blob: memoryview, where: str) -> memoryview:
 
     body, (stored,) = blob[:-4], struct.unpack("<I", blob[-4:])
     if crc32c(body) != stored:
-        raise UserError(f"{where}: checksum mismatch (damaged data); re-extract the shard")
+        raise ChecksumMismatch(f"{where}: checksum mismatch (damaged data)")
     return body
 
 

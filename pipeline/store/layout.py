@@ -13,6 +13,7 @@ Layout (``docs/store.md`` walks through it)::
         view_flip   [N] bool
         view_jitter [N, 4] f32        brightness, contrast, saturation, hue
         view_classes[N, K] bool       classes present in each view's mask
+        source_classes[N, K] bool     classes present in the whole image each view was rendered from
         view_valid  [N] bool          False for views of images skipped as bad
         image_hw    [M, 2] i32
         shard_done  [n_shards] u8     1 once a shard's data is completely written

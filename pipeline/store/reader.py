@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.store.fastread import read_rows
 from pipeline.store.layout import open_store, store_attrs
 from pipeline.store.splits import done_shards, list_splits, lost_shards, resolve_split, split_group
 
@@ -31,16 +32,50 @@ class CachedSplit:
     image_hw: np.ndarray
     kind: str
     pretrained: bool
+    source_classes: np.ndarray | None = None  # [N, K] bool: classes of each view's whole image (None: older store)
 
     @property
     def num_views(self) -> int:
         return int(self.view_image.shape[0])
 
     def features(self, index: np.ndarray | slice) -> np.ndarray:
-        return _take(self.group["features"], index)
+        return self.read("features", index)
 
     def masks(self, index: np.ndarray | slice) -> np.ndarray:
-        return _take(self.group["masks"], index)
+        return self.read("masks", index)
+
+    def read(self, name: str, index: np.ndarray | slice, *, direct: bool = False) -> np.ndarray:
+        """Rows ``index`` of array ``name`` (``direct``: a slice, read straight from the shard files).
+
+        A chunk failing its checksum is one line naming the split, the array and the shard, and
+        the command that writes it again, never a traceback from inside zarr.
+        """
+        array = self.group[name]
+        try:
+            if direct:
+                return read_rows(array, *index.indices(self.num_views)[:2])
+            return _take(array, index)
+        except ValueError as err:  # zarr's checksum failure, or fastread's ChecksumMismatch
+            raise self.damaged(name, index, err) from err
+
+    def damaged(self, name: str, index: np.ndarray | slice, err: Exception) -> UserError:
+        """The error for a failed read of ``index``: the first shard among those rows that fails alone."""
+        rows = np.arange(self.num_views)[index] if isinstance(index, slice) else np.asarray(index)
+        size = int(self.group.attrs["shard_size"])
+        shards = sorted({int(r) // size for r in np.atleast_1d(rows)})
+        bad = next((k for k in shards if not _reads(self.group[name], k * size, min((k + 1) * size, self.num_views))),
+                   shards[0] if shards else 0)
+        reason = "checksum mismatch" if "checksum" in str(err).lower() else type(err).__name__
+        return UserError(f"{self.path} {self.split}: {name} of shard {bad} is damaged ({reason}); re-run the same "
+                         f"`fusioner extract` with --verify to find damaged shards and write them again")
+
+
+def _reads(array, start: int, stop: int) -> bool:
+    try:
+        array[start:stop]
+    except ValueError:
+        return False
+    return True
 
 
 def _take(array, index):
@@ -84,6 +119,7 @@ def open_split(*, store: str | Path, split: str | None = None, require_complete:
         view_valid=np.asarray(group["view_valid"][:]), image_ids=list(group.attrs["image_ids"]),
         image_hw=np.asarray(group["image_hw"][:]), kind=str(group.attrs["kind"]),
         pretrained=bool(attrs["pretrained"]),
+        source_classes=np.asarray(group["source_classes"][:]) if "source_classes" in group else None,
     )
 
 

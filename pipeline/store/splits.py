@@ -13,6 +13,7 @@ from zarr.core.sync import sync
 from pipeline.data.labels import IGNORE
 from pipeline.errors import UserError
 from pipeline.runtime import now_iso
+from pipeline.store.fastread import read_rows
 from pipeline.store.layout import consolidate
 
 # --------------------------------------------------------------------------- #
@@ -74,6 +75,11 @@ def create_split(root: zarr.Group, *, plan: SplitPlan, tokens: int, dim: int, in
             # The signature is written last: a run killed while creating the split left
             # arrays without it and no shard marked done, so nothing here is worth keeping.
             del root[path]
+        elif split_metadata_error(group) is not None:
+            import sys
+
+            print(f"note: {path}: the metadata of its arrays is damaged; planning the split again", file=sys.stderr)
+            del root[path]
         elif old != jsonable(plan.signature()):
             raise UserError(
                 f"store already holds {path} planned differently (views, seed, images or shard size "
@@ -91,6 +97,8 @@ def create_split(root: zarr.Group, *, plan: SplitPlan, tokens: int, dim: int, in
            chunks=(1, input_size, input_size), shards=(s, input_size, input_size), compress=True,
            fill_value=IGNORE, dims=("view", "y", "x"))
     _array(group, "view_classes", shape=(n, k), dtype="bool", chunks=(s, k), compress=True,
+           fill_value=False, dims=("view", "class_name"))
+    _array(group, "source_classes", shape=(n, k), dtype="bool", chunks=(s, k), compress=True,
            fill_value=False, dims=("view", "class_name"))
     _array(group, "view_valid", shape=(n,), dtype="bool", chunks=(s,), fill_value=False, dims=("view",))
     _array(group, "shard_done", shape=(n_shards,), dtype="uint8", chunks=(1,), dims=("shard",))
@@ -153,12 +161,17 @@ def _clear_shard(group: zarr.Group, *, shard: int) -> None:
     fail its checksum and the shard could never be resumed. Its bytes are
     worthless by definition, so the rewrite starts from nothing.
     """
-    for name in SHARD_ARRAYS:
+    for name in shard_arrays(group):
         array = group[name]
         sync(array.store.delete(_shard_key(array, shard)))
 
 
-SHARD_ARRAYS = ("features", "masks", "view_classes", "view_valid")
+SHARD_ARRAYS = ("features", "masks", "view_classes", "source_classes", "view_valid")
+
+
+def shard_arrays(group: zarr.Group) -> tuple[str, ...]:
+    """The per-shard arrays this split has (``source_classes`` came with format 1.1: older splits lack it)."""
+    return tuple(name for name in SHARD_ARRAYS if name != "source_classes" or name in group)
 
 
 def _shard_key(array, shard: int) -> str:
@@ -167,7 +180,7 @@ def _shard_key(array, shard: int) -> str:
 
 
 def write_shard(group: zarr.Group, *, shard: int, features: np.ndarray, masks: np.ndarray,
-                classes: np.ndarray, valid: np.ndarray) -> None:
+                classes: np.ndarray, valid: np.ndarray, source: np.ndarray | None = None) -> None:
     """Write one whole shard, then mark it done (the marker goes last).
 
     Every file of the shard is written even when it holds only the fill value (Zarr skips
@@ -181,42 +194,112 @@ def write_shard(group: zarr.Group, *, shard: int, features: np.ndarray, masks: n
         group["masks"][start:stop] = masks
         group["view_classes"][start:stop] = classes
         group["view_valid"][start:stop] = valid
+        if "source_classes" in group:
+            group["source_classes"][start:stop] = source if source is not None else classes
     group["shard_done"][shard] = 1
 
 
-def lost_shards(group: zarr.Group, *, deep: bool = False) -> list[int]:
-    """Shards marked done whose files are gone (or, with ``deep``, whose last view fails to decode).
+def lost_shards(group: zarr.Group, *, deep: bool = False, full: bool = False) -> list[int]:
+    """Shards marked done whose files are gone (or, with ``deep``, whose last view fails to decode;
+    with ``full``, any of whose chunks fails its checksum).
 
     Zarr reads a missing file as fill values: without this check such a shard would pass as
     zero features and all-ignore masks. ``deep`` also reads each done shard's index and last
-    view, so a truncated or corrupt shard file is found too (extract's resume uses it).
+    view, so a truncated shard file is found too (extract's resume uses it); ``full`` reads
+    every byte of every done shard (``extract --verify``: as long as reading the whole split).
     """
-    arrays = {name: group[name] for name in SHARD_ARRAYS}
+    arrays = {name: group[name] for name in shard_arrays(group)}
     lost = []
     for shard in np.flatnonzero(done_shards(group)):
         shard = int(shard)
+        start, stop = shard_bounds(group, shard)
         if not all(sync(a.store.exists(_shard_key(a, shard))) for a in arrays.values()):
             lost.append(shard)
-        elif deep:
-            last = shard_bounds(group, shard)[1] - 1
-            try:
+            continue
+        try:
+            if full:
+                for name in SHARD_ARRAYS:
+                    read_rows(arrays[name], start, stop)
+            elif deep:
                 for name in ("features", "masks"):
-                    arrays[name][last]
-            except Exception:  # noqa: BLE001 - any failure to decode means the shard must be written again
-                lost.append(shard)
+                    arrays[name][stop - 1]
+        except Exception:  # noqa: BLE001 - any failure to decode means the shard must be written again
+            lost.append(shard)
     return lost
 
 
 def list_splits(root: zarr.Group) -> list[str]:
-    """Group paths of every split in the store, e.g. ``["coco/train", "voc/val"]``."""
+    """Group paths of every split in the store, e.g. ``["coco/train", "voc/val"]``.
+
+    A split whose metadata is damaged (a ``zarr.json`` overwritten with junk) is one line naming
+    the file, never a traceback from inside zarr nor a split that silently vanishes.
+    """
     out = []
-    for name, child in root.groups():
-        if name == "text":
-            continue
-        for sub, grand in child.groups():
-            if "features" in grand:
-                out.append(f"{name}/{sub}")
+    try:
+        for name, child in root.groups():
+            if name == "text":
+                continue
+            for sub, grand in child.groups():
+                if "features" in grand:
+                    out.append(f"{name}/{sub}")
+        problems = [split_metadata_error(root[path]) for path in out]
+    except Exception as err:  # noqa: BLE001 - zarr raises what its parsers raise (JSON, validation, Type)
+        raise damaged_metadata(root, err) from None
+    base = _local_root(root)
+    vanished = base is not None and any("/".join(meta.parts[-4:-2]) not in out
+                                        for meta in base.glob("*/*/features/zarr.json"))
+    if vanished or any(problems):  # a features array zarr does not see as one, or another array that fails
+        raise damaged_metadata(root, next((p for p in problems if p), None))
     return sorted(out)
+
+
+def _local_root(root: zarr.Group):
+    from pathlib import Path
+
+    store_root = getattr(root.store, "root", None)
+    return Path(str(store_root)) / root.path if store_root is not None else None
+
+
+def _metadata_error(meta) -> Exception | None:
+    """What goes wrong opening the node ``meta`` (a ``zarr.json``) describes, or None."""
+    try:
+        node = zarr.open(str(meta.parent), mode="r")
+        if isinstance(node, zarr.Array):
+            node.metadata.data_type  # noqa: B018 - parsed in full
+    except Exception as err:  # noqa: BLE001
+        return err
+    return None
+
+
+def damaged_metadata(root: zarr.Group, err: Exception | None) -> UserError:
+    """The one-line error for a store whose split metadata does not parse, naming the first bad file."""
+    base = _local_root(root)
+    found = None
+    if base is not None:
+        for meta in [m for depth in ("*/*/*", "*/*", "*") for m in sorted(base.glob(f"{depth}/zarr.json"))]:
+            problem = _metadata_error(meta)
+            if problem is not None:
+                found, err = meta, problem
+                break
+    where = str(found) if found is not None else f"a zarr.json under {base or root.store}"
+    parts = found.relative_to(base).parts[:-1] if found is not None else ()
+    split = "/".join(parts[:2]) if len(parts) >= 2 else "that split"
+    return UserError(f"{where} is damaged ({type(err).__name__ if err else 'unreadable'}); re-run the same "
+                     f"`fusioner extract` for {split} to write it again (or extract into another --out)")
+
+
+def split_metadata_error(group: zarr.Group) -> Exception | None:
+    """Why one of a split's arrays cannot be opened from its own ``zarr.json``, or None when all open.
+
+    Each array's own file is read, not the split's consolidated copy (which a complete split
+    carries for xarray): a damaged file is damage even while that copy hides it from zarr.
+    """
+    for name in (*SHARD_ARRAYS, "shard_done", "view_image", "view_box", "view_flip", "view_jitter", "image_hw"):
+        try:
+            zarr.open_array(store=group.store, path=f"{group.path}/{name}", mode="r").metadata.data_type  # noqa: B018
+        except Exception as err:  # noqa: BLE001 - zarr raises what its parsers raise
+            return err
+    return None
 
 
 def match_split(names: list[str], name: str) -> str | None:
@@ -245,11 +328,12 @@ def split_group(root: zarr.Group, path: str) -> zarr.Group:
     return root[resolve_split(root, path)]
 
 
-def repair_lost_shards(group: zarr.Group, *, quiet: bool = False) -> list[int]:
-    """Mark lost or undecodable done shards as not done, so this extraction writes them again."""
+def repair_lost_shards(group: zarr.Group, *, quiet: bool = False, verify: bool = False) -> list[int]:
+    """Mark lost or undecodable done shards as not done, so this extraction writes them again
+    (``verify``: every chunk of every done shard is checked, see :func:`lost_shards`)."""
     import sys
 
-    lost = lost_shards(group, deep=True)
+    lost = lost_shards(group, deep=True, full=verify)
     for shard in lost:
         group["shard_done"][shard] = 0
     if lost and not quiet:

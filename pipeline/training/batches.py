@@ -52,9 +52,14 @@ def image_pairs(*, split: CachedSplit, classes_per_sample: Literal["1", "all"], 
                 view_pairs: list | None = None) -> list[tuple[int, tuple[int, ...]]]:
     """Samples as (image, classes in W), as the released code counts them: an epoch is one pass over these.
 
-    An image's classes are the seen classes of any of its K views, so the number of
-    samples, and with it the steps of an epoch, does not depend on K.
+    An image's classes are the seen classes of the whole image (``source_classes``, recorded
+    at extraction before any crop), as the released code and online training count them: the
+    number of samples, and with it the steps of an epoch, does not depend on K or on what the
+    crops kept. A view whose crop lost a sample's class trains on an empty target, as a fresh
+    crop would. Stores made before ``source_classes`` fall back to the union over the K views.
     """
+    if view_pairs is None and split.source_classes is not None:
+        view_pairs = _whole_image_pairs(split=split, seen=seen)
     if view_pairs is None:  # (view, every seen class of it), as training_pairs gives with "all"
         view_pairs = training_pairs(split=split, seen=seen, classes_per_sample="all")
     by_image = [(int(split.view_image[v]), classes) for v, classes in view_pairs]
@@ -64,6 +69,17 @@ def image_pairs(*, split: CachedSplit, classes_per_sample: Literal["1", "all"], 
     if classes_per_sample == "all":
         return [(image, tuple(sorted(classes))) for image, classes in sorted(union.items())]
     return [(image, (c,)) for image, classes in sorted(union.items()) for c in sorted(classes)]
+
+
+def _whole_image_pairs(*, split: CachedSplit, seen: tuple[int, ...]) -> list[tuple[int, tuple[int, ...]]]:
+    """(view, seen classes of the view's whole image) for every valid view that has any."""
+    seen_idx = np.asarray(sorted(seen), int) - 1
+    present = split.source_classes[:, seen_idx] & split.view_valid[:, None]
+    pairs = [(int(v), tuple(int(seen_idx[j] + 1) for j in np.flatnonzero(present[v])))
+             for v in np.flatnonzero(present.any(axis=1))]
+    if not pairs:
+        raise UserError(f"{split.path} {split.split}: no image shows any seen class of this fold")
+    return pairs
 
 
 def view_table(split: CachedSplit) -> np.ndarray:

@@ -37,7 +37,7 @@ from pipeline.runtime import default_file_mode, resolve_device
 from pipeline.store.layout import open_store
 from pipeline.store.splits import list_splits
 from pipeline.store.reader import load_into_memory, open_split
-from pipeline.training.batches import Prepared, image_pairs, prefetch, training_batches, training_pairs, view_table
+from pipeline.training.batches import Prepared, image_pairs, prefetch, training_batches, view_table
 from pipeline.training.checkpoints import checkpoint_problem, latest_checkpoint, load_train_state, set_rng_state
 from pipeline.training.config import (
     RESUME_FREE_KEYS,
@@ -75,8 +75,7 @@ def prepare_data(config: TrainConfig) -> Prepared:
         samples = listed_samples(split=split, protocol=data.protocol, fold=data.fold, splits_dir=data.train_lists,
                                  classes_per_sample=data.classes_per_sample)
     else:
-        view_pairs = training_pairs(split=split, seen=fold.seen, classes_per_sample="all")
-        samples = image_pairs(split=split, view_pairs=view_pairs, classes_per_sample=data.classes_per_sample)
+        samples = image_pairs(split=split, seen=fold.seen, classes_per_sample=data.classes_per_sample)
     mode = data.read_mode
     if mode == "auto":
         features = split.group["features"]

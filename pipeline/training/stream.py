@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from pipeline.data.labels import IGNORE
-from pipeline.store.fastread import read_rows
 from pipeline.store.reader import CachedSplit
 
 # --------------------------------------------------------------------------- #
@@ -116,10 +115,9 @@ class _BlockCache:
 
     def _read(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         start, stop = b * self.block, min((b + 1) * self.block, self.split.num_views)
-        if self.direct:
-            group = self.split.group
-            return read_rows(group["features"], start, stop), read_rows(group["masks"], start, stop)
-        return self.split.features(slice(start, stop)), self.split.masks(slice(start, stop))
+        rows = slice(start, stop)
+        return (self.split.read("features", rows, direct=self.direct),
+                self.split.read("masks", rows, direct=self.direct))
 
     def top_up(self) -> None:
         while self.next < len(self.schedule) and len(self.pending) < self.ahead:

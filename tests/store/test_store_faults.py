@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -206,6 +208,132 @@ def test_a_truncated_root_metadata_file_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match=r"zarr.json is damaged \(JSONDecodeError\); extract again") as err:
         open_store(tmp_path / "s")
     assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- #
+# A damaged chunk inside a done shard, damaged array metadata (item 10)
+# --------------------------------------------------------------------------- #
+
+
+def _flip_byte_of_first_chunk(path, array: str, shard: int) -> None:
+    target = path / "folder/train" / array / "c" / str(shard) / "0" / "0"
+    raw = bytearray(target.read_bytes())
+    raw[5] ^= 0xFF  # inside the shard's first chunk: the index and the last view stay readable
+    target.write_bytes(bytes(raw))
+
+
+def test_a_damaged_chunk_inside_a_done_shard_is_one_line_and_extract_verify_rewrites_it(extracted):
+    from synthetic_data import store_arrays
+
+    from pipeline.encode.extract import extract
+    from pipeline.errors import UserError
+    from pipeline.store.reader import load_into_memory, open_split
+
+    path, config = extracted
+    before = store_arrays(path)
+    _flip_byte_of_first_chunk(path, "features", 1)
+    split = open_split(store=path, split="folder/train")  # the files are there: opening is cheap and passes
+    expected = (r"folder/train: features of shard 1 is damaged \(checksum mismatch\); re-run the same "
+                r"`fusioner extract` with --verify")
+    for read in (lambda: load_into_memory(split),  # training in memory, evaluation
+                 lambda: split.read("features", slice(0, 12), direct=True),  # training's streamed reads
+                 lambda: split.features(np.array([7, 4, 0]))):  # batches of scattered views
+        with pytest.raises(UserError, match=expected) as err:
+            read()
+        assert "\n" not in str(err.value)
+    assert extract(config=config, quiet=True).shards_run == 0  # a plain resume only checks each shard's last view
+    assert extract(config=replace(config, verify=True), quiet=True).shards_run == 1
+    after = store_arrays(path)
+    for name in before:
+        assert np.array_equal(before[name].view(np.uint8), after[name].view(np.uint8)), name
+    load_into_memory(open_split(store=path, split="folder/train"))
+
+
+@pytest.mark.parametrize("junk", ["garbage{{", '{"zarr_format": 3, "node_type": "array"}', "null"])
+@pytest.mark.parametrize("array", ["features", "masks"])
+def test_damaged_array_metadata_is_one_line_naming_the_file_and_extract_rewrites_it(extracted, junk, array):
+    from synthetic_data import store_arrays
+
+    from pipeline.encode.extract import extract
+    from pipeline.errors import UserError
+    from pipeline.store.info import describe_store
+    from pipeline.store.reader import open_split
+
+    path, config = extracted
+    before = store_arrays(path)
+    meta = path / "folder/train" / array / "zarr.json"
+    meta.write_text(junk)
+    for command in (lambda: describe_store(path), lambda: open_split(store=path, split="folder/train")):
+        with pytest.raises(UserError, match=rf"{meta} is damaged \(\w+\); re-run the same `fusioner extract` for "
+                                            rf"folder/train") as err:
+            command()
+        assert "\n" not in str(err.value)
+    report = extract(config=config, quiet=True)
+    assert report.shards_skipped == 0 and report.shards_run == 5  # the split planned and written again
+    after = store_arrays(path)
+    for name in before:
+        assert np.array_equal(before[name].view(np.uint8), after[name].view(np.uint8)), name
+    assert "folder/train" in describe_store(path)["splits"]
+
+
+# --------------------------------------------------------------------------- #
+# A read-only --out, a full disk (item 10)
+# --------------------------------------------------------------------------- #
+
+
+def _failing_writes(monkeypatch, error: OSError, when=lambda path: True) -> None:
+    """Every write of a chunk or metadata file for which ``when(path)`` holds raises ``error``, as the OS would."""
+    from zarr.storage import _local
+
+    put = _local._put
+
+    def refuse(path, value, exclusive=False):
+        if when(str(path)):
+            raise type(error)(error.errno, error.strerror, str(path))
+        return put(path, value, exclusive)
+
+    monkeypatch.setattr(_local, "_put", refuse)
+
+
+@pytest.mark.parametrize(("error", "when", "message"), [
+    (PermissionError(13, "Permission denied"), lambda path: True, r"permission denied: .*zarr.json \(Permission denied\)"),
+    (OSError(28, "No space left on device"), lambda path: "/features/c/2/" in path,
+     r"no space left on the device writing .*features/c/2/0/0; free some space and run the same command again"),
+])
+def test_a_read_only_out_or_a_full_disk_is_one_line_and_the_rerun_gives_the_same_store(
+        extracted, tmp_path, monkeypatch, capsys, error, when, message):
+    from synthetic_data import assert_same_store
+
+    from pipeline.encode.extract import extract
+    from pipeline.errors import run_entry
+
+    reference, config = extracted
+    config = replace(config, out=str(tmp_path / "again"))
+    with monkeypatch.context() as patch:
+        _failing_writes(patch, error, when)
+        code = run_entry(lambda: extract(config=config, quiet=True))
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.match(rf"error: {message}", err), err
+    report = extract(config=config, quiet=True)  # the cause fixed, the same command
+    assert report.shards_run + report.shards_skipped == 5
+    assert_same_store(reference, tmp_path / "again")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder anyway")
+def test_a_really_read_only_out_is_one_line(extracted, tmp_path, capsys):
+    from pipeline.encode.extract import extract
+    from pipeline.errors import run_entry
+
+    _, config = extracted
+    folder = tmp_path / "locked"
+    folder.mkdir(mode=0o555)
+    try:
+        code = run_entry(lambda: extract(config=replace(config, out=str(folder / "store")), quiet=True))
+    finally:
+        folder.chmod(0o755)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: permission denied") and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_finished_store_holds_zarr_nodes_only_and_plain_zarr_lists_it_without_warnings(extracted):

@@ -108,3 +108,35 @@ def test_with_the_standard_lists_an_epoch_is_the_listed_pairs_for_every_k(stores
         start = json.loads((tmp_path / f"k{views}" / "metrics.jsonl").read_text().splitlines()[0])
         steps[views] = (start["steps_per_epoch"], summary["steps"])
     assert steps[1] == steps[4] == (2, 4)  # 5 pairs in batches of 3, for 2 epochs
+
+
+def _corner_data(root: Path, images: int = 8) -> Path:
+    """A bus filling the middle and a small car in a corner that random crops often cut away."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("\n".join(VOC_CLASSES) + "\n")
+    rng = np.random.default_rng(1)
+    for n in range(images):
+        mask = np.zeros((64, 64), np.uint8)
+        mask[16:48, 16:48] = 6
+        mask[:5, :5] = 7
+        image = rng.integers(0, 255, (64, 64, 3)).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"c{n}.png")
+        Image.fromarray(mask).save(root / "masks" / f"c{n}.png")
+    return root
+
+
+def test_samples_are_the_whole_images_classes_even_where_a_crop_lost_one(tmp_path, stores):
+    """The released code (and online mode) counts an image's classes before any crop: so does the cache."""
+    data = _corner_data(tmp_path / "data")
+    counts = {}
+    for views in (1, 4):
+        store = tmp_path / f"k{views}"
+        extract(config=ExtractConfig(backbone="clip-b", out=str(store), dataset="folder", data_root=str(data),
+                                     views=views, input_size=32, random_init=True, device="cpu"), quiet=True)
+        prepared = prepare_data(_config({**stores, views: store}, views, tmp_path / "unused"))
+        split = prepared.split
+        assert split.source_classes[:, 6].all() and split.source_classes[:, 5].all()  # car (7), bus (6)
+        counts[views] = int(split.view_classes[:, 6].sum())
+        assert sorted(prepared.samples) == [(i, (c,)) for i in range(8) for c in (6, 7)]
+    assert counts[1] < 8  # the premise: some single crop lost the car

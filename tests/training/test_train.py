@@ -188,6 +188,33 @@ def test_killed_run_resumes_to_the_same_bits(gen, straight, tmp_path):
     assert _losses(run) == _losses(straight)  # each step logged once, with the same loss
 
 
+@pytest.mark.reliability
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), PermissionError(13, "Permission denied")])
+def test_a_full_disk_or_read_only_run_folder_is_one_line_and_resumes_to_the_same_bits(gen, straight, tmp_path,
+                                                                                         monkeypatch, capsys, error):
+    import pipeline.training.checkpoints as checkpoints
+    from pipeline.errors import run_entry
+
+    run, save, calls = tmp_path / "run", checkpoints.save_file, []
+
+    def second_save_fails(state, path, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the OS refuses the write half-way through the second checkpoint
+            Path(path).write_bytes(b"half")
+            raise type(error)(error.errno, error.strerror, path)
+        return save(state, path, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoints, "save_file", second_save_fails)
+        code = run_entry(lambda: train(config=tiny_config(gen, run, *RESUME_EPOCHS), quiet=True))
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert "run the same command again" in err and ".step-" in err
+    train(config=tiny_config(gen, run, *RESUME_EPOCHS), resume=True, quiet=True)
+    assert_same_weights(straight, run)
+    assert _losses(run) == _losses(straight)
+
+
 def test_resume_may_raise_max_steps_and_still_match(gen, straight, tmp_path):
     run = tmp_path / "run"
     first = train(config=tiny_config(gen, run, *RESUME_EPOCHS, "optim.max_steps=5"), quiet=True)

@@ -10,7 +10,7 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.store.fastread import read_rows
 from pipeline.store.layout import open_store, store_attrs
-from pipeline.store.splits import done_shards, list_splits, lost_shards, resolve_split, split_group
+from pipeline.store.splits import done_shards, list_splits, lost_shards, resolve_split, shard_arrays, split_group
 
 
 @dataclass
@@ -119,7 +119,7 @@ def open_split(*, store: str | Path, split: str | None = None, require_complete:
         view_valid=np.asarray(group["view_valid"][:]), image_ids=list(group.attrs["image_ids"]),
         image_hw=np.asarray(group["image_hw"][:]), kind=str(group.attrs["kind"]),
         pretrained=bool(attrs["pretrained"]),
-        source_classes=np.asarray(group["source_classes"][:]) if "source_classes" in group else None,
+        source_classes=np.asarray(group["source_classes"][:]) if "source_classes" in shard_arrays(group) else None,
     )
 
 

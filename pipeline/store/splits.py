@@ -171,7 +171,8 @@ SHARD_ARRAYS = ("features", "masks", "view_classes", "source_classes", "view_val
 
 def shard_arrays(group: zarr.Group) -> tuple[str, ...]:
     """The per-shard arrays this split has (``source_classes`` came with format 1.1: older splits lack it)."""
-    return tuple(name for name in SHARD_ARRAYS if name != "source_classes" or name in group)
+    has_source = sync(group.store.exists(f"{group.path}/source_classes/zarr.json"))  # its file, damaged or not
+    return tuple(name for name in SHARD_ARRAYS if name != "source_classes" or has_source)
 
 
 def _shard_key(array, shard: int) -> str:
@@ -218,8 +219,8 @@ def lost_shards(group: zarr.Group, *, deep: bool = False, full: bool = False) ->
             continue
         try:
             if full:
-                for name in SHARD_ARRAYS:
-                    read_rows(arrays[name], start, stop)
+                for array in arrays.values():
+                    read_rows(array, start, stop)
             elif deep:
                 for name in ("features", "masks"):
                     arrays[name][stop - 1]
@@ -294,7 +295,7 @@ def split_metadata_error(group: zarr.Group) -> Exception | None:
     Each array's own file is read, not the split's consolidated copy (which a complete split
     carries for xarray): a damaged file is damage even while that copy hides it from zarr.
     """
-    for name in (*SHARD_ARRAYS, "shard_done", "view_image", "view_box", "view_flip", "view_jitter", "image_hw"):
+    for name in (*shard_arrays(group), "shard_done", "view_image", "view_box", "view_flip", "view_jitter", "image_hw"):
         try:
             zarr.open_array(store=group.store, path=f"{group.path}/{name}", mode="r").metadata.data_type  # noqa: B018
         except Exception as err:  # noqa: BLE001 - zarr raises what its parsers raise

@@ -365,3 +365,21 @@ def test_creating_a_store_keeps_its_writer_lock(tmp_path):
             with writer_lock(path):
                 pass
     assert sorted(p.name for p in path.iterdir()) == ["zarr.json"]
+
+
+def test_a_split_made_before_source_classes_opens_verifies_and_falls_back_to_the_views_classes(extracted):
+    import shutil
+
+    from pipeline.encode.extract import extract
+    from pipeline.store.layout import consolidate, open_store
+    from pipeline.store.reader import open_split
+    from pipeline.training.batches import image_pairs
+
+    path, config = extracted
+    shutil.rmtree(path / "folder/train/source_classes")  # what a store of format 1.0 looks like
+    consolidate(open_store(path, mode="r+"), splits=["folder/train"])
+    split = open_split(store=path, split="folder/train")
+    assert split.source_classes is None
+    seen = tuple(range(1, len(split.class_names) + 1))
+    assert image_pairs(split=split, seen=seen, classes_per_sample="1")  # the union over the views
+    assert extract(config=replace(config, verify=True), quiet=True).shards_run == 0  # nothing taken for lost

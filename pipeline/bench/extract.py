@@ -8,8 +8,9 @@ One process, one thread setting, the same images throughout:
     fresh store. ``extract / forward`` says how much the rest of the pipeline
     adds on top of the encoder: near 1 means decode and write are hidden;
 (c) random training batches read back from that store, from memory
-    (``load_into_memory``) and straight from zarr (the loader's one selection
-    per batch, and one read per view), in MB/s and batches/s.
+    (``load_into_memory``) and straight from zarr (the loader's one read per
+    view, and the one orthogonal selection per batch it used before), in MB/s
+    and batches/s.
 
 (a) and (b) alternate ``--repeats`` times and the best wall time of each is
 compared; the CPU seconds of this process are given beside them, a figure that
@@ -48,7 +49,8 @@ from pipeline.store.info import describe_store
 from pipeline.store.layout import open_store
 from pipeline.store.reader import load_into_memory, open_split
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"
+# ../shared beside the checkout (pipeline/bench/extract.py -> parents[2] is the checkout)
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "coco128"
 
 
 @dataclass
@@ -174,17 +176,17 @@ def time_reads(*, store: str, batch_size: int, batches: int, seed: int) -> list[
     load = time.perf_counter() - start
     features, mask_array = split.group["features"], split.group["masks"]
     out = []
-    for mode in ("memory", "zarr", "zarr, view by view"):
+    for mode in ("memory", "zarr", "zarr, one selection per batch"):
         size = 0
         start = time.perf_counter()
         for views in picks:
             if mode == "memory":
                 feats, masks = memory["features"][views], memory["masks"][views]
-            elif mode == "zarr":  # the loader's direct path: one orthogonal selection per batch
+            elif mode == "zarr":  # the loader's direct path: one read per view (CachedSplit.features)
                 feats, masks = split.features(views), split.masks(views)
-            else:  # one plain read per view, for comparison
-                feats = np.stack([features[int(v)] for v in views])
-                masks = np.stack([mask_array[int(v)] for v in views])
+            else:  # what the loader did before: one orthogonal selection per batch, for comparison
+                feats = features.get_orthogonal_selection((views, slice(None), slice(None)))
+                masks = mask_array.get_orthogonal_selection((views, slice(None), slice(None)))
             size += feats.nbytes + masks.nbytes
         out.append(ReadTiming(mode=mode, seconds=time.perf_counter() - start, batches=batches, bytes=size,
                               load_seconds=load if mode == "memory" else 0.0))

@@ -176,6 +176,16 @@ def test_xarray_opens_a_split_and_selects_by_class_name(tiny):
             assert ds.features.dims == ("view", "token", "channel")
 
 
+def test_the_read_benchmark_times_the_loaders_path_and_the_old_one_on_the_same_views(tiny):
+    from pipeline.bench.extract import DEFAULT_DATA, time_reads
+
+    _, path, _ = tiny
+    reads = time_reads(store=str(path), batch_size=4, batches=2, seed=0)
+    assert [r.mode for r in reads] == ["memory", "zarr", "zarr, one selection per batch"]
+    assert len({r.bytes for r in reads}) == 1 and reads[0].bytes > 0
+    assert DEFAULT_DATA.parents[1] == Path(__file__).resolve().parents[2].parent / "shared"  # ../shared
+
+
 def _shard_file(store: Path, array: str, shard: int) -> Path:
     return store / "folder" / "train" / array / "c" / str(shard) / "0" / "0"
 

@@ -353,3 +353,19 @@ def test_paper_study_contents_follow_the_paper():
     t2 = expand_runs(load_study(path=studies / "table2.yaml"), check_caches=False)
     rn = [r for r in t2 if "RN101" in r.pair]
     assert len(rn) == 8 and all(len(r.config["model"]["decoder"]["channels"]) == 5 for r in rn)
+
+
+def test_a_local_sweep_cluster_serves_the_dask_dashboard(capsys):
+    """bokeh is installed where dask looks for it: the printed dashboard link answers."""
+    import urllib.request
+
+    pytest.importorskip("bokeh")  # the dashboard extra
+    from pipeline.sweep.cluster import open_cluster
+
+    with open_cluster(study=None, scheduler=None, slurm=False, jobs=1, gpus_per_job=1, workers=1, quiet=False) \
+            as (client, _, _):
+        link = client.dashboard_link
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # local: never through a proxy
+        with direct.open(link, timeout=30) as page:  # the scheduler's own HTTP server
+            assert page.status == 200 and b"Dask" in page.read()
+    assert f"dask dashboard: {link}" in capsys.readouterr().err

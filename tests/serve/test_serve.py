@@ -88,7 +88,8 @@ def test_the_run_loads_once_and_requests_queue(learned, monkeypatch):
     calls = Counter()
     for module, name in ((pipeline.training.checkpoints, "load_model"), (pipeline.encode.families, "create_encoder")):
         real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.update([_name]) or _real(*a, **k))
+        monkeypatch.setattr(module, name,
+                            lambda *a, _real=real, _name=name, **k: calls.update([_name]) or _real(*a, **k))
     predictor = Predictor(checkpoint=learned, device="cpu")
     inside, most, guard = [0], [0], threading.Lock()
     predict = predictor.predict

@@ -88,7 +88,8 @@ def _timm_geometry(model_name: str, size: int) -> tuple[int, int]:
         with torch.device("meta"):
             model = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=size)
     except (RuntimeError, TypeError, ValueError) as err:
-        raise UserError(f"timm cannot build '{model_name}' as a ViT: {str(err).splitlines()[0][:120]}") from None
+        raise UserError(f"timm:{model_name} cannot be built as a ViT with patch tokens "
+                        f"({str(err).splitlines()[0][:120]})") from None
     embed = getattr(model, "patch_embed", None)
     if embed is None or not hasattr(model, "num_prefix_tokens"):
         raise UserError(f"timm:{model_name} has no patch tokens (by name only ViT-like towers are supported)")

@@ -126,6 +126,13 @@ def resolve_normalization(choice: str, *, dataset: str | None, spec: EncoderSpec
     return {"name": name, "mean": list(mean), "std": list(std)}
 
 
+def spec_record(spec: EncoderSpec) -> dict:
+    """An entry as plain data, as stores record it (a library name's derived sizes included)."""
+    from dataclasses import asdict
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()}
+
+
 def list_encoders() -> list[str]:
     return sorted(_REGISTRY)
 

@@ -131,7 +131,10 @@ def _build_open_clip(spec, info, input_size, want_vision, want_text, device):
     vision = text = None
     if want_vision:
         visual = model.visual
-        tokens = _dense_resnet_tokens(visual) if spec.dense == "attnpool-vc" else _vit_tokens(visual)
+        if spec.dense == "attnpool-vc":
+            tokens = _dense_resnet_tokens(visual)
+        else:
+            tokens = _trunk_tokens(visual) if hasattr(visual, "trunk") else _vit_tokens(visual)
 
         vision = VisionEncoder(spec=spec, tower=visual, forward_tokens=tokens, input_size=input_size,
                                weights=info, device=device)
@@ -177,6 +180,18 @@ def _vit_tokens(visual: nn.Module):
     def tokens(pixels: torch.Tensor) -> torch.Tensor:
         _, toks = visual(pixels)  # [B, h*w, width] after ln_post
         return toks @ visual.proj  # [B, h*w, D]
+
+    return tokens
+
+
+def _trunk_tokens(visual: nn.Module):
+    """A timm trunk inside open_clip (SigLIP, EVA-CLIP): its patch tokens after its final norm, before
+    the pooling head (the trunk's width; the fusion module learns its own projection)."""
+    trunk = visual.trunk
+    prefix = getattr(trunk, "num_prefix_tokens", 0)
+
+    def tokens(pixels: torch.Tensor) -> torch.Tensor:
+        return trunk.forward_features(pixels)[:, prefix:]  # [B, h*w, width]
 
     return tokens
 

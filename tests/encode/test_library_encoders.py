@@ -88,6 +88,26 @@ def _train_and_eval(vision: Path, text: Path, run: Path, capsys) -> None:
     assert "mIoU" in capsys.readouterr().out or (run / "eval.json").exists()
 
 
+def _identity(store: Path) -> dict:
+    attrs = json.loads((store / "zarr.json").read_text())["attributes"]
+    return next(v for v in attrs.values() if isinstance(v, dict) and "encoder" in v)
+
+
+def test_a_timm_name_and_a_transformers_folder_run_extract_train_eval(coco128, tmp_path, capsys):
+    from released_layouts import tiny_bert_folder
+
+    lists = _lists(coco128, tmp_path)
+    folder = tiny_bert_folder(tmp_path / "tiny-bert", tokenizer=True)
+    text, vision = tmp_path / "cache" / "text", tmp_path / "cache" / "timm"
+    assert main(["extract", "--backbone", f"hf:{folder}", "--random-init", "--text-only", "--dataset", "folder",
+                 "--data-root", str(coco128), "--out", str(text), "--quiet"]) == 0
+    _extract_vision("timm:vit_tiny_patch16_224", coco128, vision, lists)
+    assert _identity(vision)["spec"]["patch_size"] == 16 and _identity(vision)["vision_dim"] == 192
+    assert _identity(text)["spec"]["text_dim"] == 32 and _identity(text)["encoder"] == f"hf:{folder}"
+    _train_and_eval(vision, text, tmp_path / "runs" / "timm-hf", capsys)
+
+
+@pytest.mark.slow
 def test_one_name_of_each_library_runs_extract_train_eval(coco128, tmp_path, capsys):
     lists = _lists(coco128, tmp_path)
     # transformers: a repository by name from a filled hub cache, offline (its own process: the hub
@@ -106,8 +126,7 @@ def test_one_name_of_each_library_runs_extract_train_eval(coco128, tmp_path, cap
     _extract_vision("open_clip:ViT-S-16", coco128, clip_store, lists)
     for store, name, dims in ((timm_store, "timm:vit_tiny_patch16_224", (192, None)),
                               (clip_store, "open_clip:ViT-S-16", (384, 384)), (text, f"hf:{repo}", (None, 32))):
-        attrs = json.loads((store / "zarr.json").read_text())["attributes"]
-        identity = next(v for v in attrs.values() if isinstance(v, dict) and "encoder" in v)
+        identity = _identity(store)
         assert identity["encoder"] == name and (identity["vision_dim"], identity["text_dim"]) == dims
         assert identity["spec"]["name"] == name and identity["pretrained"] is False
     assert zarr.open_group(str(timm_store), mode="r")  # a plain zarr store like any other

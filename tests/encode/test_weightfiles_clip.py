@@ -177,3 +177,28 @@ def test_pickled_torchscript_detection_does_not_catch_plain_zips(tmp_path):
     assert not is_torchscript(plain)
     (tmp_path / "x.bin").write_bytes(pickle.dumps({"w": 1}))
     assert not is_torchscript(tmp_path / "x.bin")
+
+
+@pytest.mark.slow
+def test_openai_vit_b_16_archive_extracts_with_clip_b_and_records_its_hash(tmp_path, capsys):
+    """The real ViT-B/16 layout (widths, depths, fp16), through the command line; features equal
+    open_clip's own ``load_openai_model`` of the same file (QuickGELU on both sides)."""
+    import hashlib
+
+    from open_clip import load_openai_model
+
+    path = openai_torchscript(tmp_path / "ViT-B-16.pt", seed=2)
+    out = tmp_path / "clip-b"
+    assert main(["extract", "--backbone", "clip-b", "--weights", str(path), "--text-only", "--names", "cat,dog",
+                 "--out", str(out), "--quiet"]) == 0
+    attrs = json.loads((out / "zarr.json").read_text())["attributes"]
+    identity = next(v for v in attrs.values() if isinstance(v, dict) and "encoder" in v)
+    assert identity["weights"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert identity["pretrained"] is True and identity["activation"] == "quick_gelu"
+    encoders = create_encoder("clip-b", weights=path, text=False)
+    reference = load_openai_model(str(path), precision="fp32", device="cpu").eval()
+    reference.visual.output_tokens = True
+    pixels = encoders.vision.normalize(_images())
+    with torch.no_grad():
+        _, tokens = reference.visual(pixels)
+    assert torch.allclose(encoders.vision.encode(_images()), tokens @ reference.visual.proj, atol=1e-4, rtol=0)

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -48,6 +49,8 @@ def _sha256(path: Path) -> str:
 
 
 def _resolve_weights(spec: EncoderSpec, weights: str | Path | None, random_init: bool) -> WeightsInfo:
+    if spec.test_only and not random_init:
+        raise UserError(f"{spec.name} is a test-only encoder without weights: pass --random-init")
     if random_init:
         if weights is not None:
             raise UserError("--weights and --random-init exclude each other")
@@ -121,7 +124,8 @@ def _build_open_clip(spec, info, input_size, want_vision, want_text, device):
     try:
         with torch.random.fork_rng(devices=[]), _quiet_logger("root"):
             torch.manual_seed(seed_for(spec.name))
-            model = open_clip.create_model(spec.arch, pretrained=pretrained, device="cpu", **kwargs)
+            model = (_open_clip_from_cfg(spec, input_size, quick_gelu=kwargs["force_quick_gelu"]) if spec.model_cfg
+                     else open_clip.create_model(spec.arch, pretrained=pretrained, device="cpu", **kwargs))
     except (RuntimeError, OSError, ValueError) as err:
         if not from_hub:
             raise
@@ -139,7 +143,7 @@ def _build_open_clip(spec, info, input_size, want_vision, want_text, device):
         vision = VisionEncoder(spec=spec, tower=visual, forward_tokens=tokens, input_size=input_size,
                                weights=info, device=device)
     if want_text:
-        tokenizer = open_clip.get_tokenizer(spec.arch)
+        tokenizer = open_clip.get_tokenizer("" if spec.model_cfg else spec.arch)
         model.visual = nn.Identity() if not want_vision else model.visual
         frozen(model).to(device)
 
@@ -172,6 +176,15 @@ def _load_open_clip_file(model: nn.Module, path: Path, spec: EncoderSpec) -> Non
             resize(state, model)  # a file of another size or family: check_fit names it below
     check_fit(model=model, state=state, owner=spec.name, path=path)
     model.load_state_dict(state, strict=True)
+
+
+def _open_clip_from_cfg(spec: EncoderSpec, input_size: int, *, quick_gelu: bool) -> nn.Module:
+    """An open_clip CLIP built from the entry's own model config (open_clip's JSON form)."""
+    import open_clip
+
+    cfg = {key: dict(value) if isinstance(value, Mapping) else value for key, value in spec.model_cfg.items()}
+    cfg["vision_cfg"]["image_size"] = input_size
+    return open_clip.CLIP(**cfg, quick_gelu=quick_gelu)
 
 
 def _vit_tokens(visual: nn.Module):

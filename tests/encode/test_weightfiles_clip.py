@@ -21,23 +21,31 @@ from pipeline.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = "fusioner-tiny-clip"  # an open_clip architecture of OpenAI's ViT layout at small widths
+TINY = "fusioner-tiny-clip-quickgelu"  # an open_clip architecture of OpenAI's ViT layout at small widths
 TINY_SIZES = {"width": 64, "layers": 2, "embed": 32, "text_width": 64, "text_layers": 2}
 
 
 @pytest.fixture(scope="module")
 def tiny_arch(tmp_path_factory) -> str:
-    """Register the small architecture with open_clip, as a user's own model config would be."""
+    """The small architecture registered with open_clip (as a user's own model config would be) and
+    as a registry entry of OpenAI weights like clip-b's (QuickGELU, as its name says to open_clip)."""
+    from dataclasses import replace
+
     ensure_torchvision()
     import open_clip
 
+    from pipeline.encode import registry
+
     folder = tmp_path_factory.mktemp("open_clip_cfg")
-    config = {"embed_dim": 32, "quick_gelu": True,
+    config = {"embed_dim": 32,
               "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 16},
               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2}}
     (folder / f"{TINY}.json").write_text(json.dumps(config))
     open_clip.add_model_config(folder)
-    return f"open_clip:{TINY}"
+    entry = replace(registry.get_spec("clip-b"), name="tiny-openai", arch=TINY, vision_dim=32, text_dim=32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(registry._REGISTRY, entry.name, entry)
+        yield entry.name
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +66,13 @@ def _reference_tokens(state: dict, pixels: torch.Tensor) -> torch.Tensor:
 
 def _images(size: int = 224) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+
+
+def test_the_library_name_of_the_architecture_resolves_too(tiny_arch):
+    from pipeline.encode.registry import activation, get_spec
+
+    spec = get_spec(f"open_clip:{TINY}")
+    assert (spec.vision_dim, spec.text_dim, spec.patch_size, activation(spec)) == (32, 32, 16, "quick_gelu")
 
 
 def test_openai_torchscript_archive_equals_open_clips_conversion(tiny_arch, archive):

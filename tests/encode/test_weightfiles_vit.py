@@ -59,11 +59,23 @@ def test_moco_checkpoint_loads_at_another_input_size(state, tmp_path):
     _compare(NAME, path, state, 48, tmp_path)
 
 
-def test_moco_at_another_input_size_through_the_registry_entry(tmp_path):
+@pytest.fixture(scope="module")
+def base_state() -> dict[str, torch.Tensor]:
+    return timm_vit_state("vit_base_patch16_224", seed=4)
+
+
+def test_moco_at_another_input_size_through_the_registry_entry(base_state, tmp_path):
     """moco-b given its own layout at another input size: the grid follows the size."""
-    path = moco_checkpoint(tmp_path / "vit-b-300ep.pth.tar", timm_vit_state("vit_base_patch16_224", seed=4))
+    path = moco_checkpoint(tmp_path / "vit-b-300ep.pth.tar", base_state)
     encoders = create_encoder("moco-b", weights=path, input_size=64)
     assert encoders.vision.encode(np.zeros((1, 64, 64, 3), np.uint8)).shape == (1, 16, 768)
+
+
+def test_dinos_full_checkpoint_through_the_registry_entry(base_state, tmp_path):
+    path = dino_full_checkpoint(tmp_path / "dino_vitbase16_pretrain_full_checkpoint.pth", base_state)
+    tower = create_encoder("dino-b", weights=path, input_size=32).vision.tower
+    assert torch.equal(tower.state_dict()["blocks.11.mlp.fc2.weight"], base_state["blocks.11.mlp.fc2.weight"])
+    assert tower.state_dict()["pos_embed"].shape == (1, 5, 768)  # resampled from 197 positions to 2 x 2 + 1
 
 
 def test_a_vit_s_checkpoint_given_to_moco_b_is_one_line(tmp_path):

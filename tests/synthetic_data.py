@@ -86,6 +86,15 @@ def write_rectangles(root: Path, *, images: int = IMAGES, seed: int = 0) -> Path
     return root
 
 
+def generated_train_split(made: Generated) -> ExtractConfig:
+    """The extraction of the generated cache's training split (the same command repairs a damaged copy)."""
+    # The released crop pair without the p = 0.5 photometric/geometric block: the tiny model must learn the
+    # rectangles in a few epochs for the stitching and scoring checks that use this cache.
+    return ExtractConfig(out=str(made.vision), backbone="clip-b", dataset="folder", data_root=str(made.data),
+                         input_size=INPUT, random_init=True, vision_only=True, device="cpu", views=VIEWS,
+                         shard_size=SHARD, augment=AugmentConfig(block_p=0.0))
+
+
 def generated_cache(base: Path) -> Generated:
     """Build the shared cache once per test session (modules find it on disk), ~30 s on 2 cores."""
     made = Generated(data=base / "data", vision=base / "clip-b", text=base / "minilm")
@@ -94,10 +103,7 @@ def generated_cache(base: Path) -> Generated:
     write_rectangles(made.data)
     common = dict(backbone="clip-b", dataset="folder", data_root=str(made.data), input_size=INPUT,
                   random_init=True, vision_only=True, device="cpu")
-    # The released crop pair without the p = 0.5 photometric/geometric block: the tiny model must learn the
-    # rectangles in a few epochs for the stitching and scoring checks that use this cache.
-    extract(config=ExtractConfig(out=str(made.vision), views=VIEWS, shard_size=SHARD, augment=AugmentConfig(block_p=0.0),
-                                 **common), quiet=True)
+    extract(config=generated_train_split(made), quiet=True)
     extract(config=ExtractConfig(out=str(made.vision), split="val", **common), quiet=True)
     extract(config=ExtractConfig(out=str(made.vision), split="test", eval_resize=True, **common), quiet=True)
     extract(config=ExtractConfig(out=str(made.text), backbone="minilm", text_only=True, dataset="folder",

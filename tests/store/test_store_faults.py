@@ -130,7 +130,7 @@ def test_a_done_shard_whose_files_vanished_is_refused_on_open_and_rewritten_by_e
     before = store_arrays(path)
     (path / "folder/train/features/c/1/0/0").unlink()  # shard 1's features file, shard marked done
     (path / "folder/train/masks/c/1/0/0").unlink()
-    with pytest.raises(UserError, match=r"files of 1 written shard\(s\) are missing \(first: shard 1\).*extract"):
+    with pytest.raises(UserError, match=r"files of 1 written shard\(s\) are missing or empty \(first: shard 1\).*extract"):
         open_split(store=path, split="folder/train")
     report = extract(config=config, quiet=True)
     assert report.shards_run == 1
@@ -138,6 +138,26 @@ def test_a_done_shard_whose_files_vanished_is_refused_on_open_and_rewritten_by_e
     for name in before:
         assert np.array_equal(before[name], after[name]), name
     open_split(store=path, split="folder/train")
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("how", ["delete", "empty"])
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_done_shard_file_lost_after_opening_is_one_line_on_every_read_path(extracted, how, direct):
+    """Deleted or emptied after the split was opened: the direct reader and zarr both refuse, naming the shard."""
+    from pipeline.errors import UserError
+    from pipeline.store.reader import open_split
+
+    path, _ = extracted
+    split = open_split(store=path, split="folder/train")
+    shard = path / "folder/train/features/c/1/0/0"
+    shard.unlink() if how == "delete" else shard.write_bytes(b"")
+    problem = "missing" if how == "delete" else r"empty \(0 bytes\)"
+    with pytest.raises(UserError, match=rf"features file of shard 1 is {problem}.*fusioner extract"):
+        split.read("features", slice(0, 8), direct=direct)  # shards 0 and 1
+    with pytest.raises(UserError, match=rf"features file of shard 1 is {problem}"):
+        split.features([0, 5])
+    assert split.read("features", slice(0, 4), direct=direct).shape[0] == 4  # shard 0 still reads
 
 
 def test_a_truncated_done_shard_is_written_again_by_extract(extracted):

@@ -203,6 +203,17 @@ def make_fss(root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox", "owl",
     return root
 
 
+def sideways_photo(path, *, height: int = 40, width: int = 64, orientation: int = 6):
+    """A phone's portrait photo: pixels stored landscape (height x width), EXIF saying turn them upright."""
+    rng = np.random.default_rng(3)
+    stored = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(path, exif=exif.tobytes(), quality=95)
+    return path
+
+
+
 def make_coco(root: Path) -> Path:
     """Two val2014 images and an instances json with official names and non-contiguous ids."""
     names = {1: "person", 5: "airplane", 67: "dining table", 72: "tv"}

@@ -109,3 +109,19 @@ def test_label_png_keeps_numbers_above_255_and_stays_a_palette_below(tmp_path):
     assert np.array_equal(saved.astype(np.int64), labels.astype(np.int64))
     small = Image.open(save_label_png(np.array([[0, 1, 255]], np.uint8), tmp_path / "small.png"))
     assert small.mode == "P" and np.array_equal(np.asarray(small), [[0, 1, 255]])
+
+
+def test_a_sideways_phone_photo_is_predicted_upright(gen, learned, tmp_path):
+    """EXIF orientation 6 (stored 80 x 48, shown 48 x 80): masks and labels line up with the photo as shown."""
+    from PIL import ImageOps
+    from synthetic_data import sideways_photo
+
+    photo = sideways_photo(tmp_path / "phone.jpg", height=48, width=80)
+    with Image.open(photo) as stored:
+        ImageOps.exif_transpose(stored).save(tmp_path / "upright.png")  # the same pixels, stored upright
+    sideways = predict(image=photo, classes=["cat", "dog"], checkpoint=learned, out=tmp_path / "pred")
+    upright = predict(image=tmp_path / "upright.png", classes=["cat", "dog"], checkpoint=learned, out=None)
+    assert sideways["label_map"].shape == (80, 48)
+    assert np.array_equal(sideways["label_map"], upright["label_map"])
+    for name in ("labels.png", "mask_01_cat.png", "mask_02_dog.png"):
+        assert Image.open(tmp_path / "pred" / name).size == (48, 80), name

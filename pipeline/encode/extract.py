@@ -116,13 +116,19 @@ def _check_counts(config: ExtractConfig) -> None:
     """Counts below 1 would write zeros, one window per image or nothing at all: refused."""
     for flag, value in (("--views", config.views), ("--workers", config.workers),
                         ("--batch-size", config.batch_size), ("--shard-size", config.shard_size),
-                        ("--stride", config.stride), ("--writers", config.writers)):
+                        ("--stride", config.stride), ("--writers", config.writers),
+                        ("--input-size", config.input_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     if config.render_workers < 0:
         raise UserError(f"--render-workers must be at least 0, got {config.render_workers}")
     if config.layout not in ("image", "shuffled"):
         raise UserError(f"--layout must be image or shuffled, not '{config.layout}'")
+    if config.layout == "shuffled" and config.kind != "views":
+        raise UserError(f"--layout shuffled orders training views; split '{config.split}' is stored as evaluation "
+                        f"{config.kind}, image by image: leave --layout out")
+    if config.episode_folds and not config.episodes:
+        raise UserError("--fold picks the folds of --episodes; pass --episodes SPLITS too, or leave --fold out")
 
 
 def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:

@@ -206,7 +206,7 @@ def test_out_pointing_at_a_file_is_a_one_line_error(extracted, tmp_path):
         extract(config=replace(config, out=str(tmp_path / "a-file")), quiet=True)
 
 
-@pytest.mark.parametrize("option", ["batch_size", "shard_size", "stride"])
+@pytest.mark.parametrize("option", ["batch_size", "shard_size", "stride", "input_size"])
 @pytest.mark.parametrize("value", [0, -4])
 def test_extraction_counts_below_one_are_refused(tmp_path, option, value):
     from synthetic_data import tiny_extract_config
@@ -217,6 +217,26 @@ def test_extraction_counts_below_one_are_refused(tmp_path, option, value):
     config = tiny_extract_config(tmp_path / "data", tmp_path / "store", **{option: value})
     with pytest.raises(UserError, match=f"--{option.replace('_', '-')} must be at least 1, got {value}"):
         extract(config=config, quiet=True)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"input_size": 0}, "--input-size must be at least 1, got 0"),
+    ({"split": "val", "layout": "shuffled"}, "--layout shuffled orders training views; split 'val' is stored as "
+                                              "evaluation windows"),
+    ({"split": "val", "eval_resize": True, "layout": "shuffled"}, "stored as evaluation resize"),
+    ({"split": "val", "episode_folds": [1]}, "--fold picks the folds of --episodes"),
+])
+def test_extract_options_that_would_be_ignored_are_refused_and_nothing_is_written(tmp_path, changes, message):
+    from synthetic_data import tiny_extract_config, write_folder_dataset
+
+    from pipeline.encode.extract import extract
+    from pipeline.errors import UserError
+
+    config = tiny_extract_config(write_folder_dataset(tmp_path / "data"), tmp_path / "store", **changes)
+    with pytest.raises(UserError, match=message) as err:
+        extract(config=config, quiet=True)
+    assert "\n" not in str(err.value) and not (tmp_path / "store" / "zarr.json").exists()
 
 
 def test_a_truncated_root_metadata_file_is_a_one_line_error(tmp_path):

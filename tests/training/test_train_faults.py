@@ -112,6 +112,14 @@ def test_resuming_a_finished_run_keeps_its_summary(gen, run):
     assert (run / "summary.json").read_text() == before
 
 
+@pytest.mark.reliability
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_data_readers_below_one_or_not_a_count_is_refused(value):
+    with pytest.raises(UserError, match=r"data.readers must be a whole number of at least 1") as err:
+        build_config(preset="tiny", overrides=[f"data.readers={value}"])
+    assert "\n" not in str(err.value)
+
+
 def test_eval_limit_below_one_is_refused():
     from pipeline.eval.evaluate import evaluate_split
 

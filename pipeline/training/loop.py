@@ -138,7 +138,8 @@ def _start(config: TrainConfig, prepared: Prepared, *, resume: bool) -> Loop:
         if checkpoint is None:
             saved = sorted((run / "checkpoints").glob("step-*"))
             reason = f" (newest: {checkpoint_problem(saved[-1])})" if saved else ""
-            raise UserError(f"--resume: no checkpoint in {run} that can be read{reason}")
+            raise UserError(f"--resume: no checkpoint in {run} that can be read{reason}; the same command "
+                            f"without --resume starts the run over")
         model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
         state = load_train_state(checkpoint, map_location=device)
         optimizer.load_state_dict(state["optimizer"])

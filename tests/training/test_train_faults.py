@@ -120,6 +120,32 @@ def test_data_readers_below_one_or_not_a_count_is_refused(value):
     assert "\n" not in str(err.value)
 
 
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, no handler turns it into an error line."""
+
+
+@pytest.mark.reliability
+def test_a_kill_inside_the_first_checkpoint_write_says_to_start_over_and_starting_over_works(gen, tmp_path,
+                                                                                              monkeypatch):
+    import pipeline.training.checkpoints as checkpoints
+
+    run = tmp_path / "run"
+    config = build_config(preset="tiny", overrides=train_overrides(gen, run, "optim.max_steps=2", "checkpoint_every=1"))
+
+    def killed_half_way(state, path, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise Killed
+
+    with monkeypatch.context() as patch, pytest.raises(Killed):
+        patch.setattr(checkpoints, "save_file", killed_half_way)
+        train(config=config, quiet=True)
+    with pytest.raises(UserError, match=r"--resume: no checkpoint .* the same command without --resume starts the "
+                                        r"run over") as err:
+        train(config=config, resume=True, quiet=True)
+    assert "\n" not in str(err.value)
+    assert train(config=config, quiet=True)["steps"] == 2 and (run / "model.safetensors").is_file()
+
+
 def test_eval_limit_below_one_is_refused():
     from pipeline.eval.evaluate import evaluate_split
 

@@ -51,8 +51,11 @@ def parse_classes(text: str | list[str]) -> list[str]:
     return names
 
 
+SLUG_CHARS = 64  # of a class name in a mask's file name: any name stays under every file system's limit
+
+
 def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "class"
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:SLUG_CHARS].strip("_") or "class"
 
 
 def _training_normalization(store: str, split: str | None) -> dict | None:
@@ -158,6 +161,8 @@ def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, ou
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is a file, not a folder for the masks; choose another --out")
     dtype = label_dtype(len(classes))
     model, config = load_model(checkpoint, device=device)
     source = PredictionInputs.of(checkpoint=checkpoint, config=config)

@@ -105,6 +105,8 @@ def _fit_model_config(config: TrainConfig, prepared: Prepared) -> None:
 
 def _check_run_folder(config: TrainConfig, *, resume: bool) -> None:
     run = Path(config.out)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--out {run} is a file, not a folder for a run; choose another --out")
     if run.exists() and (run / "config.json").exists() and not resume:
         if latest_checkpoint(run) is not None:
             raise UserError(f"{run} already holds a run; pass --resume to continue it or choose another --out")

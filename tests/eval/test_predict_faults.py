@@ -125,3 +125,20 @@ def test_a_sideways_phone_photo_is_predicted_upright(gen, learned, tmp_path):
     assert np.array_equal(sideways["label_map"], upright["label_map"])
     for name in ("labels.png", "mask_01_cat.png", "mask_02_dog.png"):
         assert Image.open(tmp_path / "pred" / name).size == (48, 80), name
+
+
+def test_out_that_is_a_file_is_one_line_and_left_alone(learned, tmp_path):
+    photo, out = _photo(tmp_path / "photo.png", 40, 40), tmp_path / "taken"
+    out.write_text("mine\n")
+    with pytest.raises(UserError, match="--out .*taken is a file, not a folder") as err:
+        predict(image=photo, classes=["cat"], checkpoint=learned, out=out)
+    assert "\n" not in str(err.value) and out.read_text() == "mine\n"
+
+
+def test_a_very_long_class_name_gets_a_short_mask_file_name(learned, tmp_path):
+    name = "cat " * 2500  # 10,000 characters
+    result = predict(image=_photo(tmp_path / "photo.png", 40, 40), classes=[name.strip(), "dog"],
+                     checkpoint=learned, out=tmp_path / "pred")
+    masks = sorted(p.name for p in (tmp_path / "pred").glob("mask_*.png"))
+    assert len(masks) == 2 and all(len(m) < 100 for m in masks), masks
+    assert result["classes"][0] == name.strip()

@@ -146,6 +146,15 @@ def test_a_kill_inside_the_first_checkpoint_write_says_to_start_over_and_startin
     assert train(config=config, quiet=True)["steps"] == 2 and (run / "model.safetensors").is_file()
 
 
+@pytest.mark.reliability
+def test_out_that_is_a_file_is_one_line_and_left_alone(gen, tmp_path):
+    out = tmp_path / "taken"
+    out.write_text("mine\n")
+    with pytest.raises(UserError, match="--out .*taken is a file, not a folder for a run") as err:
+        train(config=build_config(preset="tiny", overrides=train_overrides(gen, out)), quiet=True)
+    assert "\n" not in str(err.value) and out.read_text() == "mine\n"
+
+
 def test_eval_limit_below_one_is_refused():
     from pipeline.eval.evaluate import evaluate_split
 

@@ -45,14 +45,37 @@ def read_lines(path: Path, *, what: str) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+MAX_PIXELS_VARIABLE = "FUSIONER_MAX_IMAGE_PIXELS"
+
+
+def open_image(path: Path):
+    """``Image.open`` under Pillow's decompression-bomb limit, which ``FUSIONER_MAX_IMAGE_PIXELS`` raises."""
+    import os
+
+    allowed = os.environ.get(MAX_PIXELS_VARIABLE, "").strip()
+    if allowed:
+        if not allowed.isdigit():
+            raise UserError(f"{MAX_PIXELS_VARIABLE} must be a whole number of pixels, got {allowed!r}")
+        Image.MAX_IMAGE_PIXELS = int(allowed)
+    return Image.open(path)
+
+
+def too_many_pixels(path: Path, error: Exception) -> str:
+    """The line for an image over the limit: its size, and how to allow it."""
+    return (f"{path}: {str(error).rstrip('.')}, Pillow's guard against crafted files; if you trust it, "
+            f"set {MAX_PIXELS_VARIABLE} to its pixel count or more and run again, or make the image smaller")
+
+
 def open_image_file(path: Path, what: str, convert):
     """Open an image file with PIL and convert it, turning every decoding failure into a BadRecordError."""
     if not path.is_file():
         raise BadRecordError(f"{path}: {what} file is missing")
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             return convert(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:
+        raise BadRecordError(too_many_pixels(path, error)) from None
+    except (OSError, SyntaxError, ValueError) as error:
         raise BadRecordError(f"{path}: unreadable {what} ({error})") from None
 
 

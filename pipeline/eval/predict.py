@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from pipeline.data.labels import parse_names, prompt_name
-from pipeline.data.readers import rgb_array, upright
+from pipeline.data.readers import open_image, rgb_array, too_many_pixels, upright
 from pipeline.data.views import Stitcher, ViewParams, render_view, window_boxes
 from pipeline.encode.text import class_embeddings, encoder_from_identity
 from pipeline.errors import UserError
@@ -35,8 +35,10 @@ def read_photo(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"image not found: {path}")
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             return rgb_array(upright(image))  # as every viewer shows it: the masks must line up with that
+    except Image.DecompressionBombError as err:
+        raise UserError(too_many_pixels(path, err)) from None
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read image {path}: {err}") from err
 

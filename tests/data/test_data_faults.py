@@ -89,3 +89,21 @@ def test_coco_annotations_stay_in_the_stored_grid_of_an_exif_rotated_photo(tmp_p
     sideways_photo(path, height=height, width=width)
     dataset = create_dataset("coco", root=root, split="val")
     assert dataset.image_size(0) == (height, width) and dataset.load(0).image.shape[:2] == (height, width)
+
+
+@pytest.mark.parametrize("reader", ["dataset", "predict"])
+def test_an_image_over_the_pixel_limit_is_one_line_with_its_size_and_how_to_allow_it(tmp_path, monkeypatch, reader):
+    from PIL import Image
+
+    from pipeline.eval.predict import read_photo
+
+    root = write_folder_dataset(tmp_path / "data")
+    path = create_dataset("folder", root=root).image_path(3)  # 90 x 70 = 6,300 pixels
+    read = (lambda: create_dataset("folder", root=root).load(3)) if reader == "dataset" else lambda: read_photo(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    monkeypatch.setenv("FUSIONER_MAX_IMAGE_PIXELS", "3000")  # stands for Pillow's 89 M limit and a 20000 x 20000 photo
+    with pytest.raises(UserError, match=r"6300 pixels.*set FUSIONER_MAX_IMAGE_PIXELS to its pixel count") as err:
+        read()
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    monkeypatch.setenv("FUSIONER_MAX_IMAGE_PIXELS", "7000")
+    assert read() is not None  # allowed

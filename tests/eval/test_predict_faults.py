@@ -142,3 +142,42 @@ def test_a_very_long_class_name_gets_a_short_mask_file_name(learned, tmp_path):
     masks = sorted(p.name for p in (tmp_path / "pred").glob("mask_*.png"))
     assert len(masks) == 2 and all(len(m) < 100 for m in masks), masks
     assert result["classes"][0] == name.strip()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("a pickle ran",))
+
+
+@pytest.mark.parametrize(("name", "damage"), [
+    ("model.safetensors", "truncate"), ("model.safetensors", "pickle"), ("class_embeddings.safetensors", "pickle"),
+    ("config.json", "junk"), ("inputs.json", "junk"), ("config.json", "a-list")])
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_a_runs_own_file_damaged_or_replaced_is_one_line_naming_it(learned, gen, tmp_path, capsys, name, damage,
+                                                                     command):
+    import pickle
+    import shutil
+
+    from pipeline.errors import run_entry
+    from pipeline.eval.report import evaluate_runs
+
+    if command == "eval" and name in ("inputs.json", "class_embeddings.safetensors"):
+        pytest.skip("eval scores from the stores; it does not read what a run keeps for prediction")
+    run = tmp_path / "run"
+    shutil.copytree(learned, run, ignore=shutil.ignore_patterns("checkpoints"))
+    target = run / name
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:len(target.read_bytes()) // 2])
+    elif damage == "pickle":
+        target.write_bytes(pickle.dumps(_Payload()))
+    else:
+        target.write_text("[1, 2]\n" if damage == "a-list" else '{"data": {"cache": ')
+    photo, out = _photo(tmp_path / "photo.png", 40, 40), tmp_path / "pred"
+    call = (lambda: predict(image=photo, classes=["cat"], checkpoint=run, out=out)) if command == "predict" else \
+        (lambda: evaluate_runs(runs=[run], split="folder/val", cache=None, text_cache=None, protocol=None,
+                               splits_dir=None, mode="episodes", limit=2, out=out, device="cpu", quiet=True))
+    code = run_entry(call)
+    captured = capsys.readouterr()
+    assert code == 2 and len(captured.err.strip().splitlines()) == 1, captured.err[-3000:]
+    assert str(target) in captured.err and "a pickle ran" not in captured.out + captured.err
+    assert not out.exists()

@@ -90,7 +90,7 @@ def generated_train_split(made: Generated) -> ExtractConfig:
     """The extraction of the generated cache's training split (the same command repairs a damaged copy)."""
     # The released crop pair without the p = 0.5 photometric/geometric block: the tiny model must learn the
     # rectangles in a few epochs for the stitching and scoring checks that use this cache.
-    return ExtractConfig(out=str(made.vision), backbone="clip-b", dataset="folder", data_root=str(made.data),
+    return ExtractConfig(out=str(made.vision), backbone="test-vit", dataset="folder", data_root=str(made.data),
                          input_size=INPUT, random_init=True, vision_only=True, device="cpu", views=VIEWS,
                          shard_size=SHARD, augment=AugmentConfig(block_p=0.0))
 

@@ -374,6 +374,8 @@ def predict(
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="PATH", show_default="predictions/<image stem>",
                                        help="Output folder."),
     resize: bool = typer.Option(False, "--resize", help="One resized view instead of sliding windows."),
+    stride: Optional[int] = typer.Option(None, "--stride", metavar="PX", show_default="2/3 of a window",
+                                         help="Step between windows; coarser is faster on large photos."),
     batch_size: int = typer.Option(16, "--batch-size", metavar="N",
                                    help="Windows encoded at once (bounds memory on large photos)."),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:1 ..."),
@@ -390,7 +392,7 @@ def predict(
 
     summary = predict_photo(image=image, classes=classes, checkpoint=checkpoint,
                             out=out or Path("predictions") / image.stem, device=device, resize=resize,
-                            batch_size=batch_size, quiet=quiet)
+                            stride=stride, batch_size=batch_size, quiet=quiet)
     typer.echo(summary["text"])
     for line in summary["notes"]:
         typer.echo(line, err=True)

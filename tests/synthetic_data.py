@@ -303,3 +303,15 @@ def assert_same_store(a: Path, b: Path, split: str = "folder/train") -> None:
         if x.dtype == np.float16:
             x, y = x.view(np.uint16), y.view(np.uint16)
         assert np.array_equal(x, y), name
+
+
+def render_then_die(**kwargs):
+    """A render function whose process is killed (as by the OOM killer) on its second shard."""
+    import os
+    import signal
+
+    from pipeline.encode.shards import render_shard
+
+    if kwargs["shard"] == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return render_shard(**kwargs)

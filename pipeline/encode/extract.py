@@ -30,6 +30,7 @@ from pipeline.encode.towers import Encoders
 from pipeline.errors import UserError
 from pipeline.runtime import resolve_device
 from pipeline.store.layout import (
+    TextTableDamaged,
     check_text_words,
     consolidate,
     has_text,
@@ -163,7 +164,7 @@ def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
         encoder=spec.name, weights=encoders.weights.to_dict(), input_size=input_size, grid=grid,
         vision_dim=spec.vision_dim or None, text_dim=spec.text_dim or None, mean=spec.mean, std=spec.std,
         activation=activation(spec))
-    root = open_or_create_store(config.out, identity=identity, overwrite=config.overwrite)
+    root = open_or_create_store(config.out, identity=identity, overwrite=config.overwrite, vision=want_vision)
     text_count = _extract_text(root, encoders=encoders, names=names, config=config, quiet=quiet)
     if not want_vision:
         return ExtractReport(out=config.out, split=None, views=0, shards_run=0, shards_skipped=0,
@@ -180,11 +181,20 @@ def _extract_text(root, *, encoders: Encoders, names: list[str], config: Extract
         return 0
     words = resolve_class_words(config.class_words, dataset=config.dataset)
     check_text_words(root, class_words=words)
-    known = set(read_text(root)[0]) if has_text(root) else set()
+    fresh = False
+    if config.verify and has_text(root):
+        try:
+            read_text(root)
+        except TextTableDamaged:  # every name it held is encoded again, with this run's
+            names, fresh = list(dict.fromkeys([*root["text"].attrs["names"], *names])), True
+            if not quiet:
+                print(f"note: {config.out}: the class-name embeddings were damaged; writing them again",
+                      file=sys.stderr)
+    known = set(read_text(root)[0]) if has_text(root) and not fresh else set()
     todo = [n for n in names if n not in known]
     if todo:
         emb = encoders.text.encode_names([text_words(n, words) for n in todo], quiet=quiet).cpu().numpy()
-        write_text(root, names=todo, embeddings=emb,
+        write_text(root, names=todo, embeddings=emb, fresh=fresh,
                    meta={"encoder": encoders.spec.name, "templates": list(TEMPLATES), "class_words": words,
                          "prompt_names": {n: text_words(n, words) for n in names}})
     return len(names)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,14 +123,15 @@ class PredictionInputs:
 
 
 def predict_photo(*, image: str | Path, classes: list[str], checkpoint: str | Path, out: str | Path,
-                  device: str = "auto", resize: bool = False, batch_size: int = 16, quiet: bool = False) -> dict:
+                  device: str = "auto", resize: bool = False, stride: int | None = None, batch_size: int = 16,
+                  quiet: bool = False) -> dict:
     """``fusioner predict``: :func:`predict` on the resolved device, with the lines to print
     (``text``) and the notes for stderr (``notes``) added to its summary."""
     from pipeline.runtime import resolve_device
 
     names = parse_classes(classes)
     summary = predict(image=image, classes=names, checkpoint=checkpoint, out=out, device=str(resolve_device(device)),
-                      resize=resize, batch_size=batch_size, quiet=quiet)
+                      resize=resize, stride=stride, batch_size=batch_size, quiet=quiet)
     lines = [f"{name:>24s}  {100 * share:5.1f}% of pixels" for name, share in summary["coverage"].items()]
     lines.append(f"wrote {out}/overlay.png and {len(names)} masks")
     notes = [] if summary["pretrained_features"] else [
@@ -163,6 +166,8 @@ def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, ou
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if stride is not None and stride < 1:
+        raise UserError(f"--stride must be at least 1 pixel, got {stride}")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file, not a folder for the masks; choose another --out")
     dtype = label_dtype(len(classes))
@@ -204,6 +209,7 @@ def _window_logits(*, model, encoders, pixels: np.ndarray, boxes: list, text: to
     batch's logits added onto the full-size map before the next batch is rendered."""
     height, width = pixels.shape[:2]
     stitcher = Stitcher(channels=text.shape[0], height=height, width=width, device=text.device)
+    started = time.perf_counter()
     with progress(total=len(boxes), desc="predict", unit="window", quiet=quiet) as bar:
         for start in range(0, len(boxes), batch_size):
             batch = boxes[start:start + batch_size]
@@ -213,7 +219,27 @@ def _window_logits(*, model, encoders, pixels: np.ndarray, boxes: list, text: to
             logits = model(tokens.to(text.device), text, grid=grid)  # [B, C, S, S]
             stitcher.add(logits, boxes=np.asarray(batch), flips=np.zeros(len(batch), bool))
             bar.update(len(batch))
+            if start == 0 and not quiet and len(boxes) > len(batch):
+                note = time_note(windows=len(boxes), done=len(batch), seconds=time.perf_counter() - started,
+                                 size=size, shape=(height, width))
+                if note:
+                    print(note, file=sys.stderr)
     return stitcher.result()
+
+
+LONG_PREDICTION_S = 120.0  # a prediction expected to take longer gets the faster options named
+
+
+def time_note(*, windows: int, done: int, seconds: float, size: int, shape: tuple[int, int]) -> str | None:
+    """After the first batch: how many windows, how long at the rate measured, and what is faster."""
+    rate = done / max(seconds, 1e-9)
+    left = (windows - done) / rate
+    if left < LONG_PREDICTION_S:
+        return None
+    minutes = f"{left / 60:.0f} min" if left >= 60 else f"{left:.0f} s"
+    return (f"note: {windows:,} windows of {size} px over {shape[1]}x{shape[0]} pixels: about {minutes} at "
+            f"{rate:.1f} windows/s here; --resize (one view of the whole photo) or a coarser --stride "
+            f"(default {max(1, (2 * size) // 3)} px) is much faster")
 
 
 def _label_map(model, logits: torch.Tensor, *, dtype: type, rows: int = 256) -> tuple[np.ndarray, torch.Tensor]:

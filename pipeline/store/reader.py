@@ -14,6 +14,7 @@ from pipeline.store.splits import (
     done_shards,
     list_splits,
     lost_shards,
+    read_whole,
     resolve_split,
     shard_arrays,
     shard_file_problem,
@@ -138,12 +139,12 @@ def open_split(*, store: str | Path, split: str | None = None, require_complete:
     return CachedSplit(
         path=Path(store), split=split, group=group, class_names=list(group.attrs["class_names"]),
         grid=tuple(attrs["grid"]), input_size=int(attrs["input_size"]),
-        view_image=np.asarray(group["view_image"][:]), view_box=np.asarray(group["view_box"][:]),
-        view_flip=np.asarray(group["view_flip"][:]), view_classes=np.asarray(group["view_classes"][:]),
-        view_valid=np.asarray(group["view_valid"][:]), image_ids=list(group.attrs["image_ids"]),
-        image_hw=np.asarray(group["image_hw"][:]), kind=str(group.attrs["kind"]),
+        view_image=read_whole(group, "view_image"), view_box=read_whole(group, "view_box"),
+        view_flip=read_whole(group, "view_flip"), view_classes=read_whole(group, "view_classes"),
+        view_valid=read_whole(group, "view_valid"), image_ids=list(group.attrs["image_ids"]),
+        image_hw=read_whole(group, "image_hw"), kind=str(group.attrs["kind"]),
         pretrained=bool(attrs["pretrained"]),
-        source_classes=np.asarray(group["source_classes"][:]) if "source_classes" in shard_arrays(group) else None,
+        source_classes=read_whole(group, "source_classes") if "source_classes" in shard_arrays(group) else None,
     )
 
 

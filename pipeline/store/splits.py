@@ -182,6 +182,17 @@ def _shard_key(array, shard: int) -> str:
     return f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
 
 
+def read_whole(group: zarr.Group, name: str) -> np.ndarray:
+    """A split's small array read whole (plan arrays, ``view_classes``); a chunk failing its checksum
+    or a lost file is one line naming it and the command that writes it again."""
+    try:
+        return np.asarray(group[name][:])
+    except (ValueError, OSError) as err:
+        reason = "checksum mismatch" if "checksum" in str(err).lower() else type(err).__name__
+        raise UserError(f"{group.store} {group.path}: {name} is damaged ({reason}); re-run the same "
+                        f"`fusioner extract` with --verify to write it again") from None
+
+
 def shard_file_problem(array, shard: int) -> str | None:
     """Why ``array``'s file of a written shard cannot be read ("missing", "empty (0 bytes)"), else None.
 

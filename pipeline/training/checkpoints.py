@@ -40,8 +40,10 @@ def save_checkpoint(*, run: Path, model, optimizer, position: dict, config, keep
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "fusioner"})
     default_file_mode(tmp / "model.safetensors")
     # The torch RNG state makes dropout continue as in an uninterrupted run.
-    torch.save({"optimizer": optimizer.state_dict(), "position": position, "rng": rng_state()},
-               tmp / "train_state.pt")
+    # Through a Python file, so that a failed write (full disk, file-size limit) keeps its OSError, with the
+    # errno, in the chain of torch's RuntimeError, and run_entry can say what happened in one line.
+    with open(tmp / "train_state.pt", "wb") as handle:
+        torch.save({"optimizer": optimizer.state_dict(), "position": position, "rng": rng_state()}, handle)
     write_json_atomic(tmp / "config.json", config)
     final = folder / name
     if final.exists():

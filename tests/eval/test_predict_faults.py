@@ -181,3 +181,24 @@ def test_a_runs_own_file_damaged_or_replaced_is_one_line_naming_it(learned, gen,
     assert code == 2 and len(captured.err.strip().splitlines()) == 1, captured.err[-3000:]
     assert str(target) in captured.err and "a pickle ran" not in captured.out + captured.err
     assert not out.exists()
+
+
+def test_a_long_prediction_says_up_front_how_many_windows_how_long_and_what_is_faster(learned, tmp_path,
+                                                                                        monkeypatch, capsys):
+    import pipeline.eval.predict as predict_module
+    from pipeline.eval.predict import time_note
+
+    note = time_note(windows=27_170, done=16, seconds=0.64, size=64, shape=(6000, 8000))
+    assert note.startswith("note: 27,170 windows of 64 px over 8000x6000 pixels: about 18 min at 25.0 windows/s")
+    assert "--resize" in note and "coarser --stride (default 42 px)" in note
+    assert time_note(windows=40, done=16, seconds=0.64, size=64, shape=(200, 300)) is None  # a second: no note
+    monkeypatch.setattr(predict_module, "LONG_PREDICTION_S", 0.0)
+    photo = _photo(tmp_path / "photo.png", 150, 200)
+    fine = predict(image=photo, classes=["cat"], checkpoint=learned, out=None, batch_size=6, quiet=False)
+    err = capsys.readouterr().err
+    lines = ["note: " + line.split("note: ", 1)[1] for line in err.splitlines() if "note: " in line]  # after bars
+    assert len(lines) == 1 and lines[0].startswith("note: 20 windows of 64 px over 200x150 pixels"), err[-2000:]
+    coarse = predict(image=photo, classes=["cat"], checkpoint=learned, out=None, stride=64)
+    assert coarse["views"] < fine["views"]
+    with pytest.raises(UserError, match="--stride must be at least 1"):
+        predict(image=photo, classes=["cat"], checkpoint=learned, out=None, stride=0)

@@ -160,6 +160,70 @@ def test_a_done_shard_file_lost_after_opening_is_one_line_on_every_read_path(ext
     assert split.read("features", slice(0, 4), direct=direct).shape[0] == 4  # shard 0 still reads
 
 
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("array", ["view_classes", "view_valid"])
+def test_a_damaged_small_array_is_one_line_in_info_and_training_and_extract_verify_rewrites_it(extracted, array):
+    from synthetic_data import store_arrays
+
+    from pipeline.encode.extract import extract
+    from pipeline.errors import UserError
+    from pipeline.store.info import describe_store
+    from pipeline.store.reader import open_split
+
+    path, config = extracted
+    before = store_arrays(path)
+    _flip_a_byte(path / "folder/train" / array / ("c/1/0" if array == "view_classes" else "c/1"))  # shard 1
+    reads = [lambda: open_split(store=path, split="folder/train")]
+    if array == "view_valid":  # what `fusioner info` reads of a split
+        reads.append(lambda: describe_store(path))
+    for read in reads:
+        with pytest.raises(UserError, match=rf"folder/train: {array} is damaged \(checksum mismatch\).*--verify") as err:
+            read()
+        assert "\n" not in str(err.value)
+    assert extract(config=replace(config, verify=True), quiet=True).shards_run == 1
+    after = store_arrays(path)
+    for name in before:
+        assert np.array_equal(before[name].view(np.uint8), after[name].view(np.uint8)), name
+    open_split(store=path, split="folder/train")
+
+
+@pytest.mark.reliability
+def test_a_damaged_text_table_is_one_line_and_extract_verify_writes_it_again(extracted):
+    from pipeline.encode.extract import extract
+    from pipeline.errors import UserError
+    from pipeline.store.info import describe_store
+
+    path, config = extracted
+    names, table = read_text(open_store(path))
+    current = open_store(path)["text"].attrs["table"]
+    _flip_a_byte(next((path / "text" / current).rglob("c/*/*")))
+    for read in (lambda: read_text(open_store(path)), lambda: describe_store(path)):
+        with pytest.raises(UserError, match=r"class-name embeddings are damaged \(checksum mismatch\).*--verify"):
+            read()
+    extract(config=replace(config, verify=True), quiet=True)
+    again, rewritten = read_text(open_store(path))
+    assert again == names
+    np.testing.assert_allclose(rewritten, table, rtol=0, atol=1e-5)
+
+
+@pytest.mark.reliability
+def test_text_only_names_append_to_a_store_of_the_same_encoder(extracted):
+    from pipeline.encode.extract import extract
+
+    path, config = extracted
+    report = extract(config=replace(config, text_only=True, dataset=None, data_root=None, input_size=None,
+                                    extra_names=["zebra", "hot air balloon"]), quiet=True)
+    assert report.text_classes >= 2
+    names, table = read_text(open_store(path))
+    assert {"zebra", "hot air balloon", "cat"} <= set(names) and table.shape[0] == len(names)
+
+
 def test_a_truncated_done_shard_is_written_again_by_extract(extracted):
     from synthetic_data import store_arrays
 
@@ -357,6 +421,33 @@ def test_a_read_only_out_or_a_full_disk_is_one_line_and_the_rerun_gives_the_same
     assert re.match(rf"error: {message}", err), err
     report = extract(config=config, quiet=True)  # the cause fixed, the same command
     assert report.shards_run + report.shards_skipped == 5
+    assert_same_store(reference, tmp_path / "again")
+
+
+@pytest.mark.reliability
+def test_a_file_size_limit_during_extraction_is_one_line_and_the_rerun_gives_the_same_store(
+        extracted, tmp_path, capsys):
+    """A real EFBIG from the OS (``ulimit -f``), raised by a soft limit held while the store is written."""
+    import resource
+
+    from synthetic_data import assert_same_store
+
+    from pipeline.encode.extract import extract
+    from pipeline.errors import run_entry
+
+    reference, config = extracted
+    config = replace(config, out=str(tmp_path / "again"))
+    feature_shard = (reference / "folder/train/features/c/0/0/0").stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (feature_shard // 2, hard))  # the soft limit only: raised back below
+    try:
+        code = run_entry(lambda: extract(config=config, quiet=True))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.match(r"error: file too large writing .*ulimit -f.*run the same command again", err), err
+    extract(config=config, quiet=True)  # the limit raised, the same command
     assert_same_store(reference, tmp_path / "again")
 
 

@@ -26,7 +26,8 @@ def test_yaml_aliases_are_refused_in_one_line_at_once(tmp_path, text):
     path.write_text(text)
     script = ("import sys\nfrom pipeline.config import load_file\nfrom pipeline.errors import run_entry\n"
               f"sys.exit(run_entry(lambda: load_file({str(path)!r})))\n")
-    # A subprocess with a deadline: the bomb used to hang the reader past 300 s.
+    # A subprocess with a deadline. The reader shared the aliased nodes, but every command then walked the
+    # 10**10 values (merging, checking, saving config.json) for longer than 300 s, or recursed without end.
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr[-2000:]

@@ -7,7 +7,7 @@ import pickle
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.sweep.estimate import estimate_study, read_timings
+from pipeline.sweep.estimate import estimate_study
 
 pytestmark = pytest.mark.reliability
 
@@ -32,6 +32,8 @@ def test_bad_timings_are_one_line_before_any_estimate(tmp_path, content, message
 
 
 def test_missing_timings_file_is_one_line(tmp_path):
+    from pipeline.sweep.estimate import read_timings
+
     with pytest.raises(UserError, match="gpu.json: file not found"):
         estimate_study(runs=[], gpu="h100", timings_file=tmp_path / "gpu.json")
     (tmp_path / "gpu.json").write_text(GOOD)

@@ -71,7 +71,8 @@ NOT_PERMITTED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def environment_error(err: BaseException) -> UserError | None:
-    """A full disk or a folder the user may not write to, anywhere in ``err``'s chain, as one line.
+    """A full disk, a file-size limit or a folder the user may not write to, anywhere in ``err``'s chain,
+    as one line.
 
     Writes are atomic or resumable throughout (stores, checkpoints, sweep folders), so the advice is
     the same everywhere: fix the cause and run the same command again.
@@ -79,11 +80,15 @@ def environment_error(err: BaseException) -> UserError | None:
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in DISK_FULL | NOT_PERMITTED:
+        if isinstance(err, OSError) and err.errno in DISK_FULL | NOT_PERMITTED | {errno.EFBIG}:
             where = err.filename or "a file"
             if err.errno in DISK_FULL:
                 return UserError(f"no space left on the device writing {where}; free some space and run the same "
                                  f"command again (it resumes where it stopped)")
+            if err.errno == errno.EFBIG:
+                return UserError(f"file too large writing {where} (the file-size limit of this shell, `ulimit -f`, "
+                                 f"or of the file system); raise the limit and run the same command again (it "
+                                 f"resumes where it stopped)")
             return UserError(f"permission denied: {where} ({err.strerror or 'not writable'}); make it writable or "
                              f"use another folder (--out), then run the same command again")
         err = err.__cause__ or err.__context__

@@ -41,6 +41,28 @@ class StepCost:
         return self.seconds * batch_size / self.batch_size
 
 
+def read_timings(path: str | Path) -> dict:
+    """The last line of ``python -m pipeline.bench gpu``'s output, checked: a rate and a batch above zero."""
+    import math
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--timings {path}: file not found (the JSON line `python -m pipeline.bench gpu` printed)")
+    try:
+        lines = path.read_bytes().decode("utf-8").strip().splitlines()
+        timings = json.loads(lines[-1]) if lines else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        timings = None
+    if not isinstance(timings, dict):
+        raise UserError(f"--timings {path}: not the JSON line `python -m pipeline.bench gpu` prints")
+    rate, batch = timings.get("steps_per_s"), timings.get("batch_size")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+        raise UserError(f"--timings {path}: steps_per_s must be a positive number, got {rate!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise UserError(f"--timings {path}: batch_size must be a whole number of at least 1, got {batch!r}")
+    return timings
+
+
 def step_cost(*, preset: str, batch_size: int, gpu: str, timings: dict | None) -> StepCost:
     if timings and timings.get("preset") == preset and timings.get("steps_per_s"):
         return StepCost(seconds=1.0 / float(timings["steps_per_s"]), batch_size=int(timings["batch_size"]),
@@ -79,7 +101,7 @@ def estimate_study(*, runs: list, gpu: str, timings_file: Path | None = None) ->
     """Per preset: runs, steps, seconds per step and its source, GPU-hours; and the total."""
     from pipeline.sweep.study import run_state
 
-    timings = json.loads(Path(timings_file).read_text().strip().splitlines()[-1]) if timings_file else None
+    timings = read_timings(timings_file) if timings_file else None
     rows: dict[str, dict] = {}
     memo: dict = {}
     for run in {r.key: r for r in runs}.values():

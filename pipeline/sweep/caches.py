@@ -25,7 +25,7 @@ def needed(run) -> list[tuple[str, str]]:
     return wanted + [(data["text_cache"] or data["cache"], "text")]
 
 
-def _present(store: str, split: str) -> bool:
+def is_present(store: str, split: str) -> bool:
     from pipeline.store.layout import open_store
     from pipeline.store.splits import list_splits
 
@@ -36,7 +36,7 @@ def _present(store: str, split: str) -> bool:
     return "text" in root if split == "text" else split in list_splits(root)
 
 
-def _backbone(store: str) -> str:
+def backbone_of(store: str) -> str:
     """The registry name a store's folder starts with (cache/clip-l-coco -> clip-l), else a placeholder."""
     name = Path(store).name
     matches = [e for e in list_encoders() if name == e or name.startswith(e + "-")]
@@ -45,7 +45,7 @@ def _backbone(store: str) -> str:
 
 def make_command(store: str, split: str, *, splits_dir: str | None = None, train_reader: str = "") -> str:
     """The ``fusioner extract`` command that writes ``split`` (or the text embeddings) into ``store``."""
-    backbone = _backbone(store)
+    backbone = backbone_of(store)
     if split == "text" and train_reader not in ("voc", "coco"):
         return "(written by the vision extractions into this store: they embed their class names)"
     if split == "text":
@@ -71,7 +71,7 @@ def describe_caches(runs) -> str:
             hints[key] = {"splits_dir": run.eval.get("splits_dir"), "train_reader": train_reader}
     lines = [f"caches needed ({len(users)}):"]
     for (store, split), count in users.items():
-        state = "present" if _present(store, split) else "MISSING"
+        state = "present" if is_present(store, split) else "MISSING"
         lines.append(f"  {state:7s} {store} {split} ({count} runs)")
         if state == "MISSING":
             lines.append(f"          make: {make_command(store, split, **hints[(store, split)])}")

@@ -168,7 +168,7 @@ def row_labels(runs: list) -> dict[str, str]:
 
 def estimate_study(*, runs: list, gpu: str, timings_file: Path | None = None) -> dict:
     """Per table row: runs, samples, GFLOP/sample, steps, seconds per step, GPU-hours; extraction; totals."""
-    from pipeline.sweep.sizes import training_samples
+    from pipeline.sweep.sizes import SampleCount, training_samples
     from pipeline.sweep.study import run_state
 
     timings = check_gpu(gpu, timings_file=timings_file)
@@ -180,21 +180,31 @@ def estimate_study(*, runs: list, gpu: str, timings_file: Path | None = None) ->
     for run in {r.key: r for r in runs}.values():
         optim = run.config["optim"]
         count = training_samples(run.config["data"], memo=samples_memo)
-        flops = run_flops(run.config, classes=count.classes, memo=inputs_memo)
-        seconds_per_step = flops * int(optim["batch_size"]) / rate.per_second
+        try:
+            flops = run_flops(run.config, classes=count.classes, memo=inputs_memo)
+        except UserError as err:  # a store that is neither there nor named after its encoder
+            flops, count = None, SampleCount(None, count.classes, f"FLOPs unknown: {err}")
+        seconds_per_step = flops * int(optim["batch_size"]) / rate.per_second if flops else None
         row = rows.setdefault(labels[run.key], {"runs": 0, "done": 0, "samples": [], "sources": [], "steps": 0,
-                                               "gflop": flops / 1e9, "seconds_per_step": seconds_per_step,
-                                               "seconds": 0.0, "todo_seconds": 0.0, "unpriced": 0})
+                                               "gflop": flops / 1e9 if flops else None, "unpriced": 0,
+                                               "seconds_per_step": seconds_per_step, "seconds": 0.0,
+                                               "todo_seconds": 0.0})
         row["runs"] += 1
         row["done"] += run_state(run.dir) == "done"
-        row["sources"] += [count.source] if count.source not in row["sources"] else []
-        if count.samples is None:
+        source = count.source
+        if count.samples is None and flops and optim.get("max_steps"):
+            source += f"; optim.max_steps {optim['max_steps']} priced as an upper bound"
+        row["sources"] += [source] if source not in row["sources"] else []
+        if flops is None or (count.samples is None and not optim.get("max_steps")):
             row["unpriced"] += 1
             continue
-        steps = int(optim["epochs"]) * -(-count.samples // int(optim["batch_size"]))
+        if count.samples is None:
+            steps = int(optim["max_steps"])
+        else:
+            steps = int(optim["epochs"]) * -(-count.samples // int(optim["batch_size"]))
+            row["samples"].append(count.samples)
         if optim.get("max_steps"):
             steps = min(steps, int(optim["max_steps"]))
-        row["samples"].append(count.samples)
         row["steps"] += steps
         row["seconds"] += steps * seconds_per_step
         row["todo_seconds"] += 0.0 if run_state(run.dir) == "done" else steps * seconds_per_step
@@ -226,8 +236,14 @@ def estimate_extraction(*, runs: list, gpu: str, timings: dict | None, rows: dic
     for (store, split), rows_using in users.items():
         if is_present(store, split):
             continue
-        inputs = _store_inputs(store, memo={})
         images, size, source = split_images(split, splits_dir=splits_dirs[(store, split)])
+        try:
+            inputs = _store_inputs(store, memo={})
+        except UserError as err:
+            out.append({"store": store, "split": split, "images": images, "images_from": source, "views": None,
+                        "views_from": "?", "views_per_s": None, "rate_from": str(err), "seconds": None,
+                        "rows": sorted(rows_using)})
+            continue
         size_px = int(inputs["input_size"])
         if (store, split) in training:
             per_image, how = views_per_image, f"{views_per_image} view(s) per image (fusioner extract --views)"
@@ -252,8 +268,10 @@ def format_estimate(estimate: dict, *, study_name: str) -> str:
         samples = (f"{min(row['samples']):,}" if min(row["samples"], default=0) == max(row["samples"], default=0)
                    else f"{min(row['samples']):,}-{max(row['samples']):,}") if row["samples"] else "?"
         hours = f"{row['seconds'] / 3600:,.2f}" + (f" (+{row['unpriced']} unpriced)" if row["unpriced"] else "")
-        lines.append(f"| {label} | {row['runs']} ({row['done']}) | {samples} | {row['gflop']:,.2f} | {row['steps']:,} "
-                     f"| {row['seconds_per_step']:.4f} | {hours} | {'; '.join(row['sources'])} |")
+        gflop = f"{row['gflop']:,.2f}" if row["gflop"] is not None else "?"
+        per_step = f"{row['seconds_per_step']:.4f}" if row["seconds_per_step"] is not None else "?"
+        lines.append(f"| {label} | {row['runs']} ({row['done']}) | {samples} | {gflop} | {row['steps']:,} "
+                     f"| {per_step} | {hours} | {'; '.join(row['sources'])} |")
     lines.append(f"seconds per step: {estimate['rate'].source}")
     if estimate["extraction"]:
         lines += ["", "extraction of the missing caches:",
@@ -265,7 +283,7 @@ def format_estimate(estimate: dict, *, study_name: str) -> str:
             views = f"{item['views']:,}" if item["views"] else "?"
             users = (f"all {len(item['rows'])} rows" if len(item["rows"]) == len(estimate["rows"])
                      else f"{len(item['rows'])} row(s): {', '.join(item['rows'])}")
-            lines.append(f"| {item['store']} {item['split']} | {images} | {views} | {item['views_per_s']:,.0f} | "
+            lines.append(f"| {item['store']} {item['split']} | {images} | {views} | {item['views_per_s'] or 0:,.0f} | "
                          f"{hours} | {users} | {item['images_from']}; "
                          f"{item['views_from']}; {item['rate_from']} |")
     lines.append(f"total: {estimate['gpu_hours']:,.1f} GPU-hours of training ({estimate['gpu_hours_left']:,.1f} for "

@@ -100,3 +100,16 @@ def test_a_timings_file_without_a_positive_rate_is_one_line(tmp_path, body):
     timings.write_text(body + "\n")
     with pytest.raises(UserError, match=r"--timings .*gpu\.json"):
         estimate_command(study=Path("no-such-study"), gpu="h100", timings=timings, overrides={})
+
+
+def test_runs_that_cannot_be_counted_are_listed_unpriced_not_an_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    # cache-vs-online's stores are named k1, k4, ...: no encoder name, no store, so no token sizes
+    print(estimate_command(study=Path("cache-vs-online"), gpu="h100", timings=None,
+                           overrides={"study.out": str(tmp_path / "o")}))
+    out = capsys.readouterr().out
+    assert out.count("(+1 unpriced)") == 5 and "FLOPs unknown: /tmp/cvo/k1: no store there" in out
+    # the tiny study's stores are named after their encoders; max_steps bounds its runs without samples
+    print(estimate_command(study=Path("tiny"), gpu="h100", timings=None, overrides={"study.out": str(tmp_path / "t")}))
+    out = capsys.readouterr().out
+    assert "optim.max_steps 60 priced as an upper bound" in out and "| 240 |" in out and "unpriced" not in out

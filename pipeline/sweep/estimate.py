@@ -218,7 +218,7 @@ def estimate_study(*, runs: list, gpu: str, timings_file: Path | None = None) ->
 def estimate_extraction(*, runs: list, gpu: str, timings: dict | None, rows: dict[str, str]) -> list[dict]:
     """Each missing vision split the runs read: images x views per image / extraction rate, and its users."""
     from pipeline.data.views import window_boxes
-    from pipeline.encode.plan import ExtractConfig
+    from pipeline.encode.config import ExtractConfig
     from pipeline.sweep.caches import is_present, needed
     from pipeline.sweep.sizes import split_images
 

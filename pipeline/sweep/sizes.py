@@ -36,13 +36,15 @@ def _from_store(data: dict) -> SampleCount:
     from pipeline.config import from_dict
     from pipeline.store.reader import open_split
     from pipeline.training.batches import image_pairs
-    from pipeline.training.config import DataConfig, resolve_fold
+    from pipeline.data.protocols import resolve_fold
+    from pipeline.training.config import DataConfig
     from pipeline.training.lists import listed_samples
     from pipeline.training.loop import training_split_name
 
     config = from_dict(DataConfig, data)
     split = open_split(store=config.cache, split=training_split_name(config.cache, config.split))
-    fold = resolve_fold(data=config, class_names=split.class_names)
+    fold = resolve_fold(protocol=config.protocol, fold=config.fold, novel=config.novel,
+                        class_names=split.class_names)
     if config.train_lists:
         samples = listed_samples(split=split, protocol=config.protocol, fold=config.fold,
                                  splits_dir=config.train_lists, classes_per_sample=config.classes_per_sample)

@@ -547,8 +547,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Console-script entry point: one-line user errors and usage errors, exit code 2."""
     args = list(sys.argv[1:] if argv is None else argv)
     # A command's typer.Exit(code) comes back as app()'s value in non-standalone mode.
-    return run_entry(lambda: app(args=args, prog_name="fusioner", standalone_mode=False),
-                     verbose="--verbose" in args or "-v" in args)
+    return run_entry(lambda: _invoke(args), verbose="--verbose" in args or "-v" in args)
+
+
+def _invoke(args: List[str]):
+    """The typer app; a closed output pipe is re-raised as such (typer turns it into exit code 1)."""
+    try:
+        return app(args=args, prog_name="fusioner", standalone_mode=False)
+    except SystemExit:
+        # How typer (and click, whichever copy) answers EPIPE: stdout wrapped to swallow flushes, exit 1.
+        if type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            raise BrokenPipeError("the reader closed the output") from None
+        raise
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ raised them.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import traceback
 from typing import Callable
@@ -95,6 +96,18 @@ def environment_error(err: BaseException) -> UserError | None:
     return None
 
 
+def _reader_left() -> int:
+    """The reader of our output closed it (``| head -1``): it asked for no more, so nothing failed.
+
+    stdout is pointed at /dev/null, so the interpreter's last flush does not fail again.
+    """
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file behind stdout (a test's capture)
+        pass
+    return 0
+
+
 def run_entry(command: Callable[[], int | None], *, verbose: bool = False) -> int:
     """Run an entry point's ``command`` and turn how it ended into an exit code.
 
@@ -104,13 +117,17 @@ def run_entry(command: Callable[[], int | None], *, verbose: bool = False) -> in
     - an int returned by ``command``: that exit code (anything else returned: 0);
     - ``SystemExit`` / click's ``Exit`` (``--help``, ``--version``, ``typer.Exit(n)``): its code;
     - Ctrl-C / click's ``Abort``: ``interrupted``, exit code 130;
-    - a full disk or a permission denied (:func:`environment_error`): one line, exit code 2.
+    - a full disk or a permission denied (:func:`environment_error`): one line, exit code 2;
+    - a reader that closed our output early (``| head -1``): exit code 0, no traceback.
 
     ``verbose`` prints the traceback first. Anything else is a bug and propagates.
     """
     try:
         result = command()
+        sys.stdout.flush()  # a closed pipe shows here, not after the exit code is chosen
         return result if isinstance(result, int) else 0
+    except BrokenPipeError:
+        return _reader_left()
     except UserError as err:
         if verbose:
             traceback.print_exc()

@@ -23,10 +23,12 @@ import json
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline.bench.common import work_folder
 from pipeline.data.labels import COCO_CLASSES
@@ -54,19 +56,19 @@ class PlantedCheck:
 
     class_names: list[str] = field(default_factory=lambda: list(COCO_CLASSES))
     novel: list[str] = field(default_factory=lambda: list(DEFAULT_NOVEL))
-    images: int = 320  # generated scenes; the last quarter is the evaluation split
-    image_size: tuple[int, int] = (128, 160)
+    images: int = 400  # generated scenes; the last quarter is the evaluation split
+    image_size: tuple[int, int] = (80, 96)
     views: int = 2
     noise: float = 0.5
-    input_size: int = 112
+    input_size: int = 64
     patch: int = 8
-    dim: int = 256
-    preset: str = "small"
+    dim: int = 128
+    preset: str = "tiny"
     epochs: int = 20
     batch_size: int = 16
     lr: float = 1e-3
-    max_steps: int = 0
-    novel_pixels: str = "background"
+    max_steps: int = 300
+    novel_pixels: str = "ignore"
     classes_per_sample: str = "1"
     min_pixels: int = 64  # an episode's class covers at least this many pixels (the images are small)
     seed: int = 0
@@ -76,6 +78,10 @@ class PlantedCheck:
         if unknown or len(self.novel) < 2 or len(self.novel) >= len(self.class_names):
             raise UserError(f"held-out names must be at least two of the class names, not all "
                             f"({'unknown: ' + ', '.join(unknown) if unknown else len(self.novel)})")
+
+
+# The CPU-sized check of the demo and the test (its defaults): about a minute on a quiet 2-core machine.
+DEMO_CHECK = PlantedCheck()
 
 
 def pixel_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
@@ -183,39 +189,58 @@ def score(*, model, store: Path, text: Path, names: list[str], class_names: list
     return result, recorder
 
 
-def run_check(*, work: Path, check: PlantedCheck, inputs: dict | None = None, text: Path | None = None,
-              quiet: bool = True) -> dict:
-    """Train on the seen classes of a planted store and score the held-out ones beside the two controls.
+@contextmanager
+def one_thread():
+    """The check's model is tiny: threads only spin, and on a busy 2-core machine they cost 5x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
-    ``text``: the text store the model is given (default: the one the tokens were planted from);
-    a store with wrong rows for the held-out names is how a broken novel-class path looks.
-    """
+
+def run_check(*, work: Path, check: PlantedCheck, inputs: dict | None = None, quiet: bool = True) -> dict:
+    """Plant a store, train on its seen classes and score the held-out ones beside the two controls."""
+    with one_thread():
+        return _run_check(work=work, check=check, inputs=inputs, quiet=quiet)
+
+
+def _run_check(*, work: Path, check: PlantedCheck, inputs: dict | None, quiet: bool) -> dict:
     inputs = inputs or make_inputs(work=work, check=check, quiet=quiet)
     started = time.perf_counter()
     store = planted_store(work=work, check=check, inputs=inputs, quiet=quiet)
     planted_seconds = time.perf_counter() - started
-    given = Path(text) if text is not None else inputs["text"]
     run = work / f"run-noise{check.noise:g}"
     started = time.perf_counter()
-    summary = train_seen(store=store, text=given, check=check, run=run, quiet=quiet)
+    summary = train_seen(store=store, text=inputs["text"], check=check, run=run, quiet=quiet)
     train_seconds = time.perf_counter() - started
+    result = assess(run=run, store=store, text=inputs["text"], check=check, work=work)
+    return {"noise": check.noise, "steps": summary["steps"], "final_loss": summary["final_loss"], **result,
+            "planted_seconds": planted_seconds, "train_seconds": train_seconds}
+
+
+def assess(*, run: Path, store: Path, text: Path, check: PlantedCheck, work: Path) -> dict:
+    """Score a trained run on the held-out classes with the text store ``text``, beside the two controls.
+
+    Handing it a text store with wrong rows for the held-out names is how a broken novel-class
+    path looks (the check must then fail).
+    """
     model, _ = load_model(run, device="cpu")
     names = check.class_names
-    novel, novel_rec = score(model=model, store=store, text=given, names=check.novel, class_names=names,
-                              min_pixels=check.min_pixels)
-    rotated = rotated_text_store(source=given, out=work / "text-rotated", names=names, rotate=list(check.novel))
+    novel, novel_rec = score(model=model, store=store, text=text, names=check.novel, class_names=names,
+                             min_pixels=check.min_pixels)
+    rotated = rotated_text_store(source=text, out=work / "text-rotated", names=names, rotate=list(check.novel))
     permuted, permuted_rec = score(model=model, store=store, text=rotated, names=check.novel, class_names=names,
-                              min_pixels=check.min_pixels)
+                                   min_pixels=check.min_pixels)
     seen = [n for n in names if n not in check.novel]
-    seen_result, _ = score(model=model, store=store, text=given, names=seen, class_names=names,
-                              min_pixels=check.min_pixels)
+    seen_result, _ = score(model=model, store=store, text=text, names=seen, class_names=names,
+                           min_pixels=check.min_pixels)
     return {
-        "noise": check.noise, "steps": summary["steps"], "final_loss": summary["final_loss"],
         "novel_miou": novel["miou"], "novel_per_class": novel["per_class"], "episodes": novel["episodes"],
         "all_foreground_miou": novel_rec.foreground.miou(), "permuted_miou": permuted["miou"],
         "seen_miou": seen_result["miou"], "novel_auc": novel_rec.mean_auc(), "permuted_auc": permuted_rec.mean_auc(),
         "novel_inside_logit": _median_of(novel_rec.inside), "permuted_inside_logit": _median_of(permuted_rec.inside),
-        "planted_seconds": planted_seconds, "train_seconds": train_seconds,
     }
 
 

@@ -13,6 +13,7 @@ from pipeline.bench.planted import (
     assess,
     make_inputs,
     margin_over_controls,
+    name_geometry,
     pixel_auc,
     planted_store,
     rotated_text_store,
@@ -47,15 +48,28 @@ def test_the_all_foreground_control_scores_the_class_share_of_the_image() -> Non
     assert recorder.mean_auc() == pytest.approx(1.0)
 
 
-def test_the_rotated_text_store_gives_each_held_out_name_the_next_ones_row(tmp_path: Path) -> None:
+def _text_store(path: Path, names: list[str], table: np.ndarray) -> Path:
     from pipeline.store.layout import open_or_create_store, store_identity, write_text
 
-    names = ["a", "b", "c", "d"]
-    table = np.eye(4, dtype=np.float32)
-    root = open_or_create_store(tmp_path / "text", identity=store_identity(
+    root = open_or_create_store(path, identity=store_identity(
         encoder="test-text", weights={"pretrained": False, "source": "random-init"}, input_size=0, grid=None,
-        vision_dim=None, text_dim=4, mean=(0, 0, 0), std=(1, 1, 1)))
+        vision_dim=None, text_dim=table.shape[1], mean=(0, 0, 0), std=(1, 1, 1)))
     write_text(root, names=names, embeddings=table, meta={"encoder": "test-text", "class_words": "natural"})
+    return path
+
+
+def test_name_geometry_measures_what_the_seen_names_span(tmp_path: Path) -> None:
+    names = ["a", "b", "c", "d"]
+    table = np.array([[1, 0, 0], [0, 1, 0], [0.6, 0.8, 0], [0, 0.6, 0.8]], np.float32)  # c in span, d partly
+    rows = {r["name"]: r for r in name_geometry(text=_text_store(tmp_path / "t", names, table), class_names=names,
+                                                 novel=["c", "d"])}
+    assert rows["c"]["in_seen_span"] == pytest.approx(1.0) and rows["d"]["in_seen_span"] == pytest.approx(0.36)
+    assert rows["c"]["nearest_seen"] == "b" and rows["c"]["nearest_held_out"] == "d"
+
+
+def test_the_rotated_text_store_gives_each_held_out_name_the_next_ones_row(tmp_path: Path) -> None:
+    names = ["a", "b", "c", "d"]
+    _text_store(tmp_path / "text", names, np.eye(4, dtype=np.float32))
     rotated = rotated_text_store(source=tmp_path / "text", out=tmp_path / "rotated", names=names, rotate=["b", "c", "d"])
     got = class_embeddings(text_store=rotated, names=names, encode_missing=False)
     np.testing.assert_array_equal(got.argmax(axis=1), [0, 2, 3, 1])

@@ -35,6 +35,7 @@ from pipeline.data.labels import COCO_CLASSES
 from pipeline.data.synthetic import make_class_scenes, split_lists
 from pipeline.encode.extract import extract
 from pipeline.encode.plan import ExtractConfig
+from pipeline.encode.text import class_embeddings
 from pipeline.encode.planted import PlantedConfig, write_planted
 from pipeline.errors import UserError, run_entry
 from pipeline.eval.evaluate import evaluate_split
@@ -249,6 +250,29 @@ def _median_of(values: dict[int, list[float]]) -> float:
     return float(np.median(flat)) if flat else float("nan")
 
 
+def name_geometry(*, text: Path, class_names: list[str], novel: list[str]) -> list[dict]:
+    """Per held-out name: the share of its embedding (norm squared) inside the span of the seen names'
+    embeddings, its nearest seen name and its nearest other held-out name (cosines).
+
+    A map learnt from the seen classes alone knows nothing of the part outside that span.
+    """
+    table = class_embeddings(text_store=text, names=class_names, encode_missing=False)
+    table = table / np.linalg.norm(table, axis=1, keepdims=True)
+    seen = [i for i, n in enumerate(class_names) if n not in novel]
+    rows = []
+    for name in novel:
+        vector = table[class_names.index(name)]
+        coef, *_ = np.linalg.lstsq(table[seen].T, vector, rcond=None)
+        cosines = table @ vector
+        near_seen = max(seen, key=lambda i: cosines[i])
+        others = [class_names.index(n) for n in novel if n != name]
+        near_novel = max(others, key=lambda i: cosines[i])
+        rows.append({"name": name, "in_seen_span": float(np.sum((table[seen].T @ coef) ** 2)),
+                     "nearest_seen": class_names[near_seen], "nearest_seen_cos": float(cosines[near_seen]),
+                     "nearest_held_out": class_names[near_novel], "nearest_held_out_cos": float(cosines[near_novel])})
+    return rows
+
+
 def margin_over_controls(result: dict) -> float:
     """Held-out mIoU minus the better of the two controls (points of mIoU)."""
     return result["novel_miou"] - max(result["all_foreground_miou"], result["permuted_miou"])
@@ -283,8 +307,14 @@ def main(argv: list[str] | None = None) -> int:
         for noise in args.noise:
             results.append(run_check(work=work, check=replace(check, noise=noise), inputs=inputs))
             print(table(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        geometry = name_geometry(text=inputs["text"], class_names=check.class_names, novel=check.novel)
     print(f"held out: {', '.join(check.novel)}; {len(check.class_names)} classes; {asdict(check)}")
     print(table(results))
+    print("\n| held-out name | share inside the seen names' span | nearest seen name | nearest held-out name |\n"
+          "|---|---|---|---|")
+    for row in geometry:
+        print(f"| {row['name']} | {row['in_seen_span']:.2f} | {row['nearest_seen']} {row['nearest_seen_cos']:.2f} | "
+              f"{row['nearest_held_out']} {row['nearest_held_out_cos']:.2f} |")
     print(f"\nmachine: {machine()}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

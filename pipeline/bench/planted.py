@@ -60,17 +60,17 @@ class PlantedCheck:
     images: int = 400  # generated scenes; the last quarter is the evaluation split
     image_size: tuple[int, int] = (80, 96)
     views: int = 2
-    noise: float = 0.5
+    noise: float = 0.25
     input_size: int = 64
     patch: int = 8
     dim: int = 128
     preset: str = "tiny"
-    epochs: int = 20
+    epochs: int = 40  # the schedule's length; training stops at max_steps, before its end
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 2e-3
     max_steps: int = 300
     novel_pixels: str = "ignore"
-    classes_per_sample: str = "1"
+    classes_per_sample: str = "all"  # every seen class of a view per sample: more signal per step
     min_pixels: int = 64  # an episode's class covers at least this many pixels (the images are small)
     seed: int = 0
 
@@ -290,11 +290,13 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench planted", description=__doc__.splitlines()[0])
-    parser.add_argument("--noise", type=float, nargs="+", default=[0.5], help="planted noise level(s) (default 0.5)")
+    parser.add_argument("--noise", type=float, nargs="+", default=[PlantedCheck.noise],
+                        help=f"planted noise level(s) (default {PlantedCheck.noise})")
     parser.add_argument("--images", type=int, default=PlantedCheck.images)
     parser.add_argument("--epochs", type=int, default=PlantedCheck.epochs)
     parser.add_argument("--preset", default=PlantedCheck.preset)
-    parser.add_argument("--novel-pixels", default="background", choices=("background", "ignore"))
+    parser.add_argument("--novel-pixels", default=PlantedCheck.novel_pixels, choices=("background", "ignore"),
+                        help="held-out pixels in training images: background (the recipe) or ignore (default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="keep stores and runs here (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")

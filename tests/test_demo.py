@@ -33,7 +33,8 @@ def test_demo_writes_a_report_with_numbers(tmp_path: Path) -> None:
                           capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     report = (out / "report.md").read_text()
-    for heading in ("## Stages", "## Why the cache matters", "## Held-out classes", "## Prediction"):
+    for heading in ("## Stages", "## Why the cache matters", "## Held-out classes", "## Prediction",
+                    "## Zero-shot check on planted features"):
         assert heading in report
     assert "random-init" in report  # no pretrained CLIP weights offline: said plainly
     miou = re.search(r"\| mIoU \(novel\) \| ([0-9.]+) \|", report)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.bench.planted import (
+    CHECK_MARGIN,
     DEMO_CHECK,
     EpisodeRecorder,
     assess,
@@ -23,8 +24,7 @@ from pipeline.encode.text import class_embeddings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Chosen from measurements (docs/benchmarks.md, "Zero-shot transfer on planted features"): see MARGIN_NOTE.
-MARGIN = 3.0
+MARGIN = CHECK_MARGIN  # chosen from measurements (docs/benchmarks.md, "Zero-shot transfer on planted features")
 
 
 def test_pixel_auc_counts_pairs_and_ties() -> None:

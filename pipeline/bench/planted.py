@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.bench.common import work_folder
-from pipeline.data.labels import COCO_CLASSES
+from pipeline.data.labels import COCO_CLASSES, IGNORE
 from pipeline.data.synthetic import make_class_scenes, split_lists
 from pipeline.encode.extract import extract
 from pipeline.encode.plan import ExtractConfig
@@ -97,7 +97,7 @@ def pixel_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     order = np.argsort(scores, kind="mergesort")
     ranks = np.empty(scores.size, np.float64)
     sorted_scores = scores[order]
-    # average ranks over ties
+    # tied scores share their average rank
     edges = np.flatnonzero(np.diff(sorted_scores)) + 1
     starts, stops = np.r_[0, edges], np.r_[edges, scores.size]
     for start, stop in zip(starts, stops):
@@ -114,7 +114,7 @@ class EpisodeRecorder:
         self.foreground = SegmentationMeter(class_ids)
 
     def __call__(self, *, image: int, class_value: int, logits, target: np.ndarray) -> None:
-        valid = target != 255
+        valid = target != IGNORE
         scores, positive = logits.numpy()[valid], target[valid] == 1
         auc = pixel_auc(scores, positive)
         if auc is not None:

@@ -86,7 +86,8 @@ def trained(tmp_path_factory) -> dict:
     return {"work": work, "inputs": inputs, "store": store, "run": run}
 
 
-@pytest.mark.slow  # trains the demo's check once: 19 wall minutes at load 10-17 on the shared 2-core VM; parts tested fast above
+# Trains the demo's check once: 19 wall minutes at load 10-17 on the shared 2-core VM; its parts are tested fast above.
+@pytest.mark.slow
 def test_held_out_classes_beat_both_controls_and_a_broken_name_path_fails(trained: dict) -> None:
     work, store, run = trained["work"], trained["store"], trained["run"]
     right = assess(run=run, store=store, text=trained["inputs"]["text"], check=DEMO_CHECK, work=work)

@@ -70,7 +70,8 @@ def test_name_geometry_measures_what_the_seen_names_span(tmp_path: Path) -> None
 def test_the_rotated_text_store_gives_each_held_out_name_the_next_ones_row(tmp_path: Path) -> None:
     names = ["a", "b", "c", "d"]
     _text_store(tmp_path / "text", names, np.eye(4, dtype=np.float32))
-    rotated = rotated_text_store(source=tmp_path / "text", out=tmp_path / "rotated", names=names, rotate=["b", "c", "d"])
+    rotated = rotated_text_store(source=tmp_path / "text", out=tmp_path / "rotated", names=names,
+                                 rotate=["b", "c", "d"])
     got = class_embeddings(text_store=rotated, names=names, encode_missing=False)
     np.testing.assert_array_equal(got.argmax(axis=1), [0, 2, 3, 1])
 

@@ -89,7 +89,7 @@ CHECK_MARGIN = 3.0
 
 
 def pixel_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
-    """Probability that a random positive pixel outscores a random negative one (ties half); None if one side is empty."""
+    """P(a random positive pixel outscores a random negative one), ties counted half; None if a side is empty."""
     positive = positive.astype(bool)
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if not n_pos or not n_neg:

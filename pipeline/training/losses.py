@@ -53,9 +53,10 @@ def binary_segmentation_loss(
     valid = targets != ignore_index  # [B, C, H, W]
     if text_mask is not None:
         valid = valid & text_mask.to(device=logits.device, dtype=torch.bool)[:, :, None, None]
-    # Select before reducing: padded logits are huge negatives, and multiplying
-    # their loss by a zero weight could still overflow a sum.
-    selected = logits[valid]  # [N]
-    if selected.numel() == 0:
-        return logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(selected, targets[valid].to(logits.dtype))
+    # No boolean indexing and no branch on a value: either would make the host wait for the
+    # device every step. Ignored pixels get target 0 and are then replaced (not multiplied:
+    # padded logits are huge, and zero times an overflowed loss is NaN) by exact zeros.
+    binary = torch.where(valid, targets, torch.zeros((), dtype=targets.dtype, device=targets.device))
+    per_pixel = F.binary_cross_entropy_with_logits(logits, binary.to(logits.dtype), reduction="none")
+    total = torch.where(valid, per_pixel, torch.zeros((), dtype=per_pixel.dtype, device=per_pixel.device)).sum()
+    return total / valid.sum().clamp(min=1)  # 0, still differentiable, when nothing is valid

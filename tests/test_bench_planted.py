@@ -101,3 +101,16 @@ def test_held_out_classes_beat_both_controls_and_a_broken_name_path_fails(traine
                                      names=DEMO_CHECK.class_names, rotate=list(reversed(DEMO_CHECK.novel)))
     broken = assess(run=run, store=store, text=broken_text, check=DEMO_CHECK, work=work)
     assert margin_over_controls(broken) <= MARGIN, broken
+
+
+def test_the_check_runs_end_to_end_through_the_ordinary_code(tmp_path: Path) -> None:
+    """A few steps on a few names: every stage (scenes, MiniLM text, planted store, train, three
+    evaluations) runs and reports; the margin itself is the slow test's."""
+    from pipeline.bench.planted import PlantedCheck, run_check
+
+    check = PlantedCheck(class_names=["cat", "dog", "bus", "car", "bowl", "cup"], novel=["dog", "cup"], images=16,
+                         image_size=(48, 64), input_size=32, views=1, max_steps=2, epochs=2, min_pixels=16)
+    result = run_check(work=tmp_path, check=check)
+    assert result["steps"] == 2 and result["episodes"] > 0
+    for key in ("novel_miou", "all_foreground_miou", "permuted_miou", "seen_miou", "novel_auc", "permuted_auc"):
+        assert 0.0 <= result[key] <= 100.0, (key, result[key])

@@ -26,7 +26,7 @@ from pipeline.config import parse_override
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.labels import parse_names
 from pipeline.encode.config import ExtractConfig
-from pipeline.errors import UserError, run_entry
+from pipeline.errors import UserError, in_flags, run_entry
 
 app = typer.Typer(
     name="fusioner",
@@ -332,19 +332,31 @@ def train(
 
     if not online and (data_root or dataset or backbone or random_init):
         raise UserError("--data-root, --dataset, --backbone and --random-init go with --online")
-    result = train_from_settings(
-        config_file=config_file, preset=preset, resume=resume, quiet=_quiet(ctx, quiet), print_config=print_config,
-        settings=_settings(overrides, data__cache=cache and str(cache), data__text_cache=text_cache and str(text_cache),
-                           data__split=split, data__protocol=protocol, data__fold=fold, data__novel=novel,
-                           out=out and str(out), data__online__enabled=online or None,
-                           data__online__data_root=data_root and str(data_root), data__online__dataset=dataset,
-                           data__online__backbone=backbone, data__online__random_init=random_init or None))
+    try:
+        result = train_from_settings(
+            config_file=config_file, preset=preset, resume=resume, quiet=_quiet(ctx, quiet),
+            print_config=print_config,
+            settings=_settings(overrides, data__cache=cache and str(cache),
+                               data__text_cache=text_cache and str(text_cache), data__split=split,
+                               data__protocol=protocol, data__fold=fold, data__novel=novel, out=out and str(out),
+                               data__online__enabled=online or None,
+                               data__online__data_root=data_root and str(data_root), data__online__dataset=dataset,
+                               data__online__backbone=backbone, data__online__random_init=random_init or None))
+    except UserError as err:  # the library names its settings; here they were typed as flags
+        raise UserError(in_flags(str(err), TRAIN_FLAGS)) from err
     if print_config:
         _echo_json(result.config)
         return
     typer.echo(result.describe())
     for line in result.notes:
         typer.echo(line, err=True)
+
+
+# The settings `fusioner train` takes as flags (the others are `--set key=value`).
+TRAIN_FLAGS = {"data.cache": "--cache", "data.text_cache": "--text-cache", "data.split": "--split",
+               "data.protocol": "--protocol", "data.fold": "--fold", "data.novel": "--novel", "out": "--out",
+               "resume": "--resume", "data.online.data_root": "--data-root", "data.online.dataset": "--dataset",
+               "data.online.backbone": "--backbone", "data.online.random_init": "--random-init"}
 
 
 def _deprecated_splits(value: Optional[Path]) -> Optional[Path]:

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 
 from pipeline.config import to_dict, write_json_atomic
 from pipeline.encode.text import class_embeddings
-from pipeline.errors import UserError
+from pipeline.errors import UserError, setting
 from pipeline.model import build_model, make_model_config
 from pipeline.data.labels import TRAIN_SPLITS
 from pipeline.data.protocols import resolve_fold
@@ -127,10 +127,11 @@ def fit_model_config(config: TrainConfig, data: TrainingData) -> TrainConfig:
 def _check_run_folder(config: TrainConfig, *, resume: bool) -> None:
     run = Path(config.out)
     if run.exists() and not run.is_dir():
-        raise UserError(f"--out {run} is a file, not a folder for a run; choose another --out")
+        raise UserError(f"{setting('out')} {run} is a file, not a folder for a run; choose another {setting('out')}")
     if run.exists() and (run / "config.json").exists() and not resume:
         if latest_checkpoint(run) is not None:
-            raise UserError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+            raise UserError(f"{run} already holds a run; pass {setting('resume')} to continue it or choose another "
+                            f"{setting('out')}")
 
 
 def _check_resume_identity(config: TrainConfig, *, resume: bool) -> None:
@@ -138,7 +139,7 @@ def _check_resume_identity(config: TrainConfig, *, resume: bool) -> None:
     if resume and (run / "config.json").exists():
         saved = json.loads((run / "config.json").read_text())
         if resume_identity(saved) != resume_identity(config):
-            raise UserError(f"{run}: --resume with a different config than the run was started with "
+            raise UserError(f"{run}: {setting('resume')} with a different config than the run was started with "
                             f"(only {', '.join(RESUME_FREE_KEYS)} may change)")
 
 
@@ -161,8 +162,8 @@ def _start(config: TrainConfig, data: TrainingData, *, resume: bool) -> Loop:
         if checkpoint is None:
             saved = sorted((run / "checkpoints").glob("step-*"))
             reason = f" (newest: {checkpoint_problem(saved[-1])})" if saved else ""
-            raise UserError(f"--resume: no checkpoint in {run} that can be read{reason}; the same command "
-                            f"without --resume starts the run over")
+            raise UserError(f"{setting('resume')}: no checkpoint in {run} that can be read{reason}; the same "
+                            f"command without {setting('resume')} starts the run over")
         model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
         state = load_train_state(checkpoint, map_location=device)
         optimizer.load_state_dict(state["optimizer"])

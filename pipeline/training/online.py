@@ -28,7 +28,7 @@ from pipeline.data.protocols import resolve_fold
 from pipeline.data.registry import create_dataset
 from pipeline.encode.families import create_encoder
 from pipeline.encode.text import class_embeddings
-from pipeline.errors import UserError
+from pipeline.errors import UserError, setting
 from pipeline.runtime import resolve_device
 from pipeline.training.batches import Batch, binary_targets
 from pipeline.training.sources import BatchSource, TrainingData
@@ -144,7 +144,8 @@ def prepare_online(config: TrainConfig) -> TrainingData:
     """The online data path: dataset, samples, text, the frozen encoder and a worker DataLoader."""
     online, data = config.data.online, config.data
     if not online.backbone or not online.data_root:
-        raise UserError("online training needs a backbone and a data root (--backbone, --data-root)")
+        raise UserError(f"online training needs a backbone and a data root "
+                        f"({setting('data.online.backbone')}, {setting('data.online.data_root')})")
     if online.workers < 0:
         raise UserError("data.online.workers must be 0 or more")
     dataset = create_dataset(online.dataset, root=online.data_root, split=online.split)

@@ -148,9 +148,10 @@ def load_model(run_or_checkpoint: str | Path, *, device: str | torch.device = "c
     path = Path(run_or_checkpoint)
     for candidate in (path, latest_checkpoint(path) if path.is_dir() else None):
         if candidate is not None and (candidate / "model.safetensors").is_file() and (candidate / "config.json").is_file():
-            from pipeline.training.config import TrainConfig
+            from pipeline.training.config import TrainConfig, upgrade_run_config
 
-            config = from_dict(TrainConfig, json.loads((candidate / "config.json").read_text()))
+            saved = upgrade_run_config(json.loads((candidate / "config.json").read_text()))
+            config = from_dict(TrainConfig, saved)
             model = build_model(config.model)
             model.load_state_dict(load_file(str(candidate / "model.safetensors")))
             return model.to(device).eval(), config

@@ -28,9 +28,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import to_dict, write_json_atomic
+from pipeline.encode.registry import registry_decoder_blocks
 from pipeline.encode.text import class_embeddings
 from pipeline.errors import UserError
-from pipeline.model import build_model, count_parameters, make_model_config
+from pipeline.model import build_model, count_parameters, decoder_channels, make_model_config
 from pipeline.data.labels import TRAIN_SPLITS
 from pipeline.plots import plot_curves
 from pipeline.runtime import default_file_mode, resolve_device
@@ -44,6 +45,7 @@ from pipeline.training.config import (
     TrainConfig,
     resolve_fold,
     resume_identity,
+    upgrade_run_config,
 )
 from pipeline.training.hooks import Checkpointer, Hook, Loop, MetricsLog, ProgressBar, run_hooks
 from pipeline.training.inputs import write_run_inputs
@@ -101,6 +103,9 @@ def _fit_model_config(config: TrainConfig, prepared: Prepared) -> None:
                                                     if k not in ("vision_dim", "text_dim")})
     if config.model.decoder.out_size != split.input_size:
         config.model.decoder.out_size = split.input_size
+    if not config.model.decoder.channels:  # released: as wide as the fusion module, the encoder's depth k
+        config.model.decoder.channels = decoder_channels(
+            config.model, encoder_blocks=registry_decoder_blocks(getattr(split, "encoder", "")))
 
 
 def _check_run_folder(config: TrainConfig, *, resume: bool) -> None:
@@ -113,7 +118,7 @@ def _check_run_folder(config: TrainConfig, *, resume: bool) -> None:
 def _check_resume_identity(config: TrainConfig, *, resume: bool) -> None:
     run = Path(config.out)
     if resume and (run / "config.json").exists():
-        saved = json.loads((run / "config.json").read_text())
+        saved = upgrade_run_config(json.loads((run / "config.json").read_text()))
         if resume_identity(saved) != resume_identity(config):
             raise UserError(f"{run}: --resume with a different config than the run was started with "
                             f"(only {', '.join(RESUME_FREE_KEYS)} may change)")
@@ -172,7 +177,7 @@ def train_step(loop: Loop, batch) -> float:
         targets = batch.targets.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=loop.bf16):
         logits = (loop.forward or loop.model)(feats, text, grid=loop.split.grid, text_mask=mask)
-    loss = binary_segmentation_loss(logits.float(), targets, text_mask=mask)
+    loss = binary_segmentation_loss(logits.float(), targets, text_mask=mask, reduction=optim.loss_reduction)
     loop.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if optim.grad_clip:

@@ -3,7 +3,10 @@
 Fusioner scores each class of W independently (sigmoid, not softmax), so the
 target of one sample is one binary map per class. Pixels labelled
 ``ignore_index`` (object boundaries in VOC) and padded class slots of a batch
-contribute nothing, and the mean is over the pixels that do.
+contribute nothing. As released, each sample's loss is the mean over its own
+valid pixels and the batch loss the mean over samples (``reduction="sample"``);
+``"pixel"`` is the mean over every valid pixel of the batch, which weighs a
+sample by how much of it is not ignored.
 """
 
 from __future__ import annotations
@@ -39,23 +42,38 @@ def binary_segmentation_loss(
     *,
     text_mask: Tensor | None = None,
     ignore_index: int = IGNORE,
+    reduction: str = "sample",
 ) -> Tensor:
-    """BCE-with-logits averaged over valid pixels of real classes.
+    """BCE-with-logits over valid pixels of real classes, reduced per sample (released) or per pixel.
 
     logits [B, C, H, W]; targets [B, C, H, W] in {0, 1, ignore_index};
-    text_mask [B, C] bool, True = real class. Returns a scalar that is 0 (and
-    still differentiable) when nothing is valid, so a fully ignored batch does
-    not poison training with NaN.
+    text_mask [B, C] bool, True = real class. ``reduction="sample"`` averages
+    each sample over its own valid pixels (all its real classes together), then
+    the samples that have any; ``"pixel"`` averages every valid pixel of the
+    batch. Returns a scalar that is 0 (and still differentiable) when nothing is
+    valid, so a fully ignored batch does not poison training with NaN.
     """
+    if reduction not in ("sample", "pixel"):
+        raise ValueError(f"reduction must be 'sample' or 'pixel', not {reduction!r}")
     if logits.shape != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
     targets = targets.to(logits.device)
     valid = targets != ignore_index  # [B, C, H, W]
     if text_mask is not None:
         valid = valid & text_mask.to(device=logits.device, dtype=torch.bool)[:, :, None, None]
-    # Select before reducing: padded logits are huge negatives, and multiplying
-    # their loss by a zero weight could still overflow a sum.
-    selected = logits[valid]  # [N]
-    if selected.numel() == 0:
+    if not bool(valid.any()):
         return logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(selected, targets[valid].to(logits.dtype))
+    if reduction == "pixel":
+        # Select before reducing: padded logits are huge negatives, and multiplying
+        # their loss by a zero weight could still overflow a sum.
+        selected = logits[valid]  # [N]
+        return F.binary_cross_entropy_with_logits(selected, targets[valid].to(logits.dtype))
+    # Invalid places get a zero logit and target (a finite loss of log 2), then are masked out of the sums.
+    safe_logits = logits.masked_fill(~valid, 0.0)
+    safe_targets = targets.masked_fill(~valid, 0).to(logits.dtype)
+    per_pixel = F.binary_cross_entropy_with_logits(safe_logits, safe_targets, reduction="none")  # [B, C, H, W]
+    per_pixel = per_pixel.masked_fill(~valid, 0.0)
+    counts = valid.flatten(1).sum(dim=1)  # [B]
+    sums = per_pixel.flatten(1).sum(dim=1)  # [B]
+    has_pixels = counts > 0
+    return (sums[has_pixels] / counts[has_pixels].to(sums.dtype)).mean()

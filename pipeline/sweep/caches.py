@@ -25,6 +25,34 @@ def needed(run) -> list[tuple[str, str]]:
     return wanted + [(data["text_cache"] or data["cache"], "text")]
 
 
+def store_encoder(store: str) -> str:
+    """The encoder a vision store was made with: its recorded name, else what its folder name says."""
+    from pipeline.store.layout import open_store, store_attrs
+
+    try:
+        return str(store_attrs(open_store(store)).get("encoder") or _backbone(store))
+    except (UserError, KeyError):
+        return _backbone(store)
+
+
+def decoder_summary(run) -> str:
+    """The decoder a run trains, as ``decoder WIDTH x BLOCKS`` (or ``decoder off``), before any data exists.
+
+    Block widths left open in the config are the fusion width, and the depth the vision encoder's
+    registry entry, as training resolves them.
+    """
+    from pipeline.config import from_dict
+    from pipeline.encode.registry import registry_decoder_blocks
+    from pipeline.model import ModelConfig, decoder_channels
+
+    model = from_dict(ModelConfig, {**run.config["model"], "vision_dim": 1, "text_dim": 1})
+    if not model.decoder.enabled:
+        return "decoder off"
+    channels = decoder_channels(model, encoder_blocks=registry_decoder_blocks(store_encoder(run.config["data"]["cache"])))
+    widths = str(channels[0]) if len(set(channels)) == 1 else "/".join(map(str, channels))
+    return f"decoder {widths} x {len(channels)}"
+
+
 def _present(store: str, split: str) -> bool:
     from pipeline.store.layout import open_store
     from pipeline.store.splits import list_splits

@@ -25,6 +25,7 @@ from PIL import Image
 from pipeline.bench.sweep import build_demo_caches, demo_study
 from pipeline.errors import UserError
 from pipeline.plots import CAVEAT_KEY, NOTES_KEY, RANDOM_INIT_CAVEAT
+from pipeline.sweep.caches import decoder_summary
 from pipeline.sweep.command import sweep_command
 from pipeline.sweep.study import SlurmSpec, expand_runs, load_study
 from pipeline.sweep.tables import build_table
@@ -352,7 +353,18 @@ def test_paper_study_contents_follow_the_paper():
         ("coco2voc", "coco/train", "voc/val")}
     t2 = expand_runs(load_study(path=studies / "table2.yaml"), check_caches=False)
     rn = [r for r in t2 if "RN101" in r.pair]
-    assert len(rn) == 8 and all(len(r.config["model"]["decoder"]["channels"]) == 5 for r in rn)
+    # The registry's clip-rn101 entry decides the depth (k = 5); the ViT rows keep k = 4.
+    assert len(rn) == 8 and {decoder_summary(r) for r in rn} == {"decoder 512 x 5"}
+    assert {decoder_summary(r) for r in t2 if "RN101" not in r.pair} == {"decoder 512 x 4"}
+
+
+def test_table7_dry_run_shows_a_decoder_as_wide_as_each_row(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert sweep(ROOT / "pipeline" / "studies" / "table7.yaml", dry_run=True) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "| fold 0 |" in line]
+    widths = {line.split(" | ")[1]: line.split("decoder ")[1].split("  ")[0] for line in lines}
+    assert widths["heads 1 / width 64"] == "64 x 4" and widths["heads 16 / width 1024"] == "1024 x 4"
+    assert widths["layers 24"] == "512 x 4" and len(widths) == 12
 
 
 def test_a_local_sweep_cluster_serves_the_dask_dashboard(capsys):

@@ -159,3 +159,40 @@ def test_best_val_selection_reports_the_best_validation_weights_labelled(gen, tm
     assert json.loads((run / "summary.json").read_text())["selection"] == summary["selection"]
     chosen, saved = load_file(str(run / "model.safetensors")), load_file(str(run / "model_best.safetensors"))
     assert all(torch.equal(chosen[k], saved[k]) for k in chosen) and (run / "model_final.safetensors").is_file()
+
+
+def test_the_vision_encoders_registry_entry_decides_the_decoder_depth(gen, tmp_path, monkeypatch):
+    import dataclasses
+
+    from pipeline.encode import registry
+    from pipeline.store.layout import open_store, store_attrs
+
+    assert registry.registry_decoder_blocks("clip-rn101") == 5 and registry.registry_decoder_blocks("clip-l") == 4
+    encoder = store_attrs(open_store(gen.vision))["encoder"]
+    monkeypatch.setitem(registry._REGISTRY, encoder, dataclasses.replace(registry.get_spec(encoder), decoder_blocks=5))
+    run = tmp_path / "k5"
+    overrides = train_overrides(gen, run, "model.decoder.channels=[]", "optim.max_steps=1")
+    train(config=build_config(preset="tiny", overrides=overrides), quiet=True)
+    saved = json.loads((run / "config.json").read_text())["model"]
+    assert saved["decoder"]["channels"] == [saved["fusion"]["width"]] * 5
+    # A config that names its blocks wins over the registry.
+    run = tmp_path / "k3"
+    overrides = train_overrides(gen, run, "model.decoder.channels=[]", "model.decoder.blocks=3", "optim.max_steps=1")
+    train(config=build_config(preset="tiny", overrides=overrides), quiet=True)
+    assert len(json.loads((run / "config.json").read_text())["model"]["decoder"]["channels"]) == 3
+
+
+def test_a_run_saved_before_the_released_decoder_order_and_loss_loads_as_it_was_trained(gen, tmp_path):
+    from pipeline.training.checkpoints import load_model
+
+    run = tmp_path / "old"
+    train(config=build_config(preset="tiny", overrides=train_overrides(gen, run, "optim.max_steps=1")), quiet=True)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["decoder"]["upsample"] == "features" and saved["optim"]["loss_reduction"] == "sample"
+    del saved["model"]["decoder"]["upsample"], saved["model"]["decoder"]["blocks"], saved["optim"]["loss_reduction"]
+    (run / "config.json").write_text(json.dumps(saved))
+    model, config = load_model(run)
+    assert config.model.decoder.upsample == "logits" and config.optim.loss_reduction == "pixel"
+    with pytest.raises(UserError, match="different config"):  # today's defaults would train another model
+        train(config=build_config(preset="tiny", overrides=train_overrides(gen, run, "optim.max_steps=2")),
+              resume=True, quiet=True)

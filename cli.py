@@ -154,6 +154,8 @@ def extract(
     normalize: str = typer.Option("auto", "--normalize", metavar="STATS",
                                   help="auto (voc/coco: the released dataset statistics), encoder, pascal, coco."),
     last_window: str = typer.Option("pad", "--last-window", metavar="RULE", help="pad (released) or slide the last partial window."),
+    window_fill: str = typer.Option("released", "--window-fill", metavar="FILL",
+                                    help="padded window pixels: released (-1 after normalisation) or black."),
     episodes: Optional[Path] = typer.Option(None, "--episodes", metavar="SPLITS",
                                             help="Splits folder: only the images its standard episodes score."),
     fold: List[int] = typer.Option([], "--fold", metavar="N", help="With --episodes: these folds (default all)."),
@@ -184,7 +186,7 @@ def extract(
         batch_size=batch_size, shard_size=shard_size, text_only=text_only, vision_only=vision_only,
         weights=str(weights) if weights else None, random_init=random_init, skip_bad=skip_bad,
         overwrite=overwrite, verify=verify, workers=workers, device=device, extra_names=list(names or []),
-        class_words=class_words, normalize=normalize, last_window=last_window,
+        class_words=class_words, normalize=normalize, last_window=last_window, window_fill=window_fill,
         episodes=str(episodes) if episodes else None, episode_folds=list(fold),
         render_workers=render_workers, writers=writers, layout=layout, augment=AugmentConfig(border=border),
     )

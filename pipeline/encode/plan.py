@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.data.augment import AugmentConfig, resolve_augment
 from pipeline.data.labels import TRAIN_SPLITS
-from pipeline.data.views import ViewParams, window_boxes
+from pipeline.data.views import ViewParams, pad_fill, window_boxes
 from pipeline.encode.registry import get_spec, resolve_normalization
 from pipeline.errors import UserError
 from pipeline.store.splits import SplitPlan
@@ -44,6 +44,7 @@ class ExtractConfig:
     extra_names: list[str] = field(default_factory=list)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     last_window: str = "pad"  # evaluation windows: pad the last partial one (released) or slide it back
+    window_fill: str = "released"  # padded window pixels: -1 after normalisation (released) or black
     class_words: str = "auto"  # raw split-file names (auto for voc/coco, as released) or natural words
     episodes: str | None = None  # a splits folder: extract only the images the standard episodes score
     episode_folds: list[int] = field(default_factory=list)  # with episodes: these folds (default: all)
@@ -173,6 +174,9 @@ def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, 
             "normalize": resolve_normalization(config.normalize, dataset=config.dataset,
                                                spec=get_spec(config.backbone)),
             "dataset": described, "plan_skipped": skipped}
+    if kind == "windows":  # stores planned before the choice existed were padded black and say nothing
+        pad_fill(fill=config.window_fill, mean=meta["normalize"]["mean"], std=meta["normalize"]["std"])  # checked
+        meta["window_fill"] = config.window_fill
     if shuffled:  # only then, so that stores planned before the option existed keep their signature
         meta["layout"] = "shuffled"
     return SplitPlan(

@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline.data.labels import parse_names, prompt_name
 from pipeline.data.readers import rgb_array
-from pipeline.data.views import Stitcher, ViewParams, render_view, window_boxes
+from pipeline.data.views import Stitcher, ViewParams, pad_fill, render_view, window_boxes
 from pipeline.encode.text import class_embeddings, encoder_from_identity
 from pipeline.errors import UserError
 from pipeline.plots import overlay, png_caveat, save_label_png
@@ -173,8 +173,10 @@ def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, ou
     boxes = [(0, 0, width, height)] if resize else window_boxes(
         height=height, width=width, size=size, stride=stride or max(1, (2 * size) // 3))
     text = torch.from_numpy(source.class_vectors(classes, device=device)).to(device)  # [C, Dt]
+    stats = normalization or {"mean": attrs["mean"], "std": attrs["std"]}
+    fill = pad_fill(fill="released", mean=stats["mean"], std=stats["std"])  # what normalises to -1, as released
     logits = _window_logits(model=model, encoders=encoders, pixels=pixels, boxes=boxes, text=text, size=size,
-                            grid=tuple(attrs["grid"]), batch_size=batch_size, quiet=quiet)
+                            grid=tuple(attrs["grid"]), batch_size=batch_size, quiet=quiet, fill=fill)
     labels, probs = _label_map(model, logits, dtype=dtype)
     coverage = np.bincount(labels.ravel(), minlength=len(classes) + 1) / labels.size
     pretrained = bool(attrs["pretrained"])
@@ -192,7 +194,7 @@ def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, ou
 
 
 def _window_logits(*, model, encoders, pixels: np.ndarray, boxes: list, text: torch.Tensor, size: int,
-                   grid: tuple, batch_size: int, quiet: bool) -> torch.Tensor:
+                   grid: tuple, batch_size: int, quiet: bool, fill: tuple[int, int, int]) -> torch.Tensor:
     """[C, H, W] logits: windows rendered, encoded and decoded ``batch_size`` at a time, each
     batch's logits added onto the full-size map before the next batch is rendered."""
     height, width = pixels.shape[:2]
@@ -200,7 +202,7 @@ def _window_logits(*, model, encoders, pixels: np.ndarray, boxes: list, text: to
     with progress(total=len(boxes), desc="predict", unit="window", quiet=quiet) as bar:
         for start in range(0, len(boxes), batch_size):
             batch = boxes[start:start + batch_size]
-            views = np.stack([render_view(image=pixels, mask=None, params=ViewParams(box=b), size=size)[0]
+            views = np.stack([render_view(image=pixels, mask=None, params=ViewParams(box=b), size=size, fill=fill)[0]
                               for b in batch])
             tokens = encoders.vision.encode(views)  # [B, h*w, D]
             logits = model(tokens.to(text.device), text, grid=grid)  # [B, C, S, S]

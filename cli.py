@@ -348,6 +348,10 @@ def eval_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="PATH", show_default="the first run",
                                        help="Where to write eval.json/.csv/.md."),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:1 ..."),
+    allow_mismatch: List[str] = typer.Option(
+        [], "--allow-mismatch", metavar="ASPECTS",
+        help="Score stores that differ from the run's in these aspects anyway (encoder, weights, input_size, "
+             "normalize, class_words; comma list or repeated); recorded in eval.json."),
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -363,7 +367,8 @@ def eval_command(
 
     table = evaluate_runs(runs=runs, split=split, cache=cache, text_cache=text_cache, protocol=protocol,
                           splits_dir=episode_lists or splits, mode="multiclass" if mosaic else "binary", limit=limit,
-                          min_pixels=min_pixels, out=out, device=device, quiet=_quiet(quiet))
+                          min_pixels=min_pixels, out=out, device=device, quiet=_quiet(quiet),
+                          allow_mismatch=tuple(allow_mismatch))
     typer.echo(table)
 
 
@@ -379,6 +384,10 @@ def predict(
     batch_size: int = typer.Option(16, "--batch-size", metavar="N",
                                    help="Windows encoded at once (bounds memory on large photos)."),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:1 ..."),
+    allow_mismatch: List[str] = typer.Option(
+        [], "--allow-mismatch", metavar="ASPECTS",
+        help="Use stores that differ from the run's in these aspects anyway (encoder, weights, input_size, "
+             "normalize, class_words)."),
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -392,7 +401,7 @@ def predict(
 
     summary = predict_photo(image=image, classes=classes, checkpoint=checkpoint,
                             out=out or Path("predictions") / image.stem, device=device, resize=resize,
-                            batch_size=batch_size, quiet=quiet)
+                            batch_size=batch_size, quiet=quiet, allow_mismatch=tuple(allow_mismatch))
     typer.echo(summary["text"])
     for line in summary["notes"]:
         typer.echo(line, err=True)

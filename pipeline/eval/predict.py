@@ -23,11 +23,12 @@ from pipeline.data.labels import parse_names, prompt_name
 from pipeline.data.readers import rgb_array
 from pipeline.data.views import Stitcher, ViewParams, pad_fill, render_view, window_boxes
 from pipeline.encode.text import class_embeddings, encoder_from_identity
+from pipeline.eval.identity import check_stores
 from pipeline.errors import UserError
 from pipeline.plots import overlay, png_caveat, save_label_png
 from pipeline.runtime import progress
 from pipeline.store.layout import open_store, store_attrs
-from pipeline.training.inputs import read_run_inputs
+from pipeline.training.inputs import read_run_inputs, split_normalization
 
 
 def read_photo(path: str | Path) -> np.ndarray:
@@ -53,16 +54,6 @@ def parse_classes(text: str | list[str]) -> list[str]:
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "class"
-
-
-def _training_normalization(store: str, split: str | None) -> dict | None:
-    """The mean/std the training split was extracted with (None for stores that predate the record)."""
-    from pipeline.data.labels import TRAIN_SPLITS
-    from pipeline.store.splits import list_splits
-
-    root = open_store(store)
-    names = [split] if split else [s for s in list_splits(root) if s.split("/")[-1] in TRAIN_SPLITS][:1]
-    return dict(root[names[0]].attrs["meta"]).get("normalize") if names else None
 
 
 def _is_store(path: str | Path | None) -> bool:
@@ -116,14 +107,15 @@ class PredictionInputs:
 
 
 def predict_photo(*, image: str | Path, classes: list[str], checkpoint: str | Path, out: str | Path,
-                  device: str = "auto", resize: bool = False, batch_size: int = 16, quiet: bool = False) -> dict:
+                  device: str = "auto", resize: bool = False, batch_size: int = 16, quiet: bool = False,
+                  allow_mismatch: tuple[str, ...] = ()) -> dict:
     """``fusioner predict``: :func:`predict` on the resolved device, with the lines to print
     (``text``) and the notes for stderr (``notes``) added to its summary."""
     from pipeline.runtime import resolve_device
 
     names = parse_classes(classes)
     summary = predict(image=image, classes=names, checkpoint=checkpoint, out=out, device=str(resolve_device(device)),
-                      resize=resize, batch_size=batch_size, quiet=quiet)
+                      resize=resize, batch_size=batch_size, quiet=quiet, allow_mismatch=tuple(allow_mismatch))
     lines = [f"{name:>24s}  {100 * share:5.1f}% of pixels" for name, share in summary["coverage"].items()]
     lines.append(f"wrote {out}/overlay.png and {len(names)} masks")
     notes = [] if summary["pretrained_features"] else [
@@ -144,13 +136,15 @@ def label_dtype(count: int) -> type:
 @torch.inference_mode()
 def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, out: str | Path | None,
             device: str = "cpu", resize: bool = False, stride: int | None = None,
-            encoders=None, batch_size: int = PREDICT_BATCH, quiet: bool = True) -> dict:
+            encoders=None, batch_size: int = PREDICT_BATCH, quiet: bool = True,
+            allow_mismatch: tuple[str, ...] = ()) -> dict:
     """Segment ``image`` into ``classes``.
 
     Returns the JSON summary plus ``label_map`` ([H, W], 0 = background, j + 1 =
     ``classes[j]``; uint8, uint16 beyond 255 classes) and ``probabilities`` ([C, H, W]
     float32) as arrays. With ``out``, also writes one mask per class, the label map, an
-    overlay and ``prediction.json`` there. Windows are encoded ``batch_size`` at a time and
+    overlay and ``prediction.json`` there. A reachable store that differs from what the run was
+    trained on is refused unless the difference is named in ``allow_mismatch``. Windows are encoded ``batch_size`` at a time and
     their logits added onto the full-size map as they come, so memory holds one batch of
     windows plus the output, however large the photo.
     """
@@ -167,7 +161,10 @@ def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, ou
     height, width = pixels.shape[:2]
     if encoders is None:
         encoders = encoder_from_identity(attrs, vision=True, text=False, device=device)
-    normalization = _training_normalization(source.vision_store, config.data.split) if source.vision_store else None
+    check_stores(run=source.run, config=config, vision_store=source.vision_store, text_store=source.text_store,
+                 split=None, allow=allow_mismatch)
+    normalization = (source.kept or {}).get("normalize") or (
+        split_normalization(source.vision_store, config.data.split) if source.vision_store else None)
     if normalization:  # photos are normalised as the training views were
         encoders.vision.use_normalization(mean=normalization["mean"], std=normalization["std"])
     boxes = [(0, 0, width, height)] if resize else window_boxes(

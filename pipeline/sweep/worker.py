@@ -133,11 +133,14 @@ def training_finished(*, run_dir: Path, config) -> bool:
 def _evaluate(*, run_dir: Path, config, evals: dict, device) -> dict:
     """Score the run; ``multiclass`` (Mosaic-4) scores every class of the evaluation masks, fold-free."""
     from pipeline.eval.evaluate import evaluate_split
+    from pipeline.eval.identity import check_stores
     from pipeline.store.layout import open_store, store_attrs
     from pipeline.training.checkpoints import load_model
 
     model, _ = load_model(run_dir, device=device)
     text = config.data.text_store
+    # An evaluation split normalised unlike the training views (Table 5 needs --normalize coco) fails the run.
+    check_stores(run=run_dir, config=config, vision_store=config.data.cache, text_store=text, split=evals["split"])
     result = evaluate_split(model=model, vision_cache=config.data.cache, text_cache=text, split=evals["split"],
                             protocol=evals["protocol"] or config.data.protocol, fold=config.data.fold,
                             novel_names=list(config.data.novel), splits_dir=evals["splits_dir"], device=device,

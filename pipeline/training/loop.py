@@ -252,7 +252,8 @@ def train(*, config: TrainConfig, resume: bool = False, quiet: bool = False, hoo
     loop.run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(loop.run / "config.json", config)
     write_run_inputs(run=loop.run, vision_store=config.data.cache, text_store=config.data.text_store,
-                     class_names=prepared.split.class_names, embeddings=prepared.text)
+                     class_names=prepared.split.class_names, embeddings=prepared.text,
+                     training_split=getattr(prepared.split, "split", None))
     everything = [MetricsLog(), Checkpointer(), ProgressBar(quiet=quiet), *hooks]
     run_hooks(everything, "before_train", loop)
     try:

@@ -13,6 +13,39 @@ from pipeline.store.layout import open_store, store_attrs
 from pipeline.store.splits import list_splits, resolve_split
 
 
+# The released code scores the test episodes several times per epoch, keeps no checkpoint and reports the best.
+PAPER_SELECTION_NOTE = ("The paper's figures are the best of many test-set evaluations (the released code scores the "
+                        "test episodes several times per epoch and reports the best); these weights were not chosen "
+                        "on the test set.")
+SELECTION_WORDS = {"final": "final (the last step)",
+                   "best-val": "best-val (best validation mIoU on a split disjoint from the test episodes)"}
+
+
+def run_selection(run: str | Path) -> str:
+    """Which weights a run reports: its summary.json ``selection`` rule, else its config's ``select``, else final."""
+    import json
+
+    run = Path(run)
+    for name, pick in (("summary.json", lambda d: (d.get("selection") or {}).get("rule")),
+                       ("config.json", lambda d: d.get("select"))):
+        path = run / name
+        if path.is_file():
+            rule = pick(json.loads(path.read_text()))
+            if rule:
+                return str(rule)
+    return "final"
+
+
+def selection_note(rules) -> str:
+    """One line saying which weights the scores come from, and how the paper's were chosen."""
+    counts = {rule: list(rules).count(rule) for rule in dict.fromkeys(rules)}
+    if len(counts) == 1:
+        which = f"Weights: {SELECTION_WORDS.get(next(iter(counts)), next(iter(counts)))} for every run."
+    else:
+        which = "Weights: " + ", ".join(f"{SELECTION_WORDS.get(r, r)} for {n} runs" for r, n in counts.items()) + "."
+    return f"{which} {PAPER_SELECTION_NOTE}"
+
+
 def eval_split_name(cache: str, split: str | None) -> str:
     if split:
         return resolve_split(open_store(cache), split)
@@ -84,13 +117,14 @@ def evaluate_runs(*, runs: list[Path], split: str | None, cache: Path | None, te
         fb_rows.setdefault(label, []).append(result["fb_iou"])
         pretrained &= bool(result["pretrained_features"])
         results.append({"run": str(run), "split": name, "protocol": proto, "fold": config.data.fold,
-                        "label": label, "mismatches_allowed": allowed,
+                        "label": label, "selection": run_selection(run), "mismatches_allowed": allowed,
                         **{k: v for k, v in result.items() if k != "meter"},
                         "meter": result["meter"]})
     fb = {k: sum(v) / len(v) for k, v in fb_rows.items()}
     title = f"{results[0]['protocol']} on {results[0]['split']} (mIoU %, {results[0]['episode_source']})"
     table = markdown_table(rows=rows, fb=fb, title=title)
     table += "\n\nepisodes: " + ", ".join(f"fold {r['fold']}: {r['episodes']}" for r in results)
+    table += "\n\n_" + selection_note([r["selection"] for r in results]) + "_"
     if not pretrained:
         table += "\n\n_Features come from random-init encoders: a pipeline check, not a result._"
     scored_anyway = sorted({m for r in results for m in r["mismatches_allowed"]})

@@ -24,6 +24,7 @@ from PIL import Image
 
 from pipeline.bench.sweep import build_demo_caches, demo_study
 from pipeline.errors import UserError
+from pipeline.eval.report import selection_note
 from pipeline.plots import CAVEAT_KEY, NOTES_KEY, RANDOM_INIT_CAVEAT
 from pipeline.sweep.caches import decoder_summary
 from pipeline.sweep.command import sweep_command
@@ -125,10 +126,12 @@ def test_killed_sweep_reruns_only_the_missing_runs_and_gives_the_same_table(cach
     table = (out / "table.csv").read_text().splitlines()
     assert table[0] == "variant,fold 0,fold 1,mean" and len(table) == 3 and ",," not in "".join(table)
     assert "random-init" in (out / "table.md").read_text()
+    assert "Weights: final (the last step) for every run" in (out / "table.md").read_text()
+    assert {json.loads((r / "done.json").read_text())["selection"] for r in runs} == {"final"}
     chart = Image.open(out / "chart.png").text
     assert chart[CAVEAT_KEY] == RANDOM_INIT_CAVEAT and "no error bars: one seed per bar" in chart[NOTES_KEY]
     rows = (out / "results.csv").read_text().splitlines()
-    assert len(rows) == 5 and all(",done," in r for r in rows[1:])
+    assert len(rows) == 5 and all(",done," in r and ",final," in r for r in rows[1:]) and "selection" in rows[0]
 
 
 def test_failed_runs_are_retried_reported_and_do_not_stop_the_others(caches, tmp_path, capsys):
@@ -280,7 +283,10 @@ def test_swept_key_with_derived_heads_and_seed_statistics(caches, tmp_path):
     results = {r.key: {"miou": scores[(r.values["model.fusion.layers"], r.seed)] + r.fold, "fb_iou": 70.0,
                        "pretrained_features": True} for r in runs}
     table = build_table(study=spec, runs=runs, results=results)
-    assert table.columns == ["fold 0", "fold 1", "mean"] and table.seeds == 2 and not table.notes
+    assert table.columns == ["fold 0", "fold 1", "mean"] and table.seeds == 2
+    assert table.notes == [selection_note(["final"] * 8)]  # records without a rule are final weights
+    assert "Weights: final (the last step) for every run" in table.notes[0]
+    assert "best of many test-set evaluations" in table.notes[0]
     mean, std = table.cells["layers=1"]["mean"]
     assert mean == pytest.approx(52.5) and std == pytest.approx(2.8284271, rel=1e-6)  # seeds 50.5 and 54.5
     del results[runs[0].key]

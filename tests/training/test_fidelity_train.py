@@ -196,3 +196,12 @@ def test_a_run_saved_before_the_released_decoder_order_and_loss_loads_as_it_was_
     with pytest.raises(UserError, match="different config"):  # today's defaults would train another model
         train(config=build_config(preset="tiny", overrides=train_overrides(gen, run, "optim.max_steps=2")),
               resume=True, quiet=True)
+
+
+def test_a_default_runs_summary_says_its_weights_are_the_final_ones(gen, tmp_path):
+    from pipeline.eval.validation import train_and_validate
+
+    run = tmp_path / "final"
+    train_and_validate(config=build_config(preset="tiny", overrides=train_overrides(gen, run, "optim.max_steps=1")),
+                       quiet=True)
+    assert json.loads((run / "summary.json").read_text())["selection"] == {"rule": "final"}

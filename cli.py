@@ -121,7 +121,9 @@ def extract(
     option: List[str] = typer.Option([], "--option", metavar="KEY=VALUE", parser=parse_override,
                                                  show_default=False,
                                                  help="Reader option, e.g. list_file=val.txt (repeatable)."),
-    views: int = typer.Option(1, "--views", metavar="N", help="Seeded augmented views per training image."),
+    views: int = typer.Option(1, "--views", metavar="N",
+                              help="Seeded augmented views per training image: 1 for quick checks, 4 for the paper's "
+                                   "studies (K x the time and disk; the released code draws a fresh view every step)."),
     eval_resize: bool = typer.Option(False, "--eval-resize", help="Evaluation images resized whole, not windowed."),
     stride: Optional[int] = typer.Option(None, "--stride", metavar="PX", show_default="2/3 of the window",
                                          help="Sliding-window stride."),

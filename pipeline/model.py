@@ -39,6 +39,9 @@ class FusionConfig:
     dropout: float = 0.0
     mode: Literal["early", "late", "none", "frozen"] = "early"
     late_mlp_layers: int = 6
+    # "product": class-type embedding N(0, 0.02^2) without weight decay, output projections with torch's default
+    # Linear init; "released": the embedding N(0, 1) and weight-decayed, the projections N(0, 1/width).
+    init: Literal["product", "released"] = "product"
 
 
 @dataclass
@@ -108,6 +111,7 @@ def check_config(config: ModelConfig) -> None:
     require(fusion.layers >= 0 and fusion.late_mlp_layers >= 0, "fusion layer counts must be >= 0")
     require(fusion.mlp_ratio > 0, "fusion.mlp_ratio must be positive")
     require(0.0 <= fusion.dropout < 1.0, "fusion.dropout must be in [0, 1)")
+    require(fusion.init in ("product", "released"), "fusion.init must be 'product' or 'released'")
     require(all(c > 0 for c in decoder.channels), "decoder.channels must be a list of positive integers")
     require(decoder.blocks >= 0, "decoder.blocks must be >= 0 (0: the vision encoder's registry entry)")
     require(decoder.upsample in ("features", "logits"), "decoder.upsample must be 'features' or 'logits'")
@@ -242,6 +246,11 @@ class Fusion(nn.Module):
         self.mixer = mixers[config.mode](config) if config.mode in mixers else None
         self.visual_out = nn.Linear(width, width)
         self.text_out = nn.Linear(width, width)
+        if config.init == "released":
+            nn.init.normal_(self.class_type, std=1.0)
+            for projection in (self.visual_out, self.text_out):
+                nn.init.normal_(projection.weight, std=width ** -0.5)
+                nn.init.zeros_(projection.bias)
 
     def forward(self, visual: Tensor, text: Tensor, *, text_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         visual = self.visual_in(visual)  # [B, HW, d]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.data.labels import TRAIN_SPLITS
+from pipeline.encode.plan import RECIPE_VIEWS
 from pipeline.encode.registry import list_encoders
 from pipeline.errors import UserError
 
@@ -81,6 +83,8 @@ def make_command(store: str, split: str, *, splits_dir: str | None = None, train
     reader, _, part = split.partition("/")
     root = _ROOTS.get(reader, "DATA_ROOT").format(split=part)
     command = f"fusioner extract --backbone {backbone} --dataset {reader} --data-root {root} --split {part}"
+    if part in TRAIN_SPLITS:
+        command += f" --views {RECIPE_VIEWS}"  # the recipe's K, not the quick-check default of 1
     if reader == "coco" and part == "val" and splits_dir:
         command += f" --episodes {splits_dir}"  # only the images the standard episodes score
     if train_reader in ("voc", "coco") and reader in ("voc", "coco") and reader != train_reader:

@@ -387,3 +387,12 @@ def test_a_local_sweep_cluster_serves_the_dask_dashboard(capsys):
         with direct.open(link, timeout=30) as page:  # the scheduler's own HTTP server
             assert page.status == 200 and b"Dask" in page.read()
     assert f"dask dashboard: {link}" in capsys.readouterr().err
+
+
+def test_hints_for_missing_training_caches_build_the_recipes_views():
+    from pipeline.encode.plan import RECIPE_VIEWS
+    from pipeline.sweep.caches import make_command
+
+    train = make_command("cache/clip-l", "voc/train", train_reader="voc")
+    assert f"--views {RECIPE_VIEWS}" in train and RECIPE_VIEWS > 1
+    assert "--views" not in make_command("cache/clip-l", "voc/val", train_reader="voc")

@@ -69,26 +69,25 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-_reused_encoder = functools.lru_cache(maxsize=None)(create_encoder)
-
-
 @pytest.fixture(scope="module")
 def reuse_encoders():
-    """Build each encoder once per session for in-process extractions.
+    """Build each encoder once per module for in-process extractions, and let it go after the module.
 
-    Building (seeded random init of ~100M weights) costs more than a tiny
-    extraction itself, and a frozen encoder whose weights are seeded by its
-    name is exactly what every rebuild would return. Subprocesses and dask
-    workers still build their own.
+    A frozen encoder whose weights are seeded by its name is exactly what every rebuild would
+    return, so a module's extractions share one. The cache dies with the module: a full-size
+    tower held for the whole session is what once took the suite past 11 GB. Subprocesses
+    and dask workers still build their own.
     """
+    reused = functools.lru_cache(maxsize=None)(create_encoder)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline.encode.extract, "create_encoder", _reused_encoder)
-        yield
+        patch.setattr(pipeline.encode.extract, "create_encoder", reused)
+        yield reused
+    reused.cache_clear()
 
 
 @pytest.fixture(scope="module")
 def gen(tmp_path_factory) -> Generated:
-    """The shared generated cache (rectangles, clip-b random-init, MiniLM text), built once per session."""
+    """The shared generated cache (rectangles, test-vit random-init, MiniLM text), built once per session."""
     return generated_cache(tmp_path_factory.getbasetemp() / "generated")
 
 

@@ -58,7 +58,7 @@ FOLD0 = create_protocol("pascal5i").fold(0)
 @dataclass(frozen=True)
 class Generated:
     data: Path
-    vision: Path  # clip-b random-init: folder/train (2 views per image), folder/val (64 px windows),
+    vision: Path  # test-vit random-init: folder/train (2 views per image), folder/val (64 px windows),
     # folder/test (each image resized whole, --eval-resize)
     text: Path  # minilm (real weights): the 20 VOC names
 
@@ -88,11 +88,11 @@ def write_rectangles(root: Path, *, images: int = IMAGES, seed: int = 0) -> Path
 
 def generated_cache(base: Path) -> Generated:
     """Build the shared cache once per test session (modules find it on disk), ~30 s on 2 cores."""
-    made = Generated(data=base / "data", vision=base / "clip-b", text=base / "minilm")
+    made = Generated(data=base / "data", vision=base / "test-vit", text=base / "minilm")
     if (base / "done").is_file():
         return made
     write_rectangles(made.data)
-    common = dict(backbone="clip-b", dataset="folder", data_root=str(made.data), input_size=INPUT,
+    common = dict(backbone="test-vit", dataset="folder", data_root=str(made.data), input_size=INPUT,
                   random_init=True, vision_only=True, device="cpu")
     # The released crop pair without the p = 0.5 photometric/geometric block: the tiny model must learn the
     # rectangles in a few epochs for the stitching and scoring checks that use this cache.
@@ -267,7 +267,7 @@ TINY_VIEWS, TINY_SHARD = 3, 4  # 18 views of the 6 tiny images: shards of 4, the
 
 
 def tiny_extract_config(data: Path, out: Path, **changes) -> ExtractConfig:
-    base = dict(backbone="clip-b", out=str(out), dataset="folder", data_root=str(data), views=TINY_VIEWS,
+    base = dict(backbone="test-vit", out=str(out), dataset="folder", data_root=str(data), views=TINY_VIEWS,
                 input_size=32, shard_size=TINY_SHARD, random_init=True, device="cpu")
     return ExtractConfig(**{**base, **changes})
 

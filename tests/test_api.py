@@ -42,11 +42,11 @@ def test_api_functions_are_keyword_only_and_documented():
 
 def test_extract_returns_its_report_and_refuses_unknown_settings(tmp_path):
     data = write_folder_dataset(tmp_path / "data", sizes=((48, 64), (40, 40)))
-    report = pipeline.extract(backbone="clip-b", out=tmp_path / "store", dataset="folder", data_root=data,
+    report = pipeline.extract(backbone="test-vit", out=tmp_path / "store", dataset="folder", data_root=data,
                               input_size=32, random_init=True, device="cpu", views=2)
     assert report["views"] == 4 and report["pretrained"] is False
     with pytest.raises(UserError, match="unknown config key 'viewz'"):
-        pipeline.extract(backbone="clip-b", out=tmp_path / "other", dataset="folder", data_root=data, viewz=2)
+        pipeline.extract(backbone="test-vit", out=tmp_path / "other", dataset="folder", data_root=data, viewz=2)
 
 
 def test_train_evaluate_predict_round_trip(gen, tmp_path):

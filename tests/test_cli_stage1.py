@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread", "reuse_encoders")
 
 
 def _extract_args(out: Path, *extra: str) -> list[str]:
-    return ["extract", "--backbone", "clip-b", "--random-init", "--input-size", "32", "--out", str(out), *extra]
+    return ["extract", "--backbone", "test-vit", "--random-init", "--input-size", "32", "--out", str(out), *extra]
 
 
 def _one_line_error(capsys) -> str:
@@ -61,7 +61,10 @@ def test_encoders_lists_every_registered_encoder(capsys):
     assert main(["encoders"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[:3] == ["name", "towers", "arch"]
-    assert [line.split()[0] for line in lines[1:]] == list_encoders() and len(lines) == 9
+    assert [line.split()[0] for line in lines[1:9]] == list_encoders() and len(lines) == 12
+    # the tiny towers come last, each saying what it is for
+    assert [line.split()[0] for line in lines[9:]] == ["test-text", "test-timm", "test-vit"]
+    assert all("test-only: random-init" in line for line in lines[9:])
 
 
 def test_extract_help_exits_0(capsys):
@@ -81,9 +84,9 @@ def test_extract_then_info_describe_the_store(tmp_path, capsys):
     assert "random-init weights" in captured.err
     assert main(["info", str(out)]) == 0
     info = capsys.readouterr().out
-    assert "encoder    clip-b  weights: random-init" in info
-    assert "input      32 px, grid [2, 2], vision dim 512, text dim 512" in info
-    assert "text       3 classes x 512 (32 prompt templates)" in info
+    assert "encoder    test-vit  weights: random-init" in info
+    assert "input      32 px, grid [2, 2], vision dim 32, text dim 32" in info
+    assert "text       3 classes x 32 (32 prompt templates)" in info
     assert "split      folder/train: views, 2 images, 4 views, shards 1/1," in info
 
 

@@ -16,12 +16,12 @@ from pipeline.plots import CAVEAT_KEY, RANDOM_INIT_CAVEAT
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory) -> dict[str, Path]:
-    """Generated shapes, a clip-b (random-init, 32 px) vision cache and a MiniLM text cache."""
+    """Generated shapes, a test-vit (random-init, 32 px) vision cache and a MiniLM text cache."""
     root = tmp_path_factory.mktemp("stage2")
     data = make_shapes_dataset(out=root / "data", count=16, size=(48, 64))
     train_list, val_list = split_lists(root=data, out=root)
-    vision, text = root / "clip-b", root / "minilm"
-    common = ["extract", "--backbone", "clip-b", "--random-init", "--input-size", "32", "--dataset", "folder",
+    vision, text = root / "test-vit", root / "minilm"
+    common = ["extract", "--backbone", "test-vit", "--random-init", "--input-size", "32", "--dataset", "folder",
               "--data-root", str(data), "--out", str(vision), "--vision-only", "--quiet"]
     assert main(common + ["--split", "train", "--views", "2", "--option", f"list_file={train_list}"]) == 0
     assert main(common + ["--split", "val", "--option", f"list_file={val_list}"]) == 0
@@ -127,11 +127,11 @@ def _copy_elsewhere(run: Path, target: Path, *, keep_inputs: bool = True) -> Pat
 
     copy = shutil.copytree(run, target / "copied-run")
     config = json.loads((copy / "config.json").read_text())
-    config["data"].update(cache="cache/clip-b", text_cache="cache/minilm")  # relative, as a user types them
+    config["data"].update(cache="cache/test-vit", text_cache="cache/minilm")  # relative, as a user types them
     (copy / "config.json").write_text(json.dumps(config))
     if keep_inputs:
         inputs = json.loads((copy / "inputs.json").read_text())
-        inputs.update(vision_store="/nowhere/clip-b", text_store="/nowhere/minilm")
+        inputs.update(vision_store="/nowhere/test-vit", text_store="/nowhere/minilm")
         (copy / "inputs.json").write_text(json.dumps(inputs))
     else:
         (copy / "inputs.json").unlink()
@@ -141,7 +141,7 @@ def _copy_elsewhere(run: Path, target: Path, *, keep_inputs: bool = True) -> Pat
 def test_a_copied_run_predicts_new_names_without_its_stores(trained: Path, caches, tmp_path, monkeypatch) -> None:
     photo = next((caches["data"] / "images").iterdir())
     inputs = json.loads((trained / "inputs.json").read_text())
-    assert inputs["vision_store"] == str(caches["vision"].resolve()) and inputs["vision"]["encoder"] == "clip-b"
+    assert inputs["vision_store"] == str(caches["vision"].resolve()) and inputs["vision"]["encoder"] == "test-vit"
     assert inputs["text"]["encoder"] == "minilm" and len(inputs["text"]["templates"]) == 32
     assert inputs["vision"]["mean"] and inputs["class_names"][:2] == ["circle", "square"]
     reference = tmp_path / "reference"

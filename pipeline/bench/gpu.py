@@ -41,7 +41,7 @@ from pipeline.runtime import load_average, machine, resolve_device
 FULL = {"images": 3000, "backbone": "clip-l", "input_size": None, "steps": 300, "batch_size": 32,
         "extract_batch": 256, "preset": "paper", "render_workers": min(12, max(1, (os.cpu_count() or 2) - 2)),
         "val_images": 64, "forward_views": 2048, "image_size": (375, 500), "views": 4}
-TINY = {"images": 10, "backbone": "clip-b", "input_size": 32, "steps": 3, "batch_size": 4,
+TINY = {"images": 10, "backbone": "test-vit", "input_size": 32, "steps": 3, "batch_size": 4,
         "extract_batch": 8, "preset": "tiny", "render_workers": 0, "val_images": 3, "forward_views": 16,
         "image_size": (48, 64), "views": 1}
 

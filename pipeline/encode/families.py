@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -61,6 +62,8 @@ def _weights_missing(spec: EncoderSpec, detail: str) -> UserError:
 
 
 def _resolve_weights(spec: EncoderSpec, weights: str | Path | None, random_init: bool) -> WeightsInfo:
+    if spec.test_only and not random_init:
+        raise UserError(f"{spec.name} is a test-only encoder without weights: pass --random-init")
     if random_init:
         if weights is not None:
             raise UserError("--weights and --random-init exclude each other")
@@ -132,7 +135,8 @@ def _build_open_clip(spec, info, input_size, want_vision, want_text, device):
     try:
         with torch.random.fork_rng(devices=[]), _quiet_logger("root"):
             torch.manual_seed(_seed_for(spec.name))
-            model = open_clip.create_model(spec.arch, pretrained=pretrained, device="cpu", **kwargs)
+            model = (_open_clip_from_cfg(spec, input_size, quick_gelu=kwargs["force_quick_gelu"]) if spec.model_cfg
+                     else open_clip.create_model(spec.arch, pretrained=pretrained, device="cpu", **kwargs))
     except (RuntimeError, OSError, ValueError) as err:
         if not info.pretrained:
             raise
@@ -145,7 +149,7 @@ def _build_open_clip(spec, info, input_size, want_vision, want_text, device):
         vision = VisionEncoder(spec=spec, tower=visual, forward_tokens=tokens, input_size=input_size,
                                weights=info, device=device)
     if want_text:
-        tokenizer = open_clip.get_tokenizer(spec.arch)
+        tokenizer = open_clip.get_tokenizer("" if spec.model_cfg else spec.arch)
         model.visual = nn.Identity() if not want_vision else model.visual
         frozen(model).to(device)
 
@@ -155,6 +159,15 @@ def _build_open_clip(spec, info, input_size, want_vision, want_text, device):
         text = TextEncoder(spec=spec, encode_sentences=sentences, weights=info, device=device,
                            dim=spec.text_dim)
     return vision, text
+
+
+def _open_clip_from_cfg(spec: EncoderSpec, input_size: int, *, quick_gelu: bool) -> nn.Module:
+    """An open_clip CLIP built from the entry's own model config (open_clip's JSON form)."""
+    import open_clip
+
+    cfg = {key: dict(value) if isinstance(value, Mapping) else value for key, value in spec.model_cfg.items()}
+    cfg["vision_cfg"]["image_size"] = input_size
+    return open_clip.CLIP(**cfg, quick_gelu=quick_gelu)
 
 
 def _vit_tokens(visual: nn.Module):

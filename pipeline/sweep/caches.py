@@ -69,7 +69,7 @@ def _present(store: str, split: str) -> bool:
 def _backbone(store: str) -> str:
     """The registry name a store's folder starts with (cache/clip-l-coco -> clip-l), else a placeholder."""
     name = Path(store).name
-    matches = [e for e in list_encoders() if name == e or name.startswith(e + "-")]
+    matches = [e for e in list_encoders(tests=True) if name == e or name.startswith(e + "-")]
     return max(matches, key=len) if matches else "ENCODER"
 
 

@@ -1,4 +1,8 @@
-"""The encoder registry: output shapes, seeded random init, weight errors, prompt averaging."""
+"""The encoder registry: output shapes, seeded random init, weight errors, prompt averaging.
+
+The full-size towers built here are the `fullsize` tier (``make test-fast`` leaves them out);
+the tiny test-only entries are checked beside them in the fast tier.
+"""
 
 from __future__ import annotations
 
@@ -30,8 +34,15 @@ def _one_thread():
 
 @functools.lru_cache(maxsize=None)
 def _random_encoder(name: str):
-    """Each random-init encoder is built once per session; building dominates these tests."""
+    """Each random-init encoder is built once per module; building dominates these tests."""
     return create_encoder(name, random_init=True, input_size=SMALL_INPUT.get(name))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_encoders():
+    """Full-size towers leave with this module instead of living for the whole session."""
+    yield
+    _random_encoder.cache_clear()
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,6 +53,7 @@ def test_registry_lists_the_eight_encoders():
     assert list_encoders() == ["bert-b", "bert-l", "clip-b", "clip-l", "clip-rn101", "dino-b", "minilm", "moco-b"]
 
 
+@pytest.mark.fullsize
 @pytest.mark.parametrize("name", list_encoders())
 def test_output_shapes_with_random_init(name):
     spec = get_spec(name)
@@ -77,6 +89,7 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+@pytest.mark.fullsize
 @pytest.mark.parametrize(("name", "tower"), [("dino-b", "vision"), ("clip-b", "vision"), ("bert-b", "text")])
 def test_random_init_weights_are_seeded_by_name(name, tower):
     first = _random_encoder(name)
@@ -91,10 +104,48 @@ def test_random_init_weights_are_seeded_by_name(name, tower):
                            second.text.encode_names(sentences, templates=FEW_TEMPLATES))
 
 
+@pytest.mark.fullsize
 def test_same_architecture_under_another_name_gets_other_weights():
     dino, moco = _random_encoder("dino-b"), _random_encoder("moco-b")
     weight = "blocks.0.attn.qkv.weight"
     assert not torch.equal(dino.vision.tower.state_dict()[weight], moco.vision.tower.state_dict()[weight])
+
+
+TEST_ENCODERS = [name for name in list_encoders(tests=True) if get_spec(name).test_only]
+
+
+def test_test_only_encoders_are_tiny_real_towers_of_the_same_families():
+    assert TEST_ENCODERS == ["test-text", "test-timm", "test-vit"]
+    assert {get_spec(name).family for name in TEST_ENCODERS} == {"open_clip", "timm", "hf_text"}
+    assert not set(TEST_ENCODERS) & set(list_encoders())  # the paper's registry lists only real encoders
+    for name in TEST_ENCODERS:
+        encoders = create_encoder(name, random_init=True, input_size=32)
+        towers = [t for t in (encoders.vision, encoders.text) if t is not None]
+        assert len(towers) == len(get_spec(name).towers)
+        if encoders.vision is not None:
+            assert sum(p.numel() for p in encoders.vision.tower.parameters()) < 400_000
+
+
+@pytest.mark.parametrize("name", TEST_ENCODERS)
+def test_test_only_encoders_give_the_registry_shapes_and_are_seeded(name):
+    spec = get_spec(name)
+    first, second = (create_encoder(name, random_init=True, input_size=32) for _ in range(2))
+    if "vision" in spec.towers:
+        images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+        tokens = first.vision.encode(images)
+        assert tokens.shape == (2, 4, spec.vision_dim) and torch.equal(tokens, second.vision.encode(images))
+    if "text" in spec.towers:
+        emb = first.text.encode_names(["cat", "dog"], templates=FEW_TEMPLATES)
+        assert emb.shape == (2, spec.text_dim) and not torch.allclose(emb[0], emb[1])
+        assert torch.equal(emb, second.text.encode_names(["cat", "dog"], templates=FEW_TEMPLATES))
+
+
+def test_test_only_encoders_have_no_weights_to_load(tmp_path):
+    with pytest.raises(UserError, match="test-vit is a test-only encoder without weights: pass --random-init"):
+        create_encoder("test-vit")
+    (tmp_path / "w.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="test-only"):
+        create_encoder("test-timm", weights=tmp_path / "w.pt")
 
 
 def test_unknown_encoder_is_a_user_error():

@@ -97,7 +97,7 @@ def test_window_boxes_cover_the_image_and_end_on_its_edge(height, width):
 def test_evaluation_plan_uses_windows_with_two_thirds_stride(tmp_path):
     data = write_folder_dataset(tmp_path / "data", sizes=((70, 150),))
     dataset = create_dataset("folder", root=data, split="val")
-    config = ExtractConfig(backbone="clip-b", out=str(tmp_path / "s"), split="val")
+    config = ExtractConfig(backbone="test-vit", out=str(tmp_path / "s"), split="val")
     plan = plan_split(dataset=dataset, config=config, input_size=48, tokens=9, dim=8)
     assert plan.kind == "windows" and plan.meta["stride"] == 32
     expected = window_boxes(height=70, width=150, size=48, stride=32)
@@ -162,7 +162,7 @@ def test_killed_extraction_resumes_to_the_same_bytes(tmp_path):
     """kill -9 a real `fusioner extract` mid-run, run it again, compare with an uninterrupted run."""
     data = write_folder_dataset(tmp_path / "data", sizes=((96, 128), (120, 90)) * 8, seed=3)
     out = tmp_path / "killed"
-    args = ["extract", "--backbone", "clip-b", "--random-init", "--input-size", "32", "--dataset", "folder",
+    args = ["extract", "--backbone", "test-vit", "--random-init", "--input-size", "32", "--dataset", "folder",
             "--data-root", str(data), "--views", "4", "--shard-size", "4", "--vision-only", "--quiet"]
     shards = 16 * 4 // 4
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the thread count of the reference run below
@@ -191,7 +191,7 @@ def test_killed_extraction_resumes_to_the_same_bytes(tmp_path):
 
     assert torch.get_num_threads() == 1
     reference = tmp_path / "uninterrupted"
-    config = ExtractConfig(backbone="clip-b", out=str(reference), dataset="folder", data_root=str(data), views=4,
+    config = ExtractConfig(backbone="test-vit", out=str(reference), dataset="folder", data_root=str(data), views=4,
                            input_size=32, shard_size=4, vision_only=True, random_init=True)
     extract(config=config, quiet=True)
     assert_same_store(reference, out)
@@ -205,7 +205,7 @@ def test_killed_extraction_resumes_to_the_same_bytes(tmp_path):
 
 def test_finished_extraction_run_again_writes_nothing(tmp_path):
     data = write_folder_dataset(tmp_path / "data", sizes=TINY_SIZES[:2])
-    config = tiny_config(data, tmp_path / "s", backbone="dino-b")
+    config = tiny_config(data, tmp_path / "s", backbone="test-timm")
     first = extract(config=config, quiet=True)
     assert first.shards_run == 2 and first.shards_skipped == 0
     second = extract(config=config, quiet=True)
@@ -215,8 +215,8 @@ def test_finished_extraction_run_again_writes_nothing(tmp_path):
 def test_resume_accepts_the_same_data_under_another_path_spelling(tmp_path, monkeypatch):
     write_folder_dataset(tmp_path / "data", sizes=TINY_SIZES[:2])
     monkeypatch.chdir(tmp_path)
-    first = extract(config=tiny_config(Path("data"), tmp_path / "s", backbone="dino-b", shard_size=2), quiet=True)
-    again = extract(config=tiny_config(tmp_path / "data", tmp_path / "s", backbone="dino-b", shard_size=2),
+    first = extract(config=tiny_config(Path("data"), tmp_path / "s", backbone="test-timm", shard_size=2), quiet=True)
+    again = extract(config=tiny_config(tmp_path / "data", tmp_path / "s", backbone="test-timm", shard_size=2),
                     quiet=True)
     assert first.shards_run == 3 and again.shards_run == 0 and again.shards_skipped == 3
 
@@ -250,22 +250,22 @@ def _copy(store: Path, tmp_path: Path) -> Path:
     return copy
 
 
-@pytest.mark.parametrize(("change", "key"), [({"backbone": "dino-b"}, "encoder"), ({"input_size": 64}, "input_size")])
+@pytest.mark.parametrize(("change", "key"), [({"backbone": "test-timm"}, "encoder"), ({"input_size": 64}, "input_size")])
 def test_appending_a_differently_made_store_is_refused(reference, tmp_path, change, key):
     data, store = reference
     copy = _copy(store, tmp_path)
     with pytest.raises(UserError, match=rf"was made with {key}=.*--overwrite"):
         extract(config=tiny_config(data, copy, vision_only=True, **change), quiet=True)
-    assert store_attrs(open_store(copy))["encoder"] == "clip-b"
+    assert store_attrs(open_store(copy))["encoder"] == "test-vit"
 
 
 def test_overwrite_starts_over(reference, tmp_path):
     data, store = reference
     copy = _copy(store, tmp_path)
-    report = extract(config=tiny_config(data, copy, backbone="dino-b", overwrite=True), quiet=True)
+    report = extract(config=tiny_config(data, copy, backbone="test-timm", overwrite=True), quiet=True)
     assert report.shards_skipped == 0
     root = open_store(copy)
-    assert store_attrs(root)["encoder"] == "dino-b" and root["folder/train/features"].shape[-1] == 768
+    assert store_attrs(root)["encoder"] == "test-timm" and root["folder/train/features"].shape[-1] == 64
 
 
 @pytest.mark.parametrize("change", [{"views": 2}, {"seed": 1}, {"shard_size": 6}])
@@ -284,15 +284,15 @@ def test_another_plan_into_the_same_split_is_refused(reference, tmp_path, change
 def test_a_corrupt_jpeg_stops_the_run_naming_its_path(tmp_path):
     data, truncated, junk = with_bad_images(tmp_path)
     with pytest.raises(UserError, match=re.escape(str(junk))):
-        extract(config=tiny_config(data, tmp_path / "a", backbone="dino-b"), quiet=True)
+        extract(config=tiny_config(data, tmp_path / "a", backbone="test-timm"), quiet=True)
     junk.unlink()
     with pytest.raises(UserError, match=re.escape(str(truncated))):
-        extract(config=tiny_config(data, tmp_path / "b", backbone="dino-b"), quiet=True)
+        extract(config=tiny_config(data, tmp_path / "b", backbone="test-timm"), quiet=True)
 
 
 def test_skip_bad_records_and_reports_bad_images(tmp_path):
     data, truncated, junk = with_bad_images(tmp_path)
-    report = extract(config=tiny_config(data, tmp_path / "s", backbone="dino-b", skip_bad=True), quiet=True)
+    report = extract(config=tiny_config(data, tmp_path / "s", backbone="test-timm", skip_bad=True), quiet=True)
     assert sorted(image_id for image_id, _ in report.bad) == ["img100", "img101"]
     assert any(str(junk) in reason for _, reason in report.bad)
     group = open_store(tmp_path / "s")["folder/train"]

@@ -11,9 +11,19 @@ from pipeline.encode.families import create_encoder
 from pipeline.encode.registry import activation, get_spec
 
 
+pytestmark = pytest.mark.fullsize  # pins the real architectures: full-size towers
+
+
 @functools.lru_cache(maxsize=None)
 def _built(name: str, size: int):
     return create_encoder(name, random_init=True, input_size=size)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_encoders():
+    """Full-size towers leave with this module instead of living for the whole session."""
+    yield
+    _built.cache_clear()
 
 
 def _mlp_activations(module: torch.nn.Module) -> set[str]:

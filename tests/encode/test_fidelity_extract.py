@@ -36,7 +36,7 @@ def _voc_root(root: Path, images: int = 2) -> Path:
 
 
 def _voc_extract(tmp_path: Path, out: str, **changes) -> Path:
-    config = ExtractConfig(backbone="clip-b", out=str(tmp_path / out), dataset="voc",
+    config = ExtractConfig(backbone="test-vit", out=str(tmp_path / out), dataset="voc",
                            data_root=str(tmp_path / "voc"), input_size=32, random_init=True, device="cpu",
                            views=1, **changes)
     extract(config=config, quiet=True)
@@ -55,7 +55,7 @@ def test_voc_views_are_normalised_with_the_released_pascal_statistics(tmp_path, 
     assert recorded == {"name": "pascal", "mean": list(DATASET_STATS["pascal"][0]),
                         "std": list(DATASET_STATS["pascal"][1])}
     assert recorded["mean"] == [0.4554, 0.4298, 0.3955] and recorded["std"] == [0.1181, 0.1189, 0.1338]
-    assert open_store(clip)["voc/train"].attrs["meta"]["normalize"]["mean"] == list(get_spec("clip-b").mean)
+    assert open_store(clip)["voc/train"].attrs["meta"]["normalize"]["mean"] == list(get_spec("test-vit").mean)
     a = np.asarray(open_store(auto)["voc/train/features"][:], np.float32)
     b = np.asarray(open_store(clip)["voc/train/features"][:], np.float32)
     assert not np.allclose(a, b, atol=1e-2)
@@ -109,9 +109,10 @@ def test_the_activation_is_part_of_the_store_identity(tmp_path):
         open_or_create_store(tmp_path / "s", identity=store_identity(activation="quick_gelu", **common))
 
 
+@pytest.mark.fullsize
 def test_extraction_records_quick_gelu_for_openai_clip(tmp_path):
     data = write_folder_dataset(tmp_path / "data", sizes=((40, 40),))
-    extract(config=tiny_extract_config(data, tmp_path / "s", vision_only=True, views=1), quiet=True)
+    extract(config=tiny_extract_config(data, tmp_path / "s", backbone="clip-b", vision_only=True, views=1), quiet=True)
     assert open_store(tmp_path / "s").attrs["fusioner"]["activation"] == "quick_gelu"
 
 
@@ -129,7 +130,7 @@ def test_episodes_restrict_a_coco_extraction_to_the_scored_images(tmp_path):
 
     coco = make_coco(tmp_path / "coco")
     lists = _coco_episode_lists(tmp_path / "splits", {"0": ["val2014/COCO_val2014_000000000007.jpg"]})
-    config = ExtractConfig(backbone="clip-b", out=str(tmp_path / "s"), dataset="coco", data_root=str(coco),
+    config = ExtractConfig(backbone="test-vit", out=str(tmp_path / "s"), dataset="coco", data_root=str(coco),
                            split="val", episodes=str(lists), episode_folds=[0])
     dataset = open_extraction_dataset(config)
     assert dataset.ids == ["COCO_val2014_000000000007"]

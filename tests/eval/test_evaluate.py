@@ -118,7 +118,7 @@ def _untrained(gen):
     from pipeline.training.config import build_config
 
     config = build_config(preset="tiny")
-    config.model.vision_dim, config.model.text_dim, config.model.decoder.out_size = 512, 384, INPUT
+    config.model.vision_dim, config.model.text_dim, config.model.decoder.out_size = 32, 384, INPUT
     torch.manual_seed(0)
     return build_model(config.model)
 

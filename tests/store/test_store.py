@@ -52,8 +52,8 @@ def test_arrays_shapes_and_sharding(tiny):
     group = open_store(path)["folder/train"]
     n = len(TINY_SIZES) * VIEWS
     features = group["features"]
-    assert features.shape == (n, 4, 512) and features.dtype == np.float16
-    assert features.chunks == (1, 4, 512) and features.shards == (SHARD, 4, 512)
+    assert features.shape == (n, 4, 32) and features.dtype == np.float16
+    assert features.chunks == (1, 4, 32) and features.shards == (SHARD, 4, 32)
     assert group["masks"].shape == (n, 32, 32) and group["masks"].dtype == np.uint8
     assert group["shard_done"].shape == (-(-n // SHARD),)
     assert done_shards(group).all()
@@ -84,19 +84,19 @@ def test_store_describes_itself(tiny):
     root = open_store(path)
     attrs = store_attrs(root)
     assert attrs["format_version"] == FORMAT_VERSION
-    assert attrs["encoder"] == "clip-b"
+    assert attrs["encoder"] == "test-vit"
     assert attrs["weights"] == {"pretrained": False, "source": "random-init", "sha256": None}
     assert attrs["pretrained"] is False
     assert attrs["input_size"] == 32 and attrs["grid"] == [2, 2]
-    assert attrs["vision_dim"] == 512 and attrs["text_dim"] == 512
+    assert attrs["vision_dim"] == 32 and attrs["text_dim"] == 32
     assert np.allclose(attrs["mean"], [0.48145466, 0.4578275, 0.40821073])
     assert np.allclose(attrs["std"], [0.26862954, 0.26130258, 0.27577711])
     assert {"torch", "zarr", "numpy", "open_clip_torch"} <= set(attrs["versions"])
     assert attrs["created"].startswith("20")
     text = root["text"]
-    assert text.attrs["templates"] == list(TEMPLATES) and text.attrs["encoder"] == "clip-b"
+    assert text.attrs["templates"] == list(TEMPLATES) and text.attrs["encoder"] == "test-vit"
     names, emb = read_text(root)
-    assert names == list(TINY_CLASSES) and emb.shape == (3, 512)
+    assert names == list(TINY_CLASSES) and emb.shape == (3, 32)
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     split = root["folder/train"].attrs
     assert split["kind"] == "views" and split["num_views"] == len(TINY_SIZES) * VIEWS
@@ -135,7 +135,7 @@ def test_readable_with_plain_zarr_and_dask_without_this_package(tiny, tmp_path):
     group = open_store(path)["folder/train"]
     features = group["features"][...].astype(np.float64)
     assert seen["pipeline_imported"] is False
-    assert seen["encoder"] == "clip-b" and seen["shape"] == list(features.shape)
+    assert seen["encoder"] == "test-vit" and seen["shape"] == list(features.shape)
     assert seen["sum_zarr"] == pytest.approx(features.sum(), rel=1e-9)
     assert seen["sum_dask"] == pytest.approx(features.sum(), rel=1e-9)
     assert seen["mask_sum"] == int(group["masks"][...].astype(np.int64).sum())
@@ -238,10 +238,10 @@ def test_real_photos_round_trip(coco128, voc_sample, tmp_path):
     """Real JPEGs and palette PNGs: stored masks equal views rendered again, VOC's 255 border kept."""
     ids = sorted(p.stem for p in (coco128 / "images").glob("*.jpg"))[:4]
     (tmp_path / "list.txt").write_text("\n".join(ids) + "\n")
-    coco = ExtractConfig(backbone="dino-b", out=str(tmp_path / "coco"), dataset="folder", data_root=str(coco128),
+    coco = ExtractConfig(backbone="test-timm", out=str(tmp_path / "coco"), dataset="folder", data_root=str(coco128),
                          dataset_options={"list_file": str(tmp_path / "list.txt")}, views=2, input_size=32,
                          random_init=True, device="cpu")
-    voc = ExtractConfig(backbone="dino-b", out=str(tmp_path / "voc"), dataset="voc", data_root=str(voc_sample),
+    voc = ExtractConfig(backbone="test-timm", out=str(tmp_path / "voc"), dataset="voc", data_root=str(voc_sample),
                         split="val", eval_resize=True, input_size=32, random_init=True, device="cpu")
     for config, split, readers in ((coco, "folder/train", ("folder", coco128)), (voc, "voc/val", ("voc", voc_sample))):
         extract(config=config, quiet=True)

@@ -46,7 +46,7 @@ def stores(tmp_path_factory) -> dict[int, Path]:
     made = {}
     for views in (1, 4):
         made[views] = base / f"k{views}"
-        extract(config=ExtractConfig(backbone="clip-b", out=str(made[views]), dataset="folder", data_root=str(data),
+        extract(config=ExtractConfig(backbone="test-vit", out=str(made[views]), dataset="folder", data_root=str(data),
                                      views=views, input_size=32, random_init=True, device="cpu"), quiet=True)
     extract(config=ExtractConfig(backbone="minilm", out=str(base / "text"), text_only=True, dataset="folder",
                                  data_root=str(data), device="cpu"), quiet=True)
@@ -132,7 +132,7 @@ def test_samples_are_the_whole_images_classes_even_where_a_crop_lost_one(tmp_pat
     counts = {}
     for views in (1, 4):
         store = tmp_path / f"k{views}"
-        extract(config=ExtractConfig(backbone="clip-b", out=str(store), dataset="folder", data_root=str(data),
+        extract(config=ExtractConfig(backbone="test-vit", out=str(store), dataset="folder", data_root=str(data),
                                      views=views, input_size=32, random_init=True, device="cpu"), quiet=True)
         prepared = prepare_data(_config({**stores, views: store}, views, tmp_path / "unused"))
         split = prepared.split

@@ -25,8 +25,8 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def eval_store(coco128, tmp_path_factory) -> Path:
     """coco128's images resized whole by the same random-init CLIP-B, with its class-name embeddings."""
-    out = tmp_path_factory.mktemp("online") / "clip-b"
-    extract(config=ExtractConfig(backbone="clip-b", out=str(out), dataset="folder", data_root=str(coco128),
+    out = tmp_path_factory.mktemp("online") / "test-vit"
+    extract(config=ExtractConfig(backbone="test-vit", out=str(out), dataset="folder", data_root=str(coco128),
                                  split="val", eval_resize=True, input_size=SIZE, random_init=True, device="cpu"),
             quiet=True)
     return out
@@ -34,7 +34,7 @@ def eval_store(coco128, tmp_path_factory) -> Path:
 
 def _online(coco128: Path, store: Path, out: Path, *extra: str):
     return build_config(preset="tiny", overrides=[
-        "data.online.enabled=true", f"data.online.data_root={coco128}", "data.online.backbone=clip-b",
+        "data.online.enabled=true", f"data.online.data_root={coco128}", "data.online.backbone=test-vit",
         "data.online.random_init=true", f"data.online.input_size={SIZE}", "data.online.workers=0",
         f"data.cache={store}", "data.protocol=coco20i", "data.fold=0", "optim.batch_size=4", "optim.epochs=2",
         "optim.warmup_epochs=1", "device=cpu", "log_every=1", f"out={out}", *extra])
@@ -42,7 +42,7 @@ def _online(coco128: Path, store: Path, out: Path, *extra: str):
 
 def test_online_train_then_eval_from_the_command_line(coco128, eval_store, tmp_path, capsys):
     run = tmp_path / "online"
-    code = cli.main(["train", "--online", "--data-root", str(coco128), "--backbone", "clip-b", "--random-init",
+    code = cli.main(["train", "--online", "--data-root", str(coco128), "--backbone", "test-vit", "--random-init",
                      "--cache", str(eval_store), "--protocol", "coco20i", "--fold", "0", "--preset", "tiny",
                      "--set", f"data.online.input_size={SIZE}", "--set", "data.online.workers=2",
                      "--set", "optim.max_steps=3", "--set", "optim.batch_size=4", "--set", "device=cpu",
@@ -52,7 +52,7 @@ def test_online_train_then_eval_from_the_command_line(coco128, eval_store, tmp_p
     for name in ("config.json", "model.safetensors", "summary.json", "metrics.jsonl", "checkpoints/latest"):
         assert (run / name).exists(), name
     config = from_dict(TrainConfig, json.loads((run / "config.json").read_text()))
-    assert config.data.online.enabled and config.model.vision_dim == 512 and config.model.decoder.out_size == SIZE
+    assert config.data.online.enabled and config.model.vision_dim == 32 and config.model.decoder.out_size == SIZE
     start = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert start["read_mode"] == "online" and start["samples"] > 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
@@ -79,11 +79,11 @@ def test_online_and_cached_count_epochs_alike(coco128, eval_store, tmp_path):
     pairs = {(image, classes) for image, classes in prepared.samples}
     assert len(pairs) == len(prepared.samples)  # one sample per (image, seen class)
     assert all(len(classes) == 1 and classes[0] in prepared.fold.seen for _, classes in prepared.samples)
-    assert prepared.split.grid == (SIZE // 16, SIZE // 16) and prepared.vision_dim == 512
+    assert prepared.split.grid == (SIZE // 16, SIZE // 16) and prepared.vision_dim == 32
 
 
 def test_online_without_a_data_root_is_one_line(eval_store, tmp_path):
-    config = build_config(preset="tiny", overrides=["data.online.enabled=true", "data.online.backbone=clip-b",
+    config = build_config(preset="tiny", overrides=["data.online.enabled=true", "data.online.backbone=test-vit",
                                                     f"data.cache={eval_store}", f"out={tmp_path / 'r'}"])
     with pytest.raises(UserError, match="data root"):
         train(config=config, quiet=True)

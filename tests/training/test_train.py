@@ -123,7 +123,7 @@ def test_run_directory_holds_what_the_docs_promise(learned):
 def test_saved_config_round_trips_and_rebuilds_the_model(gen, learned):
     saved = json.loads((learned / "config.json").read_text())
     config = from_dict(TrainConfig, saved)
-    assert config.model.vision_dim == 512 and config.model.text_dim == 384  # dims from the two stores
+    assert config.model.vision_dim == 32 and config.model.text_dim == 384  # dims from the two stores
     assert config.model.decoder.out_size == 64 and config.preset == "tiny"
     assert resume_identity(config) == resume_identity(saved)
     assert to_dict(config) == saved
@@ -326,7 +326,7 @@ def test_protocol_must_match_the_stores_classes(gen, tmp_path):
 def test_pascal5i_on_a_coco_class_store_is_refused(coco128, tmp_path):
     ids = sorted(p.stem for p in (coco128 / "images").glob("*.jpg"))[:2]
     (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n")
-    extract(config=ExtractConfig(backbone="clip-b", out=str(tmp_path / "store"), dataset="folder",
+    extract(config=ExtractConfig(backbone="test-vit", out=str(tmp_path / "store"), dataset="folder",
                                  data_root=str(coco128), dataset_options={"list_file": str(tmp_path / "ids.txt")},
                                  input_size=32, random_init=True, vision_only=True, device="cpu"), quiet=True)
     config = build_config(preset="tiny", overrides=[f"data.cache={tmp_path / 'store'}", "data.split=folder/train",

@@ -126,7 +126,7 @@ def test_evaluating_against_a_store_of_another_width_is_one_line(gen):
     from pipeline.model import build_model, make_model_config
 
     model = build_model(make_model_config(vision_dim=768, text_dim=384, preset="tiny"))
-    with pytest.raises(UserError, match=r"takes 768-d vision and 384-d text features; .* hold 512-d and 384-d") as err:
+    with pytest.raises(UserError, match=r"takes 768-d vision and 384-d text features; .* hold 32-d and 384-d") as err:
         evaluate_split(model=model, vision_cache=str(gen.vision), text_cache=str(gen.text), split="folder/val",
                        protocol="pascal5i", fold=0)
     assert "\n" not in str(err.value)

@@ -1,4 +1,5 @@
-"""``python -m pipeline.bench {extract,train,sweep,datapath,gpu,caching,fidelity} [options]``: the benchmarks behind docs/benchmarks.md.
+"""``python -m pipeline.bench {extract,train,sweep,datapath,gpu,caching,fidelity} [options]``: the benchmarks
+behind docs/benchmarks.md and docs/training.md.
 
 - ``extract``: encoder forward vs. whole extraction, then cache read speed;
 - ``datapath``: render processes, shard writers and the streaming loader against raw disk speed;

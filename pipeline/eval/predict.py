@@ -143,10 +143,10 @@ def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, ou
     Returns the JSON summary plus ``label_map`` ([H, W], 0 = background, j + 1 =
     ``classes[j]``; uint8, uint16 beyond 255 classes) and ``probabilities`` ([C, H, W]
     float32) as arrays. With ``out``, also writes one mask per class, the label map, an
-    overlay and ``prediction.json`` there. A reachable store that differs from what the run was
-    trained on is refused unless the difference is named in ``allow_mismatch``. Windows are encoded ``batch_size`` at a time and
-    their logits added onto the full-size map as they come, so memory holds one batch of
-    windows plus the output, however large the photo.
+    overlay and ``prediction.json`` there. A reachable store that differs from what the run
+    was trained on is refused unless the difference is named in ``allow_mismatch``. Windows are
+    encoded ``batch_size`` at a time and their logits added onto the full-size map as they come,
+    so memory holds one batch of windows plus the output, however large the photo.
     """
     from pipeline.training.checkpoints import load_model
 

@@ -50,7 +50,8 @@ def decoder_summary(run) -> str:
     model = from_dict(ModelConfig, {**run.config["model"], "vision_dim": 1, "text_dim": 1})
     if not model.decoder.enabled:
         return "decoder off"
-    channels = decoder_channels(model, encoder_blocks=registry_decoder_blocks(store_encoder(run.config["data"]["cache"])))
+    blocks = registry_decoder_blocks(store_encoder(run.config["data"]["cache"]))
+    channels = decoder_channels(model, encoder_blocks=blocks)
     widths = str(channels[0]) if len(set(channels)) == 1 else "/".join(map(str, channels))
     return f"decoder {widths} x {len(channels)}"
 

@@ -185,7 +185,8 @@ def execute_run(*, run_dir: Path, threads: int | None = None, quiet: bool = True
         record = {"key": spec["key"], **spec["labels"], "miou": result["miou"], "fb_iou": result["fb_iou"],
                   "episodes": result["episodes"], "per_class": result["per_class"],
                   "episode_source": result["episode_source"], "pretrained_features": result["pretrained_features"],
-                  "selection": run_selection(run_dir), "resumed": resumed, "train_seconds": trained - tick, "eval_seconds": time.perf_counter() - trained,
+                  "selection": run_selection(run_dir), "resumed": resumed, "train_seconds": trained - tick,
+                  "eval_seconds": time.perf_counter() - trained,
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname()}
         (run_dir / "failed.json").unlink(missing_ok=True)
         write_json_atomic(run_dir / "done.json", record)

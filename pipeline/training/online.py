@@ -142,7 +142,8 @@ def prepare_online(config: TrainConfig) -> Prepared:
     loader = DataLoader(views, batch_sampler=order, num_workers=online.workers, collate_fn=collate,
                         persistent_workers=online.workers > 0, worker_init_fn=_quiet_worker,
                         multiprocessing_context="spawn" if online.workers > 0 else None)
-    source = OnlineSource(encoder=online.backbone, path=str(online.data_root), grid=tuple(vision.grid), input_size=vision.input_size,
+    source = OnlineSource(encoder=online.backbone, path=str(online.data_root),
+                          grid=tuple(vision.grid), input_size=vision.input_size,
                           pretrained=bool(encoders.weights.pretrained), class_names=list(dataset.class_names))
     width = max(len(c) for _, c in samples)
 

@@ -29,7 +29,8 @@ def _copy_with(source, target, edit, *, node: str = "") -> str:
 
 
 def _eval(capsys, run, out, *extra) -> tuple[int, str]:
-    code = cli_main(["eval", str(run), "--split", "folder/val", "--limit", "2", "--min-pixels", "64", "--out", str(out), "-q", *extra])
+    code = cli_main(["eval", str(run), "--split", "folder/val", "--limit", "2", "--min-pixels", "64",
+                     "--out", str(out), "-q", *extra])
     return code, capsys.readouterr().err.strip()
 
 

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo test test-all lock clean
+.PHONY: setup demo test test-fast test-all lock clean
 
 $(BIN)/fusioner: pyproject.toml constraints.txt requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything that builds no full-size encoder and starts no extra processes (under 2 minutes).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not fullsize and not processes"
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, List, Optional
 
@@ -22,7 +23,9 @@ import typer
 
 from pipeline import __version__
 from pipeline.config import parse_override
+from pipeline.data.augment import AugmentConfig
 from pipeline.data.labels import parse_names
+from pipeline.encode.config import ExtractConfig
 from pipeline.errors import UserError, run_entry
 
 app = typer.Typer(
@@ -41,7 +44,18 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100},
 )
 
-_STATE = {"verbose": False, "quiet": False}
+
+_EXTRACT_DEFAULTS = {f.name: f.default for f in fields(ExtractConfig)}
+_AUGMENT_DEFAULTS = {f.name: f.default for f in fields(AugmentConfig)}
+
+
+@dataclass
+class GlobalOptions:
+    """The options given before the command name, kept in typer's context object for the command."""
+
+    verbose: bool = False
+    quiet: bool = False
+
 
 # Options every command takes, before or after the command name: `fusioner -q train ...` = `fusioner train -q ...`.
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.", show_default=False)]
@@ -53,13 +67,24 @@ Settings = Annotated[List[str], typer.Option(
     help="Dotted config setting, value read as YAML, e.g. --set optim.epochs=50 (repeatable).")]
 
 
+def _extract_default(name: str) -> str:
+    """``ExtractConfig``'s default for ``name``, shown in ``--help``: the config holds the one copy of it."""
+    return str(_EXTRACT_DEFAULTS[name])
+
+
+def _augment_default(name: str) -> str:
+    return str(_AUGMENT_DEFAULTS[name])
+
+
 def _names(value: Optional[str]) -> Optional[List[str]]:
     """A comma-separated option as the list of names it holds (quotes and apostrophes kept verbatim)."""
     return None if value is None else parse_names(value)
 
 
-def _quiet(flag: bool) -> bool:
-    return flag or _STATE["quiet"]
+def _quiet(ctx: typer.Context, flag: bool) -> bool:
+    """The command's ``--quiet``, or the one given before the command name (``fusioner -q train``)."""
+    options = ctx.find_object(GlobalOptions)
+    return flag or bool(options and options.quiet)
 
 
 def _version(value: bool) -> None:
@@ -70,13 +95,13 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     verbose: Verbose = False,
     quiet: Quiet = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, show_default=False,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    _STATE["verbose"] = verbose
-    _STATE["quiet"] = quiet
+    ctx.obj = GlobalOptions(verbose=verbose, quiet=quiet)
 
 
 def _settings(sets: List[Any], **named: Any) -> dict:
@@ -110,29 +135,32 @@ def encoders(quiet: Quiet = False, verbose: Verbose = False) -> None:
 # and the body below them is one call into the library.
 @app.command()
 def extract(
+    ctx: typer.Context,
     backbone: str = typer.Option(..., "--backbone", "-b", metavar="NAME", help="Encoder name (see `fusioner encoders`)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="PATH", show_default="cache/<backbone>",
                                        help="Store path."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", metavar="NAME",
                                           help="Reader: voc, coco, fss, folder, mosaic4."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", metavar="PATH", help="Dataset root folder."),
-    split: str = typer.Option("train", "--split", metavar="NAME",
+    split: Optional[str] = typer.Option(None, "--split", show_default=_extract_default("split"), metavar="NAME",
                               help="train (augmented views) or val/test (evaluation windows)."),
     option: List[str] = typer.Option([], "--option", metavar="KEY=VALUE", parser=parse_override,
                                                  show_default=False,
                                                  help="Reader option, e.g. list_file=val.txt (repeatable)."),
-    views: int = typer.Option(1, "--views", metavar="N",
-                              help="Seeded augmented views per training image: 1 for quick checks, 4 for the paper's "
-                                   "studies (K x the time and disk; the released code draws a fresh view every step)."),
+    views: Optional[int] = typer.Option(
+        None, "--views", show_default=_extract_default("views"), metavar="N",
+        help="Seeded augmented views per training image: 1 for quick checks, 4 for the paper's studies "
+             "(K x the time and disk; the released code draws a fresh view every step)."),
     eval_resize: bool = typer.Option(False, "--eval-resize", help="Evaluation images resized whole, not windowed."),
     stride: Optional[int] = typer.Option(None, "--stride", metavar="PX", show_default="2/3 of the window",
                                          help="Sliding-window stride."),
-    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed of the augmented views."),
-    border: str = typer.Option("background", "--border", metavar="MODE",
+    seed: Optional[int] = typer.Option(None, "--seed", show_default=_extract_default("seed"), metavar="N", help="Seed of the augmented views."),
+    border: Optional[str] = typer.Option(None, "--border", metavar="MODE", show_default=_augment_default("border"),
                                help="Mask label of pixels augmentation brings in from outside: background or ignore."),
     input_size: Optional[int] = typer.Option(None, "--input-size", metavar="PX", show_default="the encoder's",
                                              help="Encoder input size."),
-    batch_size: int = typer.Option(32, "--batch-size", metavar="N", help="Views per encoder batch."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", metavar="N", show_default=_extract_default("batch_size"),
+                                            help="Views per encoder batch."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", metavar="N", show_default="about 16 MiB",
                                              help="Views per shard."),
     text_only: bool = typer.Option(False, "--text-only", help="Only the class-name embeddings."),
@@ -144,20 +172,23 @@ def extract(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images as skipped instead of stopping."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the store and start over."),
     verify: bool = typer.Option(False, "--verify", help="Check every chunk of finished shards; rewrite damaged ones."),
-    workers: int = typer.Option(1, "--workers", metavar="N", help="Worker processes (dask), each owning whole shards."),
-    render_workers: int = typer.Option(0, "--render-workers", metavar="N",
+    workers: Optional[int] = typer.Option(None, "--workers", metavar="N", show_default=_extract_default("workers"),
+                                         help="Worker processes (dask), each owning whole shards."),
+    render_workers: Optional[int] = typer.Option(None, "--render-workers", metavar="N",
+                                                show_default=_extract_default("render_workers"),
                                        help="Processes decoding and rendering shards ahead of the encoder (0: one thread)."),
-    writers: int = typer.Option(2, "--writers", metavar="N", help="Threads writing finished shards."),
-    layout: str = typer.Option("image", "--layout", metavar="LAYOUT",
+    writers: Optional[int] = typer.Option(None, "--writers", metavar="N", show_default=_extract_default("writers"), help="Threads writing finished shards."),
+    layout: Optional[str] = typer.Option(None, "--layout", show_default=_extract_default("layout"), metavar="LAYOUT",
                                help="image, or shuffled: views in a seeded random order in ~128 MiB shards, for streaming."),
-    device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:1 ..."),
-    class_words: str = typer.Option("auto", "--class-words", metavar="WORDS",
+    device: Optional[str] = typer.Option(None, "--device", show_default=_extract_default("device"), metavar="DEVICE", help="auto, cpu, cuda, cuda:1 ..."),
+    class_words: Optional[str] = typer.Option(None, "--class-words", show_default=_extract_default("class_words"), metavar="WORDS",
                                     help="raw split-file names (auto for voc/coco, as released) or natural words."),
-    normalize: str = typer.Option("auto", "--normalize", metavar="STATS",
+    normalize: Optional[str] = typer.Option(None, "--normalize", show_default=_extract_default("normalize"), metavar="STATS",
                                   help="auto (voc/coco: the released dataset statistics), encoder, pascal, coco."),
-    last_window: str = typer.Option("pad", "--last-window", metavar="RULE", help="pad (released) or slide the last partial window."),
-    window_fill: str = typer.Option("released", "--window-fill", metavar="FILL",
-                                    help="padded window pixels: released (-1 after normalisation) or black."),
+    last_window: Optional[str] = typer.Option(None, "--last-window", show_default=_extract_default("last_window"), metavar="RULE", help="pad (released) or slide the last partial window."),
+    window_fill: Optional[str] = typer.Option(None, "--window-fill", show_default=_extract_default("window_fill"),
+                                              metavar="FILL",
+                                              help="Padded window pixels: released (-1 after normalisation) or black."),
     episodes: Optional[Path] = typer.Option(None, "--episodes", metavar="SPLITS",
                                             help="Splits folder: only the images its standard episodes score."),
     fold: List[int] = typer.Option([], "--fold", metavar="N", help="With --episodes: these folds (default all)."),
@@ -177,22 +208,22 @@ def extract(
       fusioner extract --backbone bert-b --text-only --dataset voc --out cache/bert-b
       fusioner extract --backbone clip-l --dataset coco --data-root ~/data/coco --split val --episodes ../shared/splits
     """
-    from pipeline.data.augment import AugmentConfig
     from pipeline.encode.extract import extract as run_extract
-    from pipeline.encode.plan import ExtractConfig
 
+    given = dict(split=split, views=views, seed=seed, batch_size=batch_size, workers=workers, device=device,
+                 class_words=class_words, normalize=normalize, last_window=last_window, window_fill=window_fill,
+                 render_workers=render_workers, writers=writers, layout=layout)
     config = ExtractConfig(
         backbone=backbone, out=str(out or Path("cache") / backbone), dataset=dataset,
-        data_root=str(data_root) if data_root else None, split=split, dataset_options=dict(option),
-        views=views, eval_resize=eval_resize, stride=stride, seed=seed, input_size=input_size,
-        batch_size=batch_size, shard_size=shard_size, text_only=text_only, vision_only=vision_only,
-        weights=str(weights) if weights else None, random_init=random_init, skip_bad=skip_bad,
-        overwrite=overwrite, verify=verify, workers=workers, device=device, extra_names=list(names or []),
-        class_words=class_words, normalize=normalize, last_window=last_window, window_fill=window_fill,
-        episodes=str(episodes) if episodes else None, episode_folds=list(fold),
-        render_workers=render_workers, writers=writers, layout=layout, augment=AugmentConfig(border=border),
+        data_root=str(data_root) if data_root else None, dataset_options=dict(option),
+        eval_resize=eval_resize, stride=stride, input_size=input_size, shard_size=shard_size,
+        text_only=text_only, vision_only=vision_only, weights=str(weights) if weights else None,
+        random_init=random_init, skip_bad=skip_bad, overwrite=overwrite, verify=verify,
+        extra_names=list(names or []), episodes=str(episodes) if episodes else None, episode_folds=list(fold),
+        augment=AugmentConfig(**({"border": border} if border is not None else {})),
+        **{key: value for key, value in given.items() if value is not None},  # unset: the config's default
     )
-    report = run_extract(config=config, quiet=_quiet(quiet))
+    report = run_extract(config=config, quiet=_quiet(ctx, quiet))
     typer.echo(report.describe())
     for line in report.notes:
         typer.echo(line, err=True)
@@ -235,6 +266,7 @@ def datasets(quiet: Quiet = False, verbose: Verbose = False) -> None:
 
 @app.command("make-mosaic")
 def make_mosaic(
+    ctx: typer.Context,
     fss_root: Path = typer.Option(..., "--fss-root", metavar="PATH", help="FSS-1000 root (one folder per class)."),
     out: Path = typer.Option(..., "--out", "-o", metavar="PATH", help="Output folder (mask-folder layout + mosaic4.json)."),
     classes_file: Path = typer.Option(..., "--classes-file", metavar="PATH", help="Test classes, e.g. splits/fss/test.txt."),
@@ -253,7 +285,7 @@ def make_mosaic(
     from pipeline.data.mosaic import make_mosaic as run
 
     path = run(fss_root=fss_root, out=out, classes_file=classes_file, count=count, seed=seed, tile=tile,
-               progress=not _quiet(quiet))
+               progress=not _quiet(ctx, quiet))
     typer.echo(f"wrote {count} composites to {path}")
 
 
@@ -262,6 +294,7 @@ def make_mosaic(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     cache: Optional[Path] = typer.Option(None, "--cache", metavar="PATH", help="Vision store (e.g. cache/clip-l)."),
     text_cache: Optional[Path] = typer.Option(None, "--text-cache", metavar="PATH", show_default="--cache",
                                               help="Text store."),
@@ -301,12 +334,12 @@ def train(
       fusioner train --config my.yaml --set optim.epochs=50 --resume --out runs/x
       fusioner train --online --data-root ~/data/VOCdevkit/VOC2012 --dataset voc --backbone clip-l --cache cache/clip-l
     """
-    from pipeline.eval.validation import train_from_settings
+    from pipeline.runs import train_from_settings
 
     if not online and (data_root or dataset or backbone or random_init):
         raise UserError("--data-root, --dataset, --backbone and --random-init go with --online")
     result = train_from_settings(
-        config_file=config_file, preset=preset, resume=resume, quiet=_quiet(quiet), print_config=print_config,
+        config_file=config_file, preset=preset, resume=resume, quiet=_quiet(ctx, quiet), print_config=print_config,
         settings=_settings(overrides, data__cache=cache and str(cache), data__text_cache=text_cache and str(text_cache),
                            data__split=split, data__protocol=protocol, data__fold=fold, data__novel=novel,
                            out=out and str(out), data__online__enabled=online or None,
@@ -328,6 +361,7 @@ def _deprecated_splits(value: Optional[Path]) -> Optional[Path]:
 
 @app.command("eval")
 def eval_command(
+    ctx: typer.Context,
     runs: List[Path] = typer.Argument(..., metavar="RUN", hidden=True),
     split: Optional[str] = typer.Option(None, "--split", metavar="NAME", show_default="the store's evaluation split",
                                         help="Evaluation split in the vision store, e.g. voc/val or val."),
@@ -369,13 +403,14 @@ def eval_command(
 
     table = evaluate_runs(runs=runs, split=split, cache=cache, text_cache=text_cache, protocol=protocol,
                           splits_dir=episode_lists or splits, mode="multiclass" if mosaic else "binary", limit=limit,
-                          min_pixels=min_pixels, out=out, device=device, quiet=_quiet(quiet),
+                          min_pixels=min_pixels, out=out, device=device, quiet=_quiet(ctx, quiet),
                           allow_mismatch=tuple(allow_mismatch))
     typer.echo(table)
 
 
 @app.command()
 def predict(
+    ctx: typer.Context,
     image: Path = typer.Argument(..., metavar="IMAGE", hidden=True),
     classes: str = typer.Option(..., "--classes", callback=_names, metavar="NAMES",
                                 help='Comma-separated class names, e.g. "cat, potted plant, sofa".'),
@@ -403,7 +438,7 @@ def predict(
 
     summary = predict_photo(image=image, classes=classes, checkpoint=checkpoint,
                             out=out or Path("predictions") / image.stem, device=device, resize=resize,
-                            batch_size=batch_size, quiet=quiet, allow_mismatch=tuple(allow_mismatch))
+                            batch_size=batch_size, quiet=_quiet(ctx, quiet), allow_mismatch=tuple(allow_mismatch))
     typer.echo(summary["text"])
     for line in summary["notes"]:
         typer.echo(line, err=True)
@@ -414,6 +449,7 @@ def predict(
 
 @app.command()
 def sweep(
+    ctx: typer.Context,
     study: Optional[str] = typer.Argument(None, metavar="STUDY", hidden=True, show_default=False),
     list_studies: bool = typer.Option(False, "--list", help="List the studies shipped with the package and exit."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", metavar="ADDRESS",
@@ -457,7 +493,7 @@ def sweep(
         typer.echo(describe_studies())
         raise typer.Exit(0 if list_studies else 2)
     code = sweep_command(study=study, scheduler=scheduler, slurm=slurm, jobs=jobs, gpus_per_job=gpus_per_job,
-                         workers=workers, dry_run=dry_run, retries=retries, quiet=_quiet(quiet),
+                         workers=workers, dry_run=dry_run, retries=retries, quiet=_quiet(ctx, quiet),
                          overrides=dict(overrides), estimate=estimate, gpu=gpu, timings=timings)
     if code:
         raise typer.Exit(code)
@@ -468,6 +504,7 @@ def sweep(
 
 @app.command()
 def demo(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", metavar="PATH", help="Output folder."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", metavar="PATH", show_default="generated shapes",
                                              help="Real photos in the mask-folder layout."),
@@ -487,7 +524,7 @@ def demo(
     """
     from pipeline.demo import run_demo
 
-    report = run_demo(out=out, data_root=data_root, novel=novel or None, epochs=epochs, quiet=_quiet(quiet))
+    report = run_demo(out=out, data_root=data_root, novel=novel or None, epochs=epochs, quiet=_quiet(ctx, quiet))
     typer.echo(report.read_text())
     typer.echo(f"wrote {report} (with {out}/prediction/overlay.png and {out}/run/curves.png)")
 
@@ -495,7 +532,6 @@ def demo(
 def main(argv: Optional[List[str]] = None) -> int:
     """Console-script entry point: one-line user errors and usage errors, exit code 2."""
     args = list(sys.argv[1:] if argv is None else argv)
-    _STATE.update(verbose=False, quiet=False)
     # A command's typer.Exit(code) comes back as app()'s value in non-standalone mode.
     return run_entry(lambda: app(args=args, prog_name="fusioner", standalone_mode=False),
                      verbose="--verbose" in args or "-v" in args)

@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.config import flatten_keys, from_dict, set_key, to_dict
 from pipeline.encode.families import create_encoder as _create_encoder
-from pipeline.encode.plan import ExtractConfig
+from pipeline.encode.config import ExtractConfig
 from pipeline.errors import UserError
 
 
@@ -83,7 +83,7 @@ def train(*, cache: str | Path, out: str | Path, protocol: str = "pascal5i", fol
     training-config changes, e.g. ``{"optim": {"epochs": 20, "batch_size": 16}}``. Writes the run folder
     ``out`` (checkpoints, ``model.safetensors``, ``config.json``, metrics) and returns its summary.
     """
-    from pipeline.eval.validation import train_and_validate
+    from pipeline.runs import train_and_validate
 
     settings = train_config(cache=cache, out=out, protocol=protocol, fold=fold, text_cache=text_cache, split=split,
                             preset=preset, config=config)

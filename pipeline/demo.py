@@ -75,7 +75,7 @@ def _stage_one(*, root: Path, cache: Path, text_cache: Path, lists: tuple[Path, 
                quiet: bool, input_size: int | None = None) -> StageOne:
     """Extract the vision cache (random-init when no weights are reachable) and the MiniLM text cache."""
     from pipeline.encode.extract import extract
-    from pipeline.encode.plan import ExtractConfig
+    from pipeline.encode.config import ExtractConfig
 
     train_list, val_list = lists
     base = dict(backbone=backbone, out=str(cache), dataset="folder", data_root=str(root), vision_only=True,
@@ -125,7 +125,7 @@ def run_demo(*, out: str | Path = "demo-out", data_root: str | Path | None = Non
 
     from pipeline.eval.evaluate import evaluate_split
     from pipeline.eval.predict import predict
-    from pipeline.eval.validation import train_and_validate as train
+    from pipeline.runs import train_and_validate as train
     from pipeline.training.checkpoints import load_model
 
     out = Path(out)

@@ -89,13 +89,18 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def preset_settings(name: str) -> dict:
+    """The model settings of preset ``name`` (nested, as in a config file), refusing an unknown name."""
+    require(name in PRESETS, f"unknown model preset '{name}' (known: {', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
 def make_model_config(
     *, vision_dim: int, text_dim: int, preset: str = "paper", overrides: dict | None = None
 ) -> ModelConfig:
     """A checked ModelConfig from a preset name plus nested overrides (dims come from the stores)."""
-    require(preset in PRESETS, f"unknown model preset '{preset}' (known: {', '.join(PRESETS)})")
     data = to_dict(ModelConfig(vision_dim=vision_dim, text_dim=text_dim))
-    data = deep_merge(deep_merge(data, PRESETS[preset]), overrides or {})
+    data = deep_merge(deep_merge(data, preset_settings(preset)), overrides or {})
     config = from_dict(ModelConfig, data)
     check_config(config)
     return config
@@ -189,9 +194,11 @@ class CrossModalEncoder(nn.Module):
         num_patches = visual.shape[1]
         tokens = torch.cat([visual, text], dim=1)  # [B, HW + C, d]
         attn_mask = None
-        if text_mask is not None and not bool(text_mask.all()):
+        if text_mask is not None and text_mask.shape[1] > 1:
             # Padded classes must never be attended to, so a sample's real
-            # logits do not depend on how many padded slots its batch has.
+            # logits do not depend on how many padded slots its batch has. Decided by the
+            # shape (one class per sample has no padding), never by the values: reading
+            # them would make the host wait for the device.
             keys = torch.cat([text_mask.new_ones(visual.shape[:2]), text_mask], dim=1)  # [B, HW + C]
             attn_mask = keys[:, None, None, :]  # [B, 1, 1, HW + C]
         for block in self.blocks:

@@ -95,23 +95,3 @@ def gen(tmp_path_factory) -> Generated:
 def learned(gen, tmp_path_factory) -> Path:
     """A run of the tiny preset trained on ``gen``, once per session."""
     return trained_run(gen, tmp_path_factory.getbasetemp())
-
-
-# Fault cases that passed before issue 14's campaign and must keep passing: they carry the
-# `reliability` marker too, so `pytest -m reliability` runs every case of docs/reliability.md.
-RELIABILITY_CASES = {
-    "test_killed_extraction_resumes_to_the_same_bytes", "test_appending_a_differently_made_store_is_refused",
-    "test_another_plan_into_the_same_split_is_refused", "test_a_corrupt_jpeg_stops_the_run_naming_its_path",
-    "test_skip_bad_records_and_reports_bad_images", "test_damaged_unfinished_shards_are_written_again",
-    "test_damaged_chunk_of_a_done_shard_fails_loudly", "test_split_left_half_created_by_a_kill_is_planned_again",
-    "test_killed_run_resumes_to_the_same_bits", "test_resume_may_raise_max_steps_and_still_match",
-    "test_latest_checkpoint_ignores_leftovers_and_survives_a_lost_pointer", "test_extract_mistakes_exit_2_with_one_line",
-    "test_stage_two_user_errors_are_one_line_with_exit_code_2", "test_truncated_jpeg_is_a_bad_record",
-    "test_failed_runs_are_retried_reported_and_do_not_stop_the_others", "test_study_mistakes_are_one_line_user_errors",
-}
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if item.originalname in RELIABILITY_CASES:
-            item.add_marker(pytest.mark.reliability)

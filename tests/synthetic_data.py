@@ -21,7 +21,7 @@ from pipeline.data.labels import VOC_CLASSES
 from pipeline.data.protocols import create_protocol
 from pipeline.data.augment import AugmentConfig
 from pipeline.encode.extract import extract
-from pipeline.encode.plan import ExtractConfig
+from pipeline.encode.config import ExtractConfig
 from pipeline.training.config import build_config
 from pipeline.training.loop import train
 

@@ -28,6 +28,7 @@ def _one_line_error(capsys) -> str:
     (["--dataset", "pascal-context", "--data-root", "{tmp}"], "unknown dataset reader 'pascal-context'"),
     (["--dataset", "folder", "--data-root", "{tmp}", "--views", "0"], "--views must be at least 1"),
 ])
+@pytest.mark.reliability
 def test_extract_mistakes_exit_2_with_one_line(tmp_path, capsys, extra, needle):
     args = _extract_args(tmp_path / "out", *[e.format(tmp=tmp_path) for e in extra])
     assert main(args) == 2

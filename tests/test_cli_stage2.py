@@ -83,6 +83,7 @@ def test_predict_writes_one_mask_per_class_and_an_overlay(trained: Path, caches,
         assert Image.open(out / picture).text[CAVEAT_KEY] == RANDOM_INIT_CAVEAT, picture
 
 
+@pytest.mark.reliability
 def test_stage_two_user_errors_are_one_line_with_exit_code_2(trained: Path, caches, capsys, tmp_path) -> None:
     cases = [
         ["train", "--cache", str(tmp_path / "missing"), "--out", str(tmp_path / "r")],

@@ -208,3 +208,39 @@ def test_a_schedule_that_ends_in_warm_up_is_one_line(capsys, sets, needle):
     assert main(["train", "--print-config", *[a for s in sets for a in ("--set", s)]]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1, err
+
+
+# Every command that draws progress, the library function it hands ``quiet`` to, and its smallest arguments.
+PROGRESS_COMMANDS = [
+    ("extract", "pipeline.encode.extract", "extract", ["--backbone", "test-vit", "--out", "s"]),
+    ("train", "pipeline.runs", "train_from_settings", ["--cache", "c"]),
+    ("eval", "pipeline.eval.report", "evaluate_runs", ["runs/x"]),
+    ("predict", "pipeline.eval.predict", "predict_photo", ["photo.jpg", "--classes", "cat", "--checkpoint", "r"]),
+    ("sweep", "pipeline.sweep.command", "sweep_command", ["tiny"]),
+    ("demo", "pipeline.demo", "run_demo", []),
+]
+
+
+class _Called(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("command", "module", "function", "args"), PROGRESS_COMMANDS,
+                         ids=[c[0] for c in PROGRESS_COMMANDS])
+@pytest.mark.parametrize("where", ["before", "after", "neither"])
+def test_quiet_reaches_every_command_before_or_after_its_name(monkeypatch, command, module, function, args, where):
+    """``fusioner -q predict ...`` once drew its progress bar anyway: the global flag was not passed on."""
+    import importlib
+
+    seen = {}
+
+    def record(**kwargs):
+        seen.update(kwargs)
+        raise _Called
+
+    monkeypatch.setattr(importlib.import_module(module), function, record)
+    argv = {"before": ["-q", command, *args], "after": [command, *args, "-q"], "neither": [command, *args]}[where]
+    with pytest.raises(_Called):
+        main(argv)
+    quiet = seen["quiet"] if "quiet" in seen else not seen["progress"]
+    assert quiet is (where != "neither"), seen

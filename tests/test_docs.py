@@ -72,7 +72,7 @@ def test_the_docs_have_commands_to_check():
 
 def test_documented_training_caches_of_the_paper_datasets_build_the_recipes_views():
     """A voc/coco training cache in the docs is extracted with the paper studies' K, never the default 1."""
-    from pipeline.encode.plan import RECIPE_VIEWS
+    from pipeline.encode.config import RECIPE_VIEWS
 
     training = [(where, words) for where, words in COMMANDS if words[:1] == ["extract"] and "--split" in words
                 and words[words.index("--split") + 1] == "train" and "--dataset" in words

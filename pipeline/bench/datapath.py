@@ -14,9 +14,10 @@ move; ratios within one run much less):
     sequential ``write()`` of the same bytes to files on the same disk (page
     cache, no fsync for either).
 (3) **read**: a clip-l-sized store (256 x 768 float16 per view, 224 px uint8
-    masks) read by the training loaders: ``stream`` (whole-block reads, 1 and
-    4 reader threads, targets left to the device) and today's ``shards`` mode,
-    against plain sequential ``read()`` of the same shard files.
+    masks) read by the training loader ``stream`` (whole-block reads, 1 and
+    4 reader threads, targets left to the device), against plain sequential
+    ``read()`` of the same shard files. (The row-by-row ``shards`` reader it was
+    once compared with is gone; its recorded figures stay in docs/benchmarks.md.)
 
     python -m pipeline.bench datapath --images 96 --read-views 1200 --repeats 3
 """
@@ -33,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.bench.common import work_folder
-from pipeline.encode.plan import ExtractConfig, plan_split
+from pipeline.encode.config import ExtractConfig
+from pipeline.encode.plan import plan_split
 from pipeline.encode.registry import get_spec
 from pipeline.errors import UserError
 from pipeline.runtime import load_average, machine
@@ -176,11 +178,11 @@ def raw_read_rate(group) -> float:
 
 
 def loader_rates(*, store: Path, batches: int, batch_size: int) -> dict:
-    """Views/s of the training loaders over the store: stream (1 and 4 readers), stream with CPU targets, shards."""
+    """Views/s of the training loader over the store: stream with 1 and 4 readers, through zarr, with CPU targets."""
     import torch
 
     from pipeline.store.reader import open_split
-    from pipeline.training.batches import training_batches, training_pairs
+    from pipeline.training.batches import training_pairs
     from pipeline.training.stream import stream_batches
 
     split = open_split(store=store, split="bench/train")
@@ -201,8 +203,7 @@ def loader_rates(*, store: Path, batches: int, batch_size: int) -> dict:
     return {"stream_1": rate(stream_batches(**common, readers=1)),
             "stream_4": rate(stream_batches(**common, readers=4)),
             "stream_4_zarr": rate(stream_batches(**common, readers=4, direct=False)),
-            "stream_4_cpu_targets": rate(stream_batches(**common, readers=4), lambda b: b.to_device(cpu)),
-            "shards_today": rate(training_batches(**common, mode="shards"))}
+            "stream_4_cpu_targets": rate(stream_batches(**common, readers=4), lambda b: b.to_device(cpu))}
 
 
 # --------------------------------------------------------------------------- #
@@ -242,7 +243,6 @@ def run_datapath_bench(*, work: Path, data_root: Path | None, images: int, views
         "render_scaling_efficiency": med["render_w2"] / (2 * med["render_w1"]),
         "writer_vs_raw_write": med["write_ratio"],
         "stream_MBps": stream_mbps, "stream_vs_raw_read": stream_mbps / med["raw_read_MBps"],
-        "stream_vs_shards_today": med["read_stream_4"] / med["read_shards_today"],
     }
 
 

@@ -39,7 +39,8 @@ from pipeline.data.augment import view_numbers
 from pipeline.data.views import ViewParams
 from pipeline.encode.extract import ExtractReport, extract
 from pipeline.encode.families import create_encoder
-from pipeline.encode.plan import ExtractConfig, plan_split
+from pipeline.encode.config import ExtractConfig
+from pipeline.encode.plan import plan_split
 from pipeline.encode.registry import get_spec
 from pipeline.encode.shards import planned_view
 from pipeline.encode.towers import VisionEncoder

@@ -110,7 +110,7 @@ def _sync(device) -> None:
 
 def _extract(*, work: Path, root: Path, lists, size: dict, device: torch.device) -> tuple[float, int]:
     from pipeline.encode.extract import extract
-    from pipeline.encode.plan import ExtractConfig
+    from pipeline.encode.config import ExtractConfig
 
     base = dict(backbone=size["backbone"], out=str(work / "cache"), dataset="folder", data_root=str(root),
                 input_size=size["input_size"], random_init=True, device=str(device), batch_size=size["extract_batch"],

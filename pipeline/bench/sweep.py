@@ -27,7 +27,7 @@ from pipeline.data.synthetic import write_demo_dataset
 def build_demo_caches(root: Path, *, images: int = 24) -> tuple[Path, Path]:
     """(vision store with folder/train and folder/val, MiniLM text store) for the demo dataset."""
     from pipeline.encode.extract import extract
-    from pipeline.encode.plan import ExtractConfig
+    from pipeline.encode.config import ExtractConfig
 
     data = write_demo_dataset(root / "data", images=images)
     vision, text = root / "clip-b", root / "minilm"

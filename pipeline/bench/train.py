@@ -44,13 +44,13 @@ from pipeline.data.augment import view_numbers
 from pipeline.data.views import ViewParams
 from pipeline.encode.extract import extract
 from pipeline.encode.families import create_encoder
-from pipeline.encode.plan import ExtractConfig
+from pipeline.encode.config import ExtractConfig
 from pipeline.encode.registry import get_spec
 from pipeline.encode.shards import planned_view
 from pipeline.errors import run_entry
 from pipeline.model import build_model
 from pipeline.runtime import machine
-from pipeline.training.batches import Batch, binary_targets, prefetch, training_batches
+from pipeline.training.batches import Batch, binary_targets
 from pipeline.training.config import TrainConfig, build_config
 from pipeline.training.loop import prepare_data
 from pipeline.training.losses import binary_segmentation_loss
@@ -90,19 +90,23 @@ def make_cache(*, work: Path, data_root: Path | None, images: int, backbone: str
     return Setup(config=train_config, dataset=dataset, extract_seconds=seconds, views=report.views)
 
 
-def batch_stream(*, prepared, config: TrainConfig, batch_size: int, count: int, memory=True):
-    """``count`` batches in training order, running into the next epochs if the split is short."""
+def batch_stream(*, source, count: int):
+    """``count`` batches of a training batch source in training order, running into the next epochs."""
     made, epoch = 0, 0
     while made < count:
-        for batch in training_batches(split=prepared.split, samples=prepared.epoch_samples(epoch), text=prepared.text,
-                                      batch_size=batch_size, epoch=epoch, seed=config.seed,
-                                      novel=tuple(prepared.fold.novel), mode="memory" if memory else "shards",
-                                      memory=prepared.memory if memory else None):
+        for batch in source.batches(epoch=epoch):
             yield batch
             made += 1
             if made == count:
                 return
         epoch += 1
+
+
+def prepared_with(config: TrainConfig, *, batch_size: int, read_mode: str = "memory"):
+    """What ``train`` trains on, for this batch size and read mode."""
+    config = copy.deepcopy(config)
+    config.optim.batch_size, config.data.read_mode = batch_size, read_mode
+    return prepare_data(config)
 
 
 def fresh_model(config: TrainConfig, prepared):
@@ -127,22 +131,22 @@ def model_step(model, optimizer, *, features, text, text_mask, targets, grid) ->
 
 
 class CachedSteps:
-    """(a): training steps fed by the loader running in its prefetch thread."""
+    """(a): training steps fed by the run's batch source (memory or stream) in its prefetch thread."""
 
-    def __init__(self, *, prepared, config: TrainConfig, batch_size: int, count: int, memory: bool = True):
+    def __init__(self, *, prepared, config: TrainConfig, count: int):
         self.prepared = prepared
         self.model, self.optimizer = fresh_model(config, prepared)
-        self.batches = prefetch(batch_stream(prepared=prepared, config=config, batch_size=batch_size, count=count,
-                                             memory=memory))
+        self.batches = batch_stream(source=prepared.source, count=count)
 
     def step(self) -> dict:
         start = time.perf_counter()
         batch = next(self.batches)
         got = time.perf_counter()
-        model_step(self.model, self.optimizer, features=batch.features, text=batch.text, text_mask=batch.text_mask,
-                   targets=batch.targets, grid=self.prepared.split.grid)
+        features, text, text_mask, targets = batch.to_device(torch.device("cpu"))
+        model_step(self.model, self.optimizer, features=features, text=text, text_mask=text_mask,
+                   targets=targets, grid=self.prepared.split.grid)
         done = time.perf_counter()
-        return {"step_s": done - start, "wait_s": got - start, "pairs": int(batch.text_mask.sum())}
+        return {"step_s": done - start, "wait_s": got - start, "pairs": int(text_mask.sum())}
 
 
 class OnlineSteps:
@@ -152,13 +156,13 @@ class OnlineSteps:
     targets are rebuilt from the rendered masks and compared with the cached ones.
     """
 
-    def __init__(self, *, prepared, config: TrainConfig, dataset, backbone: str, batch_size: int, count: int):
+    def __init__(self, *, prepared, config: TrainConfig, dataset, backbone: str, count: int):
         self.prepared, self.config, self.dataset = prepared, config, dataset
         self.encoder = create_encoder(backbone, text=False, random_init=True, input_size=prepared.split.input_size,
                                       device="cpu").vision
         self.jitter = np.asarray(prepared.split.group["view_jitter"][:])  # [N, 4], read once like the plan arrays
         self.model, self.optimizer = fresh_model(config, prepared)
-        self.batches = batch_stream(prepared=prepared, config=config, batch_size=batch_size, count=count)
+        self.batches = batch_stream(source=prepared.source, count=count)
         self.feature_error, self.target_mismatches = 0.0, 0
 
     def step(self) -> dict:
@@ -218,10 +222,10 @@ def mean(records: list[dict], key: str) -> float:
     return float(np.mean([r[key] for r in records]))
 
 
-def loader_wait(*, prepared, config: TrainConfig, batch_size: int, steps: int, warmup: int, memory: bool) -> dict:
+def loader_wait(*, config: TrainConfig, batch_size: int, steps: int, warmup: int, read_mode: str) -> dict:
     """Consecutive cached steps (nothing in between), as in ``train``: step time and share spent waiting."""
-    runner = CachedSteps(prepared=prepared, config=config, batch_size=batch_size, count=steps + warmup,
-                         memory=memory)
+    prepared = prepared_with(config, batch_size=batch_size, read_mode=read_mode)
+    runner = CachedSteps(prepared=prepared, config=config, count=steps + warmup)
     records = interleave({"a": runner}, steps=steps, warmup=warmup)["a"]
     return {"step_s": mean(records, "step_s"),
             "wait_fraction": sum(r["wait_s"] for r in records) / sum(r["step_s"] for r in records)}
@@ -233,9 +237,8 @@ def pair_costs(*, config: TrainConfig, batch_size: int, steps: int, warmup: int)
     for mode in ("1", "all"):
         mode_config = copy.deepcopy(config)
         mode_config.data.classes_per_sample = mode
-        prepared[mode] = prepare_data(mode_config)
-        runners[mode] = CachedSteps(prepared=prepared[mode], config=mode_config, batch_size=batch_size,
-                                    count=steps + warmup)
+        prepared[mode] = prepared_with(mode_config, batch_size=batch_size)
+        runners[mode] = CachedSteps(prepared=prepared[mode], config=mode_config, count=steps + warmup)
     records = interleave(runners, steps=steps, warmup=warmup)
     out = {}
     for mode, rows in records.items():
@@ -253,14 +256,15 @@ def run(*, steps: int, batch_size: int, backbone: str, preset: str, data_root: P
     spec = get_spec(backbone)
     setup = make_cache(work=work, data_root=data_root, images=images, backbone=backbone, preset=preset,
                        text_cache=text_cache)
-    prepared = prepare_data(setup.config)
+    prepared = prepared_with(setup.config, batch_size=batch_size)
     load_before = os.getloadavg()[0]
-    wait = {mode: loader_wait(prepared=prepared, config=setup.config, batch_size=batch_size, steps=steps,
-                              warmup=warmup, memory=mode == "memory") for mode in ("memory", "shards")}
+    wait = {mode: loader_wait(config=setup.config, batch_size=batch_size, steps=steps, warmup=warmup,
+                              read_mode=mode) for mode in ("memory", "stream")}
     count = steps + warmup
     online_runner = OnlineSteps(prepared=prepared, config=setup.config, dataset=setup.dataset, backbone=backbone,
-                                batch_size=batch_size, count=count)
-    cached_runner = CachedSteps(prepared=prepared, config=setup.config, batch_size=batch_size, count=count)
+                                count=count)
+    cached_runner = CachedSteps(prepared=prepared_with(setup.config, batch_size=batch_size), config=setup.config,
+                                count=count)
     both = interleave({"cached": cached_runner, "online": online_runner}, steps=steps, warmup=warmup)
     cached = {"step_s": mean(both["cached"], "step_s"), "pairs_per_step": mean(both["cached"], "pairs")}
     online = {key: mean(both["online"], key) for key in ("render_s", "encode_s", "model_s", "step_s")}
@@ -296,8 +300,8 @@ def table(result: dict) -> str:
         f"online features vs cache: max |diff| {o['max_feature_diff']:.2e} (float16 rounding); "
         f"targets differing in {o['target_mismatches']} batches",
         f"(a) alone, waiting for data: memory {100 * w['memory']['wait_fraction']:.1f}% of "
-        f"{w['memory']['step_s']:.3f} s/step; shards {100 * w['shards']['wait_fraction']:.1f}% of "
-        f"{w['shards']['step_s']:.3f} s/step",
+        f"{w['memory']['step_s']:.3f} s/step; stream {100 * w['stream']['wait_fraction']:.1f}% of "
+        f"{w['stream']['step_s']:.3f} s/step",
         "",
         "| classes_per_sample | pairs/step | s/step | ms/pair | samples/epoch | pairs/epoch | s/epoch |",
         "|---|---|---|---|---|---|---|",

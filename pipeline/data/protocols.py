@@ -260,6 +260,36 @@ def create_protocol(name: str, **options) -> Protocol:
         raise UserError(f"protocol {name!r}: {error}") from None
 
 
+def resolve_fold(*, protocol: str, fold: int, novel: list[str] | tuple[str, ...] | None,
+                 class_names: list[str]) -> Fold:
+    """Fold ``fold`` of ``protocol`` for a store with ``class_names``, refusing a mismatched one.
+
+    ``novel`` names the held-out classes of the protocols that take them (``custom``).
+    """
+    entry = protocol_entry(protocol)
+    if entry.named_novel:
+        if not novel:
+            raise UserError(f"protocol '{protocol}' needs data.novel (the held-out class names)")
+        made = create_protocol(protocol, class_names=class_names, novel=list(novel))
+    elif entry.train_on_own_classes:
+        # Training composites (Mosaic-4 from FSS-1000's training classes): every class of the
+        # training split is seen; the test composites' classes are another list altogether.
+        if fold != 0:
+            raise UserError(f"protocol '{protocol}' has one fold (0), not {fold}")
+        return Fold(protocol, 0, (), tuple(range(1, len(class_names) + 1)))
+    else:
+        made = create_protocol(protocol)
+        if made.train_protocol:
+            made = create_protocol(made.train_protocol)
+        if list(made.class_names) != list(class_names):
+            raise UserError(f"protocol '{protocol}' classes do not match the store's "
+                            f"({len(made.class_names)} vs {len(class_names)} classes); "
+                            f"use protocol 'custom' with data.novel for other data")
+    if not 0 <= fold < made.num_folds:
+        raise UserError(f"protocol '{protocol}' has folds 0..{made.num_folds - 1}, not {fold}")
+    return made.fold(fold)
+
+
 def check_fold(protocol: str, fold: int) -> None:
     folds = protocol_entry(protocol).folds
     if folds == 1 and fold != 0:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.encode.families import create_encoder
-from pipeline.encode.plan import ExtractConfig, open_extraction_dataset, plan_split
+from pipeline.encode.config import ExtractConfig
+from pipeline.encode.plan import open_extraction_dataset, plan_split
 from pipeline.encode.prompts import TEMPLATES
 from pipeline.encode.registry import activation, get_spec
 from pipeline.encode.shards import run_shards

@@ -22,7 +22,7 @@ def _worker_extract(config_dict: dict, shards: list[int], slot: int, threads: in
     import torch
 
     from pipeline.data.augment import AugmentConfig
-    from pipeline.encode.plan import ExtractConfig
+    from pipeline.encode.config import ExtractConfig
     from pipeline.encode.shards import run_shards
 
     torch.set_num_threads(threads)

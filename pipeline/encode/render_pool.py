@@ -21,7 +21,8 @@ from typing import Iterator
 
 import torch
 
-from pipeline.encode.plan import ExtractConfig, config_from_dict, open_extraction_dataset
+from pipeline.encode.config import ExtractConfig, config_from_dict
+from pipeline.encode.plan import open_extraction_dataset
 
 
 class ShardSource(torch.utils.data.Dataset):

@@ -15,7 +15,8 @@ from pipeline.data.augment import AugmentConfig, augment_view, view_numbers
 from pipeline.data.labels import IGNORE
 from pipeline.data.views import ViewParams, pad_fill, render_view
 from pipeline.encode.families import create_encoder
-from pipeline.encode.plan import ExtractConfig, open_extraction_dataset
+from pipeline.encode.config import ExtractConfig
+from pipeline.encode.plan import open_extraction_dataset
 from pipeline.encode.towers import Encoders
 from pipeline.runtime import progress, resolve_device
 from pipeline.store.layout import open_store, store_attrs

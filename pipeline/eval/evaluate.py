@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.data.labels import IGNORE
-from pipeline.data.protocols import SMALL_OBJECT_PIXELS
+from pipeline.data.protocols import SMALL_OBJECT_PIXELS, resolve_fold
 from pipeline.data.views import stitch
 from pipeline.encode.text import class_embeddings
 from pipeline.errors import UserError
@@ -89,7 +89,6 @@ def listed_episodes(*, split: CachedSplit, protocol: str, fold: int, splits_dir:
 
 def _fold_for_eval(*, protocol: str, fold: int, class_names: list[str], novel_names: list[str]):
     from pipeline.data.protocols import create_protocol, protocol_entry
-    from pipeline.training.config import DataConfig, resolve_fold
 
     if protocol_entry(protocol).train_protocol:
         # Trained on another protocol's data (coco2voc: COCO-20i), scored on this one's classes.
@@ -98,8 +97,7 @@ def _fold_for_eval(*, protocol: str, fold: int, class_names: list[str], novel_na
             raise UserError(f"{protocol} evaluates on its own class list ({len(proto.class_names)} classes): "
                             f"pass the matching evaluation split of the cache")
         return proto.fold(fold)
-    return resolve_fold(data=DataConfig(protocol=protocol, fold=fold, novel=list(novel_names)),
-                        class_names=class_names)
+    return resolve_fold(protocol=protocol, fold=fold, novel=list(novel_names), class_names=class_names)
 
 
 def _check_widths(model, *, vision: int, text: int, stores: tuple) -> None:

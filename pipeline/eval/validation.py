@@ -1,33 +1,28 @@
-"""Validation during training: a hook of the training loop, supplied from the eval layer.
+"""Validation during training: hooks of the training loop, supplied from the eval layer.
 
-Training never imports evaluation; this module joins the two. With
-``config.val_split`` set, :func:`train_and_validate` scores novel-class mIoU
-and FB-IoU on that split of the vision cache every ``eval_every`` epochs (and
-after the last), logs each score in ``metrics.jsonl`` and keeps them in the
-run's summary.
+Training never imports evaluation; these hooks carry evaluation into the loop
+(:mod:`pipeline.runs` composes the two). With ``config.val_split`` set,
+:class:`Validation` scores novel-class mIoU and FB-IoU on that split of the
+vision cache every ``eval_every`` epochs (and after the last), logs each score
+in ``metrics.jsonl`` and keeps them in the run's summary; :class:`BestValidation`
+also keeps the weights of the best score.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from safetensors.torch import save_file
 
-from pipeline.config import load_file, to_dict, write_json_atomic
+from pipeline.config import write_json_atomic
 from pipeline.errors import UserError
 from pipeline.eval.evaluate import evaluate_split
-from pipeline.training.config import TrainConfig, build_config
-from pipeline.training.hooks import Hook, Loop, append_record
-from pipeline.training.loop import train
+from pipeline.training.config import TrainConfig
+from pipeline.training.hooks import HookBase, Loop, append_record
 
 
-class Validation:
+class Validation(HookBase):
     """After the epochs that ``eval_every`` picks, score ``val_split`` and record it."""
 
     def validation_splits_dir(self, config: TrainConfig) -> str | None:
@@ -88,68 +83,3 @@ class BestValidation(Validation):
         self.best = {"rule": "best-val", "val_split": loop.config.val_split, "epoch": loop.epoch,
                      "step": loop.step, "val_miou": records[-1]["miou"]}
         write_json_atomic(loop.run / "selection.json", self.best)
-
-
-def _select_best(config: TrainConfig, summary: dict) -> dict:
-    """model.safetensors becomes the selected weights; the final ones stay beside them, labelled."""
-    run = Path(config.out)
-    best = run / "model_best.safetensors"
-    if not best.is_file():
-        raise UserError(f"{run}: select best-val found no validation score (is eval_every larger than the epochs?)")
-    os.replace(run / "model.safetensors", run / "model_final.safetensors")
-    shutil.copyfile(best, run / "model.safetensors")
-    summary = {**summary, "selection": json.loads((run / "selection.json").read_text())}
-    write_json_atomic(run / "summary.json", summary)
-    return summary
-
-
-def train_and_validate(*, config: TrainConfig, resume: bool = False, quiet: bool = False,
-                       hooks: Sequence[Hook] = ()) -> dict:
-    """:func:`pipeline.training.loop.train`, with validation on ``config.val_split`` when it is set (before ``hooks``).
-
-    ``config.select == "best-val"`` reports the weights of the best validation score instead of the final ones.
-    """
-    if config.select == "best-val":
-        check_disjoint_validation(config)
-        summary = train(config=config, resume=resume, quiet=quiet, hooks=[BestValidation(), *hooks])
-        return _select_best(config, summary)
-    validation = [Validation()] if config.val_split else []
-    summary = {**train(config=config, resume=resume, quiet=quiet, hooks=[*validation, *hooks]),
-               "selection": {"rule": "final"}}
-    write_json_atomic(Path(config.out) / "summary.json", summary)  # says which weights, as best-val runs do
-    return summary
-
-
-@dataclass
-class TrainOutcome:
-    """What ``fusioner train`` did: the resolved config, and the training summary unless only the config was asked."""
-
-    config: dict
-    summary: dict | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def describe(self) -> str:
-        if self.summary is None:
-            return ""
-        s = self.summary
-        lines = [f"{self.config['out']}: {s['steps']} steps, final loss {s['final_loss']:.4f}, "
-                 f"data wait {100 * s['data_wait_fraction']:.1f}% of step time"]
-        if s["val"]:
-            last = s["val"][-1]
-            lines.append(f"validation mIoU {last['miou']:.1f}  FB-IoU {last['fb_iou']:.1f}  ({last['episodes']} episodes)")
-        return "\n".join(lines)
-
-
-def train_from_settings(*, config_file: str | Path | None = None, preset: str | None = None,
-                        settings: Mapping[str, Any] | None = None, resume: bool = False, quiet: bool = False,
-                        print_config: bool = False) -> TrainOutcome:
-    """Build a run's config (defaults <- preset <- ``config_file`` <- ``settings``, a mapping of dotted keys
-    to typed values) and train it with validation; with ``print_config`` only the config is resolved."""
-    base = load_file(config_file) if config_file else {}
-    config = build_config(base=base, preset=preset, overrides=dict(settings or {}))
-    if print_config:
-        return TrainOutcome(config=to_dict(config))
-    summary = train_and_validate(config=config, resume=resume, quiet=quiet)
-    notes = [] if summary["pretrained_features"] else [
-        "note: trained on random-init features; numbers are a pipeline check, not a result"]
-    return TrainOutcome(config=to_dict(config), summary=summary, notes=notes)

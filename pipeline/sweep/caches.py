@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.data.labels import TRAIN_SPLITS
-from pipeline.encode.plan import RECIPE_VIEWS
+from pipeline.encode.config import RECIPE_VIEWS
 from pipeline.encode.registry import list_encoders
 from pipeline.errors import UserError
 

@@ -60,7 +60,8 @@ def _samples(config: dict, memo: dict) -> int:
     """Training samples per epoch of a run: its fold's (view, classes) pairs in its store."""
     from pipeline.store.reader import open_split
     from pipeline.training.batches import training_pairs
-    from pipeline.training.config import TrainConfig, resolve_fold
+    from pipeline.data.protocols import resolve_fold
+    from pipeline.training.config import TrainConfig
     from pipeline.training.loop import training_split_name
     from pipeline.config import from_dict
 
@@ -69,7 +70,7 @@ def _samples(config: dict, memo: dict) -> int:
     key = (data.cache, data.split, data.protocol, data.fold, tuple(data.novel), data.classes_per_sample)
     if key not in memo:
         split = open_split(store=data.cache, split=training_split_name(data.cache, data.split))
-        fold = resolve_fold(data=data, class_names=split.class_names)
+        fold = resolve_fold(protocol=data.protocol, fold=data.fold, novel=data.novel, class_names=split.class_names)
         memo[key] = len(training_pairs(split=split, seen=fold.seen, classes_per_sample=data.classes_per_sample))
     return memo[key]
 

@@ -75,35 +75,6 @@ def die_with_parent(parent: int) -> None:
         _poll_parent(parent)
 
 
-class FreezeAfterStep:
-    """A fault hook for tests: ``FUSIONER_FREEZE_AT=STEP:CLAIM`` stops one run at a chosen point.
-
-    The first run process to create the file CLAIM (atomically) writes its pid and run folder
-    into it and stops itself (SIGSTOP) right after step STEP and its checkpoint, so a test can
-    kill the sweep with that run frozen there; the other runs go on.
-    """
-
-    def __init__(self, setting: str) -> None:
-        step, _, self.claim = setting.partition(":")
-        self.step = int(step)
-
-    def after_step(self, loop) -> None:
-        if loop.step != self.step:
-            return
-        try:
-            handle = os.open(self.claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return
-        os.write(handle, f"{os.getpid()} {loop.run}\n".encode())
-        os.close(handle)
-        os.kill(os.getpid(), signal.SIGSTOP)
-
-
-def fault_hooks() -> list:
-    setting = os.environ.get("FUSIONER_FREEZE_AT")
-    return [FreezeAfterStep(setting)] if setting else []
-
-
 @contextmanager
 def run_lock(run_dir: Path):
     """One writer per run directory, whoever started it; the OS drops the lock when its holder dies."""
@@ -159,7 +130,7 @@ def execute_run(*, run_dir: Path, threads: int | None = None, quiet: bool = True
     from pipeline.training.checkpoints import latest_checkpoint
     from pipeline.training.config import TrainConfig
     from pipeline.eval.report import run_selection
-    from pipeline.eval.validation import train_and_validate as train
+    from pipeline.runs import train_and_validate
 
     run_dir = Path(run_dir).resolve()
     spec = read_marker(run_dir, "run.json")
@@ -179,7 +150,7 @@ def execute_run(*, run_dir: Path, threads: int | None = None, quiet: bool = True
         tick = time.perf_counter()
         resumed = latest_checkpoint(run_dir) is not None  # an earlier process got this far
         if not training_finished(run_dir=run_dir, config=config):
-            train(config=config, resume=resumed, quiet=quiet, hooks=fault_hooks())
+            train_and_validate(config=config, resume=resumed, quiet=quiet)
         trained = time.perf_counter()
         result = _evaluate(run_dir=run_dir, config=config, evals=spec["eval"], device=resolve_device(config.device))
         record = {"key": spec["key"], **spec["labels"], "miou": result["miou"], "fb_iou": result["fb_iou"],

@@ -4,7 +4,7 @@ Layers, lowest first; a module may import from its own layer and the layers
 below it, never from a layer above::
 
     errors, config, runtime, plots  <  data  <  store  <  encode  <  model
-        <  training  <  eval  <  sweep, bench, demo  <  api (pipeline/__init__, pipeline/api)
+        <  training  <  eval  <  runs  <  sweep, bench, demo  <  api (pipeline/__init__, pipeline/api)
 
 Every import counts, the ones inside functions too. Three checks: no import
 cycle between modules, no import from a layer above, and no ``_private`` name
@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.model",),
     ("pipeline.training",),
     ("pipeline.eval",),
+    ("pipeline.runs",),
     ("pipeline.sweep", "pipeline.bench", "pipeline.demo"),
     ("pipeline.api", "pipeline"),
     ("pipeline.tools",),

@@ -5,10 +5,10 @@ embeddings from a text store (the same store for CLIP, another for
 ``dino-b`` + ``bert-b``). :func:`training_batches` yields batches of
 (features, text embeddings, per-class binary targets) for a fold's seen classes.
 
-Two read modes: ``memory`` loads the split once (fully random batches), and
-``shards`` reads a few whole shards at a time in a random order and shuffles
-within them (for stores larger than RAM: every read is contiguous). A
-background thread prepares the next batches while the model trains.
+:func:`training_batches` serves the ``memory`` read mode (the split loaded once,
+fully random batches); stores larger than memory stream instead
+(:mod:`pipeline.training.stream`). A background thread prepares the next
+batches while the model trains (:func:`prefetch`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -24,7 +24,6 @@ import torch
 from pipeline.data.labels import IGNORE
 from pipeline.errors import UserError
 from pipeline.store.reader import CachedSplit
-from pipeline.training.stream import epoch_order
 
 # --------------------------------------------------------------------------- #
 # Training samples
@@ -143,14 +142,10 @@ class Batch:
     targets: torch.Tensor  # [B, C, S, S] uint8 (0, 1, IGNORE)
     views: np.ndarray  # [B]
 
-
-def _epoch_order(*, samples, split: CachedSplit, rng: np.random.Generator, mode: str,
-                 buffer_shards: int) -> list[int]:
-    if mode == "memory":
-        return list(rng.permutation(len(samples)))
-    # Shards mode: the streaming loader's block shuffle, one block a shard.
-    return epoch_order(samples=samples, block=int(split.group.attrs["shard_size"]), rng=rng,
-                       buffer_blocks=buffer_shards)
+    def to_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(features, text, text_mask, targets) on ``device``."""
+        return tuple(t.to(device, non_blocking=True) for t in (self.features, self.text, self.text_mask,
+                                                                self.targets))
 
 
 def jitter_features(features: np.ndarray, *, strength: float, rng: np.random.Generator) -> np.ndarray:
@@ -168,12 +163,11 @@ def jitter_features(features: np.ndarray, *, strength: float, rng: np.random.Gen
     return (feats * gain + offset).astype(features.dtype)
 
 
-def training_batches(*, split: CachedSplit, samples: list[tuple[int, tuple[int, ...]]], text: np.ndarray,
+def training_batches(*, samples: list[tuple[int, tuple[int, ...]]], memory: dict, text: np.ndarray,
                      batch_size: int, epoch: int, seed: int, novel: tuple[int, ...],
-                     novel_pixels: str = "background", mode: Literal["memory", "shards"] = "memory",
-                     buffer_shards: int = 4, memory: dict | None = None, drop_last: bool = False,
+                     novel_pixels: str = "background", drop_last: bool = False,
                      skip_batches: int = 0, feature_noise: float = 0.0) -> Iterator[Batch]:
-    """One epoch of batches, in an order that depends only on (seed, epoch).
+    """One epoch of batches of (view, classes) ``samples``, in an order that depends only on (seed, epoch).
 
     ``text`` is [K, Dt] for the split's classes (row k-1 = class value k).
     ``memory`` (from :func:`load_into_memory`) holds features and masks.
@@ -181,7 +175,7 @@ def training_batches(*, split: CachedSplit, samples: list[tuple[int, tuple[int, 
     ``feature_noise`` > 0 jitters the cached tokens (:func:`jitter_features`).
     """
     rng = np.random.default_rng([seed, epoch])
-    order = _epoch_order(samples=samples, split=split, rng=rng, mode=mode, buffer_shards=buffer_shards)
+    order = list(rng.permutation(len(samples)))
     width = max(len(c) for _, c in samples)
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
     for number, begin in enumerate(range(0, stop, batch_size)):
@@ -190,10 +184,7 @@ def training_batches(*, split: CachedSplit, samples: list[tuple[int, tuple[int, 
         chunk = [samples[i] for i in order[begin:begin + batch_size]]
         views = np.array([v for v, _ in chunk])
         classes = [c for _, c in chunk]
-        if memory is not None:
-            feats, masks = memory["features"][views], memory["masks"][views]
-        else:
-            feats, masks = split.features(views), split.masks(views)
+        feats, masks = memory["features"][views], memory["masks"][views]
         if feature_noise:
             feats = jitter_features(feats, strength=feature_noise, rng=np.random.default_rng([seed, epoch, number, 1]))
         targets, valid = binary_targets(masks=masks, classes=classes, width=width, novel=novel,
@@ -205,30 +196,6 @@ def training_batches(*, split: CachedSplit, samples: list[tuple[int, tuple[int, 
                     text_mask=torch.from_numpy(valid), targets=torch.from_numpy(targets), views=views)
 
 
-@dataclass
-class Prepared:
-    """What the loop trains on: cached views here, fresh augmentations in :mod:`pipeline.training.online`.
-
-    ``samples`` are the (image, classes) pairs of an epoch, whatever the number of
-    views per image; ``split`` gives ``grid``, ``input_size`` and ``pretrained``.
-    """
-
-    split: Any  # a CachedSplit, or the online source
-    samples: list
-    text: np.ndarray
-    fold: object
-    memory: dict | None
-    mode: str
-    vision_dim: int
-    table: np.ndarray | None = None  # [M, K] view rows per image (cached)
-    epoch_batches: Callable[..., Iterator] | None = None  # (loop) -> batches; None = the cache's
-    seed: int = 0
-
-    def epoch_samples(self, epoch: int) -> list:
-        """(view, classes) samples of one epoch: one of each image's K views, without replacement."""
-        return epoch_pairs(pairs=self.samples, table=self.table, epoch=epoch, seed=self.seed)
-
-
 def prefetch(iterator: Iterator, *, depth: int = 3, pin: bool = False) -> Iterator:
     """Run ``iterator`` in a background thread, ``depth`` items ahead."""
     items: queue.Queue = queue.Queue(maxsize=depth)
@@ -236,31 +203,30 @@ def prefetch(iterator: Iterator, *, depth: int = 3, pin: bool = False) -> Iterat
     failure: list[BaseException] = []
     stop = threading.Event()
 
+    def offer(item) -> bool:
+        """Put ``item`` unless the consumer has stopped; whether it was put."""
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work() -> None:
         try:
             for item in iterator:
-                if pin and torch.cuda.is_available():
+                if pin and isinstance(item, Batch) and torch.cuda.is_available():
                     item = Batch(**{k: (v.pin_memory() if isinstance(v, torch.Tensor) else v)
                                     for k, v in vars(item).items()})
-                while not stop.is_set():
-                    try:
-                        items.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(item):
                     return
         except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
             failure.append(err)
         finally:
             # A consumer that stopped early (max_steps, an error) never drains the
             # queue: a plain put would block this thread, and the batches it holds, forever.
-            while not stop.is_set():
-                try:
-                    items.put(sentinel, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
+            offer(sentinel)
 
     thread = threading.Thread(target=work, name="batch-prefetch", daemon=True)
     thread.start()

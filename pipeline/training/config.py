@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pipeline.config import config_hash, to_dict
 from pipeline.data.augment import AugmentConfig
 from pipeline.errors import UserError
-from pipeline.model import PRESETS, ModelConfig
+from pipeline.model import ModelConfig, preset_settings
 
 
 @dataclass
@@ -47,8 +47,8 @@ class DataConfig:
     # A splits folder: train only on the protocol's standard (image, class) lists (pascal/trn, coco/trn).
     train_lists: str | None = None
     # memory: load the split once; stream: contiguous block reads by `readers` threads into a shuffle
-    # buffer, targets built on the device; shards: the older row-by-row reader. auto: memory if it fits.
-    read_mode: Literal["auto", "memory", "shards", "stream"] = "auto"
+    # buffer, targets built on the device. auto: memory if it fits.
+    read_mode: Literal["auto", "memory", "stream"] = "auto"
     memory_limit_gb: float = 8.0
     readers: int = 4  # reader threads of read_mode stream
     feature_noise: float = 0.0  # feature-space augmentation of cached tokens (0 = off); see training.md
@@ -170,9 +170,7 @@ def build_config(*, base: dict | None = None, preset: str | None = None,
 
     data = default_config_dict()
     chosen = preset or (base or {}).get("preset") or "paper"
-    if chosen not in PRESETS:
-        raise UserError(f"unknown model preset '{chosen}' (known: {', '.join(PRESETS)})")
-    data["model"] = deep_merge(data["model"], PRESETS[chosen])
+    data["model"] = deep_merge(data["model"], preset_settings(chosen))
     data["preset"] = chosen
     if base:
         data = deep_merge(data, base)
@@ -183,9 +181,8 @@ def build_config(*, base: dict | None = None, preset: str | None = None,
 
 
 def check_schedule(optim: OptimConfig) -> None:
-    """Refuse a schedule that would end while the learning rate is still warming up."""
-    if optim.epochs < 1:
-        raise UserError(f"optim.epochs must be at least 1, not {optim.epochs}")
+    """Refuse a schedule that would end while the learning rate is still warming up (``optim.epochs`` >= 1
+    is checked by :class:`OptimConfig` itself)."""
     if not 0 <= optim.warmup_epochs < optim.epochs:
         raise UserError(f"optim.warmup_epochs ({optim.warmup_epochs}) must be from 0 to below optim.epochs "
                         f"({optim.epochs}): otherwise training ends before the learning rate leaves its warm-up; "
@@ -195,31 +192,3 @@ def check_schedule(optim: OptimConfig) -> None:
 # --------------------------------------------------------------------------- #
 # Data
 # --------------------------------------------------------------------------- #
-
-
-def resolve_fold(*, data: DataConfig, class_names: list[str]):
-    """The protocol fold for the store's class list, refusing a mismatched one."""
-    from pipeline.data.protocols import Fold, create_protocol, protocol_entry
-
-    entry = protocol_entry(data.protocol)
-    if entry.named_novel:
-        if not data.novel:
-            raise UserError(f"protocol '{data.protocol}' needs data.novel (the held-out class names)")
-        protocol = create_protocol(data.protocol, class_names=class_names, novel=list(data.novel))
-    elif entry.train_on_own_classes:
-        # Training composites (Mosaic-4 from FSS-1000's training classes): every class of the
-        # training split is seen; the test composites' classes are another list altogether.
-        if data.fold != 0:
-            raise UserError(f"protocol '{data.protocol}' has one fold (0), not {data.fold}")
-        return Fold(data.protocol, 0, (), tuple(range(1, len(class_names) + 1)))
-    else:
-        protocol = create_protocol(data.protocol)
-        if protocol.train_protocol:
-            protocol = create_protocol(protocol.train_protocol)
-        if list(protocol.class_names) != list(class_names):
-            raise UserError(f"protocol '{data.protocol}' classes do not match the store's "
-                            f"({len(protocol.class_names)} vs {len(class_names)} classes); "
-                            f"use protocol 'custom' with data.novel for other data")
-    if not 0 <= data.fold < protocol.num_folds:
-        raise UserError(f"protocol '{data.protocol}' has folds 0..{protocol.num_folds - 1}, not {data.fold}")
-    return protocol.fold(data.fold)

@@ -1,24 +1,34 @@
 """Hooks keep the training loop short: what happens around steps and epochs, one class each.
 
-A hook has up to four methods, ``before_train``, ``after_step``,
-``after_epoch`` and ``after_train``, each taking the :class:`Loop` (the run's
-state). The loop calls them in order; a hook may read the state, write files,
-or add records (``loop.records["val"]``) that end up in the summary. The
-built-in ones log metrics, write checkpoints and draw the progress bar;
-validation, which needs the eval layer, is passed in from there.
+A hook subclasses :class:`HookBase` and overrides any of its four no-op methods,
+``before_train``, ``after_step``, ``after_epoch`` and ``after_train``, each taking
+the :class:`Loop` (the run's state). The loop calls them in order; a hook may read
+the state, write files, or add records (``loop.records["val"]``) that end up in the
+summary. :func:`check_hooks` refuses anything that is not a ``HookBase`` and any
+``before_*``/``after_*`` method that is not one of the four, so a misspelt method is
+an error instead of a hook that never fires.
+
+The built-in hooks log metrics, write checkpoints and draw the progress bar; the
+end-of-run files (final weights, ``summary.json``, the loss curve) are hooks too,
+written only when the loop completed. Validation, which needs the eval layer, is
+passed in from there.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import torch
+from safetensors.torch import save_file
 
+from pipeline.config import write_json_atomic
 from pipeline.model import count_parameters
-from pipeline.runtime import progress
+from pipeline.plots import plot_curves
+from pipeline.runtime import default_file_mode, progress
 from pipeline.training.checkpoints import save_checkpoint, truncate_log
 from pipeline.training.config import TrainConfig
 
@@ -43,12 +53,18 @@ class Loop:
     samples: int
     read_mode: str
     fold_novel: list
-    loss: float = float("nan")
+    loss: Any = float("nan")  # the last step's loss, a tensor on the device: read it with loss_value()
     lr: float = 0.0
     wait_seconds: float = 0.0
     compute_seconds: float = 0.0
     records: dict = field(default_factory=dict)
     forward: Any = None  # the compiled model when config.compile, else None (call the model itself)
+    completed: bool = False  # the loop ran to its end (no exception): the end-of-run files may be written
+    summary: dict = field(default_factory=dict)  # what train() returns, filled by SummaryFile
+
+    def loss_value(self) -> float:
+        """The last loss as a number: waits for the device, so hooks call it only where they log."""
+        return float(self.loss)
 
     @property
     def finished(self) -> bool:
@@ -64,15 +80,40 @@ class Loop:
         return self.wait_seconds / max(self.wait_seconds + self.compute_seconds, 1e-9)
 
 
-class Hook(Protocol):
-    """Any subset of the four methods; missing ones are skipped."""
+EVENTS = ("before_train", "after_step", "after_epoch", "after_train")
 
 
-def run_hooks(hooks: Sequence[Hook], event: str, loop: Loop) -> None:
+class HookBase:
+    """A training hook: override any of the four methods; the others do nothing."""
+
+    def before_train(self, loop: Loop) -> None:
+        """Once, before the first step (after a resume: before the first step left to do)."""
+
+    def after_step(self, loop: Loop) -> None:
+        """After every optimiser step."""
+
+    def after_epoch(self, loop: Loop) -> None:
+        """After every completed epoch (``loop.epoch`` already counts it)."""
+
+    def after_train(self, loop: Loop) -> None:
+        """Once at the end, also when the run failed (``loop.completed`` says which)."""
+
+
+def check_hooks(hooks: Sequence[HookBase]) -> list[HookBase]:
+    """The hooks, checked: each a :class:`HookBase`, with no ``before_*``/``after_*`` method outside the four."""
     for hook in hooks:
-        method = getattr(hook, event, None)
-        if method is not None:
-            method(loop)
+        if not isinstance(hook, HookBase):
+            raise TypeError(f"{type(hook).__name__} is not a training hook: subclass pipeline.training.hooks.HookBase")
+        unknown = [name for name in dir(hook) if name.startswith(("before_", "after_")) and name not in EVENTS]
+        if unknown:
+            raise TypeError(f"{type(hook).__name__}.{unknown[0]} is not a hook method "
+                            f"(the loop calls {', '.join(EVENTS)})")
+    return list(hooks)
+
+
+def run_hooks(hooks: Sequence[HookBase], event: str, loop: Loop) -> None:
+    for hook in hooks:
+        getattr(hook, event)(loop)
 
 
 def append_record(path: Path, record: dict) -> None:
@@ -88,7 +129,7 @@ def log_interval(*, log_every: int, total_steps: int) -> int:
     return min(log_every, max(1, total_steps // CURVE_POINTS))
 
 
-class MetricsLog:
+class MetricsLog(HookBase):
     """``metrics.jsonl``: a start record, the first step, every ``log_interval``-th step, the last step,
     and anything hooks add under ``event``."""
 
@@ -107,11 +148,11 @@ class MetricsLog:
     def after_step(self, loop: Loop) -> None:
         every = log_interval(log_every=loop.config.log_every, total_steps=loop.total_steps)
         if loop.step % every == 0 or loop.step == 1 or loop.step >= loop.total_steps:
-            append_record(self.path, {"step": loop.step, "epoch": loop.epoch, "loss": loop.loss, "lr": loop.lr,
+            append_record(self.path, {"step": loop.step, "epoch": loop.epoch, "loss": loop.loss_value(), "lr": loop.lr,
                                       "data_wait_fraction": loop.wait_fraction})
 
 
-class Checkpointer:
+class Checkpointer(HookBase):
     """A checkpoint every ``checkpoint_every`` steps, at ``max_steps`` and at the end of every epoch."""
 
     def after_step(self, loop: Loop) -> None:
@@ -128,16 +169,62 @@ class Checkpointer:
                         position=loop.position)
 
 
-class ProgressBar:
+class ProgressBar(HookBase):
+    """The step bar; its loss is refreshed at the metrics log's steps only (reading it waits for the device)."""
+
     def __init__(self, *, quiet: bool) -> None:
         self.quiet = quiet
 
     def before_train(self, loop: Loop) -> None:
         self.bar = progress(total=loop.total_steps, desc="train", quiet=self.quiet, unit="step", initial=loop.step)
+        self.every = log_interval(log_every=loop.config.log_every, total_steps=loop.total_steps)
 
     def after_step(self, loop: Loop) -> None:
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loop.loss:.4f}", epoch=loop.epoch, refresh=False)
+        if not self.quiet and (loop.step % self.every == 0 or loop.step == 1):
+            self.bar.set_postfix(loss=f"{loop.loss_value():.4f}", epoch=loop.epoch, refresh=False)
 
     def after_train(self, loop: Loop) -> None:
         self.bar.close()
+
+
+# --------------------------------------------------------------------------- #
+# End of run: written only when the loop completed
+# --------------------------------------------------------------------------- #
+
+
+class FinalWeights(HookBase):
+    """``model.safetensors``: the weights after the last step, replaced atomically."""
+
+    def after_train(self, loop: Loop) -> None:
+        if not loop.completed:
+            return
+        loop.model.eval()
+        state = {k: v.detach().cpu().contiguous() for k, v in loop.model.state_dict().items()}
+        tmp = loop.run / ".model.safetensors.tmp"
+        save_file(state, str(tmp), metadata={"format": "fusioner"})
+        default_file_mode(tmp)
+        os.replace(tmp, loop.run / "model.safetensors")
+
+
+class SummaryFile(HookBase):
+    """``summary.json``: steps, final loss, parameters, timing, validation records (also ``train()``'s result)."""
+
+    def after_train(self, loop: Loop) -> None:
+        if not loop.completed:
+            return
+        loss = loop.loss_value() if isinstance(loop.loss, torch.Tensor) else loop.loss
+        loop.summary.update({
+            "steps": loop.step, "final_loss": loss, "parameters": count_parameters(loop.model),
+            "data_wait_fraction": loop.wait_fraction, "seconds": loop.wait_seconds + loop.compute_seconds,
+            "val": loop.records.get("val", []), "pretrained_features": loop.split.pretrained})
+        write_json_atomic(loop.run / "summary.json", loop.summary)
+
+
+class Curves(HookBase):
+    """``curves.png``: the loss (and validation) curves of ``metrics.jsonl``."""
+
+    def after_train(self, loop: Loop) -> None:
+        if loop.completed:
+            plot_curves(metrics_path=loop.run / "metrics.jsonl", out=loop.run / "curves.png",
+                        pretrained=loop.split.pretrained)

@@ -61,19 +61,15 @@ def binary_segmentation_loss(
     valid = targets != ignore_index  # [B, C, H, W]
     if text_mask is not None:
         valid = valid & text_mask.to(device=logits.device, dtype=torch.bool)[:, :, None, None]
-    if not bool(valid.any()):
-        return logits.sum() * 0.0
+    # No boolean indexing and no branch on a value: either would make the host wait for the
+    # device every step. Ignored pixels get target 0 and are then replaced (not multiplied:
+    # padded logits are huge, and zero times an overflowed loss is NaN) by exact zeros.
+    binary = torch.where(valid, targets, torch.zeros((), dtype=targets.dtype, device=targets.device))
+    per_pixel = F.binary_cross_entropy_with_logits(logits, binary.to(logits.dtype), reduction="none")
+    per_pixel = torch.where(valid, per_pixel, torch.zeros((), dtype=per_pixel.dtype, device=per_pixel.device))
     if reduction == "pixel":
-        # Select before reducing: padded logits are huge negatives, and multiplying
-        # their loss by a zero weight could still overflow a sum.
-        selected = logits[valid]  # [N]
-        return F.binary_cross_entropy_with_logits(selected, targets[valid].to(logits.dtype))
-    # Invalid places get a zero logit and target (a finite loss of log 2), then are masked out of the sums.
-    safe_logits = logits.masked_fill(~valid, 0.0)
-    safe_targets = targets.masked_fill(~valid, 0).to(logits.dtype)
-    per_pixel = F.binary_cross_entropy_with_logits(safe_logits, safe_targets, reduction="none")  # [B, C, H, W]
-    per_pixel = per_pixel.masked_fill(~valid, 0.0)
-    counts = valid.flatten(1).sum(dim=1)  # [B]
-    sums = per_pixel.flatten(1).sum(dim=1)  # [B]
-    has_pixels = counts > 0
-    return (sums[has_pixels] / counts[has_pixels].to(sums.dtype)).mean()
+        return per_pixel.sum() / valid.sum().clamp(min=1)  # 0, still differentiable, when nothing is valid
+    counts = valid.flatten(1).sum(dim=1)  # [B] valid pixels of each sample
+    per_sample = per_pixel.flatten(1).sum(dim=1) / counts.clamp(min=1)  # [B]
+    has_pixels = (counts > 0).to(per_sample.dtype)  # a fully ignored sample is left out of the mean
+    return (per_sample * has_pixels).sum() / has_pixels.sum().clamp(min=1)

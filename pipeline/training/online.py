@@ -24,13 +24,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.data.augment import AugmentConfig, augment_view, resolve_augment
 from pipeline.data.labels import prompt_name
+from pipeline.data.protocols import resolve_fold
 from pipeline.data.registry import create_dataset
 from pipeline.encode.families import create_encoder
 from pipeline.encode.text import class_embeddings
 from pipeline.errors import UserError
 from pipeline.runtime import resolve_device
-from pipeline.training.batches import Batch, Prepared, binary_targets
-from pipeline.training.config import TrainConfig, resolve_fold
+from pipeline.training.batches import Batch, binary_targets
+from pipeline.training.sources import BatchSource, TrainingData
+from pipeline.training.config import TrainConfig
 
 
 @dataclass
@@ -116,7 +118,30 @@ def _class_text(config: TrainConfig, encoders, names: list[str]) -> np.ndarray:
     return encoders.text.encode_names([prompt_name(n) for n in names]).float().cpu().numpy()
 
 
-def prepare_online(config: TrainConfig) -> Prepared:
+class OnlineBatches(BatchSource):
+    """Fresh augmentations decoded by the DataLoader's workers, encoded by the frozen tower at every step."""
+
+    mode = "online"
+
+    def __init__(self, *, loader: DataLoader, order: EpochOrder, vision, text: np.ndarray, width: int,
+                 novel: tuple[int, ...], novel_pixels: str):
+        self.loader, self.order, self.vision, self.text = loader, order, vision, text
+        self.width, self.novel, self.novel_pixels = width, novel, novel_pixels
+
+    def batches(self, *, epoch: int, skip: int = 0):
+        self.order.epoch, self.order.skip = epoch, skip
+        for images, masks, classes, index in self.loader:
+            features = self.vision.encode(images).to(torch.float16).cpu()  # the precision of cached tokens
+            targets, valid = binary_targets(masks=masks, classes=classes, width=self.width, novel=self.novel,
+                                            novel_pixels=self.novel_pixels)
+            txt = np.zeros((len(classes), self.width, self.text.shape[1]), np.float32)
+            for b, cls in enumerate(classes):
+                txt[b, :len(cls)] = self.text[np.asarray(cls) - 1]
+            yield Batch(features=features, text=torch.from_numpy(txt), text_mask=torch.from_numpy(valid),
+                        targets=torch.from_numpy(targets), views=index)
+
+
+def prepare_online(config: TrainConfig) -> TrainingData:
     """The online data path: dataset, samples, text, the frozen encoder and a worker DataLoader."""
     online, data = config.data.online, config.data
     if not online.backbone or not online.data_root:
@@ -124,7 +149,8 @@ def prepare_online(config: TrainConfig) -> Prepared:
     if online.workers < 0:
         raise UserError("data.online.workers must be 0 or more")
     dataset = create_dataset(online.dataset, root=online.data_root, split=online.split)
-    fold = resolve_fold(data=data, class_names=list(dataset.class_names))
+    fold = resolve_fold(protocol=data.protocol, fold=data.fold, novel=data.novel,
+                        class_names=list(dataset.class_names))
     text_needed = not (data.text_store and Path(data.text_store).exists())
     encoders = create_encoder(online.backbone, vision=True, text=text_needed, weights=online.weights,
                               random_init=online.random_init, input_size=online.input_size,
@@ -142,22 +168,11 @@ def prepare_online(config: TrainConfig) -> Prepared:
     loader = DataLoader(views, batch_sampler=order, num_workers=online.workers, collate_fn=collate,
                         persistent_workers=online.workers > 0, worker_init_fn=_quiet_worker,
                         multiprocessing_context="spawn" if online.workers > 0 else None)
-    source = OnlineSource(encoder=online.backbone, path=str(online.data_root),
-                          grid=tuple(vision.grid), input_size=vision.input_size,
-                          pretrained=bool(encoders.weights.pretrained), class_names=list(dataset.class_names))
-    width = max(len(c) for _, c in samples)
-
-    def epoch_batches(loop):
-        order.epoch, order.skip = loop.epoch, loop.batch
-        for images, masks, classes, index in loader:
-            features = vision.encode(images).to(torch.float16).cpu()  # the precision of cached tokens
-            targets, valid = binary_targets(masks=masks, classes=classes, width=width, novel=tuple(fold.novel),
-                                            novel_pixels=data.novel_pixels)
-            txt = np.zeros((len(classes), width, text.shape[1]), np.float32)
-            for b, cls in enumerate(classes):
-                txt[b, :len(cls)] = text[np.asarray(cls) - 1]
-            yield Batch(features=features, text=torch.from_numpy(txt), text_mask=torch.from_numpy(valid),
-                        targets=torch.from_numpy(targets), views=index)
-
-    return Prepared(split=source, samples=samples, text=text, fold=fold, memory=None, mode="online",
-                    vision_dim=int(vision.dim), epoch_batches=epoch_batches, seed=config.seed)
+    described = OnlineSource(encoder=online.backbone, path=str(online.data_root),
+                             grid=tuple(vision.grid), input_size=vision.input_size,
+                             pretrained=bool(encoders.weights.pretrained), class_names=list(dataset.class_names))
+    source = OnlineBatches(loader=loader, order=order, vision=vision, text=text,
+                           width=max(len(c) for _, c in samples), novel=tuple(fold.novel),
+                           novel_pixels=data.novel_pixels)
+    return TrainingData(source=source, split=described, samples=samples, text=text, fold=fold,
+                        vision_dim=int(vision.dim))

@@ -88,6 +88,7 @@ def test_voc_errors_name_the_file(tmp_path: Path) -> None:
         ds.image_size(2)
 
 
+@pytest.mark.reliability
 def test_truncated_jpeg_is_a_bad_record(tmp_path: Path) -> None:
     root = make_voc(tmp_path / "voc")
     save_rgb(root / "JPEGImages" / "2008_000001.jpg", 120, 160)

@@ -28,7 +28,8 @@ from pipeline.data.registry import create_dataset
 from pipeline.data.augment import AugmentConfig, resolve_augment
 from pipeline.data.views import ViewParams, render_view, window_boxes
 from pipeline.encode.extract import extract
-from pipeline.encode.plan import ExtractConfig, plan_split
+from pipeline.encode.config import ExtractConfig
+from pipeline.encode.plan import plan_split
 from pipeline.encode.shards import threads_per_worker
 from pipeline.errors import UserError
 from pipeline.store.layout import open_store, store_attrs
@@ -158,6 +159,7 @@ def _done_markers(out: Path) -> int:
         return 0
 
 
+@pytest.mark.reliability
 def test_killed_extraction_resumes_to_the_same_bytes(tmp_path):
     """kill -9 a real `fusioner extract` mid-run, run it again, compare with an uninterrupted run."""
     data = write_folder_dataset(tmp_path / "data", sizes=((96, 128), (120, 90)) * 8, seed=3)
@@ -250,6 +252,7 @@ def _copy(store: Path, tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize(("change", "key"), [({"backbone": "test-timm"}, "encoder"), ({"input_size": 64}, "input_size")])
 def test_appending_a_differently_made_store_is_refused(reference, tmp_path, change, key):
     data, store = reference
@@ -268,6 +271,7 @@ def test_overwrite_starts_over(reference, tmp_path):
     assert store_attrs(root)["encoder"] == "test-timm" and root["folder/train/features"].shape[-1] == 64
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("change", [{"views": 2}, {"seed": 1}, {"shard_size": 6}])
 def test_another_plan_into_the_same_split_is_refused(reference, tmp_path, change):
     data, store = reference
@@ -281,6 +285,7 @@ def test_another_plan_into_the_same_split_is_refused(reference, tmp_path, change
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.reliability
 def test_a_corrupt_jpeg_stops_the_run_naming_its_path(tmp_path):
     data, truncated, junk = with_bad_images(tmp_path)
     with pytest.raises(UserError, match=re.escape(str(junk))):
@@ -290,6 +295,7 @@ def test_a_corrupt_jpeg_stops_the_run_naming_its_path(tmp_path):
         extract(config=tiny_config(data, tmp_path / "b", backbone="test-timm"), quiet=True)
 
 
+@pytest.mark.reliability
 def test_skip_bad_records_and_reports_bad_images(tmp_path):
     data, truncated, junk = with_bad_images(tmp_path)
     report = extract(config=tiny_config(data, tmp_path / "s", backbone="test-timm", skip_bad=True), quiet=True)

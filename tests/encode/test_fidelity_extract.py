@@ -14,7 +14,7 @@ from synthetic_data import tiny_extract_config, write_folder_dataset
 from pipeline.data.labels import VOC_CLASSES
 from pipeline.data.views import window_boxes
 from pipeline.encode.extract import extract
-from pipeline.encode.plan import ExtractConfig
+from pipeline.encode.config import ExtractConfig
 from pipeline.encode.registry import DATASET_STATS, get_spec
 from pipeline.errors import UserError
 from pipeline.store.layout import open_or_create_store, open_store, read_text, store_identity

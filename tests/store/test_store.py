@@ -27,7 +27,7 @@ from pipeline.data.augment import augment_view, resolve_augment, view_numbers
 from pipeline.data.views import ViewParams
 from pipeline.encode.shards import planned_view
 from pipeline.encode.extract import extract
-from pipeline.encode.plan import ExtractConfig
+from pipeline.encode.config import ExtractConfig
 from pipeline.encode.prompts import TEMPLATES
 from pipeline.encode.shards import classes_in
 from pipeline.store.layout import FORMAT_VERSION, open_store, read_text, store_attrs
@@ -190,6 +190,7 @@ def _shard_file(store: Path, array: str, shard: int) -> Path:
     return store / "folder" / "train" / array / "c" / str(shard) / "0" / "0"
 
 
+@pytest.mark.reliability
 def test_damaged_unfinished_shards_are_written_again(tiny, tmp_path):
     data, path, config = tiny
     copy = tmp_path / "store"
@@ -205,6 +206,7 @@ def test_damaged_unfinished_shards_are_written_again(tiny, tmp_path):
     assert_same_store(path, copy)
 
 
+@pytest.mark.reliability
 def test_damaged_chunk_of_a_done_shard_fails_loudly(tiny, tmp_path):
     _, path, _ = tiny
     copy = tmp_path / "store"
@@ -222,6 +224,7 @@ def test_damaged_chunk_of_a_done_shard_fails_loudly(tiny, tmp_path):
         assert np.array_equal(group[array][0], zarr.open_group(str(path))["folder/train"][array][0])
 
 
+@pytest.mark.reliability
 def test_split_left_half_created_by_a_kill_is_planned_again(tiny, tmp_path):
     data, path, _ = tiny
     copy = tmp_path / "store"

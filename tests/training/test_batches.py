@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from synthetic_data import FOLD0, NOVEL, SEEN, SHARD
+from synthetic_data import FOLD0, NOVEL, SEEN
 
 from pipeline.data.labels import VOC_CLASSES, prompt_name
 from pipeline.encode.text import class_embeddings, text_encoder_of
@@ -73,14 +72,13 @@ def test_binary_targets_keep_ignore_and_hide_novel_pixels_as_asked():
 # --------------------------------------------------------------------------- #
 
 
-def _epoch(gen, *, batch_size=8, epoch=0, seed=0, mode="memory", memory=None, skip=0, cps="1",
-           novel_pixels="background"):
+def _epoch(gen, *, batch_size=8, epoch=0, seed=0, skip=0, cps="1", novel_pixels="background"):
     split = open_split(store=gen.vision, split="folder/train")
     samples = training_pairs(split=split, seen=FOLD0.seen, classes_per_sample=cps)
     text = np.eye(len(VOC_CLASSES), dtype=np.float32)  # row k-1 names class k
-    return split, list(training_batches(split=split, samples=samples, text=text, batch_size=batch_size,
-                                        epoch=epoch, seed=seed, novel=FOLD0.novel, novel_pixels=novel_pixels,
-                                        mode=mode, memory=memory, skip_batches=skip))
+    return split, list(training_batches(samples=samples, memory=load_into_memory(split), text=text,
+                                        batch_size=batch_size, epoch=epoch, seed=seed, novel=FOLD0.novel,
+                                        novel_pixels=novel_pixels, skip_batches=skip))
 
 
 def _views(batches) -> list[int]:
@@ -89,8 +87,6 @@ def _views(batches) -> list[int]:
 
 def test_batch_order_is_a_function_of_seed_and_epoch_only(gen):
     split, first = _epoch(gen)
-    memory = load_into_memory(split)
-    assert _views(_epoch(gen, memory=memory)[1]) == _views(first)  # preloaded or read: same order
     assert _views(_epoch(gen, batch_size=5)[1]) == _views(first)  # the batch size only cuts it
     assert _views(_epoch(gen, epoch=1)[1]) != _views(first)
     assert _views(_epoch(gen, seed=1)[1]) != _views(first)
@@ -99,57 +95,6 @@ def test_batch_order_is_a_function_of_seed_and_epoch_only(gen):
     assert _views(tail) == _views(first[2:])
     for a, b in zip(tail, first[2:]):
         assert torch.equal(a.features, b.features) and torch.equal(a.targets, b.targets)
-
-
-def _items(batches) -> Counter:
-    """Multiset of (view, class slots, target bytes) over an epoch."""
-    out = Counter()
-    for batch in batches:
-        for b, view in enumerate(batch.views):
-            slots = tuple(int(np.argmax(row)) + 1 for row, ok in zip(batch.text[b].numpy(), batch.text_mask[b]) if ok)
-            out[(int(view), slots, batch.targets[b].numpy().tobytes())] += 1
-    return out
-
-
-@pytest.mark.parametrize("cps", ["1", "all"])
-def test_shards_mode_reads_the_same_samples_as_memory_mode(gen, cps):
-    split, memory_batches = _epoch(gen, cps=cps)
-    _, shard_batches = _epoch(gen, cps=cps, mode="shards")
-    assert _views(shard_batches) != _views(memory_batches)  # another order ...
-    assert _items(shard_batches) == _items(memory_batches)  # ... of the very same samples
-    features, masks = split.features(slice(None)), split.masks(slice(None))
-    for batch in shard_batches:  # duplicate views in one batch are read right
-        assert np.array_equal(batch.features.numpy(), features[batch.views])
-        for b, view in enumerate(batch.views):
-            for j in np.flatnonzero(batch.text_mask[b].numpy()):
-                value = int(np.argmax(batch.text[b, j].numpy())) + 1
-                expected = np.where(masks[view] == 255, 255, masks[view] == value)
-                assert np.array_equal(batch.targets[b, j].numpy(), expected)
-
-
-def _shards_per_stretch(views: list[int]) -> list[int]:
-    """Cut the order where every shard begun so far is finished; count the shards in each stretch."""
-    shards = [v // SHARD for v in views]
-    remaining = Counter(shards)
-    open_, stretch, counts = set(), set(), []
-    for shard in shards:
-        open_.add(shard)
-        stretch.add(shard)
-        remaining[shard] -= 1
-        if remaining[shard] == 0:
-            open_.discard(shard)
-        if not open_:
-            counts.append(len(stretch))
-            stretch = set()
-    return counts
-
-
-def test_shards_mode_reads_a_few_whole_shards_at_a_time(gen):
-    """``shards`` takes blocks of 4 shards (the default buffer) and shuffles only inside a block."""
-    _, shard_batches = _epoch(gen, mode="shards")
-    assert max(_shards_per_stretch(_views(shard_batches))) <= 4
-    _, memory_batches = _epoch(gen)
-    assert max(_shards_per_stretch(_views(memory_batches))) > 4  # the check can tell the modes apart
 
 
 def test_novel_pixels_ignore_reaches_the_batches(gen):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline.data.labels import VOC_CLASSES
 from pipeline.encode.extract import extract
-from pipeline.encode.plan import ExtractConfig
+from pipeline.encode.config import ExtractConfig
 from pipeline.training.config import build_config
 from pipeline.training.loop import prepare_data, train
 
@@ -74,11 +74,11 @@ def test_steps_per_epoch_do_not_depend_on_k(stores, tmp_path):
 
 def test_each_epoch_shows_one_view_per_image_without_replacement(stores):
     prepared = prepare_data(_config(stores, 4, Path("unused")))
-    table = prepared.table
+    table = prepared.source.table
     assert table.shape == (IMAGES, 4)
     used: dict[int, list[int]] = {i: [] for i in range(IMAGES)}
     for epoch in range(8):  # two cycles of K = 4 epochs
-        samples = prepared.epoch_samples(epoch)
+        samples = prepared.source.epoch_samples(epoch)
         assert len(samples) == len(prepared.samples)
         by_image = {i: {v for v, _ in samples if prepared.split.view_image[v] == i} for i in range(IMAGES)}
         assert all(len(views) == 1 for views in by_image.values())  # every class of an image: the same view
@@ -87,7 +87,7 @@ def test_each_epoch_shows_one_view_per_image_without_replacement(stores):
     for image, views in used.items():
         assert Counter(views[:4]) == Counter(table[image]) == Counter(views[4:])  # each view once per cycle
     assert any(used[i][:4] != used[i][4:] for i in used)  # cycles draw new permutations
-    assert prepared.epoch_samples(5) == prepared.epoch_samples(5)  # a function of (seed, epoch)
+    assert prepared.source.epoch_samples(5) == prepared.source.epoch_samples(5)  # a function of (seed, epoch)
 
 
 def test_with_the_standard_lists_an_epoch_is_the_listed_pairs_for_every_k(stores, tmp_path):

@@ -89,11 +89,11 @@ def _pascal_trn_lists(root, pairs_by_fold):
 def test_training_samples_follow_the_standard_lists_when_given(gen, tmp_path):
     from pipeline.store.reader import open_split
     from pipeline.training.batches import training_pairs
-    from pipeline.training.config import DataConfig, resolve_fold
+    from pipeline.data.protocols import resolve_fold
     from pipeline.training.lists import listed_samples
 
     split = open_split(store=gen.vision, split="folder/train")
-    fold = resolve_fold(data=DataConfig(protocol="pascal5i", fold=0), class_names=split.class_names)
+    fold = resolve_fold(protocol="pascal5i", fold=0, novel=None, class_names=split.class_names)
     every = training_pairs(split=split, seen=fold.seen, classes_per_sample="1")
     present = sorted({(split.image_ids[int(split.view_image[v])], c[0]) for v, c in every})
     listed = present[::2]  # half of the pairs the cache shows
@@ -117,9 +117,9 @@ def test_a_listed_image_missing_from_the_cache_is_refused(gen, tmp_path):
 
 
 def test_mosaic4_training_composites_see_every_class_of_their_split():
-    from pipeline.training.config import DataConfig, resolve_fold
+    from pipeline.data.protocols import resolve_fold
 
-    fold = resolve_fold(data=DataConfig(protocol="mosaic4", fold=0, classes_per_sample="all"),
+    fold = resolve_fold(protocol="mosaic4", fold=0, novel=None,
                         class_names=["a", "b", "c", "d", "e"])
     assert fold.seen == (1, 2, 3, 4, 5) and fold.novel == ()
 
@@ -132,7 +132,7 @@ def _val_lists(root, lines):
 
 
 def test_best_val_selection_refuses_a_validation_split_that_shares_test_images(gen, tmp_path):
-    from pipeline.eval.validation import train_and_validate
+    from pipeline.runs import train_and_validate
 
     lists = _val_lists(tmp_path / "splits", ["g000__06", "g005__08"])
     config = build_config(preset="tiny", overrides=train_overrides(
@@ -147,7 +147,7 @@ def test_best_val_selection_refuses_a_validation_split_that_shares_test_images(g
 def test_best_val_selection_reports_the_best_validation_weights_labelled(gen, tmp_path):
     from safetensors.torch import load_file
 
-    from pipeline.eval.validation import train_and_validate
+    from pipeline.runs import train_and_validate
 
     lists = _val_lists(tmp_path / "splits", ["2008_000001__06"])  # no image of the cache: disjoint
     run = tmp_path / "run"
@@ -199,7 +199,7 @@ def test_a_run_saved_before_the_released_decoder_order_and_loss_loads_as_it_was_
 
 
 def test_a_default_runs_summary_says_its_weights_are_the_final_ones(gen, tmp_path):
-    from pipeline.eval.validation import train_and_validate
+    from pipeline.runs import train_and_validate
 
     run = tmp_path / "final"
     train_and_validate(config=build_config(preset="tiny", overrides=train_overrides(gen, run, "optim.max_steps=1")),

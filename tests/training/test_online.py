@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import cli
 from pipeline.config import from_dict
 from pipeline.encode.extract import extract
-from pipeline.encode.plan import ExtractConfig
+from pipeline.encode.config import ExtractConfig
 from pipeline.errors import UserError
 from pipeline.training.config import TrainConfig, build_config
 from pipeline.training.loop import prepare_data, train

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from synthetic_data import FOLD0, SHARD, train_overrides
 
 from pipeline.data.labels import VOC_CLASSES
-from pipeline.store.reader import open_split
+from pipeline.store.reader import load_into_memory, open_split
 from pipeline.training.batches import binary_targets, training_batches, training_pairs
 from pipeline.training.config import build_config
 from pipeline.training.loop import train
@@ -51,8 +51,9 @@ def _views(batches) -> list[int]:
 @pytest.mark.parametrize("cps", ["1", "all"])
 def test_stream_batches_hold_the_same_samples_as_the_memory_mode(gen, cps):
     split, samples, batches = _stream(gen, cps=cps)
-    memory = list(training_batches(split=split, samples=samples, text=np.eye(len(VOC_CLASSES), dtype=np.float32),
-                                   batch_size=8, epoch=0, seed=0, novel=FOLD0.novel))
+    memory = list(training_batches(samples=samples, memory=load_into_memory(split),
+                                   text=np.eye(len(VOC_CLASSES), dtype=np.float32), batch_size=8, epoch=0, seed=0,
+                                   novel=FOLD0.novel))
 
     def items(batch_list, unpack):
         out = Counter()

@@ -19,7 +19,7 @@ from synthetic_data import LEARN_EPOCHS, SEEN, Generated, train_overrides
 
 from pipeline.config import from_dict, to_dict
 from pipeline.encode.extract import extract
-from pipeline.encode.plan import ExtractConfig
+from pipeline.encode.config import ExtractConfig
 from pipeline.encode.text import class_embeddings
 from pipeline.errors import UserError
 from pipeline.eval.metrics import SegmentationMeter
@@ -153,6 +153,7 @@ def _complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in ("model.safetensors", "train_state.pt", "config.json"))
 
 
+@pytest.mark.reliability
 def test_killed_run_resumes_to_the_same_bits(gen, straight, tmp_path):
     run = tmp_path / "run"
     script = ("import torch; torch.set_num_threads(1)\n"
@@ -215,6 +216,7 @@ def test_a_full_disk_or_read_only_run_folder_is_one_line_and_resumes_to_the_same
     assert _losses(run) == _losses(straight)
 
 
+@pytest.mark.reliability
 def test_resume_may_raise_max_steps_and_still_match(gen, straight, tmp_path):
     run = tmp_path / "run"
     first = train(config=tiny_config(gen, run, *RESUME_EPOCHS, "optim.max_steps=5"), quiet=True)
@@ -240,6 +242,7 @@ def test_resume_may_raise_max_steps_and_still_match(gen, straight, tmp_path):
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.reliability
 def test_latest_checkpoint_ignores_leftovers_and_survives_a_lost_pointer(learned, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(learned, run)

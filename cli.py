@@ -444,6 +444,32 @@ def predict(
         typer.echo(line, err=True)
 
 
+@app.command()
+def serve(
+    run: Path = typer.Argument(..., metavar="RUN", hidden=True),
+    host: str = typer.Option("127.0.0.1", "--host", metavar="ADDRESS",
+                             help="Address to listen on; 127.0.0.1 keeps the page to this machine."),
+    port: int = typer.Option(7860, "--port", metavar="N", help="Port to listen on (0: any free port)."),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", metavar="MB", help="Largest photo accepted."),
+    device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:1 ..."),
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Serve a web page over a trained RUN: upload a photo, type class names, see one mask per name.
+
+    The run is loaded once; requests queue for it. The page's overlay, masks, label map and JSON are
+    those `fusioner predict` writes for the same photo, names and views. Needs the serve extra.
+
+    \b
+    Example:
+      fusioner serve runs/pascal-f0 --port 7860
+    """
+    from pipeline.serve.server import serve as run_server
+
+    run_server(run=run, host=host, port=port, device=device, max_upload_mb=max_upload_mb, quiet=_quiet(quiet),
+               announce=typer.echo)
+
+
 # ------------------------------------ sweep ----------------------------------- #
 
 

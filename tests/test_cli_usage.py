@@ -64,7 +64,7 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"fusioner {__version__}"
 
 
-@pytest.mark.parametrize("command", ["extract", "train", "eval", "predict", "sweep", "demo", "info"])
+@pytest.mark.parametrize("command", ["extract", "train", "eval", "predict", "serve", "sweep", "demo", "info"])
 def test_help_shows_defaults_and_readable_types(capsys, command):
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out

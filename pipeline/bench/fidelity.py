@@ -52,10 +52,10 @@ def _score(*, model, store: Path, features_fp32: bool, size: int) -> dict:
     from pipeline.encode.text import class_embeddings
     from pipeline.eval.metrics import SegmentationMeter
     from pipeline.store.reader import open_split
-    from pipeline.training.config import DataConfig, resolve_fold
+    from pipeline.data.protocols import resolve_fold
 
     split = open_split(store=store, split="folder/val")
-    fold = resolve_fold(data=DataConfig(protocol="coco20i", fold=FOLD), class_names=split.class_names)
+    fold = resolve_fold(protocol="coco20i", fold=FOLD, novel=None, class_names=split.class_names)
     text = torch.from_numpy(class_embeddings(text_store=str(store), names=split.class_names))
     stored = torch.from_numpy(split.features(slice(None)).astype(np.float32))  # [N, hw, D] float16 -> 32
     masks = split.masks(slice(None))

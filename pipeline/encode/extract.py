@@ -25,7 +25,7 @@ from pipeline.encode.families import create_encoder
 from pipeline.encode.config import ExtractConfig
 from pipeline.encode.plan import open_extraction_dataset, plan_split
 from pipeline.encode.prompts import TEMPLATES
-from pipeline.encode.registry import activation, get_spec
+from pipeline.encode.registry import activation, get_spec, spec_record
 from pipeline.encode.shards import run_shards
 from pipeline.encode.towers import Encoders
 from pipeline.errors import UserError
@@ -158,6 +158,7 @@ def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
         encoder=spec.name, weights=encoders.weights.to_dict(), input_size=input_size, grid=grid,
         vision_dim=spec.vision_dim or None, text_dim=spec.text_dim or None, mean=spec.mean, std=spec.std,
         activation=activation(spec))
+    identity["spec"] = spec_record(spec)  # what the encoder is, as data: library names resolve to one too
     root = open_or_create_store(config.out, identity=identity, overwrite=config.overwrite)
     text_count = _extract_text(root, encoders=encoders, names=names, config=config, quiet=quiet)
     if not want_vision:

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.labels import parse_names, prompt_name
 from pipeline.data.readers import rgb_array
 from pipeline.data.views import Stitcher, ViewParams, pad_fill, render_view, window_boxes
-from pipeline.encode.text import class_embeddings, encoder_from_identity
+from pipeline.encode.text import class_embeddings, encoder_from_identity, text_encoder_of
 from pipeline.eval.identity import check_stores
 from pipeline.errors import UserError
 from pipeline.plots import overlay, png_caveat, save_label_png
@@ -35,11 +35,24 @@ def read_photo(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image not found: {path}")
+    return decode_photo(path, name=str(path))
+
+
+def decode_photo(source, *, name: str, max_pixels: int | None = None) -> np.ndarray:
+    """[H, W, 3] uint8 RGB of a photo (a path or a binary file object); anything that is not a
+    readable image, or has more than ``max_pixels`` pixels, is a one-line :class:`UserError` naming it."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise UserError(f"{name} is {image.width} x {image.height} pixels; at most {max_pixels / 1e6:g} "
+                                f"megapixels are taken")
             return rgb_array(image)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read image {path}: {err}") from err
+    except Image.DecompressionBombError as err:
+        raise UserError(f"cannot read image {name}: {err}") from err
+    except UnidentifiedImageError as err:
+        raise UserError(f"{name} is not an image PIL can read (JPEG, PNG, WebP, ...)") from err
+    except (OSError, ValueError, SyntaxError) as err:
+        raise UserError(f"cannot read image {name}: {err}") from err
 
 
 def parse_classes(text: str | list[str]) -> list[str]:
@@ -73,6 +86,7 @@ class PredictionInputs:
     vision_store: str | None
     text_store: str | None
     kept: dict | None
+    text_encoder: object = field(default=None, repr=False)  # built on the first name to encode, then kept
 
     @classmethod
     def of(cls, *, checkpoint: str | Path, config) -> PredictionInputs:
@@ -97,13 +111,21 @@ class PredictionInputs:
     def class_vectors(self, names: list[str], *, device: str) -> np.ndarray:
         """[C, Dt]: from the text store when reachable, else the kept embeddings plus newly encoded names."""
         if self.text_store is not None:
-            return class_embeddings(text_store=self.text_store, names=names, device=device)
+            return class_embeddings(text_store=self.text_store, names=names, device=device,
+                                    text_encoder=lambda: self._text(device))
         kept = self.kept["embeddings"]
         missing = [n for n in names if n not in kept]
         if missing:
-            text = encoder_from_identity(self.kept["text"], vision=False, text=True, device=device).text
+            text = self._text(device).text
             kept = {**kept, **dict(zip(missing, text.encode_names([prompt_name(n) for n in missing]).cpu().numpy()))}
         return np.stack([kept[n] for n in names]).astype(np.float32)
+
+    def _text(self, device: str):
+        """The text encoder that made the class embeddings, built once per inputs object."""
+        if self.text_encoder is None:
+            self.text_encoder = (text_encoder_of(self.text_store, device=device) if self.text_store is not None
+                                 else encoder_from_identity(self.kept["text"], vision=False, text=True, device=device))
+        return self.text_encoder
 
 
 def predict_photo(*, image: str | Path, classes: list[str], checkpoint: str | Path, out: str | Path,
@@ -118,9 +140,12 @@ def predict_photo(*, image: str | Path, classes: list[str], checkpoint: str | Pa
                       resize=resize, batch_size=batch_size, quiet=quiet, allow_mismatch=tuple(allow_mismatch))
     lines = [f"{name:>24s}  {100 * share:5.1f}% of pixels" for name, share in summary["coverage"].items()]
     lines.append(f"wrote {out}/overlay.png and {len(names)} masks")
-    notes = [] if summary["pretrained_features"] else [
-        "note: random-init vision tower; the masks are a pipeline check, not a result"]
-    return {**summary, "text": "\n".join(lines), "notes": notes}
+    return {**summary, "text": "\n".join(lines), "notes": prediction_notes(pretrained=summary["pretrained_features"])}
+
+
+def prediction_notes(*, pretrained: bool) -> list[str]:
+    """What a person shown these masks must know: random-init features make them a pipeline check."""
+    return [] if pretrained else ["note: random-init vision tower; the masks are a pipeline check, not a result"]
 
 
 PREDICT_BATCH = 16  # windows encoded at once: bounds memory on large photos, still fills a GPU
@@ -133,7 +158,67 @@ def label_dtype(count: int) -> type:
     return np.uint8 if count <= np.iinfo(np.uint8).max else np.uint16
 
 
-@torch.inference_mode()
+class Predictor:
+    """A trained run ready for photos: its model, its frozen vision tower and its class-name source,
+    loaded once and used for any number of photos (``fusioner predict`` makes one for one photo,
+    ``fusioner serve`` one for every request it answers). Not safe for two threads at once."""
+
+    def __init__(self, *, checkpoint: str | Path, device: str = "cpu", encoders=None,
+                 allow_mismatch: tuple[str, ...] = ()):
+        from pipeline.training.checkpoints import load_model
+
+        self.checkpoint, self.device = checkpoint, device
+        self.model, self.config = load_model(checkpoint, device=device)
+        self.source = PredictionInputs.of(checkpoint=checkpoint, config=self.config)
+        self.attrs = self.source.vision_identity()
+        # A reachable store that is not what the run was trained on is refused (unless allowed).
+        check_stores(run=self.source.run, config=self.config, vision_store=self.source.vision_store,
+                     text_store=self.source.text_store, split=None, allow=allow_mismatch)
+        self.encoders = encoders if encoders is not None else encoder_from_identity(
+            self.attrs, vision=True, text=False, device=device)
+        normalization = (self.source.kept or {}).get("normalize") or (
+            split_normalization(self.source.vision_store, self.config.data.split) if self.source.vision_store else None)
+        if normalization:  # photos are normalised as the training views were
+            self.encoders.vision.use_normalization(mean=normalization["mean"], std=normalization["std"])
+        stats = normalization or {"mean": self.attrs["mean"], "std": self.attrs["std"]}
+        self.fill = pad_fill(fill="released", mean=stats["mean"], std=stats["std"])  # normalises to -1, as released
+
+    @property
+    def pretrained(self) -> bool:
+        """False for a run trained on random-init features: its masks are a pipeline check, not a result."""
+        return bool(self.attrs["pretrained"])
+
+    @torch.inference_mode()
+    def predict(self, *, pixels: np.ndarray, name: str, classes: list[str], out: str | Path | None,
+                resize: bool = False, stride: int | None = None, batch_size: int = PREDICT_BATCH,
+                quiet: bool = True) -> dict:
+        """:func:`predict` on decoded ``pixels`` ([H, W, 3] uint8) of the photo called ``name``."""
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        dtype = label_dtype(len(classes))
+        size = int(self.attrs["input_size"])
+        height, width = pixels.shape[:2]
+        boxes = [(0, 0, width, height)] if resize else window_boxes(
+            height=height, width=width, size=size, stride=stride or max(1, (2 * size) // 3))
+        text = torch.from_numpy(self.source.class_vectors(classes, device=self.device)).to(self.device)  # [C, Dt]
+        logits = _window_logits(model=self.model, encoders=self.encoders, pixels=pixels, boxes=boxes, text=text,
+                                size=size, grid=tuple(self.attrs["grid"]), batch_size=batch_size, quiet=quiet,
+                                fill=self.fill)
+        labels, probs = _label_map(self.model, logits, dtype=dtype)
+        coverage = np.bincount(labels.ravel(), minlength=len(classes) + 1) / labels.size
+        summary = {
+            "image": name, "size": [height, width], "classes": classes, "views": len(boxes),
+            "coverage": {n: float(share) for n, share in zip(classes, coverage[1:])},
+            "checkpoint": str(self.checkpoint), "pretrained_features": self.pretrained,
+        }
+        if out is not None:
+            summary.update(_write_prediction(out=Path(out), photo=name, pixels=pixels, labels=labels,
+                                             classes=classes, pretrained=self.pretrained))
+            (Path(out) / "prediction.json").write_text(json.dumps(summary, indent=2) + "\n")
+        arrays = {"label_map": labels, "probabilities": probs.detach().float().cpu().numpy()}
+        return {**summary, **arrays}
+
+
 def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, out: str | Path | None,
             device: str = "cpu", resize: bool = False, stride: int | None = None,
             encoders=None, batch_size: int = PREDICT_BATCH, quiet: bool = True,
@@ -148,46 +233,12 @@ def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, ou
     encoded ``batch_size`` at a time and their logits added onto the full-size map as they come,
     so memory holds one batch of windows plus the output, however large the photo.
     """
-    from pipeline.training.checkpoints import load_model
-
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    dtype = label_dtype(len(classes))
-    model, config = load_model(checkpoint, device=device)
-    source = PredictionInputs.of(checkpoint=checkpoint, config=config)
-    attrs = source.vision_identity()
-    size = int(attrs["input_size"])
-    pixels = read_photo(image)
-    height, width = pixels.shape[:2]
-    if encoders is None:
-        encoders = encoder_from_identity(attrs, vision=True, text=False, device=device)
-    check_stores(run=source.run, config=config, vision_store=source.vision_store, text_store=source.text_store,
-                 split=None, allow=allow_mismatch)
-    normalization = (source.kept or {}).get("normalize") or (
-        split_normalization(source.vision_store, config.data.split) if source.vision_store else None)
-    if normalization:  # photos are normalised as the training views were
-        encoders.vision.use_normalization(mean=normalization["mean"], std=normalization["std"])
-    boxes = [(0, 0, width, height)] if resize else window_boxes(
-        height=height, width=width, size=size, stride=stride or max(1, (2 * size) // 3))
-    text = torch.from_numpy(source.class_vectors(classes, device=device)).to(device)  # [C, Dt]
-    stats = normalization or {"mean": attrs["mean"], "std": attrs["std"]}
-    fill = pad_fill(fill="released", mean=stats["mean"], std=stats["std"])  # what normalises to -1, as released
-    logits = _window_logits(model=model, encoders=encoders, pixels=pixels, boxes=boxes, text=text, size=size,
-                            grid=tuple(attrs["grid"]), batch_size=batch_size, quiet=quiet, fill=fill)
-    labels, probs = _label_map(model, logits, dtype=dtype)
-    coverage = np.bincount(labels.ravel(), minlength=len(classes) + 1) / labels.size
-    pretrained = bool(attrs["pretrained"])
-    summary = {
-        "image": str(image), "size": [height, width], "classes": classes, "views": len(boxes),
-        "coverage": {n: float(share) for n, share in zip(classes, coverage[1:])},
-        "checkpoint": str(checkpoint), "pretrained_features": pretrained,
-    }
-    if out is not None:
-        summary.update(_write_prediction(out=Path(out), image=image, pixels=pixels, labels=labels, classes=classes,
-                                         pretrained=pretrained))
-        (Path(out) / "prediction.json").write_text(json.dumps(summary, indent=2) + "\n")
-    arrays = {"label_map": labels, "probabilities": probs.detach().float().cpu().numpy()}
-    return {**summary, **arrays}
+    label_dtype(len(classes))
+    predictor = Predictor(checkpoint=checkpoint, device=device, encoders=encoders, allow_mismatch=allow_mismatch)
+    return predictor.predict(pixels=read_photo(image), name=str(image), classes=classes, out=out, resize=resize,
+                             stride=stride, batch_size=batch_size, quiet=quiet)
 
 
 def _window_logits(*, model, encoders, pixels: np.ndarray, boxes: list, text: torch.Tensor, size: int,
@@ -220,7 +271,7 @@ def _label_map(model, logits: torch.Tensor, *, dtype: type, rows: int = 256) -> 
     return labels, logits
 
 
-def _write_prediction(*, out: Path, image, pixels: np.ndarray, labels: np.ndarray, classes: list[str],
+def _write_prediction(*, out: Path, photo: str, pixels: np.ndarray, labels: np.ndarray, classes: list[str],
                       pretrained: bool) -> dict:
     """Masks, label map and overlay files; returns their names for the summary."""
     out.mkdir(parents=True, exist_ok=True)
@@ -230,6 +281,6 @@ def _write_prediction(*, out: Path, image, pixels: np.ndarray, labels: np.ndarra
         path = out / f"mask_{j + 1:0{digits}d}_{_slug(name)}.png"
         Image.fromarray(((labels == j + 1) * 255).astype(np.uint8)).save(path, pnginfo=png_caveat(not pretrained))
         files[name] = path.name
-    overlay(image=pixels, labels=labels, names=classes, out=out / "overlay.png", title=Path(image).name,
+    overlay(image=pixels, labels=labels, names=classes, out=out / "overlay.png", title=Path(photo).name,
             caveat=not pretrained)
     return {"masks": files, "overlay": "overlay.png", "labels": "labels.png"}

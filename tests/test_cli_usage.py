@@ -218,6 +218,7 @@ PROGRESS_COMMANDS = [
     ("predict", "pipeline.eval.predict", "predict_photo", ["photo.jpg", "--classes", "cat", "--checkpoint", "r"]),
     ("sweep", "pipeline.sweep.command", "sweep_command", ["tiny"]),
     ("demo", "pipeline.demo", "run_demo", []),
+    ("serve", "pipeline.serve.server", "serve", ["runs/x", "--port", "0"]),
 ]
 
 

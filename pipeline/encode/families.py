@@ -38,6 +38,7 @@ from pipeline.encode.towers import (
 from pipeline.encode.hftext import build_hf_text
 from pipeline.encode.weightfiles import HUB_FILES, check_fit, read_checkpoint, seed_for, tensors_of, weights_missing
 from pipeline.errors import UserError
+from pipeline.runtime import refuse_code_in_weights
 
 
 def _sha256(path: Path) -> str:
@@ -330,6 +331,8 @@ def create_encoder(name: str, *, vision: bool = True, text: bool = True, weights
     if size % spec.patch_size:
         raise UserError(f"input size {size} is not a multiple of {name}'s patch size {spec.patch_size}")
     info = _resolve_weights(spec, weights, random_init)
+    if weights is not None:
+        refuse_code_in_weights(Path(weights).expanduser(), what=f"{name} weights")
     dev = torch.device(device)
     vis, txt = _FAMILIES[spec.family](spec, info, size, want_vision, want_text, dev)
     return Encoders(spec=spec, vision=vis, text=txt)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.labels import parse_names, prompt_name
-from pipeline.data.readers import rgb_array
+from pipeline.data.readers import open_image, rgb_array, too_many_pixels, upright
 from pipeline.data.views import Stitcher, ViewParams, pad_fill, render_view, window_boxes
 from pipeline.encode.text import class_embeddings, encoder_from_identity, text_encoder_of
 from pipeline.eval.identity import check_stores
@@ -42,13 +44,13 @@ def decode_photo(source, *, name: str, max_pixels: int | None = None) -> np.ndar
     """[H, W, 3] uint8 RGB of a photo (a path or a binary file object); anything that is not a
     readable image, or has more than ``max_pixels`` pixels, is a one-line :class:`UserError` naming it."""
     try:
-        with Image.open(source) as image:
+        with open_image(source) as image:
             if max_pixels is not None and image.width * image.height > max_pixels:
                 raise UserError(f"{name} is {image.width} x {image.height} pixels; at most {max_pixels / 1e6:g} "
                                 f"megapixels are taken")
-            return rgb_array(image)
+            return rgb_array(upright(image))  # as every viewer shows it: the masks must line up with that
     except Image.DecompressionBombError as err:
-        raise UserError(f"cannot read image {name}: {err}") from err
+        raise UserError(too_many_pixels(name, err)) from None
     except UnidentifiedImageError as err:
         raise UserError(f"{name} is not an image PIL can read (JPEG, PNG, WebP, ...)") from err
     except (OSError, ValueError, SyntaxError) as err:
@@ -65,8 +67,11 @@ def parse_classes(text: str | list[str]) -> list[str]:
     return names
 
 
+SLUG_CHARS = 64  # of a class name in a mask's file name: any name stays under every file system's limit
+
+
 def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "class"
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:SLUG_CHARS].strip("_") or "class"
 
 
 def _is_store(path: str | Path | None) -> bool:
@@ -129,15 +134,16 @@ class PredictionInputs:
 
 
 def predict_photo(*, image: str | Path, classes: list[str], checkpoint: str | Path, out: str | Path,
-                  device: str = "auto", resize: bool = False, batch_size: int = 16, quiet: bool = False,
-                  allow_mismatch: tuple[str, ...] = ()) -> dict:
+                  device: str = "auto", resize: bool = False, stride: int | None = None, batch_size: int = 16,
+                  quiet: bool = False, allow_mismatch: tuple[str, ...] = ()) -> dict:
     """``fusioner predict``: :func:`predict` on the resolved device, with the lines to print
     (``text``) and the notes for stderr (``notes``) added to its summary."""
     from pipeline.runtime import resolve_device
 
     names = parse_classes(classes)
     summary = predict(image=image, classes=names, checkpoint=checkpoint, out=out, device=str(resolve_device(device)),
-                      resize=resize, batch_size=batch_size, quiet=quiet, allow_mismatch=tuple(allow_mismatch))
+                      resize=resize, stride=stride, batch_size=batch_size, quiet=quiet,
+                      allow_mismatch=tuple(allow_mismatch))
     lines = [f"{name:>24s}  {100 * share:5.1f}% of pixels" for name, share in summary["coverage"].items()]
     lines.append(f"wrote {out}/overlay.png and {len(names)} masks")
     return {**summary, "text": "\n".join(lines), "notes": prediction_notes(pretrained=summary["pretrained_features"])}
@@ -235,6 +241,10 @@ def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, ou
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if stride is not None and stride < 1:
+        raise UserError(f"--stride must be at least 1 pixel, got {stride}")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is a file, not a folder for the masks; choose another --out")
     label_dtype(len(classes))
     predictor = Predictor(checkpoint=checkpoint, device=device, encoders=encoders, allow_mismatch=allow_mismatch)
     return predictor.predict(pixels=read_photo(image), name=str(image), classes=classes, out=out, resize=resize,
@@ -247,6 +257,7 @@ def _window_logits(*, model, encoders, pixels: np.ndarray, boxes: list, text: to
     batch's logits added onto the full-size map before the next batch is rendered."""
     height, width = pixels.shape[:2]
     stitcher = Stitcher(channels=text.shape[0], height=height, width=width, device=text.device)
+    started = time.perf_counter()
     with progress(total=len(boxes), desc="predict", unit="window", quiet=quiet) as bar:
         for start in range(0, len(boxes), batch_size):
             batch = boxes[start:start + batch_size]
@@ -256,7 +267,27 @@ def _window_logits(*, model, encoders, pixels: np.ndarray, boxes: list, text: to
             logits = model(tokens.to(text.device), text, grid=grid)  # [B, C, S, S]
             stitcher.add(logits, boxes=np.asarray(batch), flips=np.zeros(len(batch), bool))
             bar.update(len(batch))
+            if start == 0 and not quiet and len(boxes) > len(batch):
+                note = time_note(windows=len(boxes), done=len(batch), seconds=time.perf_counter() - started,
+                                 size=size, shape=(height, width))
+                if note:
+                    print(note, file=sys.stderr)
     return stitcher.result()
+
+
+LONG_PREDICTION_S = 120.0  # a prediction expected to take longer gets the faster options named
+
+
+def time_note(*, windows: int, done: int, seconds: float, size: int, shape: tuple[int, int]) -> str | None:
+    """After the first batch: how many windows, how long at the rate measured, and what is faster."""
+    rate = done / max(seconds, 1e-9)
+    left = (windows - done) / rate
+    if left < LONG_PREDICTION_S:
+        return None
+    minutes = f"{left / 60:.0f} min" if left >= 60 else f"{left:.0f} s"
+    return (f"note: {windows:,} windows of {size} px over {shape[1]}x{shape[0]} pixels: about {minutes} at "
+            f"{rate:.1f} windows/s here; --resize (one view of the whole photo) or a coarser --stride "
+            f"(default {max(1, (2 * size) // 3)} px) is much faster")
 
 
 def _label_map(model, logits: torch.Tensor, *, dtype: type, rows: int = 256) -> tuple[np.ndarray, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 from pipeline.data.protocols import SMALL_OBJECT_PIXELS
@@ -55,6 +56,26 @@ def eval_split_name(cache: str, split: str | None) -> str:
     return names[0]
 
 
+def check_inputs(*, runs: list[Path], split: str | None, cache: Path | None, text_cache: Path | None) -> None:
+    """Every run folder, store and split exists: checked before any model is built or encoder loaded."""
+    from pipeline.store.layout import has_text
+
+    for run in runs:
+        saved = Path(run) / "config.json"
+        if not saved.is_file():
+            raise UserError(f"no trained model at {run} (expected model.safetensors and config.json)")
+        try:
+            data = json.loads(saved.read_text())["data"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{saved}: not a training config") from None
+        vision = str(cache or data["cache"])
+        text = str(text_cache or data.get("text_cache") or data["cache"])
+        eval_split_name(vision, split)  # the store and its split
+        if not has_text(open_store(text)):
+            raise UserError(f"{text}: holds no class-name embeddings (extract it with --text-only, or pass the "
+                            f"right --text-cache)")
+
+
 def run_label(config, *, vision_store: str | None = None, text_store: str | None = None) -> str:
     """'clip-l + clip-l, early' style label: the encoders of the stores scored (default: the run's)."""
     vision = store_attrs(open_store(vision_store or config.data.cache))["encoder"]
@@ -91,6 +112,7 @@ def evaluate_runs(*, runs: list[Path], split: str | None, cache: Path | None, te
     Stores that differ from what a run was trained on (:mod:`pipeline.eval.identity`) are refused
     unless the difference is named in ``allow_mismatch``; then eval.json and the table say so.
     """
+    check_inputs(runs=runs, split=split, cache=cache, text_cache=text_cache)
     from pipeline.eval.evaluate import evaluate_split
     from pipeline.eval.identity import check_allow, check_stores
     from pipeline.runtime import resolve_device

@@ -97,7 +97,9 @@ def test_allowed_classes_do_not_open_the_door_to_code(state, tmp_path):
     bad = tmp_path / "dino_full.pth"
     torch.save({"teacher": {f"backbone.{k}": v for k, v in state.items()},
                 "args": argparse.Namespace(arch="vit_small"), "hook": _Code()}, bad)
-    with pytest.raises(UserError, match=r"refusing to load this timm:vit_tiny_patch16_224 checkpoint.*\(it names [\w.]*eval\)"):
+    # refused at the common gate of every weights path, before the checkpoint reader sees it
+    with pytest.raises(UserError, match=r"refusing to load this timm:vit_tiny_patch16_224 (checkpoint|weights).*"
+                                        r"\(it names [\w.]*eval\)"):
         create_encoder(NAME, weights=bad)
 
 

@@ -32,9 +32,9 @@ def store_encoder(store: str) -> str:
     from pipeline.store.layout import open_store, store_attrs
 
     try:
-        return str(store_attrs(open_store(store)).get("encoder") or _backbone(store))
+        return str(store_attrs(open_store(store)).get("encoder") or backbone_of(store))
     except (UserError, KeyError):
-        return _backbone(store)
+        return backbone_of(store)
 
 
 def decoder_summary(run) -> str:

@@ -170,7 +170,7 @@ def test_wrapper_user_error_argparse_and_plain_returns(capsys):
 
 @pytest.mark.parametrize(("module", "args", "needle"), [
     ("pipeline.sweep.command", [], "the following arguments are required"),
-    ("pipeline.sweep.command", ["study", "absent.yaml"], "error: study file not found: absent.yaml (shipped studies: cache-vs-online, table1"),
+    ("pipeline.sweep.command", ["study", "absent.yaml"], "error: study file not found: absent.yaml (shipped studies: cache-vs-online, modern, table1"),
     ("pipeline.sweep.command", ["study", "x.yaml", "--jobs", "two"], "invalid int value"),
     ("pipeline.sweep.worker", [], "error: usage: python -m pipeline.sweep.worker"),
     ("pipeline.sweep.worker", ["run", "dir", "--threads", "z"], "error: --threads expects a whole number"),

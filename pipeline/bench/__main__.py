@@ -1,5 +1,5 @@
-"""``python -m pipeline.bench {extract,train,sweep,datapath,gpu,caching,fidelity} [options]``: the benchmarks
-behind docs/benchmarks.md and docs/training.md.
+"""``python -m pipeline.bench {extract,train,sweep,datapath,gpu,caching,planted,fidelity} [options]``: the
+benchmarks behind docs/benchmarks.md and docs/training.md.
 
 - ``extract``: encoder forward vs. whole extraction, then cache read speed;
 - ``datapath``: render processes, shard writers and the streaming loader against raw disk speed;
@@ -7,6 +7,7 @@ behind docs/benchmarks.md and docs/training.md.
 - ``train``: a cached training step vs. one running the encoder online, loader wait, cost per pair;
 - ``sweep``: the same runs through a 2-worker sweep and in one process;
 - ``caching``: the cache-vs-online table of a finished ``cache-vs-online`` study;
+- ``planted``: the zero-shot check on planted features (held-out classes against two controls);
 - ``fidelity``: float16 store vs float32 features, and the fusion module's two initialisations.
 """
 
@@ -14,7 +15,7 @@ import sys
 
 from pipeline.errors import UserError, run_entry
 
-COMMANDS = ("extract", "train", "sweep", "datapath", "gpu", "caching", "fidelity")
+COMMANDS = ("extract", "train", "sweep", "datapath", "gpu", "caching", "planted", "fidelity")
 USAGE = f"usage: python -m pipeline.bench {{{','.join(COMMANDS)}}} [--help | options]"
 
 
@@ -35,6 +36,8 @@ def main(argv: list[str]) -> int:
         from pipeline.bench.datapath import main as run
     elif argv[0] == "gpu":
         from pipeline.bench.gpu import main as run
+    elif argv[0] == "planted":
+        from pipeline.bench.planted import main as run
     elif argv[0] == "fidelity":
         from pipeline.bench.fidelity import main as run
     else:

@@ -44,6 +44,7 @@ class OnlineSource:
     input_size: int
     pretrained: bool
     class_names: list[str]  # the dataset's, as a cached split's (mask value k = entry k - 1)
+    encoder: str = ""  # the encoder's registry name
 
 
 class FreshViews(Dataset):
@@ -168,7 +169,8 @@ def prepare_online(config: TrainConfig) -> TrainingData:
     loader = DataLoader(views, batch_sampler=order, num_workers=online.workers, collate_fn=collate,
                         persistent_workers=online.workers > 0, worker_init_fn=_quiet_worker,
                         multiprocessing_context="spawn" if online.workers > 0 else None)
-    described = OnlineSource(path=str(online.data_root), grid=tuple(vision.grid), input_size=vision.input_size,
+    described = OnlineSource(encoder=online.backbone, path=str(online.data_root),
+                             grid=tuple(vision.grid), input_size=vision.input_size,
                              pretrained=bool(encoders.weights.pretrained), class_names=list(dataset.class_names))
     source = OnlineBatches(loader=loader, order=order, vision=vision, text=text,
                            width=max(len(c) for _, c in samples), novel=tuple(fold.novel),

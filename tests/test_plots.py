@@ -75,7 +75,8 @@ def _log_run(path, *, total: int, log_every: int) -> list[dict]:
     log.path = path
     for step in range(1, total + 1):
         log.after_step(SimpleNamespace(step=step, total_steps=total, config=SimpleNamespace(log_every=log_every),
-                                       epoch=0, loss=1.0 / step, lr=0.1, wait_fraction=0.0))
+                                       epoch=0, loss_value=lambda step=step: 1.0 / step, lr=0.1,
+                                       wait_fraction=0.0))
     return read_records(path)
 
 

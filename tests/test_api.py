@@ -19,6 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.processes
 def test_import_pipeline_is_cheap_and_makes_open_clip_importable():
     script = ("import sys, pipeline\n"
               "assert 'torch' not in sys.modules, 'import pipeline imported torch'\n"

@@ -11,6 +11,7 @@ from pipeline.bench.datapath import main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.processes
 def test_datapath_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     assert main(["--images", "4", "--read-views", "40", "--repeats", "1", "--work", str(tmp_path)]) == 0
     record = json.loads(capsys.readouterr().out)

@@ -27,6 +27,7 @@ def _console_script() -> str:
     return found
 
 
+@pytest.mark.processes
 def test_demo_writes_a_report_with_numbers(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

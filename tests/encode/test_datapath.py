@@ -24,6 +24,7 @@ def plain(data, tmp_path_factory):
     return out
 
 
+@pytest.mark.processes
 def test_render_processes_and_several_writers_write_the_same_bytes(data, plain, tmp_path):
     out = tmp_path / "pool"
     report = extract(config=tiny_extract_config(data, out, vision_only=True, render_workers=2, writers=3), quiet=True)

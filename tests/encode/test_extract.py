@@ -159,6 +159,7 @@ def _done_markers(out: Path) -> int:
         return 0
 
 
+@pytest.mark.processes
 @pytest.mark.reliability
 def test_killed_extraction_resumes_to_the_same_bytes(tmp_path):
     """kill -9 a real `fusioner extract` mid-run, run it again, compare with an uninterrupted run."""
@@ -318,6 +319,7 @@ def test_skip_bad_records_and_reports_bad_images(tmp_path):
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.processes
 def test_two_dask_workers_write_the_same_store_as_one(reference, tmp_path):
     data, store = reference
     out = tmp_path / "two"

@@ -14,6 +14,7 @@ from pipeline.errors import run_entry
 pytestmark = pytest.mark.usefixtures("one_thread", "reuse_encoders")
 
 
+@pytest.mark.processes
 @pytest.mark.reliability
 def test_a_killed_render_process_is_one_line_and_the_same_command_resumes(tmp_path, monkeypatch, capsys):
     data = write_folder_dataset(tmp_path / "data")

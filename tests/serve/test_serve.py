@@ -179,6 +179,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.processes
 def test_fusioner_serve_listens_on_localhost_and_stops_on_ctrl_c(learned):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     port = _free_port()

@@ -57,6 +57,7 @@ def test_the_tiny_study_uses_relative_store_paths_that_set_redirects(tmp_path, m
     assert "/data/v/clip-b folder/train" in moved.plan and str(tmp_path / "cache") not in moved.plan
 
 
+@pytest.mark.processes
 def test_a_dry_run_piped_into_head_exits_0(tmp_path):
     """The reader closes the pipe after one line, while the plan (about 500 kB) is still being written."""
     import subprocess

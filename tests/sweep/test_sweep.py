@@ -32,6 +32,8 @@ from pipeline.sweep.study import SlurmSpec, expand_runs, load_study
 from pipeline.sweep.tables import build_table
 from pipeline.sweep.worker import pick_gpu, worker_slot
 
+pytestmark = pytest.mark.processes  # sweeps start dask clusters and run processes
+
 ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = {"full": {}, "no-decoder": {"model.decoder.enabled": False}}
 

@@ -40,6 +40,7 @@ def _online(coco128: Path, store: Path, out: Path, *extra: str):
         "optim.warmup_epochs=1", "device=cpu", "log_every=1", f"out={out}", *extra])
 
 
+@pytest.mark.processes
 def test_online_train_then_eval_from_the_command_line(coco128, eval_store, tmp_path, capsys):
     run = tmp_path / "online"
     code = cli.main(["train", "--online", "--data-root", str(coco128), "--backbone", "test-vit", "--random-init",

@@ -40,6 +40,7 @@ def _select_best(config: TrainConfig, summary: dict) -> dict:
 
 
 HOOKS_VARIABLE = "FUSIONER_HOOKS"
+RANDOM_INIT_TRAIN_NOTE = "note: trained on random-init features; numbers are a pipeline check, not a result"
 
 
 def hooks_from_environment(environ: Mapping[str, str] | None = None) -> list[HookBase]:
@@ -110,6 +111,5 @@ def train_from_settings(*, config_file: str | Path | None = None, preset: str | 
     if print_config:
         return TrainOutcome(config=to_dict(config))
     summary = train_and_validate(config=config, resume=resume, quiet=quiet)
-    notes = [] if summary["pretrained_features"] else [
-        "note: trained on random-init features; numbers are a pipeline check, not a result"]
+    notes = [] if summary["pretrained_features"] else [RANDOM_INIT_TRAIN_NOTE]
     return TrainOutcome(config=to_dict(config), summary=summary, notes=notes)

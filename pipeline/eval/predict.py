@@ -115,6 +115,9 @@ class PredictionInputs:
         return np.stack([kept[n] for n in names]).astype(np.float32)
 
 
+RANDOM_INIT_PREDICT_NOTE = "note: random-init vision tower; the masks are a pipeline check, not a result"
+
+
 def predict_photo(*, image: str | Path, classes: list[str], checkpoint: str | Path, out: str | Path,
                   device: str = "auto", resize: bool = False, batch_size: int = 16, quiet: bool = False) -> dict:
     """``fusioner predict``: :func:`predict` on the resolved device, with the lines to print
@@ -126,8 +129,7 @@ def predict_photo(*, image: str | Path, classes: list[str], checkpoint: str | Pa
                       resize=resize, batch_size=batch_size, quiet=quiet)
     lines = [f"{name:>24s}  {100 * share:5.1f}% of pixels" for name, share in summary["coverage"].items()]
     lines.append(f"wrote {out}/overlay.png and {len(names)} masks")
-    notes = [] if summary["pretrained_features"] else [
-        "note: random-init vision tower; the masks are a pipeline check, not a result"]
+    notes = [] if summary["pretrained_features"] else [RANDOM_INIT_PREDICT_NOTE]
     return {**summary, "text": "\n".join(lines), "notes": notes}
 
 

@@ -130,3 +130,34 @@ def test_the_api_page_runs_as_written(tmp_path, coco128):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "novel-class mIoU" in done.stdout
     shutil.rmtree(work / "cache", ignore_errors=True)
+
+
+def test_the_api_page_trains_and_scores_on_disjoint_photos(tmp_path, monkeypatch, coco128):
+    """docs/api.md's example run against recording stand-ins of the API: the training extraction, the
+    scored one and the predicted photo read disjoint lists (scoring on training photos measures memory)."""
+    import numpy as np
+
+    import pipeline
+
+    snippet = next(block for page, block in _blocks({"python"}) if page.name == "api.md")
+    calls: dict[str, list[dict]] = {}
+
+    def recorder(name, result):
+        return lambda **kwargs: (calls.setdefault(name, []).append(kwargs), result)[1]
+
+    for name, result in (("extract", {}), ("train", {"steps": 1, "final_loss": 0.5}),
+                         ("evaluate", {"miou": 1.0, "episodes": 1}),
+                         ("predict", {"label_map": np.zeros(1), "probabilities": np.zeros(1), "coverage": {}})):
+        monkeypatch.setattr(pipeline, name, recorder(name, result))
+    work = tmp_path / "checkout"
+    work.mkdir()
+    (tmp_path / "shared").symlink_to(coco128.parents[1])
+    monkeypatch.chdir(work)
+    exec(compile(snippet, "docs/api.md", "exec"), {})
+    lists = {}
+    for call in calls["extract"]:
+        listed = (work / call["dataset_options"]["list_file"]).read_text().split()
+        lists[call.get("split", "train")] = set(listed)
+    assert lists["train"] and lists["val"] and not lists["train"] & lists["val"]
+    assert calls["evaluate"][0]["split"] == "folder/val"
+    assert Path(calls["predict"][0]["image"]).stem in lists["val"]

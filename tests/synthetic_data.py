@@ -86,6 +86,15 @@ def write_rectangles(root: Path, *, images: int = IMAGES, seed: int = 0) -> Path
     return root
 
 
+def generated_train_split(made: Generated) -> ExtractConfig:
+    """The extraction of the generated cache's training split (the same command repairs a damaged copy)."""
+    # The released crop pair without the p = 0.5 photometric/geometric block: the tiny model must learn the
+    # rectangles in a few epochs for the stitching and scoring checks that use this cache.
+    return ExtractConfig(out=str(made.vision), backbone="test-vit", dataset="folder", data_root=str(made.data),
+                         input_size=INPUT, random_init=True, vision_only=True, device="cpu", views=VIEWS,
+                         shard_size=SHARD, augment=AugmentConfig(block_p=0.0))
+
+
 def generated_cache(base: Path) -> Generated:
     """Build the shared cache once per test session (modules find it on disk), ~30 s on 2 cores."""
     made = Generated(data=base / "data", vision=base / "test-vit", text=base / "minilm")
@@ -94,10 +103,7 @@ def generated_cache(base: Path) -> Generated:
     write_rectangles(made.data)
     common = dict(backbone="test-vit", dataset="folder", data_root=str(made.data), input_size=INPUT,
                   random_init=True, vision_only=True, device="cpu")
-    # The released crop pair without the p = 0.5 photometric/geometric block: the tiny model must learn the
-    # rectangles in a few epochs for the stitching and scoring checks that use this cache.
-    extract(config=ExtractConfig(out=str(made.vision), views=VIEWS, shard_size=SHARD, augment=AugmentConfig(block_p=0.0),
-                                 **common), quiet=True)
+    extract(config=generated_train_split(made), quiet=True)
     extract(config=ExtractConfig(out=str(made.vision), split="val", **common), quiet=True)
     extract(config=ExtractConfig(out=str(made.vision), split="test", eval_resize=True, **common), quiet=True)
     extract(config=ExtractConfig(out=str(made.text), backbone="minilm", text_only=True, dataset="folder",
@@ -197,6 +203,17 @@ def make_fss(root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox", "owl",
     return root
 
 
+def sideways_photo(path, *, height: int = 40, width: int = 64, orientation: int = 6):
+    """A phone's portrait photo: pixels stored landscape (height x width), EXIF saying turn them upright."""
+    rng = np.random.default_rng(3)
+    stored = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(path, exif=exif.tobytes(), quality=95)
+    return path
+
+
+
 def make_coco(root: Path) -> Path:
     """Two val2014 images and an instances json with official names and non-contiguous ids."""
     names = {1: "person", 5: "airplane", 67: "dining table", 72: "tv"}
@@ -286,3 +303,15 @@ def assert_same_store(a: Path, b: Path, split: str = "folder/train") -> None:
         if x.dtype == np.float16:
             x, y = x.view(np.uint16), y.view(np.uint16)
         assert np.array_equal(x, y), name
+
+
+def render_then_die(**kwargs):
+    """A render function whose process is killed (as by the OOM killer) on its second shard."""
+    import os
+    import signal
+
+    from pipeline.encode.shards import render_shard
+
+    if kwargs["shard"] == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return render_shard(**kwargs)

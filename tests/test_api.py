@@ -102,3 +102,26 @@ table: {{rows: [variant], columns: fold}}
     plan = pipeline.run_study(study=study, dry_run=True)
     assert plan["plan"].startswith("4 runs: 4 pending")
     assert plan["failed"] == [] and plan["table"] == ""
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("config", ["optim.epochs=3", ["optim", 3], 7])
+def test_a_config_that_is_not_a_dict_is_the_one_line_error(tmp_path, config):
+    for call in (lambda: pipeline.train_config(cache=tmp_path, out=tmp_path / "run", config=config),
+                 lambda: pipeline.train(cache=tmp_path, out=tmp_path / "run", config=config),
+                 lambda: pipeline.build_model(vision_dim=8, text_dim=8, config=config)):
+        with pytest.raises(UserError, match="config must be a dict of changes") as err:
+            call()
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize(("classes", "message"), [([None, 1], "classes must be strings, got None"),
+                                                  (["cat", 1], "classes must be strings, got 1"),
+                                                  ("cat, dog", "non-empty list of names"),
+                                                  ([], "non-empty list of names")])
+def test_class_names_that_are_not_strings_are_the_one_line_error(tmp_path, classes, message):
+    with pytest.raises(UserError, match=message):
+        pipeline.predict(image=tmp_path / "photo.png", classes=classes, run=tmp_path / "run", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

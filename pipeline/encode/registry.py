@@ -152,14 +152,27 @@ def resolve_normalization(choice: str, *, dataset: str | None, spec: EncoderSpec
     return {"name": name, "mean": list(mean), "std": list(std)}
 
 
+def spec_record(spec: EncoderSpec) -> dict:
+    """An entry as plain data, as stores record it (a library name's derived sizes included)."""
+    from dataclasses import asdict
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()}
+
+
 def list_encoders(*, tests: bool = False) -> list[str]:
     """The registry's names; the tiny test-only entries only when ``tests`` is true."""
     return sorted(name for name, spec in _REGISTRY.items() if tests or not spec.test_only)
 
 
 def get_spec(name: str) -> EncoderSpec:
+    """A registry entry, or the entry a library name (``open_clip:``, ``timm:``, ``hf:``) derives."""
+    from pipeline.encode.libraries import is_library_name, library_fields
+
+    if name not in _REGISTRY and is_library_name(name):
+        return EncoderSpec(**library_fields(name))
     if name not in _REGISTRY:
-        raise UserError(f"unknown encoder '{name}' (known: {', '.join(list_encoders())})")
+        raise UserError(f"unknown encoder '{name}' (known: {', '.join(list_encoders())}; "
+                        f"or a library name: open_clip:ARCH[/TAG], timm:NAME, hf:REPO)")
     return _REGISTRY[name]
 
 
@@ -188,4 +201,16 @@ def encoders_table() -> str:
     widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys[:-1]}
     lines = ["  ".join(k.ljust(widths.get(k, 0)) for k in keys)]
     lines += ["  ".join(str(row[k]).ljust(widths.get(k, 0)) for k in keys) for row in rows]
-    return "\n".join(line.rstrip() for line in lines)
+    return "\n".join([line.rstrip() for line in lines] + ["", library_forms_text()])
+
+
+def library_forms_text() -> str:
+    """How to name any encoder open_clip, timm or transformers knows, for ``fusioner encoders``."""
+    from pipeline.encode.libraries import FORMS
+
+    lines = ["Any frozen encoder of open_clip, timm or transformers, by name (patch size, grid, input size, "
+             "widths and normalisation from the library's own pretrained configuration):"]
+    width = max(len(form) for form, _, _ in FORMS)
+    lines += [f"  {form.ljust(width)}  {what}; e.g. --backbone {example}" for form, what, example in FORMS]
+    lines.append("  with --weights FILE for weights you hold, or --random-init for a pipeline check")
+    return "\n".join(lines)

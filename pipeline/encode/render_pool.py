@@ -23,6 +23,7 @@ import torch
 
 from pipeline.encode.config import ExtractConfig, config_from_dict
 from pipeline.encode.plan import open_extraction_dataset
+from pipeline.errors import UserError
 
 
 class ShardSource(torch.utils.data.Dataset):
@@ -70,5 +71,12 @@ def rendered_shards(*, render, config: ExtractConfig, group_path: str, shards: l
     loader = torch.utils.data.DataLoader(
         source, batch_size=None, shuffle=False, num_workers=workers, multiprocessing_context="spawn",
         pin_memory=pin, prefetch_factor=2, worker_init_fn=_one_thread, persistent_workers=False)
-    yield from loader
+    try:
+        yield from loader
+    except RuntimeError as err:  # the DataLoader's word for a worker killed (OOM killer, kill -9)
+        first = (str(err).strip().splitlines() or [""])[0]
+        if "exited unexpectedly" not in first and "killed by signal" not in first:
+            raise
+        raise UserError(f"a render process died ({first.rstrip('. ')}); finished shards are kept: run the same "
+                        f"command to resume (with fewer --render-workers if memory ran out)") from None
 

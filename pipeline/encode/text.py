@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -11,11 +12,12 @@ from pipeline.store.layout import has_text, open_store, read_text, store_attrs, 
 
 
 def class_embeddings(*, text_store: str | Path, names: list[str], encode_missing: bool = True,
-                     device: str = "cpu") -> np.ndarray:
+                     device: str = "cpu", text_encoder: Callable[[], Any] | None = None) -> np.ndarray:
     """[len(names), Dt] embeddings; names absent from the store are encoded on demand.
 
     On-demand encoding rebuilds the store's own text encoder with the same
-    weights (random-init weights are seeded by name, so they match too).
+    weights (random-init weights are seeded by name, so they match too), or
+    takes it from ``text_encoder()`` when a caller keeps one across calls.
     """
     from pipeline.data.labels import text_words
 
@@ -27,7 +29,7 @@ def class_embeddings(*, text_store: str | Path, names: list[str], encode_missing
     if missing:
         if not encode_missing:
             raise UserError(f"{text_store} has no embedding for: {', '.join(missing[:5])}")
-        encoders = text_encoder_of(text_store, device=device)
+        encoders = text_encoder() if text_encoder is not None else text_encoder_of(text_store, device=device)
         words = text_class_words(root) or "natural"
         emb = encoders.text.encode_names([text_words(n, words) for n in missing]).cpu().numpy()
         extra = dict(zip(missing, emb))

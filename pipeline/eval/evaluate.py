@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -113,8 +114,13 @@ def _check_widths(model, *, vision: int, text: int, stores: tuple) -> None:
 def evaluate_split(*, model, vision_cache: str, text_cache: str, split: str, protocol: str, fold: int,
                    novel_names: list[str] = (), splits_dir: str | None = None, device="cpu",
                    mode: str = "binary", limit: int | None = None, quiet: bool = False,
-                   min_pixels: int = SMALL_OBJECT_PIXELS) -> dict:
-    """Score ``model`` on the novel classes of a protocol fold; returns metrics and counts."""
+                   min_pixels: int = SMALL_OBJECT_PIXELS, on_episode: Callable | None = None) -> dict:
+    """Score ``model`` on the novel classes of a protocol fold; returns metrics and counts.
+
+    ``on_episode(image=, class_value=, logits=, target=)``, when given, sees each binary episode's
+    stitched logits [H, W] and its target [H, W] (0, 1, ignore): threshold-free measures and
+    controls are computed from exactly what was scored.
+    """
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1 episode, got {limit}")
     cached = open_split(store=vision_cache, split=split)
@@ -167,6 +173,8 @@ def evaluate_split(*, model, vision_cache: str, text_cache: str, split: str, pro
         pred = torch.sigmoid(full[0]) > model.config.threshold
         target = np.where(gt == IGNORE, IGNORE, (gt == value).astype(np.uint8)).astype(np.uint8)
         meter.update(pred=pred.cpu(), target=torch.from_numpy(target), class_id=value)
+        if on_episode is not None:
+            on_episode(image=image, class_value=value, logits=full[0].cpu(), target=target)
         bar.update(1)
     bar.close()
     return _result(meter=meter, names=names, novel=fold_.novel, source=source, cached=cached)

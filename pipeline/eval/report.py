@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 from pipeline.data.protocols import SMALL_OBJECT_PIXELS
@@ -20,6 +21,26 @@ def eval_split_name(cache: str, split: str | None) -> str:
     if len(names) != 1:
         raise UserError(f"{cache}: name the evaluation split with --split (candidates: {', '.join(names) or 'none'})")
     return names[0]
+
+
+def check_inputs(*, runs: list[Path], split: str | None, cache: Path | None, text_cache: Path | None) -> None:
+    """Every run folder, store and split exists: checked before any model is built or encoder loaded."""
+    from pipeline.store.layout import has_text
+
+    for run in runs:
+        saved = Path(run) / "config.json"
+        if not saved.is_file():
+            raise UserError(f"no trained model at {run} (expected model.safetensors and config.json)")
+        try:
+            data = json.loads(saved.read_text())["data"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{saved}: not a training config") from None
+        vision = str(cache or data["cache"])
+        text = str(text_cache or data.get("text_cache") or data["cache"])
+        eval_split_name(vision, split)  # the store and its split
+        if not has_text(open_store(text)):
+            raise UserError(f"{text}: holds no class-name embeddings (extract it with --text-only, or pass the "
+                            f"right --text-cache)")
 
 
 def run_label(config) -> str:
@@ -54,6 +75,7 @@ def evaluate_runs(*, runs: list[Path], split: str | None, cache: Path | None, te
                   protocol: str | None, splits_dir: Path | None, mode: str, limit: int | None,
                   out: Path | None, min_pixels: int = SMALL_OBJECT_PIXELS, device: str, quiet: bool) -> str:
     """Evaluate each run on its fold; write eval.json, per_class.csv and table.md; return the table."""
+    check_inputs(runs=runs, split=split, cache=cache, text_cache=text_cache)
     from pipeline.eval.evaluate import evaluate_split
     from pipeline.runtime import resolve_device
     from pipeline.training.checkpoints import load_model

@@ -33,6 +33,10 @@ class ChecksumMismatch(UserError, ValueError):
     :class:`pipeline.store.reader.CachedSplit` turns either into a line naming the shard)."""
 
 
+class ShardFileMissing(UserError, ValueError):
+    """A shard file that is not there: read as fill values it would pass lost data as zeros."""
+
+
 def _plan(array) -> tuple[ShardingCodec, bool] | None:
     """(sharding codec, compressed) when the fast path can read ``array``, else None."""
     codecs = array.metadata.codecs
@@ -64,6 +68,8 @@ def _checked(blob: memoryview, where: str) -> memoryview:
 def _read_index(handle, per_shard: int, where: str) -> np.ndarray:
     size = os.fstat(handle.fileno()).st_size
     index_bytes = 16 * per_shard + 4
+    if size < index_bytes:  # empty or cut short: never a seek before the file's start
+        raise ChecksumMismatch(f"{where}: {size} bytes, shorter than its index (damaged data)")
     handle.seek(size - index_bytes)
     return np.frombuffer(_checked(memoryview(handle.read(index_bytes)), where), "<u8").reshape(-1, 2)
 
@@ -78,8 +84,8 @@ def _read_shard(array, shard_index: int, rows: range, compressed: bool) -> np.nd
     path = Path(array.store.root) / array.path / key
     row_shape, dtype = tuple(array.shape[1:]), np.dtype(array.dtype).newbyteorder("<")
     out_shape = (len(rows), *row_shape)
-    if not path.is_file():  # never written: the fill value
-        return np.full(out_shape, array.metadata.fill_value, dtype)
+    if not path.is_file():  # the store writes every shard file: a missing one was lost, never fill values
+        raise ShardFileMissing(f"{path}: the shard file is missing")
     with open(path, "rb") as handle:
         wanted = _read_index(handle, int(array.shards[0]), str(path))[rows.start:rows.stop]
         present = wanted[:, 0] != _EMPTY

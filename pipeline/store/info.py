@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.store.layout import has_text, open_store, read_text, store_attrs
-from pipeline.store.splits import done_shards, list_splits
+from pipeline.store.splits import done_shards, list_splits, read_whole
 
 
 def _dir_size(path: Path) -> int:
@@ -28,7 +28,7 @@ def describe_store(path: str | Path) -> dict:
     for split in list_splits(root):
         group = root[split]
         done = done_shards(group)
-        valid = np.asarray(group["view_valid"][:])
+        valid = read_whole(group, "view_valid")
         feats = group["features"]
         info["splits"][split] = {
             "kind": group.attrs["kind"],

@@ -86,8 +86,13 @@ def _bare_group(path: Path) -> bool:
         return True
 
 
-def open_or_create_store(path: str | Path, *, identity: dict, overwrite: bool = False) -> zarr.Group:
-    """Open ``path`` for appending, refusing a store made differently, or create it.
+_VISION_ONLY_KEYS = ("input_size", "grid")  # what a run that writes only class names need not share
+
+
+def open_or_create_store(path: str | Path, *, identity: dict, overwrite: bool = False,
+                         vision: bool = True) -> zarr.Group:
+    """Open ``path`` for appending, refusing a store made differently, or create it
+    (``vision`` False: this run writes class names only, so the vision tower's sizes are not compared).
 
     The root's metadata and attributes are one file written atomically, so a kill leaves
     no store or a complete (empty) one; a bare root left by older versions is started over.
@@ -103,6 +108,8 @@ def open_or_create_store(path: str | Path, *, identity: dict, overwrite: bool = 
         root = open_store(path, mode="r+")
         existing = root.attrs[ATTR_KEY]
         for key in _IDENTITY_KEYS:
+            if not vision and key in _VISION_ONLY_KEYS:
+                continue
             if existing.get(key) != identity.get(key):
                 raise UserError(
                     f"{path} was made with {key}={existing.get(key)!r}, this run has "
@@ -238,14 +245,16 @@ def check_text_words(root: zarr.Group, *, class_words: str) -> None:
                         f"{class_words}; use another --out (or --class-words {existing})")
 
 
-def write_text(root: zarr.Group, *, names: list[str], embeddings: np.ndarray, meta: dict) -> None:
-    """Store (or extend) the class-name embeddings; existing names keep their rows.
+def write_text(root: zarr.Group, *, names: list[str], embeddings: np.ndarray, meta: dict,
+               fresh: bool = False) -> None:
+    """Store (or extend) the class-name embeddings; existing names keep their rows (``fresh``: the
+    old table is replaced, not read, as when it is damaged).
 
     The new table is written whole into an array beside the old one, then the group's
     attributes (one atomic file) switch ``names`` and ``table`` to it, then the old array goes.
     A kill at any point leaves the old table or the new one, never neither, never zeros.
     """
-    old_names, old_emb = read_text(root) if has_text(root) else ([], None)
+    old_names, old_emb = read_text(root) if has_text(root) and not fresh else ([], None)
     keep = [i for i, n in enumerate(names) if n not in set(old_names)]
     all_names = old_names + [names[i] for i in keep]
     new = embeddings[keep].astype(np.float32)
@@ -269,4 +278,14 @@ def read_text(root: zarr.Group) -> tuple[list[str], np.ndarray]:
     if not has_text(root):
         raise UserError(f"store {root.store} holds no text embeddings (extract with a text encoder)")
     group = root["text"]
-    return list(group.attrs["names"]), np.asarray(group[group.attrs.get("table", "embeddings")][:], dtype=np.float32)
+    try:
+        table = np.asarray(group[group.attrs.get("table", "embeddings")][:], dtype=np.float32)
+    except (ValueError, OSError) as err:
+        reason = "checksum mismatch" if "checksum" in str(err).lower() else type(err).__name__
+        raise TextTableDamaged(f"{root.store}: the class-name embeddings are damaged ({reason}); re-run the same "
+                               f"`fusioner extract` with --verify to write them again") from None
+    return list(group.attrs["names"]), table
+
+
+class TextTableDamaged(UserError):
+    """The text table fails its checksum (``extract --verify`` writes it again)."""

@@ -10,7 +10,16 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.store.fastread import read_rows
 from pipeline.store.layout import open_store, store_attrs
-from pipeline.store.splits import done_shards, list_splits, lost_shards, resolve_split, shard_arrays, split_group
+from pipeline.store.splits import (
+    done_shards,
+    list_splits,
+    lost_shards,
+    read_whole,
+    resolve_split,
+    shard_arrays,
+    shard_file_problem,
+    split_group,
+)
 
 
 @dataclass
@@ -47,22 +56,38 @@ class CachedSplit:
     def read(self, name: str, index: np.ndarray | slice, *, direct: bool = False) -> np.ndarray:
         """Rows ``index`` of array ``name`` (``direct``: a slice, read straight from the shard files).
 
-        A chunk failing its checksum is one line naming the split, the array and the shard, and
-        the command that writes it again, never a traceback from inside zarr.
+        A shard file that is missing or empty, or a chunk failing its checksum, is one line naming
+        the split, the array and the shard, and the command that writes it again, never zeros and
+        never a traceback from inside zarr. The files are looked at on every read, as they can
+        vanish while a run reads them.
         """
         array = self.group[name]
+        self.check_files(name, index)
         try:
             if direct:
                 return read_rows(array, *index.indices(self.num_views)[:2])
             return _take(array, index)
-        except ValueError as err:  # zarr's checksum failure, or fastread's ChecksumMismatch
+        except (ValueError, OSError) as err:  # zarr's checksum failure, fastread's ChecksumMismatch, a lost file
+            self.check_files(name, index)
             raise self.damaged(name, index, err) from err
+
+    def shards_of(self, index: np.ndarray | slice) -> list[int]:
+        rows = np.arange(self.num_views)[index] if isinstance(index, slice) else np.asarray(index)
+        return sorted({int(r) // int(self.group.attrs["shard_size"]) for r in np.atleast_1d(rows)})
+
+    def check_files(self, name: str, index: np.ndarray | slice) -> None:
+        """Raise the one-line error when a file of the shards holding ``index`` is missing or empty."""
+        array = self.group[name]
+        for shard in self.shards_of(index):
+            problem = shard_file_problem(array, shard)
+            if problem:
+                raise UserError(f"{self.path} {self.split}: the {name} file of shard {shard} is {problem}; re-run "
+                                f"the same `fusioner extract` to write it again (then `fusioner train --resume`)")
 
     def damaged(self, name: str, index: np.ndarray | slice, err: Exception) -> UserError:
         """The error for a failed read of ``index``: the first shard among those rows that fails alone."""
-        rows = np.arange(self.num_views)[index] if isinstance(index, slice) else np.asarray(index)
         size = int(self.group.attrs["shard_size"])
-        shards = sorted({int(r) // size for r in np.atleast_1d(rows)})
+        shards = self.shards_of(index)
         bad = next((k for k in shards if not _reads(self.group[name], k * size, min((k + 1) * size, self.num_views))),
                    shards[0] if shards else 0)
         reason = "checksum mismatch" if "checksum" in str(err).lower() else type(err).__name__
@@ -109,17 +134,17 @@ def open_split(*, store: str | Path, split: str | None = None, require_complete:
                         f"re-run the same `fusioner extract` to finish it")
     lost = lost_shards(group)
     if lost:
-        raise UserError(f"{store} {split}: the files of {len(lost)} written shard(s) are missing (first: shard "
+        raise UserError(f"{store} {split}: the files of {len(lost)} written shard(s) are missing or empty (first: shard "
                         f"{lost[0]}); re-run the same `fusioner extract` to write them again")
     return CachedSplit(
         path=Path(store), split=split, group=group, class_names=list(group.attrs["class_names"]),
         grid=tuple(attrs["grid"]), input_size=int(attrs["input_size"]),
-        view_image=np.asarray(group["view_image"][:]), view_box=np.asarray(group["view_box"][:]),
-        view_flip=np.asarray(group["view_flip"][:]), view_classes=np.asarray(group["view_classes"][:]),
-        view_valid=np.asarray(group["view_valid"][:]), image_ids=list(group.attrs["image_ids"]),
-        image_hw=np.asarray(group["image_hw"][:]), kind=str(group.attrs["kind"]),
+        view_image=read_whole(group, "view_image"), view_box=read_whole(group, "view_box"),
+        view_flip=read_whole(group, "view_flip"), view_classes=read_whole(group, "view_classes"),
+        view_valid=read_whole(group, "view_valid"), image_ids=list(group.attrs["image_ids"]),
+        image_hw=read_whole(group, "image_hw"), kind=str(group.attrs["kind"]),
         pretrained=bool(attrs["pretrained"]),
-        source_classes=np.asarray(group["source_classes"][:]) if "source_classes" in shard_arrays(group) else None,
+        source_classes=read_whole(group, "source_classes") if "source_classes" in shard_arrays(group) else None,
     )
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -180,6 +182,34 @@ def _shard_key(array, shard: int) -> str:
     return f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
 
 
+def read_whole(group: zarr.Group, name: str) -> np.ndarray:
+    """A split's small array read whole (plan arrays, ``view_classes``); a chunk failing its checksum
+    or a lost file is one line naming it and the command that writes it again."""
+    try:
+        return np.asarray(group[name][:])
+    except (ValueError, OSError) as err:
+        reason = "checksum mismatch" if "checksum" in str(err).lower() else type(err).__name__
+        raise UserError(f"{group.store} {group.path}: {name} is damaged ({reason}); re-run the same "
+                        f"`fusioner extract` with --verify to write it again") from None
+
+
+def shard_file_problem(array, shard: int) -> str | None:
+    """Why ``array``'s file of a written shard cannot be read ("missing", "empty (0 bytes)"), else None.
+
+    Zarr reads a missing shard file as its fill value and an empty one as fill or an OS error, so
+    every read of a written shard asks this first: lost features never pass as zeros.
+    """
+    key = _shard_key(array, shard)
+    root = getattr(array.store, "root", None)
+    if root is None:
+        return None if sync(array.store.exists(key)) else "missing"
+    try:
+        size = os.stat(Path(root) / key).st_size
+    except FileNotFoundError:
+        return "missing"
+    return "empty (0 bytes)" if size == 0 else None
+
+
 def write_shard(group: zarr.Group, *, shard: int, features: np.ndarray, masks: np.ndarray,
                 classes: np.ndarray, valid: np.ndarray, source: np.ndarray | None = None) -> None:
     """Write one whole shard, then mark it done (the marker goes last).
@@ -204,8 +234,8 @@ def lost_shards(group: zarr.Group, *, deep: bool = False, full: bool = False) ->
     """Shards marked done whose files are gone (or, with ``deep``, whose last view fails to decode;
     with ``full``, any of whose chunks fails its checksum).
 
-    Zarr reads a missing file as fill values: without this check such a shard would pass as
-    zero features and all-ignore masks. ``deep`` also reads each done shard's index and last
+    Zarr reads a missing or empty file as fill values: without this check such a shard would pass
+    as zero features and all-ignore masks. ``deep`` also reads each done shard's index and last
     view, so a truncated shard file is found too (extract's resume uses it); ``full`` reads
     every byte of every done shard (``extract --verify``: as long as reading the whole split).
     """
@@ -214,7 +244,7 @@ def lost_shards(group: zarr.Group, *, deep: bool = False, full: bool = False) ->
     for shard in np.flatnonzero(done_shards(group)):
         shard = int(shard)
         start, stop = shard_bounds(group, shard)
-        if not all(sync(a.store.exists(_shard_key(a, shard))) for a in arrays.values()):
+        if any(shard_file_problem(a, shard) for a in arrays.values()):
             lost.append(shard)
             continue
         try:

@@ -25,7 +25,7 @@ def needed(run) -> list[tuple[str, str]]:
     return wanted + [(data["text_cache"] or data["cache"], "text")]
 
 
-def _present(store: str, split: str) -> bool:
+def is_present(store: str, split: str) -> bool:
     from pipeline.store.layout import open_store
     from pipeline.store.splits import list_splits
 
@@ -36,18 +36,25 @@ def _present(store: str, split: str) -> bool:
     return "text" in root if split == "text" else split in list_splits(root)
 
 
-def _backbone(store: str) -> str:
+def backbone_of(store: str) -> str:
     """The registry name a store's folder starts with (cache/clip-l-coco -> clip-l), else a placeholder."""
     name = Path(store).name
     matches = [e for e in list_encoders(tests=True) if name == e or name.startswith(e + "-")]
     return max(matches, key=len) if matches else "ENCODER"
 
 
-def make_command(store: str, split: str, *, splits_dir: str | None = None, train_reader: str = "") -> str:
-    """The ``fusioner extract`` command that writes ``split`` (or the text embeddings) into ``store``."""
-    backbone = _backbone(store)
-    if split == "text" and train_reader not in ("voc", "coco"):
+def make_command(store: str, split: str, *, splits_dir: str | None = None, train_reader: str = "",
+                 text_only: bool = False) -> str:
+    """The ``fusioner extract`` command that writes ``split`` (or the text embeddings) into ``store``.
+
+    ``text_only``: no run reads images from ``store``, so only a text extraction fills it.
+    """
+    backbone = backbone_of(store)
+    if split == "text" and train_reader not in ("voc", "coco") and not text_only:
         return "(written by the vision extractions into this store: they embed their class names)"
+    if split == "text" and train_reader not in ("voc", "coco"):  # the class names come from the data's own list
+        return (f"fusioner extract --backbone {backbone} --text-only --dataset {train_reader or 'folder'} "
+                f"--data-root {_ROOTS.get(train_reader, 'DATA_ROOT')} --out {store}")
     if split == "text":
         return f"fusioner extract --backbone {backbone} --text-only --dataset {train_reader} --out {store}"
     reader, _, part = split.partition("/")
@@ -64,14 +71,16 @@ def describe_caches(runs) -> str:
     """Every store/split the runs need: present or missing, and the command that makes it."""
     users: dict[tuple[str, str], int] = {}
     hints: dict[tuple[str, str], dict] = {}
+    vision_stores = {run.config["data"]["cache"] for run in runs}
     for run in runs:
         train_reader = (run.config["data"]["split"] or "").partition("/")[0]
         for key in needed(run):
             users[key] = users.get(key, 0) + 1
-            hints[key] = {"splits_dir": run.eval.get("splits_dir"), "train_reader": train_reader}
+            hints[key] = {"splits_dir": run.eval.get("splits_dir"), "train_reader": train_reader,
+                          "text_only": key[0] not in vision_stores}
     lines = [f"caches needed ({len(users)}):"]
     for (store, split), count in users.items():
-        state = "present" if _present(store, split) else "MISSING"
+        state = "present" if is_present(store, split) else "MISSING"
         lines.append(f"  {state:7s} {store} {split} ({count} runs)")
         if state == "MISSING":
             lines.append(f"          make: {make_command(store, split, **hints[(store, split)])}")

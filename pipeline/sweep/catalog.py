@@ -7,6 +7,7 @@ always wins over a shipped name.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -36,11 +37,25 @@ def find_study(study: str | Path) -> Path:
                     f"`fusioner sweep --list` describes them)")
 
 
+def _first_sentence(text: str) -> str:
+    """The first sentence of a study file's header comment (its first paragraph, lines joined)."""
+    paragraph = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        words = line.lstrip("#").strip()
+        if not words and paragraph:
+            break
+        paragraph += [words] if words else []
+    joined = " ".join(paragraph)
+    match = re.search(r"[.?!](?=\s|$)", joined)
+    return joined[:match.end()] if match else joined
+
+
 def describe_studies() -> str:
-    """One line per shipped study: its name and the first line of its header comment."""
-    rows = []
-    for name, path in shipped_studies().items():
-        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
-        rows.append(f"{name:8s}  {first}")
+    """One line per shipped study: its name, aligned, and the first sentence of its header comment."""
+    studies = shipped_studies()
+    width = max((len(name) for name in studies), default=0)
+    rows = [f"{name:{width}s}  {_first_sentence(path.read_text())}" for name, path in studies.items()]
     return "\n".join(rows + ["", f"(files in {studies_dir()}; run one with `fusioner sweep NAME`, "
                                  "copy one to change it)"])

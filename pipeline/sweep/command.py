@@ -76,10 +76,12 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
 
 def estimate_command(*, study: Path, gpu: str, timings: Path | None, overrides: Mapping[str, Any] | None) -> str:
     """The ``--estimate`` table: runs x steps x seconds per step = GPU-hours, per preset (runs nothing)."""
-    from pipeline.sweep.estimate import estimate_study, format_estimate
+    from pipeline.sweep.estimate import check_gpu, estimate_study, format_estimate
 
+    check_gpu(gpu, timings_file=timings)  # a wrong --gpu or --timings first, before the study is read
     spec = load_study(path=Path(study), overrides=overrides or {})
-    return format_estimate(estimate_study(runs=expand_runs(spec), gpu=gpu, timings_file=timings), study_name=spec.name)
+    runs = expand_runs(spec, check_caches=False)  # pricing comes before extraction: no store needed
+    return format_estimate(estimate_study(runs=runs, gpu=gpu, timings_file=timings), study_name=spec.name)
 
 
 @dataclass

@@ -1,112 +1,303 @@
 """What a study costs before it runs: ``fusioner sweep STUDY --estimate``.
 
-GPU-hours = sum over the study's runs of (optimiser steps x seconds per step).
-Steps come from each run's config and its store (samples per epoch of its fold);
-seconds per step come, in this order, from
+Training GPU-hours = sum over the study's runs of (optimiser steps x seconds per step).
+Steps come from each run's config and its sample count (its store when present,
+else the standard lists; see :mod:`pipeline.sweep.sizes`); seconds per step are
+the run's training FLOPs per sample, counted from the model its config builds
+(:mod:`pipeline.training.flops`), times its batch size, over an achieved FLOP rate:
 
-1. a measurement: the JSON line ``python -m pipeline.bench gpu`` printed on
-   the GPU kind in question (``--timings FILE``; it holds the preset, the batch
-   size and steps/s), scaled linearly to each run's batch size; or
-2. a recorded projection: the preset's training FLOPs per sample (counted with
-   ``torch.utils.flop_counter`` on clip-l-sized inputs, forward and backward)
-   over the GPU kind's dense bf16 peak at an assumed 35 % utilisation.
+1. measured: the JSON line ``python -m pipeline.bench gpu`` printed on the card
+   (``--timings FILE``): its samples/s times the counted FLOPs of its own preset; or
+2. projected: the ``--gpu`` kind's dense bf16 peak times the fraction of peak the
+   one recorded ``bench gpu`` run reached (:data:`REFERENCE`).
 
-Every line says which of the two it used. Projections are not measurements:
-one ``bench gpu`` run on the target card replaces them.
+Caches a study needs and lacks are priced the same way: views to encode (images x
+views per image) over the measured or projected extraction rate. Every line says
+which source it used; a projection is no measurement.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
 
-# Training GFLOP per sample (forward + backward, 256 clip-l tokens, one class, 224 px output),
-# counted with torch.utils.flop_counter.FlopCounterMode on the presets as they stand.
-RECORDED_GFLOP = {"paper": 398.0, "small": 1.85, "tiny": 0.44}
 # Dense bf16 peak TFLOP/s per GPU kind (vendor figures, no sparsity).
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0}
-ASSUMED_UTILISATION = 0.35
+# The one recorded `python -m pipeline.bench gpu` run (docs/benchmarks.md): paper preset on clip-l
+# tokens, batch 32, streaming; clip-l pure forward; whole extraction.
+REFERENCE = {"machine": "NVIDIA H200", "gpu": "h200", "preset": "paper", "backbone": "clip-l",
+             "samples_per_s": 294.0, "forward_views_per_s": 1731.0, "extract_views_per_s": 493.0}
 
 
-@dataclass
-class StepCost:
-    seconds: float  # per optimiser step at ``batch_size``
-    batch_size: int
-    source: str
+def read_timings(path: str | Path) -> dict:
+    """The last line of ``python -m pipeline.bench gpu``'s output, checked: a rate and a batch above zero."""
+    import math
 
-    def at(self, batch_size: int) -> float:
-        return self.seconds * batch_size / self.batch_size
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--timings {path}: file not found (the JSON line `python -m pipeline.bench gpu` printed)")
+    try:
+        lines = path.read_bytes().decode("utf-8").strip().splitlines()
+        timings = json.loads(lines[-1]) if lines else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        timings = None
+    if not isinstance(timings, dict):
+        raise UserError(f"--timings {path}: not the JSON line `python -m pipeline.bench gpu` prints")
+    rate, batch = timings.get("steps_per_s"), timings.get("batch_size")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+        raise UserError(f"--timings {path}: steps_per_s must be a positive number, got {rate!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise UserError(f"--timings {path}: batch_size must be a whole number of at least 1, got {batch!r}")
+    return timings
 
 
-def step_cost(*, preset: str, batch_size: int, gpu: str, timings: dict | None) -> StepCost:
-    if timings and timings.get("preset") == preset and timings.get("steps_per_s"):
-        return StepCost(seconds=1.0 / float(timings["steps_per_s"]), batch_size=int(timings["batch_size"]),
-                        source=f"measured by bench gpu on {timings.get('machine', 'an unnamed machine')}")
-    if gpu not in PEAK_TFLOPS:
+def check_gpu(gpu: str, *, timings_file: Path | None) -> dict | None:
+    """The ``--gpu`` kind and the ``--timings`` file, checked before anything is counted."""
+    if not timings_file and gpu not in PEAK_TFLOPS:
         raise UserError(f"--gpu {gpu}: recorded figures exist for {', '.join(PEAK_TFLOPS)}; "
                         f"pass --timings FILE (the JSON `python -m pipeline.bench gpu` printed) for others")
-    if preset not in RECORDED_GFLOP:
-        raise UserError(f"no recorded FLOPs for preset '{preset}'; pass --timings from `python -m pipeline.bench gpu`")
-    seconds = RECORDED_GFLOP[preset] * 1e9 * batch_size / (PEAK_TFLOPS[gpu] * 1e12 * ASSUMED_UTILISATION)
-    return StepCost(seconds=seconds, batch_size=batch_size,
-                    source=f"projected: {RECORDED_GFLOP[preset]:g} GFLOP/sample at {ASSUMED_UTILISATION:.0%} "
-                           f"of {gpu}'s {PEAK_TFLOPS[gpu]:g} TFLOP/s (not measured)")
+    return read_timings(timings_file) if timings_file else None
 
 
-def _samples(config: dict, memo: dict) -> int:
-    """Training samples per epoch of a run: its fold's (view, classes) pairs in its store."""
-    from pipeline.store.reader import open_split
-    from pipeline.training.batches import training_pairs
-    from pipeline.data.protocols import resolve_fold
-    from pipeline.training.config import TrainConfig
-    from pipeline.training.loop import training_split_name
-    from pipeline.config import from_dict
+@dataclass(frozen=True)
+class Rate:
+    per_second: float  # achieved FLOP/s, or views/s for extraction
+    source: str
 
-    train = from_dict(TrainConfig, config)
-    data = train.data
-    key = (data.cache, data.split, data.protocol, data.fold, tuple(data.novel), data.classes_per_sample)
-    if key not in memo:
-        split = open_split(store=data.cache, split=training_split_name(data.cache, data.split))
-        fold = resolve_fold(protocol=data.protocol, fold=data.fold, novel=data.novel, class_names=split.class_names)
-        memo[key] = len(training_pairs(split=split, seen=fold.seen, classes_per_sample=data.classes_per_sample))
-    return memo[key]
+
+def _preset_flops(preset: str, backbone: str) -> int:
+    """Training FLOPs per sample of a preset on a backbone's tokens (one class): what bench gpu trains."""
+    from pipeline.encode.registry import get_spec
+    from pipeline.model import make_model_config
+    from pipeline.training.flops import training_flops_per_sample
+
+    spec = get_spec(backbone)
+    model = make_model_config(vision_dim=spec.vision_dim, text_dim=spec.text_dim or spec.vision_dim, preset=preset)
+    model.decoder.out_size = spec.input_size
+    return training_flops_per_sample(model, grid=spec.grid(), classes=1)
+
+
+def training_rate(*, gpu: str, timings: dict | None) -> Rate:
+    """Achieved training FLOP/s: measured by ``bench gpu`` (``--timings``) or projected for ``gpu``."""
+    if timings:
+        samples = timings.get("samples_per_s") or timings["steps_per_s"] * timings["batch_size"]
+        preset, backbone = timings.get("preset", "paper"), timings.get("backbone", "clip-l")
+        achieved = float(samples) * _preset_flops(preset, backbone)
+        return Rate(achieved, f"measured by bench gpu on {timings.get('machine', 'an unnamed machine')} "
+                              f"({float(samples):,.0f} samples/s of the {preset} preset = {achieved / 1e12:.1f} TFLOP/s)")
+    fraction = _reference_train_fraction()
+    return Rate(fraction * PEAK_TFLOPS[gpu] * 1e12,
+                f"projected: {fraction:.1%} of {gpu}'s {PEAK_TFLOPS[gpu]:g} TFLOP/s bf16 peak, the fraction "
+                f"training reached on an {REFERENCE['machine']} (bench gpu; not measured on {gpu})")
+
+
+def _reference_train_fraction() -> float:
+    flops = _preset_flops(REFERENCE["preset"], REFERENCE["backbone"])
+    return REFERENCE["samples_per_s"] * flops / (PEAK_TFLOPS[REFERENCE["gpu"]] * 1e12)
+
+
+def extraction_rate(*, backbone: str, input_size: int | None, gpu: str, timings: dict | None) -> Rate:
+    """Views/s of a whole extraction with ``backbone``: measured by ``bench gpu`` or projected by FLOPs."""
+    from pipeline.encode.flops import vision_flops_per_view
+
+    if timings and timings.get("backbone") == backbone and timings.get("extract_views_per_s"):
+        return Rate(float(timings["extract_views_per_s"]), f"measured by bench gpu on {timings.get('machine')}")
+    reference = REFERENCE["extract_views_per_s"] * vision_flops_per_view(REFERENCE["backbone"])
+    kind = gpu if gpu in PEAK_TFLOPS else REFERENCE["gpu"]
+    views = reference * PEAK_TFLOPS[kind] / PEAK_TFLOPS[REFERENCE["gpu"]] / vision_flops_per_view(backbone, input_size)
+    return Rate(views, f"projected from the {REFERENCE['machine']}'s {REFERENCE['extract_views_per_s']:g} "
+                       f"{REFERENCE['backbone']} views/s by forward FLOPs and {kind} peak")
+
+
+# --------------------------------------------------------------------------- #
+# Per run: model inputs, FLOPs, steps
+# --------------------------------------------------------------------------- #
+
+
+def _store_inputs(store: str, *, memo: dict) -> dict:
+    """vision_dim, text_dim, grid, input_size of a store: its attributes, else its encoder's registry entry."""
+    from pipeline.encode.registry import get_spec
+    from pipeline.store.layout import open_store, store_attrs
+    from pipeline.sweep.caches import backbone_of
+
+    if store in memo:
+        return memo[store]
+    try:
+        attrs = store_attrs(open_store(store))
+        found = {"vision_dim": attrs.get("vision_dim"), "text_dim": attrs.get("text_dim"),
+                 "grid": tuple(attrs["grid"]) if attrs.get("grid") else None, "input_size": attrs.get("input_size"),
+                 "backbone": attrs.get("encoder"), "from": "store"}
+    except UserError:
+        name = backbone_of(store)
+        if name == "ENCODER":
+            raise UserError(f"{store}: no store there, and its folder name does not start with an encoder name "
+                            f"(fusioner encoders), so its token sizes are unknown; extract it first") from None
+        spec = get_spec(name)
+        found = {"vision_dim": spec.vision_dim or None, "text_dim": spec.text_dim or None,
+                 "grid": spec.grid() if spec.vision_dim else None, "input_size": spec.input_size,
+                 "backbone": name, "from": "registry"}
+    memo[store] = found
+    return found
+
+
+def run_flops(config: dict, *, classes: float, memo: dict) -> int:
+    """Training FLOPs per sample of a run's resolved config."""
+    from pipeline.model import make_model_config
+    from pipeline.training.flops import training_flops_per_sample
+
+    data = config["data"]
+    vision = _store_inputs(data["cache"], memo=memo)
+    text = _store_inputs(data["text_cache"] or data["cache"], memo=memo)
+    text_dim = text["text_dim"] or vision["text_dim"]
+    if not (vision["vision_dim"] and vision["grid"] and text_dim):
+        raise UserError(f"{data['cache']} / {data['text_cache']}: cannot tell the token sizes of this pair")
+    overrides = {k: v for k, v in config["model"].items() if k not in ("vision_dim", "text_dim")}
+    model = make_model_config(vision_dim=int(vision["vision_dim"]), text_dim=int(text_dim), preset="paper",
+                              overrides=overrides)
+    model.decoder.out_size = int(vision["input_size"])  # training always predicts at the view size
+    return training_flops_per_sample(model, grid=vision["grid"], classes=max(1, math.ceil(classes)))
+
+
+def row_labels(runs: list) -> dict[str, str]:
+    """Run key -> the table row(s) it fills: pair, variant and swept values (folds and seeds share a row).
+
+    One configuration that fills two rows (Table 7's 12-layer and width-512 rows) trains once and
+    is priced once, under both names.
+    """
+    names: dict[str, list[str]] = {}
+    pairs: dict[str, list[str]] = {}
+    for run in runs:
+        extra = "".join(f" {k.split('.')[-1]}={v}" for k, v in run.values.items())
+        for seen, name in ((names, f"{run.variant}{extra}"), (pairs, run.pair)):
+            if name not in seen.setdefault(run.key, []):
+                seen[run.key].append(name)
+    return {key: f"{' = '.join(pairs[key])} | {' = '.join(names[key])}" for key in names}
 
 
 def estimate_study(*, runs: list, gpu: str, timings_file: Path | None = None) -> dict:
-    """Per preset: runs, steps, seconds per step and its source, GPU-hours; and the total."""
+    """Per table row: runs, samples, GFLOP/sample, steps, seconds per step, GPU-hours; extraction; totals."""
+    from pipeline.sweep.sizes import SampleCount, training_samples
     from pipeline.sweep.study import run_state
 
-    timings = json.loads(Path(timings_file).read_text().strip().splitlines()[-1]) if timings_file else None
+    timings = check_gpu(gpu, timings_file=timings_file)
+    rate = training_rate(gpu=gpu, timings=timings)
     rows: dict[str, dict] = {}
-    memo: dict = {}
+    samples_memo: dict = {}
+    inputs_memo: dict = {}
+    labels = row_labels(runs)
     for run in {r.key: r for r in runs}.values():
-        optim, preset = run.config["optim"], run.config["preset"]
-        steps = int(optim["epochs"]) * -(-_samples(run.config, memo) // int(optim["batch_size"]))
+        optim = run.config["optim"]
+        count = training_samples(run.config["data"], memo=samples_memo)
+        try:
+            flops = run_flops(run.config, classes=count.classes, memo=inputs_memo)
+        except UserError as err:  # a store that is neither there nor named after its encoder
+            flops, count = None, SampleCount(None, count.classes, f"FLOPs unknown: {err}")
+        seconds_per_step = flops * int(optim["batch_size"]) / rate.per_second if flops else None
+        row = rows.setdefault(labels[run.key], {"runs": 0, "done": 0, "samples": [], "sources": [], "steps": 0,
+                                               "gflop": flops / 1e9 if flops else None, "unpriced": 0,
+                                               "seconds_per_step": seconds_per_step, "seconds": 0.0,
+                                               "todo_seconds": 0.0})
+        row["runs"] += 1
+        row["done"] += run_state(run.dir) == "done"
+        source = count.source
+        if count.samples is None and flops and optim.get("max_steps"):
+            source += f"; optim.max_steps {optim['max_steps']} priced as an upper bound"
+        row["sources"] += [source] if source not in row["sources"] else []
+        if flops is None or (count.samples is None and not optim.get("max_steps")):
+            row["unpriced"] += 1
+            continue
+        if count.samples is None:
+            steps = int(optim["max_steps"])
+        else:
+            steps = int(optim["epochs"]) * -(-count.samples // int(optim["batch_size"]))
+            row["samples"].append(count.samples)
         if optim.get("max_steps"):
             steps = min(steps, int(optim["max_steps"]))
-        cost = step_cost(preset=preset, batch_size=int(optim["batch_size"]), gpu=gpu, timings=timings)
-        row = rows.setdefault(preset, {"runs": 0, "done": 0, "steps": 0, "seconds": 0.0, "todo_seconds": 0.0,
-                                       "source": cost.source, "seconds_per_step": cost.at(int(optim["batch_size"]))})
-        seconds = steps * cost.at(int(optim["batch_size"]))
-        done = run_state(run.dir) == "done"
-        row["runs"] += 1
-        row["done"] += done
         row["steps"] += steps
-        row["seconds"] += seconds
-        row["todo_seconds"] += 0.0 if done else seconds
+        row["seconds"] += steps * seconds_per_step
+        row["todo_seconds"] += 0.0 if run_state(run.dir) == "done" else steps * seconds_per_step
+    extraction = estimate_extraction(runs=runs, gpu=gpu, timings=timings, rows=labels)
     total = sum(r["seconds"] for r in rows.values()) / 3600
-    todo = sum(r["todo_seconds"] for r in rows.values()) / 3600
-    return {"gpu": gpu, "presets": rows, "gpu_hours": total, "gpu_hours_left": todo}
+    return {"gpu": gpu, "rate": rate, "rows": rows, "extraction": extraction, "gpu_hours": total,
+            "gpu_hours_left": sum(r["todo_seconds"] for r in rows.values()) / 3600,
+            "extract_gpu_hours": sum(e["seconds"] for e in extraction if e["seconds"]) / 3600}
+
+
+def estimate_extraction(*, runs: list, gpu: str, timings: dict | None, rows: dict[str, str]) -> list[dict]:
+    """Each missing vision split the runs read: images x views per image / extraction rate, and its users."""
+    from pipeline.data.views import window_boxes
+    from pipeline.encode.config import ExtractConfig
+    from pipeline.sweep.caches import is_present, needed
+    from pipeline.sweep.sizes import split_images
+
+    users: dict[tuple[str, str], set[str]] = {}
+    splits_dirs: dict[tuple[str, str], str | None] = {}
+    training: set[tuple[str, str]] = set()
+    for run in runs:
+        for key in needed(run):
+            if key[1] != "text":
+                users.setdefault(key, set()).add(rows[run.key])
+                splits_dirs[key] = run.eval.get("splits_dir")
+        training.add((run.config["data"]["cache"], run.config["data"]["split"] or "<training split>"))
+    views_per_image = ExtractConfig(backbone="clip-l", out="-").views
+    out = []
+    for (store, split), rows_using in users.items():
+        if is_present(store, split):
+            continue
+        images, size, source = split_images(split, splits_dir=splits_dirs[(store, split)])
+        try:
+            inputs = _store_inputs(store, memo={})
+        except UserError as err:
+            out.append({"store": store, "split": split, "images": images, "images_from": source, "views": None,
+                        "views_from": "?", "views_per_s": None, "rate_from": str(err), "seconds": None,
+                        "rows": sorted(rows_using)})
+            continue
+        size_px = int(inputs["input_size"])
+        if (store, split) in training:
+            per_image, how = views_per_image, f"{views_per_image} view(s) per image (fusioner extract --views)"
+        elif size and not split.startswith("mosaic4/"):
+            per_image = len(window_boxes(height=size[1], width=size[0], size=size_px, stride=(2 * size_px) // 3))
+            how = f"{per_image} windows per {size[0]}x{size[1]} image"
+        else:
+            per_image, how = 1, "1 view per image"
+        rate = extraction_rate(backbone=inputs["backbone"], input_size=size_px, gpu=gpu, timings=timings)
+        views = images * per_image if images else None
+        out.append({"store": store, "split": split, "images": images, "images_from": source, "views": views,
+                    "views_from": how, "views_per_s": rate.per_second, "rate_from": rate.source,
+                    "seconds": views / rate.per_second if views else None, "rows": sorted(rows_using)})
+    return out
 
 
 def format_estimate(estimate: dict, *, study_name: str) -> str:
-    lines = [f"study {study_name} on {estimate['gpu']}:",
-             "| preset | runs (done) | steps | s/step | GPU-hours | seconds per step from |", "|---|---|---|---|---|---|"]
-    for preset, row in estimate["presets"].items():
-        lines.append(f"| {preset} | {row['runs']} ({row['done']}) | {row['steps']:,} | {row['seconds_per_step']:.4f} "
-                     f"| {row['seconds'] / 3600:,.1f} | {row['source']} |")
-    lines.append(f"total: {estimate['gpu_hours']:,.1f} GPU-hours ({estimate['gpu_hours_left']:,.1f} for runs not done)")
+    lines = [f"study {study_name} on {estimate['gpu']}: training",
+             "| row | runs (done) | samples/epoch | GFLOP/sample | steps | s/step | GPU-hours | samples from |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, row in estimate["rows"].items():
+        samples = (f"{min(row['samples']):,}" if min(row["samples"], default=0) == max(row["samples"], default=0)
+                   else f"{min(row['samples']):,}-{max(row['samples']):,}") if row["samples"] else "?"
+        hours = f"{row['seconds'] / 3600:,.2f}" + (f" (+{row['unpriced']} unpriced)" if row["unpriced"] else "")
+        gflop = f"{row['gflop']:,.2f}" if row["gflop"] is not None else "?"
+        per_step = f"{row['seconds_per_step']:.4f}" if row["seconds_per_step"] is not None else "?"
+        lines.append(f"| {label} | {row['runs']} ({row['done']}) | {samples} | {gflop} | {row['steps']:,} "
+                     f"| {per_step} | {hours} | {'; '.join(row['sources'])} |")
+    lines.append(f"seconds per step: {estimate['rate'].source}")
+    if estimate["extraction"]:
+        lines += ["", "extraction of the missing caches:",
+                  "| store split | images | views | views/s | GPU-hours | used by | images from; views from; rate from |",
+                  "|---|---|---|---|---|---|---|"]
+        for item in estimate["extraction"]:
+            hours = f"{item['seconds'] / 3600:,.2f}" if item["seconds"] else "?"
+            images = f"{item['images']:,}" if item["images"] else "?"
+            views = f"{item['views']:,}" if item["views"] else "?"
+            users = (f"all {len(item['rows'])} rows" if len(item["rows"]) == len(estimate["rows"])
+                     else f"{len(item['rows'])} row(s): {', '.join(item['rows'])}")
+            lines.append(f"| {item['store']} {item['split']} | {images} | {views} | {item['views_per_s'] or 0:,.0f} | "
+                         f"{hours} | {users} | {item['images_from']}; "
+                         f"{item['views_from']}; {item['rate_from']} |")
+    lines.append(f"total: {estimate['gpu_hours']:,.1f} GPU-hours of training ({estimate['gpu_hours_left']:,.1f} for "
+                 f"runs not done) + {estimate['extract_gpu_hours']:,.2f} of extraction")
     return "\n".join(lines)

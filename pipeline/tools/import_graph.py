@@ -4,7 +4,7 @@ Layers, lowest first; a module may import from its own layer and the layers
 below it, never from a layer above::
 
     errors, config, runtime, plots  <  data  <  store  <  encode  <  model
-        <  training  <  eval  <  runs  <  sweep, bench, demo  <  api (pipeline/__init__, pipeline/api)
+        <  training  <  eval  <  runs  <  sweep, bench, demo, serve  <  api (pipeline/__init__, pipeline/api)
 
 Every import counts, the ones inside functions too. Three checks: no import
 cycle between modules, no import from a layer above, and no ``_private`` name
@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.training",),
     ("pipeline.eval",),
     ("pipeline.runs",),
-    ("pipeline.sweep", "pipeline.bench", "pipeline.demo"),
+    ("pipeline.sweep", "pipeline.bench", "pipeline.demo", "pipeline.serve"),
     ("pipeline.api", "pipeline"),
     ("pipeline.tools",),
 )

@@ -40,8 +40,10 @@ def save_checkpoint(*, run: Path, model, optimizer, position: dict, config, keep
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "fusioner"})
     default_file_mode(tmp / "model.safetensors")
     # The torch RNG state makes dropout continue as in an uninterrupted run.
-    torch.save({"optimizer": optimizer.state_dict(), "position": position, "rng": rng_state()},
-               tmp / "train_state.pt")
+    # Through a Python file, so that a failed write (full disk, file-size limit) keeps its OSError, with the
+    # errno, in the chain of torch's RuntimeError, and run_entry can say what happened in one line.
+    with open(tmp / "train_state.pt", "wb") as handle:
+        torch.save({"optimizer": optimizer.state_dict(), "position": position, "rng": rng_state()}, handle)
     write_json_atomic(tmp / "config.json", config)
     final = folder / name
     if final.exists():
@@ -143,15 +145,31 @@ def truncate_log(path: Path, *, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _read_model(folder: Path, *, device):
+    """The model a run or checkpoint folder holds; a damaged or replaced file is one line naming it."""
+    from pipeline.training.config import TrainConfig
+
+    name = "config.json"
+    try:
+        config = from_dict(TrainConfig, json.loads((folder / name).read_text()))
+        model = build_model(config.model)
+        name = "model.safetensors"
+        model.load_state_dict(load_file(str(folder / name)))
+    except UserError as err:
+        raise UserError(f"{folder / name} does not hold a run's config ({err})") from None
+    except Exception as err:  # noqa: BLE001 - JSON, safetensors or shape errors: the file is not what it should be
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        checkpoint = latest_checkpoint(folder) if (folder / "checkpoints").is_dir() else None
+        advice = (f"use its latest checkpoint ({checkpoint}) instead, or train it again" if checkpoint else
+                  "restore it from a copy, or train the run again")
+        raise UserError(f"{folder / name} is damaged or not this run's file ({reason}); {advice}") from None
+    return model.to(device).eval(), config
+
+
 def load_model(run_or_checkpoint: str | Path, *, device: str | torch.device = "cpu"):
     """Rebuild a trained model from a run directory (its final or latest weights) or a checkpoint folder."""
     path = Path(run_or_checkpoint)
     for candidate in (path, latest_checkpoint(path) if path.is_dir() else None):
         if candidate is not None and (candidate / "model.safetensors").is_file() and (candidate / "config.json").is_file():
-            from pipeline.training.config import TrainConfig
-
-            config = from_dict(TrainConfig, json.loads((candidate / "config.json").read_text()))
-            model = build_model(config.model)
-            model.load_state_dict(load_file(str(candidate / "model.safetensors")))
-            return model.to(device).eval(), config
+            return _read_model(candidate, device=device)
     raise UserError(f"no trained model at {path} (expected model.safetensors and config.json)")

@@ -56,6 +56,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.classes_per_sample = str(self.classes_per_sample)
+        if isinstance(self.readers, bool) or not isinstance(self.readers, int) or self.readers < 1:
+            raise UserError(f"data.readers must be a whole number of at least 1, got {self.readers!r}")
 
     @property
     def text_store(self) -> str:

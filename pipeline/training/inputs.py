@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import write_json_atomic
+from pipeline.errors import UserError
 from pipeline.runtime import default_file_mode
 from pipeline.store.layout import has_text, open_store, store_attrs
 
@@ -58,7 +59,15 @@ def read_run_inputs(run: str | Path) -> dict | None:
     run = Path(run)
     if not (run / INPUTS).is_file():
         return None
-    record = json.loads((run / INPUTS).read_text())
-    table = load_file(str(run / EMBEDDINGS))["embeddings"].numpy() if (run / EMBEDDINGS).is_file() else None
-    record["embeddings"] = {} if table is None else dict(zip(record["class_names"], table))
+    name = INPUTS
+    try:
+        record = json.loads((run / INPUTS).read_text())
+        names = [str(n) for n in record["class_names"]]
+        name = EMBEDDINGS
+        table = load_file(str(run / EMBEDDINGS))["embeddings"].numpy() if (run / EMBEDDINGS).is_file() else None
+    except Exception as err:  # noqa: BLE001 - JSON or safetensors errors, a missing key: the file is damaged
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        raise UserError(f"{run / name} is damaged or not this run's file ({reason}); restore it from a copy of "
+                        f"the run, or train the run again") from None
+    record["embeddings"] = {} if table is None else dict(zip(names, table))
     return record

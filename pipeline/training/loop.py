@@ -126,6 +126,8 @@ def fit_model_config(config: TrainConfig, data: TrainingData) -> TrainConfig:
 
 def _check_run_folder(config: TrainConfig, *, resume: bool) -> None:
     run = Path(config.out)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--out {run} is a file, not a folder for a run; choose another --out")
     if run.exists() and (run / "config.json").exists() and not resume:
         if latest_checkpoint(run) is not None:
             raise UserError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
@@ -159,7 +161,8 @@ def _start(config: TrainConfig, data: TrainingData, *, resume: bool) -> Loop:
         if checkpoint is None:
             saved = sorted((run / "checkpoints").glob("step-*"))
             reason = f" (newest: {checkpoint_problem(saved[-1])})" if saved else ""
-            raise UserError(f"--resume: no checkpoint in {run} that can be read{reason}")
+            raise UserError(f"--resume: no checkpoint in {run} that can be read{reason}; the same command "
+                            f"without --resume starts the run over")
         model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
         state = load_train_state(checkpoint, map_location=device)
         optimizer.load_state_dict(state["optimizer"])

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from pipeline.errors import UserError
 from pipeline.eval.metrics import SegmentationMeter
 
 pytestmark = pytest.mark.reliability
@@ -41,3 +42,30 @@ def test_multiclass_episodes_count_for_each_class_of_the_image():
 
 def test_no_episode_at_all_is_not_a_score():
     assert math.isnan(SegmentationMeter([1, 2]).miou())
+
+
+@pytest.mark.parametrize("wrong", ["text", "vision", "run"])
+def test_a_wrong_store_or_run_fails_before_any_model_is_built(gen, tmp_path, monkeypatch, wrong):
+    import json
+
+    import pipeline.training.checkpoints
+    from pipeline.eval.report import evaluate_runs
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the inputs were checked")
+
+    monkeypatch.setattr(pipeline.training.checkpoints, "load_model", no_model)
+    run = tmp_path / "run"
+    run.mkdir()
+    if wrong != "run":
+        (run / "config.json").write_text(json.dumps({"data": {"cache": str(gen.vision), "text_cache": str(gen.text)}}))
+    options = dict(split="folder/val", cache=None, text_cache=None, protocol=None, splits_dir=None, mode="binary",
+                   limit=None, out=tmp_path / "out", device="cpu", quiet=True)
+    if wrong == "text":
+        options["text_cache"] = gen.vision.parent / "no-such-text-store"
+    elif wrong == "vision":
+        options["cache"] = tmp_path / "no-such-store"
+    with pytest.raises(UserError, match={"text": "no-such-text-store", "vision": "no-such-store",
+                                         "run": "no trained model at"}[wrong]):
+        evaluate_runs(runs=[run], **options)
+    assert not (tmp_path / "out").exists()

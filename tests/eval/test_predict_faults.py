@@ -109,3 +109,96 @@ def test_label_png_keeps_numbers_above_255_and_stays_a_palette_below(tmp_path):
     assert np.array_equal(saved.astype(np.int64), labels.astype(np.int64))
     small = Image.open(save_label_png(np.array([[0, 1, 255]], np.uint8), tmp_path / "small.png"))
     assert small.mode == "P" and np.array_equal(np.asarray(small), [[0, 1, 255]])
+
+
+def test_a_sideways_phone_photo_is_predicted_upright(gen, learned, tmp_path):
+    """EXIF orientation 6 (stored 80 x 48, shown 48 x 80): masks and labels line up with the photo as shown."""
+    from PIL import ImageOps
+    from synthetic_data import sideways_photo
+
+    photo = sideways_photo(tmp_path / "phone.jpg", height=48, width=80)
+    with Image.open(photo) as stored:
+        ImageOps.exif_transpose(stored).save(tmp_path / "upright.png")  # the same pixels, stored upright
+    sideways = predict(image=photo, classes=["cat", "dog"], checkpoint=learned, out=tmp_path / "pred")
+    upright = predict(image=tmp_path / "upright.png", classes=["cat", "dog"], checkpoint=learned, out=None)
+    assert sideways["label_map"].shape == (80, 48)
+    assert np.array_equal(sideways["label_map"], upright["label_map"])
+    for name in ("labels.png", "mask_01_cat.png", "mask_02_dog.png"):
+        assert Image.open(tmp_path / "pred" / name).size == (48, 80), name
+
+
+def test_out_that_is_a_file_is_one_line_and_left_alone(learned, tmp_path):
+    photo, out = _photo(tmp_path / "photo.png", 40, 40), tmp_path / "taken"
+    out.write_text("mine\n")
+    with pytest.raises(UserError, match="--out .*taken is a file, not a folder") as err:
+        predict(image=photo, classes=["cat"], checkpoint=learned, out=out)
+    assert "\n" not in str(err.value) and out.read_text() == "mine\n"
+
+
+def test_a_very_long_class_name_gets_a_short_mask_file_name(learned, tmp_path):
+    name = "cat " * 2500  # 10,000 characters
+    result = predict(image=_photo(tmp_path / "photo.png", 40, 40), classes=[name.strip(), "dog"],
+                     checkpoint=learned, out=tmp_path / "pred")
+    masks = sorted(p.name for p in (tmp_path / "pred").glob("mask_*.png"))
+    assert len(masks) == 2 and all(len(m) < 100 for m in masks), masks
+    assert result["classes"][0] == name.strip()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("a pickle ran",))
+
+
+@pytest.mark.parametrize(("name", "damage"), [
+    ("model.safetensors", "truncate"), ("model.safetensors", "pickle"), ("class_embeddings.safetensors", "pickle"),
+    ("config.json", "junk"), ("inputs.json", "junk"), ("config.json", "a-list")])
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_a_runs_own_file_damaged_or_replaced_is_one_line_naming_it(learned, gen, tmp_path, capsys, name, damage,
+                                                                     command):
+    import pickle
+    import shutil
+
+    from pipeline.errors import run_entry
+    from pipeline.eval.report import evaluate_runs
+
+    if command == "eval" and name in ("inputs.json", "class_embeddings.safetensors"):
+        pytest.skip("eval scores from the stores; it does not read what a run keeps for prediction")
+    run = tmp_path / "run"
+    shutil.copytree(learned, run, ignore=shutil.ignore_patterns("checkpoints"))
+    target = run / name
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:len(target.read_bytes()) // 2])
+    elif damage == "pickle":
+        target.write_bytes(pickle.dumps(_Payload()))
+    else:
+        target.write_text("[1, 2]\n" if damage == "a-list" else '{"data": {"cache": ')
+    photo, out = _photo(tmp_path / "photo.png", 40, 40), tmp_path / "pred"
+    call = (lambda: predict(image=photo, classes=["cat"], checkpoint=run, out=out)) if command == "predict" else \
+        (lambda: evaluate_runs(runs=[run], split="folder/val", cache=None, text_cache=None, protocol=None,
+                               splits_dir=None, mode="episodes", limit=2, out=out, device="cpu", quiet=True))
+    code = run_entry(call)
+    captured = capsys.readouterr()
+    assert code == 2 and len(captured.err.strip().splitlines()) == 1, captured.err[-3000:]
+    assert str(target) in captured.err and "a pickle ran" not in captured.out + captured.err
+    assert not out.exists()
+
+
+def test_a_long_prediction_says_up_front_how_many_windows_how_long_and_what_is_faster(learned, tmp_path,
+                                                                                        monkeypatch, capsys):
+    import pipeline.eval.predict as predict_module
+    from pipeline.eval.predict import time_note
+
+    note = time_note(windows=27_170, done=16, seconds=0.64, size=64, shape=(6000, 8000))
+    assert note.startswith("note: 27,170 windows of 64 px over 8000x6000 pixels: about 18 min at 25.0 windows/s")
+    assert "--resize" in note and "coarser --stride (default 42 px)" in note
+    assert time_note(windows=40, done=16, seconds=0.64, size=64, shape=(200, 300)) is None  # a second: no note
+    monkeypatch.setattr(predict_module, "LONG_PREDICTION_S", 0.0)
+    photo = _photo(tmp_path / "photo.png", 150, 200)
+    fine = predict(image=photo, classes=["cat"], checkpoint=learned, out=None, batch_size=6, quiet=False)
+    err = capsys.readouterr().err
+    lines = ["note: " + line.split("note: ", 1)[1] for line in err.splitlines() if "note: " in line]  # after bars
+    assert len(lines) == 1 and lines[0].startswith("note: 20 windows of 64 px over 200x150 pixels"), err[-2000:]
+    coarse = predict(image=photo, classes=["cat"], checkpoint=learned, out=None, stride=64)
+    assert coarse["views"] < fine["views"]
+    with pytest.raises(UserError, match="--stride must be at least 1"):
+        predict(image=photo, classes=["cat"], checkpoint=learned, out=None, stride=0)

@@ -130,7 +130,7 @@ def test_a_done_shard_whose_files_vanished_is_refused_on_open_and_rewritten_by_e
     before = store_arrays(path)
     (path / "folder/train/features/c/1/0/0").unlink()  # shard 1's features file, shard marked done
     (path / "folder/train/masks/c/1/0/0").unlink()
-    with pytest.raises(UserError, match=r"files of 1 written shard\(s\) are missing \(first: shard 1\).*extract"):
+    with pytest.raises(UserError, match=r"files of 1 written shard\(s\) are missing or empty \(first: shard 1\).*extract"):
         open_split(store=path, split="folder/train")
     report = extract(config=config, quiet=True)
     assert report.shards_run == 1
@@ -138,6 +138,90 @@ def test_a_done_shard_whose_files_vanished_is_refused_on_open_and_rewritten_by_e
     for name in before:
         assert np.array_equal(before[name], after[name]), name
     open_split(store=path, split="folder/train")
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("how", ["delete", "empty"])
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_done_shard_file_lost_after_opening_is_one_line_on_every_read_path(extracted, how, direct):
+    """Deleted or emptied after the split was opened: the direct reader and zarr both refuse, naming the shard."""
+    from pipeline.errors import UserError
+    from pipeline.store.reader import open_split
+
+    path, _ = extracted
+    split = open_split(store=path, split="folder/train")
+    shard = path / "folder/train/features/c/1/0/0"
+    shard.unlink() if how == "delete" else shard.write_bytes(b"")
+    problem = "missing" if how == "delete" else r"empty \(0 bytes\)"
+    with pytest.raises(UserError, match=rf"features file of shard 1 is {problem}.*fusioner extract"):
+        split.read("features", slice(0, 8), direct=direct)  # shards 0 and 1
+    with pytest.raises(UserError, match=rf"features file of shard 1 is {problem}"):
+        split.features([0, 5])
+    assert split.read("features", slice(0, 4), direct=direct).shape[0] == 4  # shard 0 still reads
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("array", ["view_classes", "view_valid"])
+def test_a_damaged_small_array_is_one_line_in_info_and_training_and_extract_verify_rewrites_it(extracted, array):
+    from synthetic_data import store_arrays
+
+    from pipeline.encode.extract import extract
+    from pipeline.errors import UserError
+    from pipeline.store.info import describe_store
+    from pipeline.store.reader import open_split
+
+    path, config = extracted
+    before = store_arrays(path)
+    _flip_a_byte(path / "folder/train" / array / ("c/1/0" if array == "view_classes" else "c/1"))  # shard 1
+    reads = [lambda: open_split(store=path, split="folder/train")]
+    if array == "view_valid":  # what `fusioner info` reads of a split
+        reads.append(lambda: describe_store(path))
+    for read in reads:
+        with pytest.raises(UserError, match=rf"folder/train: {array} is damaged \(checksum mismatch\).*--verify") as err:
+            read()
+        assert "\n" not in str(err.value)
+    assert extract(config=replace(config, verify=True), quiet=True).shards_run == 1
+    after = store_arrays(path)
+    for name in before:
+        assert np.array_equal(before[name].view(np.uint8), after[name].view(np.uint8)), name
+    open_split(store=path, split="folder/train")
+
+
+@pytest.mark.reliability
+def test_a_damaged_text_table_is_one_line_and_extract_verify_writes_it_again(extracted):
+    from pipeline.encode.extract import extract
+    from pipeline.errors import UserError
+    from pipeline.store.info import describe_store
+
+    path, config = extracted
+    names, table = read_text(open_store(path))
+    current = open_store(path)["text"].attrs["table"]
+    _flip_a_byte(next((path / "text" / current).rglob("c/*/*")))
+    for read in (lambda: read_text(open_store(path)), lambda: describe_store(path)):
+        with pytest.raises(UserError, match=r"class-name embeddings are damaged \(checksum mismatch\).*--verify"):
+            read()
+    extract(config=replace(config, verify=True), quiet=True)
+    again, rewritten = read_text(open_store(path))
+    assert again == names
+    np.testing.assert_allclose(rewritten, table, rtol=0, atol=1e-5)
+
+
+@pytest.mark.reliability
+def test_text_only_names_append_to_a_store_of_the_same_encoder(extracted):
+    from pipeline.encode.extract import extract
+
+    path, config = extracted
+    report = extract(config=replace(config, text_only=True, dataset=None, data_root=None, input_size=None,
+                                    extra_names=["zebra", "hot air balloon"]), quiet=True)
+    assert report.text_classes >= 2
+    names, table = read_text(open_store(path))
+    assert {"zebra", "hot air balloon", "cat"} <= set(names) and table.shape[0] == len(names)
 
 
 def test_a_truncated_done_shard_is_written_again_by_extract(extracted):
@@ -186,7 +270,7 @@ def test_out_pointing_at_a_file_is_a_one_line_error(extracted, tmp_path):
         extract(config=replace(config, out=str(tmp_path / "a-file")), quiet=True)
 
 
-@pytest.mark.parametrize("option", ["batch_size", "shard_size", "stride"])
+@pytest.mark.parametrize("option", ["batch_size", "shard_size", "stride", "input_size"])
 @pytest.mark.parametrize("value", [0, -4])
 def test_extraction_counts_below_one_are_refused(tmp_path, option, value):
     from synthetic_data import tiny_extract_config
@@ -197,6 +281,26 @@ def test_extraction_counts_below_one_are_refused(tmp_path, option, value):
     config = tiny_extract_config(tmp_path / "data", tmp_path / "store", **{option: value})
     with pytest.raises(UserError, match=f"--{option.replace('_', '-')} must be at least 1, got {value}"):
         extract(config=config, quiet=True)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"input_size": 0}, "--input-size must be at least 1, got 0"),
+    ({"split": "val", "layout": "shuffled"}, "--layout shuffled orders training views; split 'val' is stored as "
+                                              "evaluation windows"),
+    ({"split": "val", "eval_resize": True, "layout": "shuffled"}, "stored as evaluation resize"),
+    ({"split": "val", "episode_folds": [1]}, "--fold picks the folds of --episodes"),
+])
+def test_extract_options_that_would_be_ignored_are_refused_and_nothing_is_written(tmp_path, changes, message):
+    from synthetic_data import tiny_extract_config, write_folder_dataset
+
+    from pipeline.encode.extract import extract
+    from pipeline.errors import UserError
+
+    config = tiny_extract_config(write_folder_dataset(tmp_path / "data"), tmp_path / "store", **changes)
+    with pytest.raises(UserError, match=message) as err:
+        extract(config=config, quiet=True)
+    assert "\n" not in str(err.value) and not (tmp_path / "store" / "zarr.json").exists()
 
 
 def test_a_truncated_root_metadata_file_is_a_one_line_error(tmp_path):
@@ -317,6 +421,33 @@ def test_a_read_only_out_or_a_full_disk_is_one_line_and_the_rerun_gives_the_same
     assert re.match(rf"error: {message}", err), err
     report = extract(config=config, quiet=True)  # the cause fixed, the same command
     assert report.shards_run + report.shards_skipped == 5
+    assert_same_store(reference, tmp_path / "again")
+
+
+@pytest.mark.reliability
+def test_a_file_size_limit_during_extraction_is_one_line_and_the_rerun_gives_the_same_store(
+        extracted, tmp_path, capsys):
+    """A real EFBIG from the OS (``ulimit -f``), raised by a soft limit held while the store is written."""
+    import resource
+
+    from synthetic_data import assert_same_store
+
+    from pipeline.encode.extract import extract
+    from pipeline.errors import run_entry
+
+    reference, config = extracted
+    config = replace(config, out=str(tmp_path / "again"))
+    feature_shard = (reference / "folder/train/features/c/0/0/0").stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (feature_shard // 2, hard))  # the soft limit only: raised back below
+    try:
+        code = run_entry(lambda: extract(config=config, quiet=True))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.match(r"error: file too large writing .*ulimit -f.*run the same command again", err), err
+    extract(config=config, quiet=True)  # the limit raised, the same command
     assert_same_store(reference, tmp_path / "again")
 
 

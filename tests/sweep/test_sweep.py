@@ -215,15 +215,29 @@ def test_dry_run_lists_runs_with_their_state_and_writes_nothing(reference, capsy
 
 
 def test_estimate_prices_runs_times_steps_times_seconds_per_step(reference, capsys, tmp_path):
-    from pipeline.sweep.estimate import PEAK_TFLOPS, RECORDED_GFLOP, ASSUMED_UTILISATION
+    from pipeline.model import make_model_config
+    from pipeline.store.layout import open_store, store_attrs
+    from pipeline.sweep.estimate import training_rate
+    from pipeline.training.flops import training_flops_per_sample
 
     assert sweep(reference, estimate=True, gpu="a100", overrides=["study.grid.seeds=[0, 1]"]) == 0
     out = capsys.readouterr().out
-    row = next(line for line in out.splitlines() if line.startswith("| tiny |"))
+    row = next(line for line in out.splitlines() if line.startswith("| CLIP-B (random) + MiniLM | full |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == "8 (4)" and int(cells[2].replace(",", "")) == 8 * 12  # 8 runs of max_steps 12
-    per_step = RECORDED_GFLOP["tiny"] * 1e9 * 8 / (PEAK_TFLOPS["a100"] * 1e12 * ASSUMED_UTILISATION)
-    assert float(cells[3]) == pytest.approx(per_step, abs=1e-4) and "projected" in cells[5]
+    assert cells[2] == "4 (2)" and int(cells[5].replace(",", "")) == 4 * 12  # 4 runs of max_steps 12
+    assert cells[8].startswith("store ")  # counted in the stores, which exist here
+    spec = load_study(path=reference, overrides=[])
+    data = expand_runs(spec)[0].config
+    store = store_attrs(open_store(data["data"]["cache"]))
+    text_dim = store_attrs(open_store(data["data"]["text_cache"]))["text_dim"]
+    model = make_model_config(vision_dim=store["vision_dim"], text_dim=text_dim, preset="tiny")
+    model.decoder.out_size = store["input_size"]
+    flops = training_flops_per_sample(model, grid=tuple(store["grid"]), classes=1)
+    assert float(cells[4]) == pytest.approx(flops / 1e9, abs=0.01)
+    per_step = flops * 8 / training_rate(gpu="a100", timings=None).per_second
+    assert float(cells[6]) == pytest.approx(per_step, abs=1e-4) and "projected" in out
+    no_decoder = next(line for line in out.splitlines() if "| no-decoder |" in line)
+    assert float(no_decoder.split("|")[5]) < float(cells[4])  # the row without decoder costs less
     timings = tmp_path / "gpu.json"
     timings.write_text('{"preset": "tiny", "batch_size": 8, "steps_per_s": 4.0, "machine": "H100 test"}\n')
     assert sweep(reference, estimate=True, gpu="h100", timings=timings) == 0

@@ -217,6 +217,39 @@ def test_a_full_disk_or_read_only_run_folder_is_one_line_and_resumes_to_the_same
 
 
 @pytest.mark.reliability
+def test_a_file_size_limit_inside_torchs_checkpoint_writer_is_one_line_and_resumes_to_the_same_bits(
+        gen, straight, tmp_path, monkeypatch, capsys):
+    """A real EFBIG from the OS (``ulimit -f``) inside torch's own writer of the second checkpoint."""
+    import resource
+
+    import pipeline.training.checkpoints as checkpoints
+    from pipeline.errors import run_entry
+
+    run, save, calls = tmp_path / "run", checkpoints.torch.save, []
+
+    def under_a_limit(obj, handle, **kwargs):
+        calls.append(handle)
+        if len(calls) != 2:
+            return save(obj, handle, **kwargs)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))  # the soft limit only: raised back below
+        try:
+            return save(obj, handle, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoints.torch, "save", under_a_limit)
+        code = run_entry(lambda: train(config=tiny_config(gen, run, *RESUME_EPOCHS), quiet=True))
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert "file too large writing" in err and "ulimit -f" in err and "run the same command again" in err, err
+    train(config=tiny_config(gen, run, *RESUME_EPOCHS), resume=True, quiet=True)
+    assert_same_weights(straight, run)
+    assert _losses(run) == _losses(straight)
+
+
+@pytest.mark.reliability
 def test_resume_may_raise_max_steps_and_still_match(gen, straight, tmp_path):
     run = tmp_path / "run"
     first = train(config=tiny_config(gen, run, *RESUME_EPOCHS, "optim.max_steps=5"), quiet=True)

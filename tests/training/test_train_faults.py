@@ -112,6 +112,49 @@ def test_resuming_a_finished_run_keeps_its_summary(gen, run):
     assert (run / "summary.json").read_text() == before
 
 
+@pytest.mark.reliability
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_data_readers_below_one_or_not_a_count_is_refused(value):
+    with pytest.raises(UserError, match=r"data.readers must be a whole number of at least 1") as err:
+        build_config(preset="tiny", overrides=[f"data.readers={value}"])
+    assert "\n" not in str(err.value)
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, no handler turns it into an error line."""
+
+
+@pytest.mark.reliability
+def test_a_kill_inside_the_first_checkpoint_write_says_to_start_over_and_starting_over_works(gen, tmp_path,
+                                                                                              monkeypatch):
+    import pipeline.training.checkpoints as checkpoints
+
+    run = tmp_path / "run"
+    config = build_config(preset="tiny", overrides=train_overrides(gen, run, "optim.max_steps=2", "checkpoint_every=1"))
+
+    def killed_half_way(state, path, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise Killed
+
+    with monkeypatch.context() as patch, pytest.raises(Killed):
+        patch.setattr(checkpoints, "save_file", killed_half_way)
+        train(config=config, quiet=True)
+    with pytest.raises(UserError, match=r"--resume: no checkpoint .* the same command without --resume starts the "
+                                        r"run over") as err:
+        train(config=config, resume=True, quiet=True)
+    assert "\n" not in str(err.value)
+    assert train(config=config, quiet=True)["steps"] == 2 and (run / "model.safetensors").is_file()
+
+
+@pytest.mark.reliability
+def test_out_that_is_a_file_is_one_line_and_left_alone(gen, tmp_path):
+    out = tmp_path / "taken"
+    out.write_text("mine\n")
+    with pytest.raises(UserError, match="--out .*taken is a file, not a folder for a run") as err:
+        train(config=build_config(preset="tiny", overrides=train_overrides(gen, out)), quiet=True)
+    assert "\n" not in str(err.value) and out.read_text() == "mine\n"
+
+
 def test_eval_limit_below_one_is_refused():
     from pipeline.eval.evaluate import evaluate_split
 

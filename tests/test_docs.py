@@ -179,3 +179,27 @@ def test_the_datasets_page_says_where_to_get_each_dataset_and_the_commands_of_ea
     guidance = page[page.index("### Your own data"):]
     for needle in ("--min-pixels", "novel_pixels", "list_file", "--eval-resize"):
         assert needle in guidance, needle
+
+
+def test_product_docs_speak_of_the_product_not_of_issue_numbers():
+    cited = [f"{page.name}: {line.strip()}" for page in PAGES for line in page.read_text().splitlines()
+             if re.search(r"\bissues? #?\d+|\(issue\b", line, re.I)]
+    assert not cited, cited
+
+
+def test_the_training_config_table_lists_each_key_once():
+    page = (ROOT / "docs" / "training.md").read_text()
+    table = page[page.index("## The recipe and its config keys"):page.index("## Augmentation")]
+    keys = [key for line in table.splitlines() if line.startswith("| `")
+            for key in re.findall(r"`([a-z_.*]+)`", line.split("|")[1])]
+    assert len(keys) == len(set(keys)), sorted(k for k in set(keys) if keys.count(k) > 1)
+
+
+def test_the_readme_encoder_table_names_every_encoder():
+    from pipeline.encode.registry import list_encoders
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Encoders"):]
+    table = table[:table.index("\n\n", table.index("| name |"))]
+    listed = set(re.findall(r"`([a-z0-9-]+)`", table))
+    assert set(list_encoders()) <= listed, set(list_encoders()) - listed

@@ -77,3 +77,14 @@ def test_the_train_command_has_a_tensorboard_flag(capsys):
 
     assert main(["train", "--tensorboard", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["tensorboard"] is True
+
+
+def test_turning_tensorboard_on_in_a_study_keeps_its_run_folders():
+    """A logging switch is not what a run trains: a finished study is not run again for it."""
+    from pipeline.sweep.study import expand_runs, load_study
+
+    study = Path(__file__).resolve().parents[2] / "pipeline" / "studies" / "tiny.yaml"
+    plain = expand_runs(load_study(path=study), check_caches=False)
+    logged = expand_runs(load_study(path=study, overrides=["tensorboard=true"]), check_caches=False)
+    assert [r.dir for r in logged] == [r.dir for r in plain]
+    assert all(r.config["tensorboard"] is True for r in logged)

@@ -203,3 +203,16 @@ def test_the_readme_encoder_table_names_every_encoder():
     table = table[:table.index("\n\n", table.index("| name |"))]
     listed = set(re.findall(r"`([a-z0-9-]+)`", table))
     assert set(list_encoders()) <= listed, set(list_encoders()) - listed
+
+
+def test_newcomer_timings_are_given_as_measured_with_the_machine():
+    """How long the first steps take, as measured, on what machine under what load; no bare "~4 min"."""
+    readme, quickstart = (ROOT / "README.md").read_text(), (ROOT / "docs" / "quickstart.md").read_text()
+    for page in (readme, quickstart):
+        said = page[page.index("make demo"):]
+        assert re.search(r"measured on a fresh clone", said, re.I) and "load average" in said
+        assert re.search(r"\d+ min \d+ s the first time|first\s+`make demo` took \d+ min \d+ s", said)
+    coco = " ".join(quickstart[quickstart.index("--data-root ../shared/data/coco128"):].split())[:1200]
+    assert re.search(r"took about \d+ minutes", coco) and "never trained on" in coco
+    assert re.search(r"took about \d+ minutes", quickstart[quickstart.index("make test"):])
+    assert "/demo-*/" in (ROOT / ".gitignore").read_text().split()

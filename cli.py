@@ -26,7 +26,7 @@ from pipeline.config import parse_override
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.labels import parse_names
 from pipeline.encode.config import ExtractConfig
-from pipeline.errors import UserError, run_entry
+from pipeline.errors import UserError, in_flags, run_entry
 
 app = typer.Typer(
     name="fusioner",
@@ -147,7 +147,10 @@ def extract(
     option: List[str] = typer.Option([], "--option", metavar="KEY=VALUE", parser=parse_override,
                                                  show_default=False,
                                                  help="Reader option, e.g. list_file=val.txt (repeatable)."),
-    views: Optional[int] = typer.Option(None, "--views", show_default=_extract_default("views"), metavar="N", help="Seeded augmented views per training image."),
+    views: Optional[int] = typer.Option(
+        None, "--views", show_default=_extract_default("views"), metavar="N",
+        help="Seeded augmented views per training image: 1 for quick checks, 4 for the paper's studies "
+             "(K x the time and disk; the released code draws a fresh view every step)."),
     eval_resize: bool = typer.Option(False, "--eval-resize", help="Evaluation images resized whole, not windowed."),
     stride: Optional[int] = typer.Option(None, "--stride", metavar="PX", show_default="2/3 of the window",
                                          help="Sliding-window stride."),
@@ -183,6 +186,9 @@ def extract(
     normalize: Optional[str] = typer.Option(None, "--normalize", show_default=_extract_default("normalize"), metavar="STATS",
                                   help="auto (voc/coco: the released dataset statistics), encoder, pascal, coco."),
     last_window: Optional[str] = typer.Option(None, "--last-window", show_default=_extract_default("last_window"), metavar="RULE", help="pad (released) or slide the last partial window."),
+    window_fill: Optional[str] = typer.Option(None, "--window-fill", show_default=_extract_default("window_fill"),
+                                              metavar="FILL",
+                                              help="Padded window pixels: released (-1 after normalisation) or black."),
     episodes: Optional[Path] = typer.Option(None, "--episodes", metavar="SPLITS",
                                             help="Splits folder: only the images its standard episodes score."),
     fold: List[int] = typer.Option([], "--fold", metavar="N", help="With --episodes: these folds (default all)."),
@@ -205,7 +211,7 @@ def extract(
     from pipeline.encode.extract import extract as run_extract
 
     given = dict(split=split, views=views, seed=seed, batch_size=batch_size, workers=workers, device=device,
-                 class_words=class_words, normalize=normalize, last_window=last_window,
+                 class_words=class_words, normalize=normalize, last_window=last_window, window_fill=window_fill,
                  render_workers=render_workers, writers=writers, layout=layout)
     config = ExtractConfig(
         backbone=backbone, out=str(out or Path("cache") / backbone), dataset=dataset,
@@ -335,20 +341,32 @@ def train(
 
     if not online and (data_root or dataset or backbone or random_init):
         raise UserError("--data-root, --dataset, --backbone and --random-init go with --online")
-    result = train_from_settings(
-        config_file=config_file, preset=preset, resume=resume, quiet=_quiet(ctx, quiet), print_config=print_config,
-        settings=_settings(overrides, data__cache=cache and str(cache), data__text_cache=text_cache and str(text_cache),
-                           data__split=split, data__protocol=protocol, data__fold=fold, data__novel=novel,
-                           out=out and str(out), data__online__enabled=online or None,
-                           data__online__data_root=data_root and str(data_root), data__online__dataset=dataset,
-                           data__online__backbone=backbone, data__online__random_init=random_init or None,
-                           tensorboard=tensorboard or None))
+    try:
+        result = train_from_settings(
+            config_file=config_file, preset=preset, resume=resume, quiet=_quiet(ctx, quiet),
+            print_config=print_config,
+            settings=_settings(overrides, data__cache=cache and str(cache),
+                               data__text_cache=text_cache and str(text_cache), data__split=split,
+                               data__protocol=protocol, data__fold=fold, data__novel=novel, out=out and str(out),
+                               data__online__enabled=online or None,
+                               data__online__data_root=data_root and str(data_root), data__online__dataset=dataset,
+                               data__online__backbone=backbone, data__online__random_init=random_init or None,
+                               tensorboard=tensorboard or None))
+    except UserError as err:  # the library names its settings; here they were typed as flags
+        raise UserError(in_flags(str(err), TRAIN_FLAGS)) from err
     if print_config:
         _echo_json(result.config)
         return
     typer.echo(result.describe())
     for line in result.notes:
         typer.echo(line, err=True)
+
+
+# The settings `fusioner train` takes as flags (the others are `--set key=value`).
+TRAIN_FLAGS = {"data.cache": "--cache", "data.text_cache": "--text-cache", "data.split": "--split",
+               "data.protocol": "--protocol", "data.fold": "--fold", "data.novel": "--novel", "out": "--out",
+               "resume": "--resume", "data.online.data_root": "--data-root", "data.online.dataset": "--dataset",
+               "data.online.backbone": "--backbone", "data.online.random_init": "--random-init"}
 
 
 def _deprecated_splits(value: Optional[Path]) -> Optional[Path]:
@@ -382,6 +400,10 @@ def eval_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="PATH", show_default="the first run",
                                        help="Where to write eval.json/.csv/.md."),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:1 ..."),
+    allow_mismatch: List[str] = typer.Option(
+        [], "--allow-mismatch", metavar="ASPECTS",
+        help="Score stores that differ from the run's in these aspects anyway (encoder, weights, input_size, "
+             "normalize, class_words; comma list or repeated); recorded in eval.json."),
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -397,7 +419,8 @@ def eval_command(
 
     table = evaluate_runs(runs=runs, split=split, cache=cache, text_cache=text_cache, protocol=protocol,
                           splits_dir=episode_lists or splits, mode="multiclass" if mosaic else "binary", limit=limit,
-                          min_pixels=min_pixels, out=out, device=device, quiet=_quiet(ctx, quiet))
+                          min_pixels=min_pixels, out=out, device=device, quiet=_quiet(ctx, quiet),
+                          allow_mismatch=tuple(allow_mismatch))
     typer.echo(table)
 
 
@@ -416,6 +439,10 @@ def predict(
     batch_size: int = typer.Option(16, "--batch-size", metavar="N",
                                    help="Windows encoded at once (bounds memory on large photos)."),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:1 ..."),
+    allow_mismatch: List[str] = typer.Option(
+        [], "--allow-mismatch", metavar="ASPECTS",
+        help="Use stores that differ from the run's in these aspects anyway (encoder, weights, input_size, "
+             "normalize, class_words)."),
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -429,7 +456,8 @@ def predict(
 
     summary = predict_photo(image=image, classes=classes, checkpoint=checkpoint,
                             out=out or Path("predictions") / image.stem, device=device, resize=resize,
-                            stride=stride, batch_size=batch_size, quiet=_quiet(ctx, quiet))
+                            stride=stride, batch_size=batch_size, quiet=_quiet(ctx, quiet),
+                            allow_mismatch=tuple(allow_mismatch))
     typer.echo(summary["text"])
     for line in summary["notes"]:
         typer.echo(line, err=True)

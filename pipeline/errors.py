@@ -25,6 +25,22 @@ class UserError(Exception):
     exit_code = 2
 
 
+def setting(key: str) -> str:
+    """A config key (``optim.epochs``) or keyword argument (``resume``) named in a message.
+
+    Library messages name what the library was given; a command line that took it as a flag
+    shows the flag instead (:func:`in_flags`), so neither user is told about options they never typed.
+    """
+    return f"`{key}`"
+
+
+def in_flags(message: str, flags: dict[str, str]) -> str:
+    """``message`` with each :func:`setting` that ``flags`` maps shown as its flag, the others as plain keys."""
+    import re
+
+    return re.sub(r"`([\w.]+)`", lambda m: flags.get(m.group(1), m.group(1)), message)
+
+
 def require(condition: bool, message: str) -> None:
     """Raise :class:`UserError` with ``message`` unless ``condition`` holds."""
     if not condition:

@@ -39,15 +39,27 @@ class FusionConfig:
     dropout: float = 0.0
     mode: Literal["early", "late", "none", "frozen"] = "early"
     late_mlp_layers: int = 6
+    # "product": class-type embedding N(0, 0.02^2) without weight decay, output projections with torch's default
+    # Linear init; "released": the embedding N(0, 1) and weight-decayed, the projections N(0, 1/width).
+    init: Literal["product", "released"] = "product"
 
 
 @dataclass
 class DecoderConfig:
-    """Conv decoder: one block per entry of ``channels``, 2x upsampling between blocks."""
+    """Conv decoder: one block per entry of ``channels``, 2x upsampling between blocks.
+
+    ``channels`` empty (the default) is the released ``Decoder(transformer_width)``:
+    ``blocks`` blocks as wide as the fusion module, ``blocks`` 0 meaning the vision
+    encoder's registry entry (4 for ViTs, 5 for ResNets; 4 when no encoder is known).
+    ``upsample`` says what is resized to ``out_size``: the decoded features before the
+    cosine (``features``, released) or the logits after it (``logits``, cheaper).
+    """
 
     enabled: bool = True
-    channels: tuple[int, ...] = (512, 512, 512, 512)
+    channels: tuple[int, ...] = ()
+    blocks: int = 0
     out_size: int = 224
+    upsample: Literal["features", "logits"] = "features"
 
 
 @dataclass
@@ -104,8 +116,10 @@ def check_config(config: ModelConfig) -> None:
     require(fusion.layers >= 0 and fusion.late_mlp_layers >= 0, "fusion layer counts must be >= 0")
     require(fusion.mlp_ratio > 0, "fusion.mlp_ratio must be positive")
     require(0.0 <= fusion.dropout < 1.0, "fusion.dropout must be in [0, 1)")
-    require(len(decoder.channels) > 0 and all(c > 0 for c in decoder.channels),
-            "decoder.channels must be a non-empty list of positive integers")
+    require(fusion.init in ("product", "released"), "fusion.init must be 'product' or 'released'")
+    require(all(c > 0 for c in decoder.channels), "decoder.channels must be a list of positive integers")
+    require(decoder.blocks >= 0, "decoder.blocks must be >= 0 (0: the vision encoder's registry entry)")
+    require(decoder.upsample in ("features", "logits"), "decoder.upsample must be 'features' or 'logits'")
     require(decoder.out_size > 0, "decoder.out_size must be positive")
     require(config.temperature > 0, "temperature must be positive")
     if fusion.mode == "frozen":
@@ -114,6 +128,22 @@ def check_config(config: ModelConfig) -> None:
                 f"fusion.mode 'frozen' compares frozen features directly, so vision_dim ({config.vision_dim}) "
                 f"must equal text_dim ({config.text_dim}); pair encoders of one joint space (e.g. CLIP + CLIP)")
     require(0.0 < config.threshold < 1.0, "threshold must be in (0, 1)")
+
+
+DEFAULT_DECODER_BLOCKS = 4  # the paper's k for ViTs, used when no encoder entry is known
+
+
+def decoder_channels(config: ModelConfig, *, encoder_blocks: int | None = None) -> tuple[int, ...]:
+    """The decoder's block widths: ``channels`` when given, else ``blocks`` x the fusion width.
+
+    ``blocks`` 0 takes ``encoder_blocks`` (the vision encoder's registry ``decoder_blocks``),
+    else :data:`DEFAULT_DECODER_BLOCKS`.
+    """
+    decoder = config.decoder
+    if decoder.channels:
+        return tuple(int(c) for c in decoder.channels)
+    blocks = decoder.blocks or encoder_blocks or DEFAULT_DECODER_BLOCKS
+    return (config.fusion.width,) * blocks
 
 
 def _mlp(*, width: int, mlp_ratio: float) -> nn.Sequential:
@@ -223,6 +253,11 @@ class Fusion(nn.Module):
         self.mixer = mixers[config.mode](config) if config.mode in mixers else None
         self.visual_out = nn.Linear(width, width)
         self.text_out = nn.Linear(width, width)
+        if config.init == "released":
+            nn.init.normal_(self.class_type, std=1.0)
+            for projection in (self.visual_out, self.text_out):
+                nn.init.normal_(projection.weight, std=width ** -0.5)
+                nn.init.zeros_(projection.bias)
 
     def forward(self, visual: Tensor, text: Tensor, *, text_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         visual = self.visual_in(visual)  # [B, HW, d]
@@ -302,7 +337,7 @@ class Fusioner(nn.Module):
         self.fusion = None if config.fusion.mode == "frozen" else Fusion(
             config.fusion, vision_dim=config.vision_dim, text_dim=config.text_dim)
         self.decoder = (
-            ConvDecoder(width=config.fusion.width, channels=tuple(config.decoder.channels))
+            ConvDecoder(width=config.fusion.width, channels=decoder_channels(config))
             if config.decoder.enabled else None
         )
 
@@ -351,11 +386,13 @@ class Fusioner(nn.Module):
         pixels = patches.transpose(1, 2).reshape(batch, -1, height, width)  # [B, d, h, w]
         size = _size_pair(out_size if out_size is not None else self.config.decoder.out_size)
         temperature = self.config.temperature
-        if self.decoder is not None:
+        if self.decoder is not None and self.config.decoder.upsample == "logits":
             pixels = self.decoder(pixels)  # [B, d, 8h, 8w] for k = 4
             logits = cosine_logits(pixels, classes, temperature=temperature)  # [B, C, 8h, 8w]
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)  # [B, C, H', W']
-        else:
+        else:  # released order: resize the d-channel features, then normalise and take the cosine
+            if self.decoder is not None:
+                pixels = self.decoder(pixels)  # [B, d, 8h, 8w] for k = 4
             pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)  # [B, d, H', W']
             logits = cosine_logits(pixels, classes, temperature=temperature)  # [B, C, H', W']
         if text_mask is not None:

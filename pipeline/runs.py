@@ -77,8 +77,10 @@ def train_and_validate(*, config: TrainConfig, resume: bool = False, quiet: bool
         summary = train(config=config, resume=resume, quiet=quiet, hooks=[BestValidation(), *hooks])
         return _select_best(config, summary)
     validation = [Validation()] if config.val_split else []
-    summary = train(config=config, resume=resume, quiet=quiet, hooks=[*validation, *hooks])
-    return {**summary, "selection": {"rule": "final"}}
+    summary = {**train(config=config, resume=resume, quiet=quiet, hooks=[*validation, *hooks]),
+               "selection": {"rule": "final"}}
+    write_json_atomic(Path(config.out) / "summary.json", summary)  # says which weights, as best-val runs do
+    return summary
 
 
 @dataclass

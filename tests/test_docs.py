@@ -70,6 +70,18 @@ def test_the_docs_have_commands_to_check():
     assert {"extract", "train", "eval", "predict", "sweep", "demo", "info"} <= names
 
 
+def test_documented_training_caches_of_the_paper_datasets_build_the_recipes_views():
+    """A voc/coco training cache in the docs is extracted with the paper studies' K, never the default 1."""
+    from pipeline.encode.config import RECIPE_VIEWS
+
+    training = [(where, words) for where, words in COMMANDS if words[:1] == ["extract"] and "--split" in words
+                and words[words.index("--split") + 1] == "train" and "--dataset" in words
+                and words[words.index("--dataset") + 1] in ("voc", "coco")]
+    assert training
+    for where, words in training:
+        assert "--views" in words and int(words[words.index("--views") + 1]) == RECIPE_VIEWS, where
+
+
 @pytest.mark.parametrize(("where", "words"), COMMANDS, ids=[w for w, _ in COMMANDS])
 def test_every_documented_command_parses(where, words, capsys):
     if words in (["--version"], ["--help"]) or "--help" in words or "-h" in words:
@@ -216,3 +228,10 @@ def test_newcomer_timings_are_given_as_measured_with_the_machine():
     assert re.search(r"took about \d+ minutes", coco) and "never trained on" in coco
     assert re.search(r"took about \d+ minutes", quickstart[quickstart.index("make test"):])
     assert "/demo-*/" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_every_test_file_the_docs_name_exists():
+    """A test moved into its sub-package folder once left three pages pointing at files that were gone."""
+    named = {(page.name, path) for page in PAGES for path in re.findall(r"tests/[\w/]+\.py", page.read_text())}
+    missing = sorted(f"{page}: {path}" for page, path in named if not (ROOT / path).is_file())
+    assert named and not missing, missing

@@ -181,3 +181,56 @@ def test_tiny_model_learns_a_synthetic_task():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
+
+
+def test_decoder_resizes_features_before_the_cosine_as_released():
+    # Released order: decoded features resized to the output size, then normalised, then cosine / tau.
+    torch.manual_seed(0)
+    config = make_model_config(vision_dim=DV, text_dim=DT, preset="tiny", overrides={"decoder": {"out_size": 40}})
+    model = build_model(config).eval()
+    visual, text = torch.randn(2, 16, DV), torch.randn(2, 3, DT)
+    with torch.no_grad():
+        logits = model(visual, text, grid=(4, 4))
+        v, t = torch.nn.functional.normalize(visual, dim=-1), torch.nn.functional.normalize(text, dim=-1)
+        patches, classes = model.fusion(v, t, text_mask=None)
+        pixels = model.decoder(patches.transpose(1, 2).reshape(2, -1, 4, 4))  # [B, d, 32, 32]
+        pixels = torch.nn.functional.interpolate(pixels, size=(40, 40), mode="bilinear", align_corners=False)
+        reference = torch.einsum("bdhw,bcd->bchw", torch.nn.functional.normalize(pixels, dim=1),
+                                 torch.nn.functional.normalize(classes, dim=-1)) / config.temperature
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+
+
+def test_logit_resizing_is_a_named_option_that_differs():
+    torch.manual_seed(0)
+    released = make_model_config(vision_dim=DV, text_dim=DT, preset="tiny", overrides={"decoder": {"out_size": 40}})
+    cheaper = make_model_config(vision_dim=DV, text_dim=DT, preset="tiny",
+                                overrides={"decoder": {"out_size": 40, "upsample": "logits"}})
+    model = build_model(released).eval()
+    other = build_model(cheaper).eval()
+    other.load_state_dict(model.state_dict())
+    visual, text = torch.randn(1, 16, DV), torch.randn(1, 2, DT)
+    with torch.no_grad():
+        a, b = model(visual, text, grid=(4, 4)), other(visual, text, grid=(4, 4))
+    assert a.shape == b.shape and not torch.allclose(a, b, atol=1e-3)
+
+
+@pytest.mark.parametrize(("width", "heads", "decoder"), [(64, 1, 151_616), (512, 8, 9_699_840),
+                                                          (1024, 16, 38_798_336)])
+def test_decoder_is_as_wide_as_the_fusion_module(width, heads, decoder):
+    # Released Decoder(transformer_width): 4 bias-free 3x3 convs d -> d and a 1x1 conv d -> d with bias.
+    assert decoder == 4 * 9 * width * width + width * width + width
+    config = make_model_config(vision_dim=768, text_dim=768, overrides={"fusion": {"width": width, "heads": heads,
+                                                                                    "layers": 1}})
+    assert count_parameters(build_model(config))["decoder"] == decoder
+
+
+def test_decoder_depth_comes_from_blocks_then_the_encoder_entry():
+    from pipeline.model import decoder_channels
+
+    config = make_model_config(vision_dim=8, text_dim=8, overrides={"fusion": {"width": 32, "heads": 4}})
+    assert decoder_channels(config) == (32,) * 4
+    assert decoder_channels(config, encoder_blocks=5) == (32,) * 5
+    config.decoder.blocks = 3
+    assert decoder_channels(config, encoder_blocks=5) == (32,) * 3
+    config.decoder.channels = (16, 8)
+    assert decoder_channels(config, encoder_blocks=5) == (16, 8)

@@ -1,4 +1,5 @@
-"""``python -m pipeline.bench {extract,train,sweep,datapath,gpu,caching,planted} [options]``: the benchmarks behind docs/benchmarks.md.
+"""``python -m pipeline.bench {extract,train,sweep,datapath,gpu,caching,planted,fidelity} [options]``: the
+benchmarks behind docs/benchmarks.md and docs/training.md.
 
 - ``extract``: encoder forward vs. whole extraction, then cache read speed;
 - ``datapath``: render processes, shard writers and the streaming loader against raw disk speed;
@@ -6,14 +7,15 @@
 - ``train``: a cached training step vs. one running the encoder online, loader wait, cost per pair;
 - ``sweep``: the same runs through a 2-worker sweep and in one process;
 - ``caching``: the cache-vs-online table of a finished ``cache-vs-online`` study;
-- ``planted``: the zero-shot check on planted features (held-out classes against two controls).
+- ``planted``: the zero-shot check on planted features (held-out classes against two controls);
+- ``fidelity``: float16 store vs float32 features, and the fusion module's two initialisations.
 """
 
 import sys
 
 from pipeline.errors import UserError, run_entry
 
-COMMANDS = ("extract", "train", "sweep", "datapath", "gpu", "caching", "planted")
+COMMANDS = ("extract", "train", "sweep", "datapath", "gpu", "caching", "planted", "fidelity")
 USAGE = f"usage: python -m pipeline.bench {{{','.join(COMMANDS)}}} [--help | options]"
 
 
@@ -36,6 +38,8 @@ def main(argv: list[str]) -> int:
         from pipeline.bench.gpu import main as run
     elif argv[0] == "planted":
         from pipeline.bench.planted import main as run
+    elif argv[0] == "fidelity":
+        from pipeline.bench.fidelity import main as run
     else:
         from pipeline.bench.sweep import main as run
     return run(argv[1:])

@@ -59,6 +59,9 @@ class AugmentConfig:
     block_p: float = 0.5  # probability of the whole photometric + geometric block
     step_p: float = 0.5  # probability of each step inside the block
     border: Literal["background", "ignore"] = "background"
+    # Released ShiftScaleRotate scales x and y by one factor; False draws them independently (the aspect
+    # changes), as stores extracted before this field existed were rendered.
+    isotropic_scale: bool = True
 
     def __post_init__(self) -> None:  # lists from JSON / YAML back to tuples, so configs hash and compare
         object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
@@ -132,11 +135,23 @@ def build_pipeline(config: AugmentConfig, size: int):
         # 1.x ElasticTransform(alpha_affine=...) = an affine warp, then the elastic field, as one step.
         A.Sequential([_affine_of_elastic(config, size), A.ElasticTransform(alpha=1, sigma=50, p=1.0, **border)],
                      p=p),
-        # 1.x ShiftScaleRotate(shift_limit, scale_limit, rotate_limit) = 2.x Affine with these ranges.
-        A.Affine(translate_percent=(-config.shift, config.shift), scale=(1 - config.scale, 1 + config.scale),
-                 rotate=(-config.rotate, config.rotate), p=p, **border),
+        shift_scale_rotate(config, p=p),
     ], p=config.block_p)
     return A.Compose([crop, block], seed=0)
+
+
+def shift_scale_rotate(config: AugmentConfig, *, p: float):
+    """1.x ``ShiftScaleRotate(shift_limit, scale_limit, rotate_limit)`` as the 2.x ``Affine`` with these ranges.
+
+    1.x draws one scale factor for both axes; 2.x ``Affine`` draws x and y apart unless
+    ``keep_ratio`` is set, which ``isotropic_scale`` does.
+    """
+    import albumentations as A
+    import cv2
+
+    return A.Affine(translate_percent=(-config.shift, config.shift), scale=(1 - config.scale, 1 + config.scale),
+                    rotate=(-config.rotate, config.rotate), keep_ratio=config.isotropic_scale, p=p,
+                    border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=_mask_fill(config))
 
 
 _LOCAL = threading.local()  # one Compose per thread and (config, size): a Compose holds its random state

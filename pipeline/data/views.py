@@ -7,8 +7,9 @@ augmentation of :mod:`pipeline.data.augment` instead (their plan row is the whol
 
 Box convention: ``(x0, y0, x1, y1)`` in original-image pixels, the region that
 maps onto the whole S x S view. For windows on images smaller than the window
-the box reaches past the image; those view pixels are zero-filled and their
-mask is the ignore label.
+the box reaches past the image; those view pixels are filled (:func:`pad_fill`:
+by default the colour that normalises to -1, as the released code pads its
+normalised tensor) and their mask is the ignore label.
 """
 
 from __future__ import annotations
@@ -35,6 +36,21 @@ class ViewParams:
 
 
 LAST_WINDOW = ("pad", "slide")
+WINDOW_FILLS = ("released", "black")
+
+
+def pad_fill(*, fill: str, mean, std) -> tuple[int, int, int]:
+    """The RGB value of padded window pixels.
+
+    ``released``: the colour that the normalisation ``(x / 255 - mean) / std`` maps to -1, the value the
+    released code pads its normalised tensor with (to within half a grey level: 86, 79, 67 under the
+    PASCAL statistics); ``black``: 0, as stores extracted before this choice existed were padded.
+    """
+    if fill not in WINDOW_FILLS:
+        raise UserError(f"window fill must be one of {', '.join(WINDOW_FILLS)}, got {fill!r}")
+    if fill == "black":
+        return (0, 0, 0)
+    return tuple(int(np.clip(round((m - s) * 255.0), 0, 255)) for m, s in zip(mean, std))
 
 
 def window_boxes(*, height: int, width: int, size: int, stride: int,
@@ -73,11 +89,12 @@ def _jitter(image: Image.Image, factors: tuple[float, float, float, float]) -> I
     return image
 
 
-def render_view(*, image: np.ndarray, mask: np.ndarray | None, params: ViewParams,
-                size: int) -> tuple[np.ndarray, np.ndarray | None]:
+def render_view(*, image: np.ndarray, mask: np.ndarray | None, params: ViewParams, size: int,
+                fill: tuple[int, int, int] = (0, 0, 0)) -> tuple[np.ndarray, np.ndarray | None]:
     """Crop ``params.box``, resize to ``size`` (bilinear / nearest), flip, jitter.
 
-    Returns the [S, S, 3] uint8 view and its [S, S] uint8 mask (the ignore label outside the image).
+    Returns the [S, S, 3] uint8 view (``fill`` outside the image) and its [S, S] uint8 mask (the ignore
+    label outside the image).
     """
     height, width = image.shape[:2]
     x0, y0, x1, y1 = params.box
@@ -88,7 +105,8 @@ def render_view(*, image: np.ndarray, mask: np.ndarray | None, params: ViewParam
         window = image[y0:y1, x0:x1]
         window_mask = mask[y0:y1, x0:x1] if mask is not None else None
     else:  # pad: only windows on images smaller than the window
-        window = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
+        window = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+        window[:] = np.asarray(fill, np.uint8)
         window_mask = np.full((y1 - y0, x1 - x0), IGNORE, np.uint8) if mask is not None else None
         sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
         window[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]

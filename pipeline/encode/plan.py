@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline.data.augment import resolve_augment
 from pipeline.encode.config import ExtractConfig
-from pipeline.data.views import ViewParams, window_boxes
+from pipeline.data.views import ViewParams, pad_fill, window_boxes
 from pipeline.encode.registry import get_spec, resolve_normalization
 from pipeline.errors import UserError
 from pipeline.store.splits import SplitPlan
@@ -119,6 +119,9 @@ def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, 
             "normalize": resolve_normalization(config.normalize, dataset=config.dataset,
                                                spec=get_spec(config.backbone)),
             "dataset": described, "plan_skipped": skipped}
+    if kind == "windows":  # stores planned before the choice existed were padded black and say nothing
+        pad_fill(fill=config.window_fill, mean=meta["normalize"]["mean"], std=meta["normalize"]["std"])  # checked
+        meta["window_fill"] = config.window_fill
     if shuffled:  # only then, so that stores planned before the option existed keep their signature
         meta["layout"] = "shuffled"
     return SplitPlan(

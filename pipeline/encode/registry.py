@@ -176,6 +176,12 @@ def get_spec(name: str) -> EncoderSpec:
     return _REGISTRY[name]
 
 
+def registry_decoder_blocks(name: str) -> int | None:
+    """The paper's decoder depth k for encoder ``name`` (4 ViT, 5 ResNet); None for a name not registered."""
+    spec = _REGISTRY.get(name)
+    return spec.decoder_blocks if spec is not None else None
+
+
 def describe_encoders() -> list[dict]:
     """One row per encoder for ``fusioner encoders``."""
     rows = []

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.data.augment import AugmentConfig, augment_view, view_numbers
 from pipeline.data.labels import IGNORE
-from pipeline.data.views import ViewParams, render_view
+from pipeline.data.views import ViewParams, pad_fill, render_view
 from pipeline.encode.families import create_encoder
 from pipeline.encode.config import ExtractConfig
 from pipeline.encode.plan import open_extraction_dataset
@@ -44,7 +44,10 @@ def planned_view(record, *, meta: dict, kind: str, image_index: int, view_number
     if kind == "views":
         return augment_view(image=record.image, mask=record.mask, config=AugmentConfig(**meta["augment"]),
                             size=size, seed=int(meta["seed"]), image_index=image_index, view_index=view_number)
-    return render_view(image=record.image, mask=record.mask, params=params, size=size)
+    normalization = meta.get("normalize") or {}
+    fill = pad_fill(fill=meta.get("window_fill", "black"), mean=normalization.get("mean", (0, 0, 0)),
+                    std=normalization.get("std", (1, 1, 1))) if kind == "windows" else (0, 0, 0)
+    return render_view(image=record.image, mask=record.mask, params=params, size=size, fill=fill)
 
 
 def render_shard(*, dataset, group, shard: int, input_size: int, skip_bad: bool) -> RenderedShard:

@@ -23,13 +23,14 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.labels import parse_names, prompt_name
 from pipeline.data.readers import open_image, rgb_array, too_many_pixels, upright
-from pipeline.data.views import Stitcher, ViewParams, render_view, window_boxes
+from pipeline.data.views import Stitcher, ViewParams, pad_fill, render_view, window_boxes
 from pipeline.encode.text import class_embeddings, encoder_from_identity, text_encoder_of
+from pipeline.eval.identity import check_stores
 from pipeline.errors import UserError
 from pipeline.plots import legend, overlay, png_caveat, save_label_png
 from pipeline.runtime import progress
 from pipeline.store.layout import open_store, store_attrs
-from pipeline.training.inputs import read_run_inputs
+from pipeline.training.inputs import read_run_inputs, split_normalization
 
 
 def read_photo(path: str | Path) -> np.ndarray:
@@ -71,16 +72,6 @@ SLUG_CHARS = 64  # of a class name in a mask's file name: any name stays under e
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:SLUG_CHARS].strip("_") or "class"
-
-
-def _training_normalization(store: str, split: str | None) -> dict | None:
-    """The mean/std the training split was extracted with (None for stores that predate the record)."""
-    from pipeline.data.labels import TRAIN_SPLITS
-    from pipeline.store.splits import list_splits
-
-    root = open_store(store)
-    names = [split] if split else [s for s in list_splits(root) if s.split("/")[-1] in TRAIN_SPLITS][:1]
-    return dict(root[names[0]].attrs["meta"]).get("normalize") if names else None
 
 
 def _is_store(path: str | Path | None) -> bool:
@@ -144,14 +135,15 @@ class PredictionInputs:
 
 def predict_photo(*, image: str | Path, classes: list[str], checkpoint: str | Path, out: str | Path,
                   device: str = "auto", resize: bool = False, stride: int | None = None, batch_size: int = 16,
-                  quiet: bool = False) -> dict:
+                  quiet: bool = False, allow_mismatch: tuple[str, ...] = ()) -> dict:
     """``fusioner predict``: :func:`predict` on the resolved device, with the lines to print
     (``text``) and the notes for stderr (``notes``) added to its summary."""
     from pipeline.runtime import resolve_device
 
     names = parse_classes(classes)
     summary = predict(image=image, classes=names, checkpoint=checkpoint, out=out, device=str(resolve_device(device)),
-                      resize=resize, stride=stride, batch_size=batch_size, quiet=quiet)
+                      resize=resize, stride=stride, batch_size=batch_size, quiet=quiet,
+                      allow_mismatch=tuple(allow_mismatch))
     lines = [f"{name:>24s}  {100 * share:5.1f}% of pixels" for name, share in summary["coverage"].items()]
     lines.append(f"wrote {out}/overlay.png and {len(names)} masks")
     return {**summary, "text": "\n".join(lines), "notes": prediction_notes(pretrained=summary["pretrained_features"])}
@@ -177,19 +169,25 @@ class Predictor:
     loaded once and used for any number of photos (``fusioner predict`` makes one for one photo,
     ``fusioner serve`` one for every request it answers). Not safe for two threads at once."""
 
-    def __init__(self, *, checkpoint: str | Path, device: str = "cpu", encoders=None):
+    def __init__(self, *, checkpoint: str | Path, device: str = "cpu", encoders=None,
+                 allow_mismatch: tuple[str, ...] = ()):
         from pipeline.training.checkpoints import load_model
 
         self.checkpoint, self.device = checkpoint, device
         self.model, self.config = load_model(checkpoint, device=device)
         self.source = PredictionInputs.of(checkpoint=checkpoint, config=self.config)
         self.attrs = self.source.vision_identity()
+        # A reachable store that is not what the run was trained on is refused (unless allowed).
+        check_stores(run=self.source.run, config=self.config, vision_store=self.source.vision_store,
+                     text_store=self.source.text_store, split=None, allow=allow_mismatch)
         self.encoders = encoders if encoders is not None else encoder_from_identity(
             self.attrs, vision=True, text=False, device=device)
-        normalization = (_training_normalization(self.source.vision_store, self.config.data.split)
-                         if self.source.vision_store else None)
+        normalization = (self.source.kept or {}).get("normalize") or (
+            split_normalization(self.source.vision_store, self.config.data.split) if self.source.vision_store else None)
         if normalization:  # photos are normalised as the training views were
             self.encoders.vision.use_normalization(mean=normalization["mean"], std=normalization["std"])
+        stats = normalization or {"mean": self.attrs["mean"], "std": self.attrs["std"]}
+        self.fill = pad_fill(fill="released", mean=stats["mean"], std=stats["std"])  # normalises to -1, as released
 
     @property
     def pretrained(self) -> bool:
@@ -210,7 +208,8 @@ class Predictor:
             height=height, width=width, size=size, stride=stride or max(1, (2 * size) // 3))
         text = torch.from_numpy(self.source.class_vectors(classes, device=self.device)).to(self.device)  # [C, Dt]
         logits = _window_logits(model=self.model, encoders=self.encoders, pixels=pixels, boxes=boxes, text=text,
-                                size=size, grid=tuple(self.attrs["grid"]), batch_size=batch_size, quiet=quiet)
+                                size=size, grid=tuple(self.attrs["grid"]), batch_size=batch_size, quiet=quiet,
+                                fill=self.fill)
         labels, probs = _label_map(self.model, logits, dtype=dtype)
         coverage = np.bincount(labels.ravel(), minlength=len(classes) + 1) / labels.size
         summary = {
@@ -228,15 +227,17 @@ class Predictor:
 
 def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, out: str | Path | None,
             device: str = "cpu", resize: bool = False, stride: int | None = None,
-            encoders=None, batch_size: int = PREDICT_BATCH, quiet: bool = True) -> dict:
+            encoders=None, batch_size: int = PREDICT_BATCH, quiet: bool = True,
+            allow_mismatch: tuple[str, ...] = ()) -> dict:
     """Segment ``image`` into ``classes``.
 
     Returns the JSON summary plus ``label_map`` ([H, W], 0 = background, j + 1 =
     ``classes[j]``; uint8, uint16 beyond 255 classes) and ``probabilities`` ([C, H, W]
     float32) as arrays. With ``out``, also writes one mask per class, the label map, an
-    overlay and ``prediction.json`` there. Windows are encoded ``batch_size`` at a time and
-    their logits added onto the full-size map as they come, so memory holds one batch of
-    windows plus the output, however large the photo.
+    overlay and ``prediction.json`` there. A reachable store that differs from what the run
+    was trained on is refused unless the difference is named in ``allow_mismatch``. Windows are
+    encoded ``batch_size`` at a time and their logits added onto the full-size map as they come,
+    so memory holds one batch of windows plus the output, however large the photo.
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -245,13 +246,13 @@ def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, ou
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file, not a folder for the masks; choose another --out")
     label_dtype(len(classes))
-    predictor = Predictor(checkpoint=checkpoint, device=device, encoders=encoders)
+    predictor = Predictor(checkpoint=checkpoint, device=device, encoders=encoders, allow_mismatch=allow_mismatch)
     return predictor.predict(pixels=read_photo(image), name=str(image), classes=classes, out=out, resize=resize,
                              stride=stride, batch_size=batch_size, quiet=quiet)
 
 
 def _window_logits(*, model, encoders, pixels: np.ndarray, boxes: list, text: torch.Tensor, size: int,
-                   grid: tuple, batch_size: int, quiet: bool) -> torch.Tensor:
+                   grid: tuple, batch_size: int, quiet: bool, fill: tuple[int, int, int]) -> torch.Tensor:
     """[C, H, W] logits: windows rendered, encoded and decoded ``batch_size`` at a time, each
     batch's logits added onto the full-size map before the next batch is rendered."""
     height, width = pixels.shape[:2]
@@ -260,7 +261,7 @@ def _window_logits(*, model, encoders, pixels: np.ndarray, boxes: list, text: to
     with progress(total=len(boxes), desc="predict", unit="window", quiet=quiet) as bar:
         for start in range(0, len(boxes), batch_size):
             batch = boxes[start:start + batch_size]
-            views = np.stack([render_view(image=pixels, mask=None, params=ViewParams(box=b), size=size)[0]
+            views = np.stack([render_view(image=pixels, mask=None, params=ViewParams(box=b), size=size, fill=fill)[0]
                               for b in batch])
             tokens = encoders.vision.encode(views)  # [B, h*w, D]
             logits = model(tokens.to(text.device), text, grid=grid)  # [B, C, S, S]

@@ -42,6 +42,7 @@ class CachedSplit:
     kind: str
     pretrained: bool
     source_classes: np.ndarray | None = None  # [N, K] bool: classes of each view's whole image (None: older store)
+    encoder: str = ""  # the store's encoder name (registry key)
 
     @property
     def num_views(self) -> int:
@@ -145,6 +146,7 @@ def open_split(*, store: str | Path, split: str | None = None, require_complete:
         image_hw=read_whole(group, "image_hw"), kind=str(group.attrs["kind"]),
         pretrained=bool(attrs["pretrained"]),
         source_classes=read_whole(group, "source_classes") if "source_classes" in shard_arrays(group) else None,
+        encoder=str(attrs.get("encoder", "")),
     )
 
 

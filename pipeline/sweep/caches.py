@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.data.labels import TRAIN_SPLITS
+from pipeline.encode.config import RECIPE_VIEWS
 from pipeline.encode.registry import list_encoders
 from pipeline.errors import UserError
 
@@ -23,6 +25,35 @@ def needed(run) -> list[tuple[str, str]]:
     data = run.config["data"]
     wanted = [(data["cache"], data["split"] or "<training split>"), (data["cache"], run.eval["split"])]
     return wanted + [(data["text_cache"] or data["cache"], "text")]
+
+
+def store_encoder(store: str) -> str:
+    """The encoder a vision store was made with: its recorded name, else what its folder name says."""
+    from pipeline.store.layout import open_store, store_attrs
+
+    try:
+        return str(store_attrs(open_store(store)).get("encoder") or backbone_of(store))
+    except (UserError, KeyError):
+        return backbone_of(store)
+
+
+def decoder_summary(run) -> str:
+    """The decoder a run trains, as ``decoder WIDTH x BLOCKS`` (or ``decoder off``), before any data exists.
+
+    Block widths left open in the config are the fusion width, and the depth the vision encoder's
+    registry entry, as training resolves them.
+    """
+    from pipeline.config import from_dict
+    from pipeline.encode.registry import registry_decoder_blocks
+    from pipeline.model import ModelConfig, decoder_channels
+
+    model = from_dict(ModelConfig, {**run.config["model"], "vision_dim": 1, "text_dim": 1})
+    if not model.decoder.enabled:
+        return "decoder off"
+    blocks = registry_decoder_blocks(store_encoder(run.config["data"]["cache"]))
+    channels = decoder_channels(model, encoder_blocks=blocks)
+    widths = str(channels[0]) if len(set(channels)) == 1 else "/".join(map(str, channels))
+    return f"decoder {widths} x {len(channels)}"
 
 
 def is_present(store: str, split: str) -> bool:
@@ -60,6 +91,8 @@ def make_command(store: str, split: str, *, splits_dir: str | None = None, train
     reader, _, part = split.partition("/")
     root = _ROOTS.get(reader, "DATA_ROOT").format(split=part)
     command = f"fusioner extract --backbone {backbone} --dataset {reader} --data-root {root} --split {part}"
+    if part in TRAIN_SPLITS:
+        command += f" --views {RECIPE_VIEWS}"  # the recipe's K, not the quick-check default of 1
     if reader == "coco" and part == "val" and splits_dir:
         command += f" --episodes {splits_dir}"  # only the images the standard episodes score
     if train_reader in ("voc", "coco") and reader in ("voc", "coco") and reader != train_reader:

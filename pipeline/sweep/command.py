@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.config import as_settings
 from pipeline.errors import UserError, run_entry
-from pipeline.sweep.caches import describe_caches, needed
+from pipeline.sweep.caches import decoder_summary, describe_caches, needed
 from pipeline.sweep.cluster import open_cluster
 from pipeline.sweep.scheduler import run_all
 from pipeline.sweep.study import Run, expand_runs, load_study, run_state
@@ -22,7 +22,7 @@ def describe_runs(runs: list[Run]) -> str:
     states = [run_state(run.dir) for run in runs]
     lines = [f"{len(runs)} runs: " + ", ".join(f"{states.count(s)} {s}" for s in ("done", "partial", "failed", "pending")
                                               if s in states)]
-    lines += [f"{state:8s} {run.describe()}  {run.dir}  needs: "
+    lines += [f"{state:8s} {run.describe()}  {decoder_summary(run)}  {run.dir}  needs: "
               + ", ".join(f"{store} {split}" for store, split in needed(run)) for run, state in zip(runs, states)]
     return "\n".join(lines)
 

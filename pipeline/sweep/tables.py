@@ -16,6 +16,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.eval.report import selection_note
 from pipeline.sweep.study import Run, Study, read_marker, run_state, value_label
 
 METRIC_NAMES = {"miou": "mIoU", "fb_iou": "FB-IoU"}
@@ -90,6 +91,8 @@ def build_table(*, study: Study, runs: list[Run], results: dict[str, dict]) -> T
     if random_init:
         notes.append(f"Features of {random_init} of {len(done)} runs come from random-init encoders: "
                      f"these numbers check the pipeline, they are not results.")
+    if done:
+        notes.append(selection_note([r.get("selection", "final") for r in done]))
     metric = "mIoU / FB-IoU" if study.table.columns == "metric" else METRIC_NAMES[study.table.metric]
     seeds = f", mean ± std over {len(study.seeds)} seeds" if len(study.seeds) > 1 else ""
     title = f"{study.title} ({metric} %, eval {study.eval['split']}{seeds})"
@@ -135,13 +138,13 @@ def write_results_csv(*, study: Study, runs: list[Run], path: Path) -> dict[str,
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["run", "pair", "variant", "fold", "seed", *keys, "status", "miou", "fb_iou", "episodes",
-                         "pretrained_features", "error", "dir"])
+                         "pretrained_features", "selection", "error", "dir"])
         for run in runs:
             done = read_marker(run.dir, "done.json")
             failed = read_marker(run.dir, "failed.json") if done is None else None
             results[run.key] = done
-            metrics = ([f"{done['miou']:.4f}", f"{done['fb_iou']:.4f}", done["episodes"], done["pretrained_features"]]
-                       if done else ["", "", "", ""])
+            metrics = ([f"{done['miou']:.4f}", f"{done['fb_iou']:.4f}", done["episodes"], done["pretrained_features"],
+                        done.get("selection", "final")] if done else ["", "", "", "", ""])
             writer.writerow([run.key, run.pair, run.variant, run.fold, run.seed, *[run.values[k] for k in keys],
                              run_state(run.dir), *metrics, (failed or {}).get("error", ""), str(run.dir)])
     return results

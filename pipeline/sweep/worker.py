@@ -104,11 +104,14 @@ def training_finished(*, run_dir: Path, config) -> bool:
 def _evaluate(*, run_dir: Path, config, evals: dict, device) -> dict:
     """Score the run; ``multiclass`` (Mosaic-4) scores every class of the evaluation masks, fold-free."""
     from pipeline.eval.evaluate import evaluate_split
+    from pipeline.eval.identity import check_stores
     from pipeline.store.layout import open_store, store_attrs
     from pipeline.training.checkpoints import load_model
 
     model, _ = load_model(run_dir, device=device)
     text = config.data.text_store
+    # An evaluation split normalised unlike the training views (Table 5 needs --normalize coco) fails the run.
+    check_stores(run=run_dir, config=config, vision_store=config.data.cache, text_store=text, split=evals["split"])
     result = evaluate_split(model=model, vision_cache=config.data.cache, text_cache=text, split=evals["split"],
                             protocol=evals["protocol"] or config.data.protocol, fold=config.data.fold,
                             novel_names=list(config.data.novel), splits_dir=evals["splits_dir"], device=device,
@@ -126,6 +129,7 @@ def execute_run(*, run_dir: Path, threads: int | None = None, quiet: bool = True
     from pipeline.runtime import resolve_device
     from pipeline.training.checkpoints import latest_checkpoint
     from pipeline.training.config import TrainConfig
+    from pipeline.eval.report import run_selection
     from pipeline.runs import train_and_validate
 
     run_dir = Path(run_dir).resolve()
@@ -152,7 +156,8 @@ def execute_run(*, run_dir: Path, threads: int | None = None, quiet: bool = True
         record = {"key": spec["key"], **spec["labels"], "miou": result["miou"], "fb_iou": result["fb_iou"],
                   "episodes": result["episodes"], "per_class": result["per_class"],
                   "episode_source": result["episode_source"], "pretrained_features": result["pretrained_features"],
-                  "resumed": resumed, "train_seconds": trained - tick, "eval_seconds": time.perf_counter() - trained,
+                  "selection": run_selection(run_dir), "resumed": resumed, "train_seconds": trained - tick,
+                  "eval_seconds": time.perf_counter() - trained,
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname()}
         (run_dir / "failed.json").unlink(missing_ok=True)
         write_json_atomic(run_dir / "done.json", record)

@@ -147,11 +147,11 @@ def truncate_log(path: Path, *, step: int) -> None:
 
 def _read_model(folder: Path, *, device):
     """The model a run or checkpoint folder holds; a damaged or replaced file is one line naming it."""
-    from pipeline.training.config import TrainConfig
+    from pipeline.training.config import TrainConfig, upgrade_run_config
 
     name = "config.json"
     try:
-        config = from_dict(TrainConfig, json.loads((folder / name).read_text()))
+        config = from_dict(TrainConfig, upgrade_run_config(json.loads((folder / name).read_text())))
         model = build_model(config.model)
         name = "model.safetensors"
         model.load_state_dict(load_file(str(folder / name)))

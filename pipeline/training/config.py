@@ -79,6 +79,9 @@ class OptimConfig:
     decoder_schedule: Literal["constant", "shared"] = "constant"
     decoder_lr: float = 1e-3
     grad_clip: float = 0.0  # 0 = off
+    # Released: each sample's BCE is the mean over its own valid pixels, then samples are averaged;
+    # "pixel" averages over every valid pixel of the batch (samples with more ignore count less).
+    loss_reduction: Literal["sample", "pixel"] = "sample"
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for quick checks
 
     def __post_init__(self) -> None:
@@ -135,6 +138,24 @@ def resume_identity(config: TrainConfig | dict) -> str:
             node = node.get(part, {})
         node.pop(leaf, None)
     return config_hash(data)
+
+
+# What a config.json written before a field existed meant by its absence: the behaviour of that time,
+# not today's default, so an older run is rebuilt (and refused on --resume under new defaults) as trained.
+LEGACY_DEFAULTS = {"model.decoder.upsample": "logits", "optim.loss_reduction": "pixel"}
+
+
+def upgrade_run_config(saved: dict) -> dict:
+    """A saved config.json with :data:`LEGACY_DEFAULTS` filled in where it predates them."""
+    data = json.loads(json.dumps(saved))
+    for key, value in LEGACY_DEFAULTS.items():
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf not in node:
+            node[leaf] = value
+    return data
 
 
 def default_config_dict() -> dict:

@@ -31,9 +31,10 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import to_dict, write_json_atomic
+from pipeline.encode.registry import registry_decoder_blocks
 from pipeline.encode.text import class_embeddings
-from pipeline.errors import UserError
-from pipeline.model import build_model, make_model_config
+from pipeline.errors import UserError, setting
+from pipeline.model import build_model, decoder_channels, make_model_config
 from pipeline.data.labels import TRAIN_SPLITS
 from pipeline.data.protocols import resolve_fold
 from pipeline.runtime import resolve_device
@@ -46,6 +47,7 @@ from pipeline.training.config import (
     RESUME_FREE_KEYS,
     TrainConfig,
     resume_identity,
+    upgrade_run_config,
 )
 from pipeline.training.hooks import (
     Checkpointer,
@@ -121,24 +123,28 @@ def fit_model_config(config: TrainConfig, data: TrainingData) -> TrainConfig:
                                          overrides={k: v for k, v in to_dict(config.model).items()
                                                     if k not in ("vision_dim", "text_dim")})
     config.model.decoder.out_size = data.split.input_size
+    if not config.model.decoder.channels:  # released: as wide as the fusion module, the encoder's depth k
+        config.model.decoder.channels = decoder_channels(
+            config.model, encoder_blocks=registry_decoder_blocks(getattr(data.split, "encoder", "")))
     return config
 
 
 def _check_run_folder(config: TrainConfig, *, resume: bool) -> None:
     run = Path(config.out)
     if run.exists() and not run.is_dir():
-        raise UserError(f"--out {run} is a file, not a folder for a run; choose another --out")
+        raise UserError(f"{setting('out')} {run} is a file, not a folder for a run; choose another {setting('out')}")
     if run.exists() and (run / "config.json").exists() and not resume:
         if latest_checkpoint(run) is not None:
-            raise UserError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+            raise UserError(f"{run} already holds a run; pass {setting('resume')} to continue it or choose another "
+                            f"{setting('out')}")
 
 
 def _check_resume_identity(config: TrainConfig, *, resume: bool) -> None:
     run = Path(config.out)
     if resume and (run / "config.json").exists():
-        saved = json.loads((run / "config.json").read_text())
+        saved = upgrade_run_config(json.loads((run / "config.json").read_text()))
         if resume_identity(saved) != resume_identity(config):
-            raise UserError(f"{run}: --resume with a different config than the run was started with "
+            raise UserError(f"{run}: {setting('resume')} with a different config than the run was started with "
                             f"(only {', '.join(RESUME_FREE_KEYS)} may change)")
 
 
@@ -161,8 +167,8 @@ def _start(config: TrainConfig, data: TrainingData, *, resume: bool) -> Loop:
         if checkpoint is None:
             saved = sorted((run / "checkpoints").glob("step-*"))
             reason = f" (newest: {checkpoint_problem(saved[-1])})" if saved else ""
-            raise UserError(f"--resume: no checkpoint in {run} that can be read{reason}; the same command "
-                            f"without --resume starts the run over")
+            raise UserError(f"{setting('resume')}: no checkpoint in {run} that can be read{reason}; the same "
+                            f"command without {setting('resume')} starts the run over")
         model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
         state = load_train_state(checkpoint, map_location=device)
         optimizer.load_state_dict(state["optimizer"])
@@ -192,7 +198,7 @@ def train_step(loop: Loop, batch) -> torch.Tensor:
     feats, text, mask, targets = batch.to_device(loop.device)
     with torch.autocast(loop.device.type, dtype=torch.bfloat16, enabled=loop.bf16):
         logits = (loop.forward or loop.model)(feats, text, grid=loop.split.grid, text_mask=mask)
-    loss = binary_segmentation_loss(logits.float(), targets, text_mask=mask)
+    loss = binary_segmentation_loss(logits.float(), targets, text_mask=mask, reduction=optim.loss_reduction)
     loop.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if optim.grad_clip:
@@ -244,7 +250,8 @@ def train(*, config: TrainConfig, resume: bool = False, quiet: bool = False,
     loop.run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(loop.run / "config.json", config)
     write_run_inputs(run=loop.run, vision_store=config.data.cache, text_store=config.data.text_store,
-                     class_names=data.split.class_names, embeddings=data.text)
+                     class_names=data.split.class_names, embeddings=data.text,
+                     training_split=getattr(data.split, "split", None))
     everything = [MetricsLog(), Checkpointer(), ProgressBar(quiet=quiet), *hooks,
                   FinalWeights(), SummaryFile(), Curves()]
     run_hooks(everything, "before_train", loop)

@@ -3,7 +3,10 @@
 Fusioner scores each class of W independently (sigmoid, not softmax), so the
 target of one sample is one binary map per class. Pixels labelled
 ``ignore_index`` (object boundaries in VOC) and padded class slots of a batch
-contribute nothing, and the mean is over the pixels that do.
+contribute nothing. As released, each sample's loss is the mean over its own
+valid pixels and the batch loss the mean over samples (``reduction="sample"``);
+``"pixel"`` is the mean over every valid pixel of the batch, which weighs a
+sample by how much of it is not ignored.
 """
 
 from __future__ import annotations
@@ -39,14 +42,19 @@ def binary_segmentation_loss(
     *,
     text_mask: Tensor | None = None,
     ignore_index: int = IGNORE,
+    reduction: str = "sample",
 ) -> Tensor:
-    """BCE-with-logits averaged over valid pixels of real classes.
+    """BCE-with-logits over valid pixels of real classes, reduced per sample (released) or per pixel.
 
     logits [B, C, H, W]; targets [B, C, H, W] in {0, 1, ignore_index};
-    text_mask [B, C] bool, True = real class. Returns a scalar that is 0 (and
-    still differentiable) when nothing is valid, so a fully ignored batch does
-    not poison training with NaN.
+    text_mask [B, C] bool, True = real class. ``reduction="sample"`` averages
+    each sample over its own valid pixels (all its real classes together), then
+    the samples that have any; ``"pixel"`` averages every valid pixel of the
+    batch. Returns a scalar that is 0 (and still differentiable) when nothing is
+    valid, so a fully ignored batch does not poison training with NaN.
     """
+    if reduction not in ("sample", "pixel"):
+        raise ValueError(f"reduction must be 'sample' or 'pixel', not {reduction!r}")
     if logits.shape != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
     targets = targets.to(logits.device)
@@ -58,5 +66,10 @@ def binary_segmentation_loss(
     # padded logits are huge, and zero times an overflowed loss is NaN) by exact zeros.
     binary = torch.where(valid, targets, torch.zeros((), dtype=targets.dtype, device=targets.device))
     per_pixel = F.binary_cross_entropy_with_logits(logits, binary.to(logits.dtype), reduction="none")
-    total = torch.where(valid, per_pixel, torch.zeros((), dtype=per_pixel.dtype, device=per_pixel.device)).sum()
-    return total / valid.sum().clamp(min=1)  # 0, still differentiable, when nothing is valid
+    per_pixel = torch.where(valid, per_pixel, torch.zeros((), dtype=per_pixel.dtype, device=per_pixel.device))
+    if reduction == "pixel":
+        return per_pixel.sum() / valid.sum().clamp(min=1)  # 0, still differentiable, when nothing is valid
+    counts = valid.flatten(1).sum(dim=1)  # [B] valid pixels of each sample
+    per_sample = per_pixel.flatten(1).sum(dim=1) / counts.clamp(min=1)  # [B]
+    has_pixels = (counts > 0).to(per_sample.dtype)  # a fully ignored sample is left out of the mean
+    return (per_sample * has_pixels).sum() / has_pixels.sum().clamp(min=1)

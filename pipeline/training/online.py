@@ -28,7 +28,7 @@ from pipeline.data.protocols import resolve_fold
 from pipeline.data.registry import create_dataset
 from pipeline.encode.families import create_encoder
 from pipeline.encode.text import class_embeddings
-from pipeline.errors import UserError
+from pipeline.errors import UserError, setting
 from pipeline.runtime import resolve_device
 from pipeline.training.batches import Batch, binary_targets
 from pipeline.training.sources import BatchSource, TrainingData
@@ -44,6 +44,7 @@ class OnlineSource:
     input_size: int
     pretrained: bool
     class_names: list[str]  # the dataset's, as a cached split's (mask value k = entry k - 1)
+    encoder: str = ""  # the encoder's registry name
 
 
 class FreshViews(Dataset):
@@ -144,7 +145,8 @@ def prepare_online(config: TrainConfig) -> TrainingData:
     """The online data path: dataset, samples, text, the frozen encoder and a worker DataLoader."""
     online, data = config.data.online, config.data
     if not online.backbone or not online.data_root:
-        raise UserError("online training needs a backbone and a data root (--backbone, --data-root)")
+        raise UserError(f"online training needs a backbone and a data root "
+                        f"({setting('data.online.backbone')}, {setting('data.online.data_root')})")
     if online.workers < 0:
         raise UserError("data.online.workers must be 0 or more")
     dataset = create_dataset(online.dataset, root=online.data_root, split=online.split)
@@ -167,7 +169,8 @@ def prepare_online(config: TrainConfig) -> TrainingData:
     loader = DataLoader(views, batch_sampler=order, num_workers=online.workers, collate_fn=collate,
                         persistent_workers=online.workers > 0, worker_init_fn=_quiet_worker,
                         multiprocessing_context="spawn" if online.workers > 0 else None)
-    described = OnlineSource(path=str(online.data_root), grid=tuple(vision.grid), input_size=vision.input_size,
+    described = OnlineSource(encoder=online.backbone, path=str(online.data_root),
+                             grid=tuple(vision.grid), input_size=vision.input_size,
                              pretrained=bool(encoders.weights.pretrained), class_names=list(dataset.class_names))
     source = OnlineBatches(loader=loader, order=order, vision=vision, text=text,
                            width=max(len(c) for _, c in samples), novel=tuple(fold.novel),

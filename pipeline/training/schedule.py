@@ -36,9 +36,13 @@ def param_groups(model, *, optim: OptimConfig | None = None) -> list[dict]:
     exactly a separate Adam at a constant learning rate (AdamW without decay is Adam).
     """
     decay, no_decay, decoder = [], [], []
+    # The released class-type embedding is a 1 x d matrix, so its weight decay applies to it.
+    released = getattr(getattr(getattr(model, "config", None), "fusion", None), "init", "product") == "released"
     for name, param in model.named_parameters():
         if name.startswith("decoder."):
             decoder.append(param)
+        elif released and name == "fusion.class_type":
+            decay.append(param)
         elif param.ndim < 2:
             no_decay.append(param)
         else:

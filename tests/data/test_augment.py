@@ -132,3 +132,51 @@ def test_the_noise_of_a_view_has_the_released_spread():
 def test_view_numbers_count_within_each_image():
     assert view_numbers(np.array([0, 0, 0, 2, 2, 5])).tolist() == [0, 1, 2, 0, 1, 0]
     assert view_numbers(np.array([], np.int32)).tolist() == []
+
+
+def _fitted_linear_part(transform, size: int = 96) -> np.ndarray:
+    """The 2x2 linear part of the map ``transform`` applied, fitted from a coordinate-coded image."""
+    ys, xs = np.mgrid[0:size, 0:size]
+    image = np.stack([xs + 16, ys + 16, np.full_like(xs, 255)], axis=-1).astype(np.uint8)
+    out = transform(image=image, mask=np.zeros((size, size), np.uint8))["image"].astype(np.float64)
+    inside = out[..., 2] == 255  # fully inside the source image: bilinear blends with the border are < 255
+    inside[:2], inside[-2:], inside[:, :2], inside[:, -2:] = False, False, False, False
+    oy, ox = np.nonzero(inside)
+    source = np.stack([out[oy, ox, 0] - 16, out[oy, ox, 1] - 16], axis=1)  # where each output pixel came from
+    design = np.stack([ox, oy, np.ones_like(ox)], axis=1).astype(np.float64)
+    coefficients, *_ = np.linalg.lstsq(design, source, rcond=None)
+    return coefficients[:2].T  # output (x, y) -> source (x, y), linear part
+
+
+def test_shift_scale_rotate_scales_both_axes_alike_as_released():
+    import albumentations as A
+
+    from pipeline.data.augment import shift_scale_rotate
+
+    config = resolve_augment(AugmentConfig(), class_names=VOC_CLASSES)
+    transform = A.Compose([shift_scale_rotate(config, p=1.0)], seed=0)
+    ratios = []
+    for seed in range(40):
+        transform.set_random_seed(seed)
+        singular = np.linalg.svd(_fitted_linear_part(transform), compute_uv=False)
+        ratios.append(singular[0] / singular[1])
+    # A similarity (rotation x one scale) has equal singular values; x and y drawn apart in 0.9-1.1 would
+    # change the aspect by a median of about 6 %.
+    assert max(ratios) < 1.01, f"aspect ratio changed by up to {max(ratios) - 1:.3f}"
+    anisotropic = A.Compose([shift_scale_rotate(AugmentConfig(**{**config.to_dict(), "isotropic_scale": False}),
+                                                p=1.0)], seed=0)
+    spread = []
+    for seed in range(40):
+        anisotropic.set_random_seed(seed)
+        singular = np.linalg.svd(_fitted_linear_part(anisotropic), compute_uv=False)
+        spread.append(singular[0] / singular[1])
+    assert np.median(spread) > 1.02  # the option really is the other behaviour
+
+
+def test_the_recipe_uses_the_isotropic_shift_scale_rotate():
+    import albumentations as A
+
+    config = resolve_augment(AugmentConfig(), class_names=VOC_CLASSES)
+    block = build_pipeline(config, 64).transforms[1]
+    affines = [t for t in block.transforms if isinstance(t, A.Affine)]
+    assert len(affines) == 1 and affines[0].keep_ratio is True

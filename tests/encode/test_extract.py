@@ -106,6 +106,40 @@ def test_evaluation_plan_uses_windows_with_two_thirds_stride(tmp_path):
     assert not plan.view_flip.any() and (plan.view_jitter == [1, 1, 1, 0]).all()
 
 
+def test_padded_window_pixels_normalise_to_minus_one_as_released(tmp_path):
+    from pipeline.data.views import pad_fill
+    from pipeline.encode.registry import DATASET_STATS
+    from pipeline.encode.shards import planned_view
+
+    mean, std = DATASET_STATS["pascal"]
+    fill = pad_fill(fill="released", mean=mean, std=std)
+    assert fill == (86, 79, 67)
+    normalised = (np.asarray(fill) / 255.0 - np.asarray(mean)) / np.asarray(std)
+    assert np.allclose(normalised, -1.0, atol=0.5 / 255 / min(std))  # within half a grey level
+    data = write_folder_dataset(tmp_path / "data", sizes=((70, 150),))
+    dataset = create_dataset("folder", root=data, split="val")
+    config = ExtractConfig(backbone="clip-b", out=str(tmp_path / "s"), split="val", normalize="pascal")
+    plan = plan_split(dataset=dataset, config=config, input_size=48, tokens=9, dim=8)
+    assert plan.meta["window_fill"] == "released"
+    last = len(plan.view_box) - 1  # the bottom-right window reaches past both edges
+    record = dataset.load(0)
+    view, view_mask = planned_view(record, meta=plan.meta, kind="windows", image_index=0, view_number=last,
+                                   params=ViewParams(box=tuple(plan.view_box[last])), size=48)
+    outside = view_mask == 255
+    assert outside.any() and (view[outside] == fill).all()
+    # A store planned before the choice existed (no window_fill) keeps its black padding; black is an option.
+    old_meta = {k: v for k, v in plan.meta.items() if k != "window_fill"}
+    view, _ = planned_view(record, meta=old_meta, kind="windows", image_index=0, view_number=last,
+                           params=ViewParams(box=tuple(plan.view_box[last])), size=48)
+    assert (view[outside] == 0).all()
+    black = plan_split(dataset=dataset, config=ExtractConfig(backbone="clip-b", out=str(tmp_path / "s"), split="val",
+                                                             window_fill="black"), input_size=48, tokens=9, dim=8)
+    assert black.meta["window_fill"] == "black"
+    with pytest.raises(UserError, match="window fill"):
+        plan_split(dataset=dataset, config=ExtractConfig(backbone="clip-b", out=str(tmp_path / "s"), split="val",
+                                                         window_fill="grey"), input_size=48, tokens=9, dim=8)
+
+
 # --------------------------------------------------------------------------- #
 # Kill and resume
 # --------------------------------------------------------------------------- #

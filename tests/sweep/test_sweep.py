@@ -24,7 +24,9 @@ from PIL import Image
 
 from pipeline.bench.sweep import build_demo_caches, demo_study
 from pipeline.errors import UserError
+from pipeline.eval.report import selection_note
 from pipeline.plots import CAVEAT_KEY, NOTES_KEY, RANDOM_INIT_CAVEAT
+from pipeline.sweep.caches import decoder_summary
 from pipeline.sweep.command import sweep_command
 from pipeline.sweep.study import SlurmSpec, expand_runs, load_study
 from pipeline.sweep.tables import build_table
@@ -126,10 +128,12 @@ def test_killed_sweep_reruns_only_the_missing_runs_and_gives_the_same_table(cach
     table = (out / "table.csv").read_text().splitlines()
     assert table[0] == "variant,fold 0,fold 1,mean" and len(table) == 3 and ",," not in "".join(table)
     assert "random-init" in (out / "table.md").read_text()
+    assert "Weights: final (the last step) for every run" in (out / "table.md").read_text()
+    assert {json.loads((r / "done.json").read_text())["selection"] for r in runs} == {"final"}
     chart = Image.open(out / "chart.png").text
     assert chart[CAVEAT_KEY] == RANDOM_INIT_CAVEAT and "no error bars: one seed per bar" in chart[NOTES_KEY]
     rows = (out / "results.csv").read_text().splitlines()
-    assert len(rows) == 5 and all(",done," in r for r in rows[1:])
+    assert len(rows) == 5 and all(",done," in r and ",final," in r for r in rows[1:]) and "selection" in rows[0]
 
 
 @pytest.mark.reliability
@@ -297,7 +301,10 @@ def test_swept_key_with_derived_heads_and_seed_statistics(caches, tmp_path):
     results = {r.key: {"miou": scores[(r.values["model.fusion.layers"], r.seed)] + r.fold, "fb_iou": 70.0,
                        "pretrained_features": True} for r in runs}
     table = build_table(study=spec, runs=runs, results=results)
-    assert table.columns == ["fold 0", "fold 1", "mean"] and table.seeds == 2 and not table.notes
+    assert table.columns == ["fold 0", "fold 1", "mean"] and table.seeds == 2
+    assert table.notes == [selection_note(["final"] * 8)]  # records without a rule are final weights
+    assert "Weights: final (the last step) for every run" in table.notes[0]
+    assert "best of many test-set evaluations" in table.notes[0]
     mean, std = table.cells["layers=1"]["mean"]
     assert mean == pytest.approx(52.5) and std == pytest.approx(2.8284271, rel=1e-6)  # seeds 50.5 and 54.5
     del results[runs[0].key]
@@ -370,7 +377,18 @@ def test_paper_study_contents_follow_the_paper():
         ("coco2voc", "coco/train", "voc/val")}
     t2 = expand_runs(load_study(path=studies / "table2.yaml"), check_caches=False)
     rn = [r for r in t2 if "RN101" in r.pair]
-    assert len(rn) == 8 and all(len(r.config["model"]["decoder"]["channels"]) == 5 for r in rn)
+    # The registry's clip-rn101 entry decides the depth (k = 5); the ViT rows keep k = 4.
+    assert len(rn) == 8 and {decoder_summary(r) for r in rn} == {"decoder 512 x 5"}
+    assert {decoder_summary(r) for r in t2 if "RN101" not in r.pair} == {"decoder 512 x 4"}
+
+
+def test_table7_dry_run_shows_a_decoder_as_wide_as_each_row(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert sweep(ROOT / "pipeline" / "studies" / "table7.yaml", dry_run=True) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "| fold 0 |" in line]
+    widths = {line.split(" | ")[1]: line.split("decoder ")[1].split("  ")[0] for line in lines}
+    assert widths["heads 1 / width 64"] == "64 x 4" and widths["heads 16 / width 1024"] == "1024 x 4"
+    assert widths["layers 24"] == "512 x 4" and len(widths) == 12
 
 
 def test_a_local_sweep_cluster_serves_the_dask_dashboard(capsys):
@@ -387,3 +405,12 @@ def test_a_local_sweep_cluster_serves_the_dask_dashboard(capsys):
         with direct.open(link, timeout=30) as page:  # the scheduler's own HTTP server
             assert page.status == 200 and b"Dask" in page.read()
     assert f"dask dashboard: {link}" in capsys.readouterr().err
+
+
+def test_hints_for_missing_training_caches_build_the_recipes_views():
+    from pipeline.encode.config import RECIPE_VIEWS
+    from pipeline.sweep.caches import make_command
+
+    train = make_command("cache/clip-l", "voc/train", train_reader="voc")
+    assert f"--views {RECIPE_VIEWS}" in train and RECIPE_VIEWS > 1
+    assert "--views" not in make_command("cache/clip-l", "voc/val", train_reader="voc")

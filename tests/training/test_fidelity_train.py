@@ -159,3 +159,64 @@ def test_best_val_selection_reports_the_best_validation_weights_labelled(gen, tm
     assert json.loads((run / "summary.json").read_text())["selection"] == summary["selection"]
     chosen, saved = load_file(str(run / "model.safetensors")), load_file(str(run / "model_best.safetensors"))
     assert all(torch.equal(chosen[k], saved[k]) for k in chosen) and (run / "model_final.safetensors").is_file()
+
+
+def test_the_vision_encoders_registry_entry_decides_the_decoder_depth(gen, tmp_path, monkeypatch):
+    import dataclasses
+
+    from pipeline.encode import registry
+    from pipeline.store.layout import open_store, store_attrs
+
+    assert registry.registry_decoder_blocks("clip-rn101") == 5 and registry.registry_decoder_blocks("clip-l") == 4
+    encoder = store_attrs(open_store(gen.vision))["encoder"]
+    monkeypatch.setitem(registry._REGISTRY, encoder, dataclasses.replace(registry.get_spec(encoder), decoder_blocks=5))
+    run = tmp_path / "k5"
+    overrides = train_overrides(gen, run, "model.decoder.channels=[]", "optim.max_steps=1")
+    train(config=build_config(preset="tiny", overrides=overrides), quiet=True)
+    saved = json.loads((run / "config.json").read_text())["model"]
+    assert saved["decoder"]["channels"] == [saved["fusion"]["width"]] * 5
+    # A config that names its blocks wins over the registry.
+    run = tmp_path / "k3"
+    overrides = train_overrides(gen, run, "model.decoder.channels=[]", "model.decoder.blocks=3", "optim.max_steps=1")
+    train(config=build_config(preset="tiny", overrides=overrides), quiet=True)
+    assert len(json.loads((run / "config.json").read_text())["model"]["decoder"]["channels"]) == 3
+
+
+def test_a_run_saved_before_the_released_decoder_order_and_loss_loads_as_it_was_trained(gen, tmp_path):
+    from pipeline.training.checkpoints import load_model
+
+    run = tmp_path / "old"
+    train(config=build_config(preset="tiny", overrides=train_overrides(gen, run, "optim.max_steps=1")), quiet=True)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["decoder"]["upsample"] == "features" and saved["optim"]["loss_reduction"] == "sample"
+    del saved["model"]["decoder"]["upsample"], saved["model"]["decoder"]["blocks"], saved["optim"]["loss_reduction"]
+    (run / "config.json").write_text(json.dumps(saved))
+    model, config = load_model(run)
+    assert config.model.decoder.upsample == "logits" and config.optim.loss_reduction == "pixel"
+    with pytest.raises(UserError, match="different config"):  # today's defaults would train another model
+        train(config=build_config(preset="tiny", overrides=train_overrides(gen, run, "optim.max_steps=2")),
+              resume=True, quiet=True)
+
+
+def test_a_default_runs_summary_says_its_weights_are_the_final_ones(gen, tmp_path):
+    from pipeline.runs import train_and_validate
+
+    run = tmp_path / "final"
+    train_and_validate(config=build_config(preset="tiny", overrides=train_overrides(gen, run, "optim.max_steps=1")),
+                       quiet=True)
+    assert json.loads((run / "summary.json").read_text())["selection"] == {"rule": "final"}
+
+
+def test_the_released_init_is_an_option_with_a_decayed_unit_class_embedding():
+    torch.manual_seed(0)
+    product = build_model(make_model_config(vision_dim=16, text_dim=16, overrides={"fusion": {"layers": 1}}))
+    released = build_model(make_model_config(vision_dim=16, text_dim=16,
+                                             overrides={"fusion": {"layers": 1, "init": "released"}}))
+    assert 0.5 < float(released.fusion.class_type.detach().std()) < 1.5
+    assert float(product.fusion.class_type.detach().std()) < 0.05
+    assert float(released.fusion.text_out.weight.detach().std()) == pytest.approx(512 ** -0.5, rel=0.05)
+    decayed = {id(p) for g in param_groups(released) if g.get("wd_schedule") for p in g["params"]}
+    assert id(released.fusion.class_type) in decayed
+    decayed = {id(p) for g in param_groups(product) if g.get("wd_schedule") for p in g["params"]}
+    assert id(product.fusion.class_type) not in decayed
+    assert count_parameters(released) == count_parameters(product)

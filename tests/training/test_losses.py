@@ -62,3 +62,25 @@ def test_long_targets_and_custom_ignore_index():
     loss = binary_segmentation_loss(logits, targets, ignore_index=-1)
     assert loss.item() == pytest.approx(math.log(2))
 
+
+
+def test_released_reduction_averages_each_sample_over_its_own_valid_pixels():
+    # Sample 0: four valid pixels; sample 1: one valid pixel, three ignored (an object border).
+    logits = torch.tensor([[[[2.0, -1.0], [0.5, -3.0]]], [[[1.5, 4.0], [-2.0, 0.0]]]])  # [2, 1, 2, 2]
+    targets = torch.tensor([[[[1, 0], [0, 0]]], [[[0, 255], [255, 255]]]], dtype=torch.uint8)
+    first = (_bce(2.0, 1) + _bce(-1.0, 0) + _bce(0.5, 0) + _bce(-3.0, 0)) / 4
+    second = _bce(1.5, 0)
+    assert binary_segmentation_loss(logits, targets).item() == pytest.approx((first + second) / 2)
+    pooled = (first * 4 + second) / 5
+    assert binary_segmentation_loss(logits, targets, reduction="pixel").item() == pytest.approx(pooled)
+
+
+def test_sample_reduction_skips_padded_classes_and_fully_ignored_samples():
+    logits = torch.tensor([[[[1.0, -2.0]], [[-1e4, -1e4]]], [[[3.0, 3.0]], [[-1e4, -1e4]]]],
+                          requires_grad=True)  # [2, 2, 1, 2]
+    targets = torch.tensor([[[[1, 0]], [[1, 1]]], [[[255, 255]], [[1, 1]]]], dtype=torch.uint8)
+    text_mask = torch.tensor([[True, False], [True, False]])
+    loss = binary_segmentation_loss(logits, targets, text_mask=text_mask)
+    assert loss.item() == pytest.approx((_bce(1.0, 1) + _bce(-2.0, 0)) / 2)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and torch.all(logits.grad[:, 1] == 0) and torch.all(logits.grad[1] == 0)

@@ -139,7 +139,7 @@ def test_a_kill_inside_the_first_checkpoint_write_says_to_start_over_and_startin
     with monkeypatch.context() as patch, pytest.raises(Killed):
         patch.setattr(checkpoints, "save_file", killed_half_way)
         train(config=config, quiet=True)
-    with pytest.raises(UserError, match=r"--resume: no checkpoint .* the same command without --resume starts the "
+    with pytest.raises(UserError, match=r"`resume`: no checkpoint .* the same command without `resume` starts the "
                                         r"run over") as err:
         train(config=config, resume=True, quiet=True)
     assert "\n" not in str(err.value)
@@ -150,9 +150,27 @@ def test_a_kill_inside_the_first_checkpoint_write_says_to_start_over_and_startin
 def test_out_that_is_a_file_is_one_line_and_left_alone(gen, tmp_path):
     out = tmp_path / "taken"
     out.write_text("mine\n")
-    with pytest.raises(UserError, match="--out .*taken is a file, not a folder for a run") as err:
+    with pytest.raises(UserError, match="`out` .*taken is a file, not a folder for a run") as err:
         train(config=build_config(preset="tiny", overrides=train_overrides(gen, out)), quiet=True)
     assert "\n" not in str(err.value) and out.read_text() == "mine\n"
+
+
+def test_library_errors_name_settings_and_the_command_line_names_its_flags(gen, tmp_path, capsys):
+    """An API caller never typed --out; `fusioner train` users did, and see the flag."""
+    from cli import main
+
+    out = tmp_path / "taken"
+    out.write_text("mine\n")
+    with pytest.raises(UserError) as err:
+        train(config=build_config(preset="tiny", overrides=train_overrides(gen, out)), quiet=True)
+    assert "--" not in str(err.value) and "`out`" in str(err.value)
+    code = main(["train", "--cache", str(gen.vision), "--text-cache", str(gen.text), "--split", "folder/train",
+                 "--preset", "tiny", "--out", str(out)])
+    line = capsys.readouterr().err.strip()
+    assert code == 2 and line == f"error: --out {out} is a file, not a folder for a run; choose another --out", line
+    with pytest.raises(UserError, match=r"needs a backbone and a data root \(`data.online.backbone`, "):
+        train(config=build_config(preset="tiny", overrides=["data.online.enabled=true", f"out={tmp_path / 'o'}"]),
+              quiet=True)
 
 
 def test_eval_limit_below_one_is_refused():

@@ -320,7 +320,7 @@ def train(
     backbone: Optional[str] = typer.Option(None, "--backbone", metavar="NAME", help="--online: encoder, e.g. clip-l."),
     random_init: bool = typer.Option(False, "--random-init", help="--online: seeded random encoder weights."),
     tensorboard: bool = typer.Option(False, "--tensorboard",
-                                     help="Also write TensorBoard event files to <out>/tensorboard (same as "
+                                     help="Also write TensorBoard event files to the run folder's tensorboard/ (same as "
                                           "--set tensorboard=true; needs fusioner[tensorboard])."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
     quiet: Quiet = False,

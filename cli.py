@@ -557,6 +557,8 @@ def demo(
     novel: Optional[str] = typer.Option(None, "--novel", callback=_names, metavar="NAMES",
                                         help="Held-out class names, comma-separated (needed with --data-root)."),
     epochs: int = typer.Option(8, "--epochs", metavar="N", help="Training epochs."),
+    backbone: str = typer.Option("clip-b", "--backbone", "-b", metavar="NAME",
+                                 help="Vision encoder, random-init (test-vit: a tiny one, for a quick check)."),
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -570,7 +572,8 @@ def demo(
     """
     from pipeline.demo import run_demo
 
-    report = run_demo(out=out, data_root=data_root, novel=novel or None, epochs=epochs, quiet=_quiet(ctx, quiet))
+    report = run_demo(out=out, data_root=data_root, novel=novel or None, epochs=epochs, backbone=backbone,
+                      quiet=_quiet(ctx, quiet))
     typer.echo(report.read_text())
     typer.echo(f"wrote {report} (with {out}/prediction/overlay.png and {out}/run/curves.png)")
 

@@ -81,8 +81,10 @@ def _stage_one(*, root: Path, cache: Path, text_cache: Path, lists: tuple[Path, 
     from pipeline.encode.config import ExtractConfig
 
     train_list, val_list = lists
+    from pipeline.encode.registry import get_spec
+
     base = dict(backbone=backbone, out=str(cache), dataset="folder", data_root=str(root), vision_only=True,
-                input_size=input_size)
+                input_size=input_size, random_init=get_spec(backbone).test_only)  # test-only towers have no weights
     train_views = dict(split="train", views=views, dataset_options={"list_file": str(train_list)})
     start = time.perf_counter()
     try:

@@ -319,6 +319,9 @@ def train(
                                           help="--online: reader name."),
     backbone: Optional[str] = typer.Option(None, "--backbone", metavar="NAME", help="--online: encoder, e.g. clip-l."),
     random_init: bool = typer.Option(False, "--random-init", help="--online: seeded random encoder weights."),
+    tensorboard: bool = typer.Option(False, "--tensorboard",
+                                     help="Also write TensorBoard event files to the run folder's tensorboard/ (same as "
+                                          "--set tensorboard=true; needs fusioner[tensorboard])."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -347,7 +350,8 @@ def train(
                                data__protocol=protocol, data__fold=fold, data__novel=novel, out=out and str(out),
                                data__online__enabled=online or None,
                                data__online__data_root=data_root and str(data_root), data__online__dataset=dataset,
-                               data__online__backbone=backbone, data__online__random_init=random_init or None))
+                               data__online__backbone=backbone, data__online__random_init=random_init or None,
+                               tensorboard=tensorboard or None))
     except UserError as err:  # the library names its settings; here they were typed as flags
         raise UserError(in_flags(str(err), TRAIN_FLAGS)) from err
     if print_config:

@@ -6,6 +6,10 @@ the files the command would write are written too where the call names an
 output folder. Configs are plain nested dicts (``{"optim": {"epochs": 20}}``),
 checked as strictly as the command line checks ``--set``.
 
+Like the commands, the calls show progress bars (live widgets in a Jupyter notebook
+with ipywidgets, plain bars elsewhere) and print the command line's notes to stderr,
+e.g. that features come from random-init weights; ``quiet=True`` turns both off.
+
 >>> import pipeline
 >>> pipeline.extract(backbone="clip-b", dataset="folder", data_root="../shared/data/coco128",
 ...                  out="cache/clip-b", random_init=True)                      # doctest: +SKIP
@@ -13,6 +17,7 @@ checked as strictly as the command line checks ``--set``.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,16 @@ from pipeline.config import flatten_keys, from_dict, set_key, to_dict
 from pipeline.encode.families import create_encoder as _create_encoder
 from pipeline.encode.config import ExtractConfig
 from pipeline.errors import UserError
+
+
+RANDOM_INIT_EVAL_NOTE = "note: scored on random-init features; numbers are a pipeline check, not a result"
+
+
+def _tell(notes: list[str], *, quiet: bool) -> None:
+    """The command line's notes (random-init features, skipped images), on stderr unless ``quiet``."""
+    if not quiet:
+        for line in notes:
+            print(line, file=sys.stderr)
 
 
 def create_encoder(name: str, *, vision: bool = True, text: bool = True, weights: str | Path | None = None,
@@ -34,7 +49,7 @@ def create_encoder(name: str, *, vision: bool = True, text: bool = True, weights
 
 
 def extract(*, backbone: str, out: str | Path, dataset: str | None = None, data_root: str | Path | None = None,
-            split: str = "train", quiet: bool = True, **settings: Any) -> dict:
+            split: str = "train", quiet: bool = False, **settings: Any) -> dict:
     """Stage one: write ``backbone``'s features of one dataset split (and its class-name embeddings) to ``out``.
 
     ``settings`` are the other fields of :class:`pipeline.encode.plan.ExtractConfig` (``views=4``,
@@ -46,7 +61,9 @@ def extract(*, backbone: str, out: str | Path, dataset: str | None = None, data_
     config = from_dict(ExtractConfig, data)
     from pipeline.encode.extract import extract as run
 
-    return to_dict(run(config=config, quiet=quiet))
+    report = run(config=config, quiet=quiet)
+    _tell(report.notes, quiet=quiet)
+    return to_dict(report)
 
 
 def _changes(config: Any) -> dict:
@@ -86,23 +103,25 @@ def train_config(*, cache: str | Path, out: str | Path, protocol: str = "pascal5
 
 def train(*, cache: str | Path, out: str | Path, protocol: str = "pascal5i", fold: int = 0,
           text_cache: str | Path | None = None, split: str | None = None, preset: str = "paper",
-          config: dict | None = None, resume: bool = False, quiet: bool = True) -> dict:
+          config: dict | None = None, resume: bool = False, quiet: bool = False) -> dict:
     """Stage two: train the fusion module and decoder on the seen classes of ``protocol`` fold ``fold``.
 
     ``cache`` is a vision store (with text for CLIP; else give ``text_cache``). ``config`` is a nested dict of
     training-config changes, e.g. ``{"optim": {"epochs": 20, "batch_size": 16}}``. Writes the run folder
     ``out`` (checkpoints, ``model.safetensors``, ``config.json``, metrics) and returns its summary.
     """
-    from pipeline.runs import train_and_validate
+    from pipeline.runs import RANDOM_INIT_TRAIN_NOTE, train_and_validate
 
     settings = train_config(cache=cache, out=out, protocol=protocol, fold=fold, text_cache=text_cache, split=split,
                             preset=preset, config=config)
-    return train_and_validate(config=settings, resume=resume, quiet=quiet)
+    summary = train_and_validate(config=settings, resume=resume, quiet=quiet)
+    _tell([] if summary["pretrained_features"] else [RANDOM_INIT_TRAIN_NOTE], quiet=quiet)
+    return summary
 
 
 def evaluate(*, run: str | Path, split: str | None = None, splits_dir: str | Path | None = None,
              protocol: str | None = None, limit: int | None = None, min_pixels: int | None = None,
-             device: str = "auto", quiet: bool = True) -> dict:
+             device: str = "auto", quiet: bool = False) -> dict:
     """Score a trained run on the novel classes of its fold, by the paper's protocol.
 
     Returns ``miou``, ``fb_iou``, ``per_class`` IoU, episode counts and where the episodes came from
@@ -123,30 +142,33 @@ def evaluate(*, run: str | Path, split: str | None = None, splits_dir: str | Pat
                             fold=config.data.fold, novel_names=config.data.novel,
                             splits_dir=str(splits_dir) if splits_dir else None, device=dev, limit=limit, quiet=quiet,
                             **({"min_pixels": min_pixels} if min_pixels is not None else {}))
+    _tell([] if result["pretrained_features"] else [RANDOM_INIT_EVAL_NOTE], quiet=quiet)
     return {k: v for k, v in result.items() if k != "meter"}
 
 
 def predict(*, image: str | Path, classes: list[str], run: str | Path, out: str | Path | None = None,
-            device: str = "cpu", resize: bool = False, batch_size: int = 16) -> dict:
+            device: str = "cpu", resize: bool = False, batch_size: int = 16, quiet: bool = False) -> dict:
     """Segment any photo into free-form ``classes`` with a trained run.
 
     Returns ``label_map`` ([H, W] uint8, uint16 beyond 255 classes: 0 background, j + 1 = ``classes[j]``),
     ``probabilities`` ([C, H, W]) and the per-class ``coverage``; with ``out``, also writes the masks, the
     label map and an overlay there. ``batch_size`` windows are encoded at once.
     """
-    from pipeline.eval.predict import predict as run_prediction
+    from pipeline.eval.predict import prediction_notes, predict as run_prediction
 
     if not isinstance(classes, (list, tuple)) or not classes:
         raise UserError(f"classes must be a non-empty list of names such as ['cat', 'sofa'], got {classes!r:.60}")
     odd = [c for c in classes if not isinstance(c, str)]
     if odd:
         raise UserError(f"classes must be strings, got {odd[0]!r} ({type(odd[0]).__name__})")
-    return run_prediction(image=image, classes=list(classes), checkpoint=run, out=out, device=device, resize=resize,
-                          batch_size=batch_size)
+    result = run_prediction(image=image, classes=list(classes), checkpoint=run, out=out, device=device,
+                            resize=resize, batch_size=batch_size, quiet=quiet)
+    _tell(prediction_notes(pretrained=result["pretrained_features"]), quiet=quiet)
+    return result
 
 
 def run_study(*, study: str | Path, workers: int | None = None, dry_run: bool = False, retries: int = 2,
-              quiet: bool = True) -> dict:
+              quiet: bool = False) -> dict:
     """A whole study file (folds x encoder pairs x variants) on a local dask cluster, ending in its table.
 
     Finished runs are skipped, so calling it again resumes. Returns the plan, the Markdown table, counts and

@@ -12,6 +12,7 @@ import numpy as np
 RANDOM_INIT_CAVEAT = "random-init encoder: numbers are not the paper's"
 CAVEAT_KEY = "Caveat"  # the PNG text chunk that records it (``PIL.Image.open(png).text``)
 NOTES_KEY = "Notes"  # the notes printed under a chart (what its error bars are), recorded the same way
+BANNER_COLOUR = "#b22222"  # the caveat's colour
 
 
 def _pyplot():
@@ -23,15 +24,16 @@ def _pyplot():
     return plt
 
 
-def _finish(fig, out: str | Path, *, notes: list[str], caveat: bool, **savefig) -> Path:
-    """Notes under the plot (the caveat first, in red), then the PNG with both in its text chunks.
+def _finish(fig, out: str | Path, *, notes: list[str], caveat: bool, banner: bool = False, **savefig) -> Path:
+    """Notes under the plot (the caveat first, in red, unless the figure drew it as a ``banner`` of
+    its own), then the PNG with both in its text chunks.
 
     ``bbox_inches="tight"`` keeps everything drawn, notes and legends outside the axes included.
     """
-    lines = ([RANDOM_INIT_CAVEAT] if caveat else []) + list(notes)
+    lines = ([RANDOM_INIT_CAVEAT] if caveat and not banner else []) + list(notes)
     for i, line in enumerate(lines):
         fig.text(0.01, -0.01 - 0.05 * i, line, ha="left", va="top", fontsize=8,
-                 color="#b22222" if caveat and i == 0 else "#333333")
+                 color=BANNER_COLOUR if caveat and not banner and i == 0 else "#333333")
     metadata = ({CAVEAT_KEY: RANDOM_INIT_CAVEAT} if caveat else {}) | ({NOTES_KEY: "\n".join(notes)} if notes else {})
     fig.savefig(out, bbox_inches="tight", metadata=metadata, **savefig)
     _pyplot().close(fig)
@@ -79,23 +81,57 @@ def plot_curves(*, metrics_path: str | Path, out: str | Path, pretrained: bool |
     return _finish(fig, out, notes=[], caveat=not pretrained, dpi=110)
 
 
-def palette(count: int) -> np.ndarray:
-    """Distinct RGB colours of labels 1..count, [count, 3] uint8 (imgviz's label colour map, the
-    PASCAL VOC one: label 0, the background, is black)."""
-    import imgviz
+# Class colours: distinct at a glance, none near black (the background) or white, readable under text.
+CLASS_PALETTE = np.array([
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+    (170, 110, 40), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128),
+    (128, 128, 128), (255, 99, 71), (46, 139, 87), (100, 149, 237), (218, 165, 32), (199, 21, 133),
+], np.uint8)
 
-    colours = imgviz.label_colormap()  # [256, 3]
-    return colours[1 + np.arange(count) % (len(colours) - 1)]
+
+def _name_slot(name: str) -> int:
+    """A slot of :data:`CLASS_PALETTE` fixed by the name alone (a digest: the same in every process)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha1(name.strip().lower().encode()).digest()[:4], "big") % len(CLASS_PALETTE)
 
 
-def save_label_png(labels: np.ndarray, out: str | Path, *, caveat: bool = False) -> Path:
+def class_colours(names: list[str]) -> np.ndarray:
+    """RGB colours of the classes, [len(names), 3] uint8: each name keeps the palette slot its digest picks,
+    so "sky" is the same colour in every picture; names whose slots collide take the next free slots (in
+    name order, whatever the order given), so up to ``len(CLASS_PALETTE)`` classes are always distinct.
+    More classes than that reuse slots."""
+    colours = np.zeros((len(names), 3), np.uint8)
+    taken: set[int] = set()
+    for j in sorted(range(len(names)), key=lambda j: (_name_slot(names[j]), names[j], j)):
+        slot = _name_slot(names[j])
+        if len(taken) < len(CLASS_PALETTE):
+            while slot in taken:
+                slot = (slot + 1) % len(CLASS_PALETTE)
+            taken.add(slot)
+        colours[j] = CLASS_PALETTE[slot]
+    return colours
+
+
+def _label_palette(names: list[str] | None) -> list[int]:
+    """A PNG palette: 0 black (background), 1..n the classes' colours, the rest grey levels."""
+    colours = class_colours(names) if names else CLASS_PALETTE
+    entries = np.stack([np.arange(256)] * 3, axis=1).astype(np.uint8)
+    entries[0] = 0
+    count = min(len(colours), 255)
+    entries[1:1 + count] = colours[:count]
+    return entries.flatten().tolist()
+
+
+def save_label_png(labels: np.ndarray, out: str | Path, *, caveat: bool = False,
+                   names: list[str] | None = None) -> Path:
     """A label map as a palette PNG: pixel values stay the label numbers (0 = background), and
-    viewers show them in :func:`palette`'s colours instead of near-black greys. Label maps with
-    numbers above 255 (uint16) are saved as 16-bit greyscale PNGs, which keep the numbers exactly.
-    Drawing on a label map would change its numbers: ``caveat`` goes into its text chunks only."""
+    viewers show them in :func:`class_colours`' colours of ``names`` (label j is ``names[j-1]``, the
+    overlay's and legend's colours) instead of near-black greys. Label maps with numbers above 255
+    (uint16) are saved as 16-bit greyscale PNGs, which keep the numbers exactly. Drawing on a label
+    map would change its numbers: ``caveat`` goes into its text chunks only (the legend shows it)."""
     from PIL import Image
-
-    import imgviz
 
     if labels.dtype == np.uint16 or (labels.size and labels.max() > 255):
         if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.uint16).max):
@@ -103,7 +139,7 @@ def save_label_png(labels: np.ndarray, out: str | Path, *, caveat: bool = False)
         Image.fromarray(labels.astype(np.uint16)).save(out, pnginfo=png_caveat(caveat))  # mode I;16: 16-bit
         return Path(out)
     image = Image.fromarray(labels.astype(np.uint8), mode="P")
-    image.putpalette(imgviz.label_colormap().flatten().tolist())
+    image.putpalette(_label_palette(names))
     image.save(out, pnginfo=png_caveat(caveat))
     return Path(out)
 
@@ -120,18 +156,39 @@ def png_caveat(caveat: bool):
 
 OVERLAY_PIXELS = 2048  # longest side of the image drawn in an overlay
 LEGEND_ROWS = 40  # beyond this many classes the legend lists the largest ones present
+INCH_PIXELS = 100  # the overlay and legend are saved at this dpi
 
 
-def overlay(*, image: np.ndarray, labels: np.ndarray, names: list[str], out: str | Path, title: str = "",
-            alpha: float = 0.5, caveat: bool = False) -> Path:
-    """The image with each class's pixels tinted, and a legend naming the colours (``caveat``:
-    the labels come from random-init features, said under the picture)."""
+def _legend_entries(labels: np.ndarray, names: list[str]) -> list[tuple[np.ndarray, str]]:
+    """(colour, "name (share %)") of the classes a legend lists, and a last line for those left out."""
+    colours = class_colours(names)
+    shares = np.bincount(labels.ravel(), minlength=len(names) + 1)[1:len(names) + 1] / max(labels.size, 1)
+    shown = range(len(names)) if len(names) <= LEGEND_ROWS else [
+        j for j in np.argsort(-shares, kind="stable")[:LEGEND_ROWS] if shares[j] > 0]
+    entries = [(colours[j] / 255.0, f"{names[j]} ({shares[j] * 100:.1f}%)") for j in shown]
+    if len(entries) < len(names):
+        entries.append((None, f"(+{len(names) - len(entries)} classes not listed)"))
+    return entries
+
+
+def _draw_banner(ax) -> None:
+    """The random-init caveat as a band across the top of the picture, inside it (a crop keeps it or
+    removes the top of the picture with it)."""
+    ax.text(0.5, 0.985, RANDOM_INIT_CAVEAT.upper(), transform=ax.transAxes, ha="center", va="top",
+            fontsize=11, fontweight="bold", color="white", zorder=5,
+            bbox={"boxstyle": "square,pad=0.4", "facecolor": BANNER_COLOUR, "edgecolor": "none", "alpha": 0.9})
+
+
+def overlay_figure(*, image: np.ndarray, labels: np.ndarray, names: list[str], title: str = "",
+                   alpha: float = 0.5, caveat: bool = False):
+    """The tinted photo filling its axes (no margin under it), the legend in its own axes to the right,
+    the caveat as a banner inside the photo."""
     plt = _pyplot()
     from matplotlib.patches import Patch
 
-    colours = palette(len(names))
-    shares = np.bincount(labels.ravel(), minlength=len(names) + 1)[1:len(names) + 1] / max(labels.size, 1)
-    # The figure is ~600 px tall: a large photo is subsampled before tinting (no full-size float copy).
+    colours = class_colours(names)
+    entries = _legend_entries(labels, names)
+    # A large photo is subsampled before tinting (no full-size float copy).
     step = max(1, -(-max(image.shape[:2]) // OVERLAY_PIXELS))
     image, labels = image[::step, ::step], labels[::step, ::step]
     lut = np.concatenate([np.zeros((1, 3)), colours]).astype(np.float32)  # label -> colour, 0 untinted
@@ -139,20 +196,63 @@ def overlay(*, image: np.ndarray, labels: np.ndarray, names: list[str], out: str
     where = (labels > 0) & (labels <= len(names))
     tinted[where] = (1 - alpha) * tinted[where] + alpha * lut[labels[where]]
     height, width = image.shape[:2]
-    fig, ax = plt.subplots(figsize=(max(4.0, 6.0 * width / max(height, 1)), 6.0))
-    ax.imshow(tinted.astype(np.uint8))
+    photo_h = 6.0
+    photo_w = max(photo_h * width / max(height, 1), 2.5)
+    legend_w = 0.6 + 0.075 * max(len(text) for _, text in entries)
+    title_h = 0.35 if title else 0.0
+    fig_h = max(photo_h, 0.25 * len(entries) + 0.3) + title_h
+    fig = plt.figure(figsize=(photo_w + legend_w, fig_h))
+    photo_frac = photo_h / fig_h
+    ax = fig.add_axes((0.0, 1 - title_h / fig_h - photo_frac, photo_w / (photo_w + legend_w), photo_frac))
+    ax.imshow(tinted.astype(np.uint8), aspect="auto")
     ax.axis("off")
-    shown = range(len(names)) if len(names) <= LEGEND_ROWS else [
-        j for j in np.argsort(-shares, kind="stable")[:LEGEND_ROWS] if shares[j] > 0]
-    handles = [Patch(color=colours[j] / 255.0, label=f"{names[j]} ({shares[j] * 100:.1f}%)") for j in shown]
-    if len(handles) < len(names):
-        handles.append(Patch(color="none", label=f"(+{len(names) - len(handles)} classes not listed)"))
-    # The legend beside the photo, never over it.
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=9,
-              frameon=False)
+    if caveat:
+        _draw_banner(ax)
     if title:
-        ax.set_title(title, fontsize=10)
-    return _finish(fig, out, notes=[], caveat=caveat, dpi=100)
+        fig.text(0.5 * photo_w / (photo_w + legend_w), 1 - 0.5 * title_h / fig_h, title, ha="center", va="center",
+                 fontsize=10)
+    handles = [Patch(color=colour if colour is not None else "none", label=text) for colour, text in entries]
+    # The legend beside the photo, never over it.
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(photo_w / (photo_w + legend_w) + 0.01,
+                                                                   1 - title_h / fig_h), fontsize=9, frameon=False,
+               borderaxespad=0.0)
+    return fig
+
+
+def overlay(*, image: np.ndarray, labels: np.ndarray, names: list[str], out: str | Path, title: str = "",
+            alpha: float = 0.5, caveat: bool = False) -> Path:
+    """:func:`overlay_figure` as a PNG (``caveat``: the labels come from random-init features)."""
+    fig = overlay_figure(image=image, labels=labels, names=names, title=title, alpha=alpha, caveat=caveat)
+    return _finish(fig, out, notes=[], caveat=caveat, banner=True, dpi=INCH_PIXELS)
+
+
+def legend(*, names: list[str], out: str | Path, labels: np.ndarray | None = None, caveat: bool = False) -> Path:
+    """``legend.png``: a swatch of each class colour with its name (and its share of ``labels``), the
+    key to ``labels.png`` and the overlay; the caveat as a banner on top."""
+    plt = _pyplot()
+    from matplotlib.patches import Rectangle
+
+    entries = _legend_entries(labels if labels is not None else np.zeros((1, 1), np.uint8), names)
+    if labels is None:
+        entries = [(colour, text.rsplit(" (", 1)[0] if colour is not None else text) for colour, text in entries]
+    rows = len(entries) + (1 if caveat else 0)
+    width = max(3.0, 0.9 + 0.085 * max(len(text) for _, text in entries), 4.2 if caveat else 0.0)
+    fig = plt.figure(figsize=(width, 0.3 * rows + 0.2))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, width)
+    ax.set_ylim(rows + 0.3, 0)
+    ax.axis("off")
+    top = 0.15
+    if caveat:
+        ax.add_patch(Rectangle((0, 0), width, 1.0, color=BANNER_COLOUR))
+        ax.text(width / 2, 0.5, RANDOM_INIT_CAVEAT, ha="center", va="center", color="white", fontsize=8,
+                fontweight="bold")
+        top = 1.15
+    for i, (colour, text) in enumerate(entries):
+        if colour is not None:
+            ax.add_patch(Rectangle((0.15, top + i + 0.1), 0.45, 0.8, facecolor=colour, edgecolor="#333333"))
+        ax.text(0.75, top + i + 0.5, text, va="center", fontsize=10)
+    return _finish(fig, out, notes=[], caveat=caveat, banner=True, dpi=INCH_PIXELS)
 
 
 def error_bar_note(*, errors: bool, seeds: int) -> str:

@@ -22,6 +22,7 @@ from pipeline.errors import UserError
 from pipeline.eval.validation import BestValidation, Validation, check_disjoint_validation
 from pipeline.training.config import TrainConfig, build_config
 from pipeline.training.hooks import HookBase
+from pipeline.training.tensorboard import TensorBoardWriter
 from pipeline.training.loop import train
 
 
@@ -39,6 +40,7 @@ def _select_best(config: TrainConfig, summary: dict) -> dict:
 
 
 HOOKS_VARIABLE = "FUSIONER_HOOKS"
+RANDOM_INIT_TRAIN_NOTE = "note: trained on random-init features; numbers are a pipeline check, not a result"
 
 
 def hooks_from_environment(environ: Mapping[str, str] | None = None) -> list[HookBase]:
@@ -66,9 +68,10 @@ def train_and_validate(*, config: TrainConfig, resume: bool = False, quiet: bool
     """:func:`pipeline.training.loop.train`, with validation on ``config.val_split`` when it is set (before ``hooks``).
 
     ``config.select == "best-val"`` reports the weights of the best validation score instead of the final ones.
-    Hooks named in ``FUSIONER_HOOKS`` run after ``hooks``.
+    With ``config.tensorboard`` the TensorBoard writer runs first after validation (it reads its scores);
+    hooks named in ``FUSIONER_HOOKS`` run after ``hooks``.
     """
-    hooks = [*hooks, *hooks_from_environment()]
+    hooks = [*([TensorBoardWriter()] if config.tensorboard else []), *hooks, *hooks_from_environment()]
     if config.select == "best-val":
         check_disjoint_validation(config)
         summary = train(config=config, resume=resume, quiet=quiet, hooks=[BestValidation(), *hooks])
@@ -110,6 +113,5 @@ def train_from_settings(*, config_file: str | Path | None = None, preset: str | 
     if print_config:
         return TrainOutcome(config=to_dict(config))
     summary = train_and_validate(config=config, resume=resume, quiet=quiet)
-    notes = [] if summary["pretrained_features"] else [
-        "note: trained on random-init features; numbers are a pipeline check, not a result"]
+    notes = [] if summary["pretrained_features"] else [RANDOM_INIT_TRAIN_NOTE]
     return TrainOutcome(config=to_dict(config), summary=summary, notes=notes)

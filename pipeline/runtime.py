@@ -14,9 +14,16 @@ from tqdm.auto import tqdm
 from pipeline.errors import UserError
 
 
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (where stderr is no terminal, yet a live bar is what one wants)."""
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 def progress(*, total: int | None, desc: str, quiet: bool = False, unit: str = "it", initial: int = 0):
-    """A tqdm bar; when stderr is not a terminal (CI logs) it prints a plain line every 30 s."""
-    interactive = sys.stderr.isatty()
+    """A tqdm bar (a widget in a notebook, where ipywidgets is installed); when stderr is neither a
+    terminal nor a notebook's (CI logs) it prints a plain line every 30 s."""
+    interactive = sys.stderr.isatty() or in_notebook()
     return tqdm(
         total=total,
         desc=desc,

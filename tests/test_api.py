@@ -41,31 +41,41 @@ def test_api_functions_are_keyword_only_and_documented():
         assert {p.kind for p in params} <= {inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD}, name
 
 
-def test_extract_returns_its_report_and_refuses_unknown_settings(tmp_path):
+def test_extract_returns_its_report_and_refuses_unknown_settings(tmp_path, capsys):
     data = write_folder_dataset(tmp_path / "data", sizes=((48, 64), (40, 40)))
     report = pipeline.extract(backbone="test-vit", out=tmp_path / "store", dataset="folder", data_root=data,
                               input_size=32, random_init=True, device="cpu", views=2)
     assert report["views"] == 4 and report["pretrained"] is False
+    said = capsys.readouterr().err  # the command line's progress and notes, in a notebook too
+    assert "extract" in said and "4/4" in said and "note: random-init weights" in said
+    pipeline.extract(backbone="test-vit", out=tmp_path / "quiet", dataset="folder", data_root=data,
+                     input_size=32, random_init=True, device="cpu", views=2, quiet=True)
+    assert capsys.readouterr().err == ""
     with pytest.raises(UserError, match="unknown config key 'viewz'"):
         pipeline.extract(backbone="test-vit", out=tmp_path / "other", dataset="folder", data_root=data, viewz=2)
 
 
-def test_train_evaluate_predict_round_trip(gen, tmp_path):
+def test_train_evaluate_predict_round_trip(gen, tmp_path, capsys):
     run = tmp_path / "run"
     summary = pipeline.train(cache=gen.vision, text_cache=gen.text, out=run, split="folder/train", preset="tiny",
                              config={"optim": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0}})
     assert summary["steps"] > 0 and np.isfinite(summary["final_loss"])
     assert (run / "model.safetensors").is_file()
+    said = capsys.readouterr().err
+    assert f"{summary['steps']}/{summary['steps']}" in said and "note: trained on random-init features" in said
     scores = pipeline.evaluate(run=run, split="folder/val", min_pixels=1, device="cpu")
     assert 0.0 <= scores["miou"] <= 100.0 and scores["episodes"] > 0
+    assert "note: scored on random-init features" in capsys.readouterr().err
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(photo)
     result = pipeline.predict(image=photo, classes=["cat", "dog"], run=run)
     assert result["label_map"].shape == (70, 90) and result["label_map"].max() <= 2
     assert result["probabilities"].shape == (2, 70, 90)
     assert not (tmp_path / "prediction.json").exists()
-    written = pipeline.predict(image=photo, classes=["cat"], run=run, out=tmp_path / "pred")
+    assert "note: random-init vision tower" in capsys.readouterr().err
+    written = pipeline.predict(image=photo, classes=["cat"], run=run, out=tmp_path / "pred", quiet=True)
     assert (tmp_path / "pred" / "prediction.json").is_file() and written["label_map"].shape == (70, 90)
+    assert capsys.readouterr().err == ""
 
 
 def test_train_config_refuses_an_unknown_key(gen, tmp_path):

@@ -79,7 +79,8 @@ def test_predict_writes_one_mask_per_class_and_an_overlay(trained: Path, caches,
         assert np.array_equal(mask == 255, labels == j + 1)
         assert summary["coverage"][name] == pytest.approx((labels == j + 1).mean())
     assert (out / "overlay.png").stat().st_size > 1000
-    for picture in ("overlay.png", "labels.png", *summary["masks"].values()):  # from a random-init vision tower
+    assert summary["legend"] == "legend.png"  # the key to labels.png's colours
+    for picture in ("overlay.png", "labels.png", "legend.png", *summary["masks"].values()):  # random-init tower
         assert Image.open(out / picture).text[CAVEAT_KEY] == RANDOM_INIT_CAVEAT, picture
 
 

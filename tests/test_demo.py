@@ -111,3 +111,49 @@ def test_a_second_demo_run_reports_the_reused_cache_end_to_end(tmp_path: Path, m
     assert f"({recorded:.1f} s)" in second_md  # the first run's extraction, not the reuse check
     assert second["online_estimate_seconds"] > second["stages"]["train"]
     assert second["cached_seconds"] == pytest.approx(recorded + second["stages"]["train"])
+
+
+def test_the_held_out_photo_is_a_val_photo_showing_the_most_novel_pixels(tmp_path: Path) -> None:
+    import numpy as np
+
+    from pipeline.demo import held_out_photo
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for image_id, values in (("a", (1,)), ("b", (1, 2)), ("c", (2, 3)), ("d", (2,))):
+        mask = np.zeros((20, 20), np.uint8)
+        for k, value in enumerate(values):
+            mask[:, 5 * k:5 * k + (12 if value == 2 and image_id == "d" else 4)] = value
+        Image.fromarray(mask).save(root / "masks" / f"{image_id}.png")
+        Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / "images" / f"{image_id}.jpg")
+    (tmp_path / "val.txt").write_text("b\nc\n")  # d shows more of class 2 but was trained on
+    photo, names = held_out_photo(root=root, val_list=tmp_path / "val.txt", names=["cat", "dog", "bus"],
+                                  novel=["dog"])
+    assert photo == root / "images" / "b.jpg" or photo == root / "images" / "c.jpg"
+    assert names == {"b": ["cat", "dog"], "c": ["dog", "bus"]}[photo.stem]
+
+
+@pytest.mark.slow  # a whole demo on a folder dataset: ~30 s on a loaded 2-core machine
+def test_the_demo_on_ones_own_data_predicts_a_held_out_photo_in_its_own_names(tmp_path: Path, monkeypatch) -> None:
+    """Not the bundled restaurant photo with unrelated names (an empty overlay): a val photo, never trained
+    on, with the classes its mask holds; the report gives each class's episode count beside its score and
+    calls the online cost an extrapolation."""
+    from synthetic_data import write_folder_dataset
+
+    from pipeline.demo import run_demo
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = write_folder_dataset(tmp_path / "data", sizes=((160, 160),) * 8)
+    out = tmp_path / "demo"
+    run_demo(out=out, data_root=data, novel=["dog"], epochs=1, views=1, input_size=32, quiet=True)
+    report = json.loads((out / "report.json").read_text())
+    val = (out / "val.txt").read_text().split()
+    photo = Path(report["predict"]["image"])
+    assert photo.stem in val and photo.stem not in (out / "train.txt").read_text().split()
+    assert report["predict"]["classes"] == ["cat", "dog", "traffic light"]  # the names its mask holds
+    md = (out / "report.md").read_text()
+    episodes = report["eval"]["episodes_per_class"]
+    assert f"| IoU dog | " in md and f"({episodes['dog']} episodes) |" in md
+    assert "extrapolation" in md and "not a measurement" in md
+    assert "held-out photo" in md and (out / "prediction" / "legend.png").is_file()

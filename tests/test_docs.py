@@ -144,6 +144,92 @@ def test_the_api_page_runs_as_written(tmp_path, coco128):
     shutil.rmtree(work / "cache", ignore_errors=True)
 
 
+def test_the_api_page_trains_and_scores_on_disjoint_photos(tmp_path, monkeypatch, coco128):
+    """docs/api.md's example run against recording stand-ins of the API: the training extraction, the
+    scored one and the predicted photo read disjoint lists (scoring on training photos measures memory)."""
+    import numpy as np
+
+    import pipeline
+
+    snippet = next(block for page, block in _blocks({"python"}) if page.name == "api.md")
+    calls: dict[str, list[dict]] = {}
+
+    def recorder(name, result):
+        return lambda **kwargs: (calls.setdefault(name, []).append(kwargs), result)[1]
+
+    for name, result in (("extract", {}), ("train", {"steps": 1, "final_loss": 0.5}),
+                         ("evaluate", {"miou": 1.0, "episodes": 1}),
+                         ("predict", {"label_map": np.zeros(1), "probabilities": np.zeros(1), "coverage": {}})):
+        monkeypatch.setattr(pipeline, name, recorder(name, result))
+    work = tmp_path / "checkout"
+    work.mkdir()
+    (tmp_path / "shared").symlink_to(coco128.parents[1])
+    monkeypatch.chdir(work)
+    exec(compile(snippet, "docs/api.md", "exec"), {})
+    lists = {}
+    for call in calls["extract"]:
+        listed = (work / call["dataset_options"]["list_file"]).read_text().split()
+        lists[call.get("split", "train")] = set(listed)
+    assert lists["train"] and lists["val"] and not lists["train"] & lists["val"]
+    assert calls["evaluate"][0]["split"] == "folder/val"
+    assert Path(calls["predict"][0]["image"]).stem in lists["val"]
+
+
+def test_the_datasets_page_says_where_to_get_each_dataset_and_the_commands_of_each_protocol():
+    page = (ROOT / "docs" / "datasets.md").read_text()
+    table = page[page.index("## Getting the data"):page.index("## One mask convention")]
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    for dataset in ("PASCAL VOC 2012", "SBD augmentation (for VOC training)", "COCO 2014", "FSS-1000"):
+        cells = [c.strip() for c in rows[dataset].split("|")[2:5]]
+        assert all(cells), dataset  # where to get it, the folder, the size
+    assert re.search(r"\d", rows["COCO 2014"]) and "GB" in rows["PASCAL VOC 2012"]
+    commands = [words for where, words in COMMANDS if where.startswith("datasets.md")]
+    extracted = {words[words.index("--dataset") + 1] for words in commands if words[0] == "extract"}
+    assert {"voc", "coco", "fss"} <= extracted
+    trained = {words[words.index("--protocol") + 1] for words in commands if words[0] == "train"}
+    assert {"pascal5i", "coco20i", "coco2voc"} <= trained
+    guidance = page[page.index("### Your own data"):]
+    for needle in ("--min-pixels", "novel_pixels", "list_file", "--eval-resize"):
+        assert needle in guidance, needle
+
+
+def test_product_docs_speak_of_the_product_not_of_issue_numbers():
+    cited = [f"{page.name}: {line.strip()}" for page in PAGES for line in page.read_text().splitlines()
+             if re.search(r"\bissues? #?\d+|\(issue\b", line, re.I)]
+    assert not cited, cited
+
+
+def test_the_training_config_table_lists_each_key_once():
+    page = (ROOT / "docs" / "training.md").read_text()
+    table = page[page.index("## The recipe and its config keys"):page.index("## Augmentation")]
+    keys = [key for line in table.splitlines() if line.startswith("| `")
+            for key in re.findall(r"`([a-z_.*]+)`", line.split("|")[1])]
+    assert len(keys) == len(set(keys)), sorted(k for k in set(keys) if keys.count(k) > 1)
+
+
+def test_the_readme_encoder_table_names_every_encoder():
+    from pipeline.encode.registry import list_encoders
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Encoders"):]
+    table = table[:table.index("\n\n", table.index("| name |"))]
+    listed = set(re.findall(r"`([a-z0-9-]+)`", table))
+    assert set(list_encoders()) <= listed, set(list_encoders()) - listed
+
+
+def test_newcomer_timings_are_given_as_measured_with_the_machine():
+    """How long the first steps take, as measured, on what machine under what load; no bare "~4 min"."""
+    readme, quickstart = (ROOT / "README.md").read_text(), (ROOT / "docs" / "quickstart.md").read_text()
+    for page in (readme, quickstart):
+        said = page[page.index("make demo"):]
+        assert re.search(r"measured on a fresh clone", said, re.I) and "load average" in said
+        assert re.search(r"\d+ min \d+ s the first time|first\s+`make demo` took \d+ min \d+ s", said)
+    coco = " ".join(quickstart[quickstart.index("--data-root ../shared/data/coco128"):].split())[:1200]
+    assert re.search(r"took about \d+ minutes", coco) and "never trained on" in coco
+    assert re.search(r"took about \d+ minutes", quickstart[quickstart.index("make test"):])
+    assert "/demo-*/" in (ROOT / ".gitignore").read_text().split()
+
+
 def test_every_test_file_the_docs_name_exists():
     """A test moved into its sub-package folder once left three pages pointing at files that were gone."""
     named = {(page.name, path) for page in PAGES for path in re.findall(r"tests/[\w/]+\.py", page.read_text())}

@@ -73,3 +73,15 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_the_license_is_an_spdx_expression_not_the_deprecated_table():
+    """setuptools warns on every install about ``license = { text = ... }``; the string form needs setuptools>=77."""
+    assert _project()["license"] == "MIT"
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert "setuptools>=77" in requires
+
+
+def test_the_tensorboard_extra_is_in_all():
+    extras = _project()["optional-dependencies"]
+    assert _name(extras["tensorboard"][0]) == "tensorboardx" and "tensorboard" in extras["all"][0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -98,12 +99,16 @@ def render_shard(*, dataset, group, shard: int, input_size: int, skip_bad: bool)
     return RenderedShard(shard=shard, images=images, masks=masks, valid=valid, bad=bad, source=source)
 
 
-def encode_shard(*, encoders: Encoders, rendered: RenderedShard, batch_size: int) -> np.ndarray:
+def encode_shard(*, encoders: Encoders, rendered: RenderedShard, batch_size: int,
+                 on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """[S, in, in, 3] -> [S, h*w, D] float16, in fixed batches from the shard start.
 
-    On CUDA the images go up from pinned memory and the tokens come back into a
-    pinned buffer, both asynchronously, with one synchronisation per shard.
+    ``on_batch`` is called with each batch's view count as it is encoded (the progress bar
+    moves within a shard). On CUDA the images go up from pinned memory and the tokens come
+    back into a pinned buffer, both asynchronously, with one synchronisation per shard
+    (there the count follows the batches queued, at most the device's queue ahead).
     """
+    on_batch = on_batch or (lambda count: None)
     vision = encoders.vision
     n = rendered.images.shape[0]
     shape = (n, vision.grid[0] * vision.grid[1], vision.dim)
@@ -112,6 +117,7 @@ def encode_shard(*, encoders: Encoders, rendered: RenderedShard, batch_size: int
         for begin in range(0, n, batch_size):
             batch = rendered.images[begin:begin + batch_size]
             out[begin:begin + batch_size] = vision.encode(batch).cpu().numpy().astype(np.float16)
+            on_batch(len(batch))
         return out
     images = torch.as_tensor(rendered.images)
     images = images if images.is_pinned() else images.pin_memory()
@@ -119,6 +125,7 @@ def encode_shard(*, encoders: Encoders, rendered: RenderedShard, batch_size: int
     for begin in range(0, n, batch_size):
         tokens = vision.encode(images[begin:begin + batch_size], dtype=torch.float16)
         out[begin:begin + batch_size].copy_(tokens, non_blocking=True)
+        on_batch(len(tokens))
     torch.cuda.current_stream(vision.device).synchronize()
     return out.numpy()
 
@@ -211,13 +218,17 @@ def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders |
                                                            input_size=input_size, skip_bad=config.skip_bad), shards)
     bad: list[tuple[str, str]] = []
     writers = ShardWriters(group=group, num_classes=len(group.attrs["class_names"]), count=config.writers)
+    # Views count as they are encoded, batch by batch, with tqdm's rate and time left: a large
+    # shard (or a whole split in one) no longer shows 0% until it is written.
     bar = progress(total=int(total_views), desc=progress_desc, quiet=quiet, unit="view")
+    bar.set_postfix_str(f"rendering shard {shards[0]}" if shards else "", refresh=True)
     try:
         for rendered in renders:
-            feats = encode_shard(encoders=encoders, rendered=rendered, batch_size=config.batch_size)
+            bar.set_postfix_str(f"shard {rendered.shard}", refresh=False)
+            feats = encode_shard(encoders=encoders, rendered=rendered, batch_size=config.batch_size,
+                                 on_batch=bar.update)
             bad.extend(rendered.bad)
             writers.put(rendered.shard, feats, rendered)
-            bar.update(len(rendered.valid))
     finally:
         writers.close()
         bar.close()

@@ -27,7 +27,7 @@ from pipeline.data.views import Stitcher, ViewParams, pad_fill, render_view, win
 from pipeline.encode.text import class_embeddings, encoder_from_identity, text_encoder_of
 from pipeline.eval.identity import check_stores
 from pipeline.errors import UserError
-from pipeline.plots import overlay, png_caveat, save_label_png
+from pipeline.plots import legend, overlay, png_caveat, save_label_png
 from pipeline.runtime import progress
 from pipeline.store.layout import open_store, store_attrs
 from pipeline.training.inputs import read_run_inputs, split_normalization
@@ -306,7 +306,8 @@ def _write_prediction(*, out: Path, photo: str, pixels: np.ndarray, labels: np.n
                       pretrained: bool) -> dict:
     """Masks, label map and overlay files; returns their names for the summary."""
     out.mkdir(parents=True, exist_ok=True)
-    save_label_png(labels, out / "labels.png", caveat=not pretrained)
+    save_label_png(labels, out / "labels.png", caveat=not pretrained, names=classes)
+    legend(names=classes, labels=labels, out=out / "legend.png", caveat=not pretrained)
     files, digits = {}, max(2, len(str(len(classes))))
     for j, name in enumerate(classes):
         path = out / f"mask_{j + 1:0{digits}d}_{_slug(name)}.png"
@@ -314,4 +315,4 @@ def _write_prediction(*, out: Path, photo: str, pixels: np.ndarray, labels: np.n
         files[name] = path.name
     overlay(image=pixels, labels=labels, names=classes, out=out / "overlay.png", title=Path(photo).name,
             caveat=not pretrained)
-    return {"masks": files, "overlay": "overlay.png", "labels": "labels.png"}
+    return {"masks": files, "overlay": "overlay.png", "labels": "labels.png", "legend": "legend.png"}

@@ -272,6 +272,11 @@ def _derive(config: dict, derived: dict, *, where: str) -> None:
             set_key(config, key, value // number, where=where)
 
 
+# Training keys that only add output beside a run (not what it trains or scores): left out of the run's
+# hash, so turning them on neither moves the run's folder nor re-runs a finished study.
+LOGGING_KEYS = ("tensorboard",)
+
+
 def _check_fold(data: dict, *, where: str) -> None:
     """A fold the protocol lacks fails at planning (and ``--dry-run``), not on a worker."""
     from pipeline.data.protocols import check_fold, protocol_entry
@@ -313,7 +318,7 @@ def expand_runs(study: Study, *, check_caches: bool = True) -> list[Run]:
         _check_fold(config["data"], where=where)
         if evals["splits_dir"]:
             evals["splits_dir"] = _resolve_path(evals["splits_dir"], where=f"{where}: eval.splits_dir")
-        key = config_hash({"train": config, "eval": evals})
+        key = config_hash({"train": {k: v for k, v in config.items() if k not in LOGGING_KEYS}, "eval": evals})
         run_dir = study.runs / key
         config["out"] = str(run_dir)
         runs.append(Run(key=key, dir=run_dir, pair=pair.label, variant=variant, fold=fold, seed=seed,

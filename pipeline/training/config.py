@@ -108,6 +108,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (measure first: docs/benchmarks.md)
     out: str = "runs/default"
     log_every: int = 10
+    tensorboard: bool = False  # also write TensorBoard event files to <out>/tensorboard (fusioner[tensorboard])
     checkpoint_every: int = 0  # steps; 0 = at the end of every epoch only
     val_split: str | None = None  # evaluate novel-class mIoU on this split of the cache each eval_every epochs
     eval_every: int = 1
@@ -123,8 +124,8 @@ class TrainConfig:
 # Keys that say how far to go, where to write and what to log, not what is trained:
 # a resumed run may change them (e.g. raise optim.max_steps) and still reach the
 # weights of an uninterrupted run.
-RESUME_FREE_KEYS = ("optim.max_steps", "out", "log_every", "checkpoint_every", "val_split", "eval_every",
-                    "splits_dir", "data.readers", "compile", "data.online.workers")
+RESUME_FREE_KEYS = ("optim.max_steps", "out", "log_every", "tensorboard", "checkpoint_every", "val_split",
+                    "eval_every", "splits_dir", "data.readers", "compile", "data.online.workers")
 
 
 def resume_identity(config: TrainConfig | dict) -> str:

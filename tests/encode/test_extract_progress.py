@@ -1,0 +1,47 @@
+"""Extraction progress moves as views are encoded, not once per shard."""
+
+from __future__ import annotations
+
+import pytest
+from synthetic_data import TINY_VIEWS, write_folder_dataset
+from synthetic_data import tiny_extract_config as tiny_config
+
+import pipeline.encode.shards as shards
+from pipeline.encode.extract import extract
+
+pytestmark = pytest.mark.usefixtures("one_thread", "reuse_encoders")
+
+
+class RecordingBar:
+    """A stand-in for the tqdm bar that notes each update beside the shard writes."""
+
+    def __init__(self, events: list, **kwargs) -> None:
+        self.events, self.total, self.n, self.unit = events, kwargs["total"], 0, kwargs["unit"]
+
+    def update(self, count: int = 1) -> None:
+        self.n += count
+        self.events.append(("views", self.n))
+
+    def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
+        self.events.append(("status", text))
+
+    def close(self) -> None:
+        pass
+
+
+def test_extraction_progress_advances_before_the_first_shard_is_written(tmp_path, monkeypatch):
+    events: list = []
+    monkeypatch.setattr(shards, "progress", lambda **kwargs: RecordingBar(events, **kwargs))
+    put = shards.ShardWriters.put
+    monkeypatch.setattr(shards.ShardWriters, "put",
+                        lambda self, shard, *rest: (events.append(("written", shard)), put(self, shard, *rest))[1])
+    data = write_folder_dataset(tmp_path / "data")
+    views = 6 * TINY_VIEWS  # the six images of the dataset, all in one shard
+    extract(config=tiny_config(data, tmp_path / "store", vision_only=True, shard_size=views, batch_size=2),
+            quiet=False)
+    counts = [n for kind, n in events if kind == "views"]
+    first_write = events.index(("written", 0))
+    before = [n for kind, n in events[:first_write] if kind == "views"]
+    assert len(before) == views // 2 and before[0] == 2  # one step per batch of 2 views, all before the write
+    assert counts[-1] == views and counts == sorted(counts)
+    assert events[0] == ("status", "rendering shard 0")  # says what it is doing before the first view is encoded

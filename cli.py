@@ -431,7 +431,7 @@ def predict(
     classes: str = typer.Option(..., "--classes", callback=_names, metavar="NAMES",
                                 help='Comma-separated class names, e.g. "cat, potted plant, sofa".'),
     checkpoint: Path = typer.Option(..., "--checkpoint", metavar="RUN", help="Run directory of a trained model."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="PATH", show_default="predictions/<image stem>",
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="PATH", show_default="predictions/IMAGE-STEM",
                                        help="Output folder."),
     resize: bool = typer.Option(False, "--resize", help="One resized view instead of sliding windows."),
     stride: Optional[int] = typer.Option(None, "--stride", metavar="PX", show_default="2/3 of a window",

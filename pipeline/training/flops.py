@@ -16,7 +16,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.model import ModelConfig
+from pipeline.model import ModelConfig, decoder_channels
 
 
 def count_step_flops(model: torch.nn.Module, *, grid: tuple[int, int], classes: int, batch: int = 1) -> int:
@@ -54,7 +54,7 @@ def _fusion_forward(config: ModelConfig, *, tokens: int, classes: int) -> int:
 def _decoder_forward(config: ModelConfig, *, grid: tuple[int, int], width: int) -> tuple[int, int]:
     """Decoder FLOPs and the number of pixels it outputs."""
     flops, pixels, channels = 0, grid[0] * grid[1], width
-    for index, out_channels in enumerate(config.decoder.channels):
+    for index, out_channels in enumerate(decoder_channels(config)):
         pixels *= 4 if index else 1  # 2x bilinear upsampling between blocks
         flops += 2 * 9 * channels * out_channels * pixels  # 3x3 conv, no bias
         channels = out_channels
@@ -69,10 +69,11 @@ def training_flops_per_sample(model: ModelConfig, *, grid: tuple[int, int], clas
     frozen = model.fusion.mode == "frozen"
     width = model.vision_dim if frozen else model.fusion.width
     forward = 0 if frozen else _fusion_forward(model, tokens=tokens, classes=classes)
+    pixels = model.decoder.out_size ** 2  # the released order: features resized, cosine at the output size
     if model.decoder.enabled:
-        decoder, pixels = _decoder_forward(model, grid=grid, width=width)
+        decoder, decoded = _decoder_forward(model, grid=grid, width=width)
         forward += decoder
-    else:
-        pixels = model.decoder.out_size ** 2  # the cosine is taken at the output size
+        if model.decoder.upsample == "logits":
+            pixels = decoded  # the cosine at the decoder's size, the logits resized after it
     forward += 2 * width * classes * pixels  # cosine: pixels x classes dot products
     return forward if frozen else 3 * forward

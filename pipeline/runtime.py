@@ -119,8 +119,8 @@ def refuse_code_in_weights(path, *, what: str = "weights file") -> None:
     """Refuse, in one line, a weights file (or a folder's pickled weight files) that names anything
     beyond torch's tensor allow-list, before a library is handed it.
 
-    Libraries load with ``weights_only=True`` too, but their refusal is a long traceback whose
-    last line advises ``weights_only=False``, which would run the code. Zip checkpoints are read
+    Libraries load weights-only too, but their refusal is a long traceback whose last line
+    advises turning that protection off, which would run the code. Zip checkpoints are read
     statically (the pickle's globals, no tensor loaded); TorchScript archives (OpenAI's CLIP
     files) hold compiled TorchScript and are left to ``torch.jit.load``; other pickles get a
     weights-only load. ``.safetensors`` files hold no code.

@@ -63,22 +63,23 @@ class CachedSplit:
         vanish while a run reads them.
         """
         array = self.group[name]
-        self.check_files(name, index)
+        self.check_files(name, index, array=array)
         try:
             if direct:
                 return read_rows(array, *index.indices(self.num_views)[:2])
             return _take(array, index)
         except (ValueError, OSError) as err:  # zarr's checksum failure, fastread's ChecksumMismatch, a lost file
-            self.check_files(name, index)
+            self.check_files(name, index, array=array)
             raise self.damaged(name, index, err) from err
 
     def shards_of(self, index: np.ndarray | slice) -> list[int]:
         rows = np.arange(self.num_views)[index] if isinstance(index, slice) else np.asarray(index)
         return sorted({int(r) // int(self.group.attrs["shard_size"]) for r in np.atleast_1d(rows)})
 
-    def check_files(self, name: str, index: np.ndarray | slice) -> None:
-        """Raise the one-line error when a file of the shards holding ``index`` is missing or empty."""
-        array = self.group[name]
+    def check_files(self, name: str, index: np.ndarray | slice, *, array=None) -> None:
+        """Raise the one-line error when a file of the shards holding ``index`` is missing or empty
+        (``array``: ``name`` already opened, so a read opens its array's metadata once)."""
+        array = self.group[name] if array is None else array
         for shard in self.shards_of(index):
             problem = shard_file_problem(array, shard)
             if problem:

@@ -144,10 +144,9 @@ def _store_inputs(store: str, *, memo: dict) -> dict:
     return found
 
 
-def run_flops(config: dict, *, classes: float, memo: dict) -> int:
-    """Training FLOPs per sample of a run's resolved config."""
+def run_model(config: dict, *, memo: dict) -> tuple:
+    """(ModelConfig, patch grid) of a run's resolved config, its input sizes from its stores or their encoders."""
     from pipeline.model import make_model_config
-    from pipeline.training.flops import training_flops_per_sample
 
     data = config["data"]
     vision = _store_inputs(data["cache"], memo=memo)
@@ -159,7 +158,15 @@ def run_flops(config: dict, *, classes: float, memo: dict) -> int:
     model = make_model_config(vision_dim=int(vision["vision_dim"]), text_dim=int(text_dim), preset="paper",
                               overrides=overrides)
     model.decoder.out_size = int(vision["input_size"])  # training always predicts at the view size
-    return training_flops_per_sample(model, grid=vision["grid"], classes=max(1, math.ceil(classes)))
+    return model, tuple(vision["grid"])
+
+
+def run_flops(config: dict, *, classes: float, memo: dict) -> int:
+    """Training FLOPs per sample of a run's resolved config."""
+    from pipeline.training.flops import training_flops_per_sample
+
+    model, grid = run_model(config, memo=memo)
+    return training_flops_per_sample(model, grid=grid, classes=max(1, math.ceil(classes)))
 
 
 def row_labels(runs: list) -> dict[str, str]:
@@ -178,8 +185,30 @@ def row_labels(runs: list) -> dict[str, str]:
     return {key: f"{' = '.join(pairs[key])} | {' = '.join(names[key])}" for key in names}
 
 
-def estimate_study(*, runs: list, gpu: str, timings_file: Path | None = None) -> dict:
-    """Per table row: runs, samples, GFLOP/sample, steps, seconds per step, GPU-hours; extraction; totals."""
+def packing_speedup(*, runs_per_gpu: int, timings: dict | None) -> tuple[float, str]:
+    """(GPU throughput of ``runs_per_gpu`` packed runs over one run alone, where the figure comes from).
+
+    Measured only: ``bench gpu``'s ``packed_samples_per_s`` ({"1": samples/s, "2": ..., ...}, all runs of
+    one GPU together). Without that figure for ``runs_per_gpu`` the study is priced one run at a time.
+    """
+    if runs_per_gpu == 1:
+        return 1.0, ""
+    packed = (timings or {}).get("packed_samples_per_s") or {}
+    single, together = packed.get("1"), packed.get(str(runs_per_gpu))
+    if isinstance(single, (int, float)) and isinstance(together, (int, float)) and single > 0 and together > 0:
+        speedup = float(together) / float(single)
+        return speedup, (f"{runs_per_gpu} runs per GPU: {together:,.0f} samples/s per GPU packed against {single:,.0f} "
+                         f"for one run, measured by bench gpu on {timings.get('machine', 'an unnamed machine')}: "
+                         f"GPU-hours divided by {speedup:.2f}")
+    return 1.0, (f"{runs_per_gpu} runs per GPU: priced as one run at a time, from the single-run rate; the packed "
+                 f"rate is unmeasured (no packed_samples_per_s for {runs_per_gpu} runs in a bench gpu --timings file)")
+
+
+def estimate_study(*, runs: list, gpu: str, timings_file: Path | None = None, runs_per_gpu: int = 1) -> dict:
+    """Per table row: runs, samples, GFLOP/sample, steps, seconds per step, GPU-hours; extraction; totals.
+
+    With ``runs_per_gpu`` > 1 the GPU-hours are divided by the measured packed speed-up, if any.
+    """
     from pipeline.sweep.sizes import SampleCount, training_samples
     from pipeline.sweep.study import run_state
 
@@ -220,9 +249,13 @@ def estimate_study(*, runs: list, gpu: str, timings_file: Path | None = None) ->
         row["steps"] += steps
         row["seconds"] += steps * seconds_per_step
         row["todo_seconds"] += 0.0 if run_state(run.dir) == "done" else steps * seconds_per_step
+    speedup, packing = packing_speedup(runs_per_gpu=runs_per_gpu, timings=timings)
+    for row in rows.values():
+        row["seconds"] /= speedup
+        row["todo_seconds"] /= speedup
     extraction = estimate_extraction(runs=runs, gpu=gpu, timings=timings, rows=labels)
     total = sum(r["seconds"] for r in rows.values()) / 3600
-    return {"gpu": gpu, "rate": rate, "rows": rows, "extraction": extraction, "gpu_hours": total,
+    return {"gpu": gpu, "rate": rate, "rows": rows, "extraction": extraction, "gpu_hours": total, "packing": packing,
             "gpu_hours_left": sum(r["todo_seconds"] for r in rows.values()) / 3600,
             "extract_gpu_hours": sum(e["seconds"] for e in extraction if e["seconds"]) / 3600}
 
@@ -285,6 +318,8 @@ def format_estimate(estimate: dict, *, study_name: str) -> str:
         lines.append(f"| {label} | {row['runs']} ({row['done']}) | {samples} | {gflop} | {row['steps']:,} "
                      f"| {per_step} | {hours} | {'; '.join(row['sources'])} |")
     lines.append(f"seconds per step: {estimate['rate'].source}")
+    if estimate.get("packing"):
+        lines.append(f"packing: {estimate['packing']}")
     if estimate["extraction"]:
         lines += ["", "extraction of the missing caches:",
                   "| store split | images | views | views/s | GPU-hours | used by | images from; views from; rate from |",

@@ -7,7 +7,8 @@ runs last long enough for their overlap (or its absence) to show.
 ``OutOfMemory`` (``FUSIONER_OOM=DIR``): every run process leaves a file ``DIR/live-<pid>`` (alive while
 that process is). A run of variant ``oom-first`` raises ``torch.OutOfMemoryError`` after its first step
 on its first attempt, and on any later attempt as soon as another run process is alive beside it,
-as a GPU too small for both would; a run of variant ``oom-always`` raises it at every attempt.
+as a GPU too small for both would; a run of variant ``oom-always`` raises it at every attempt; a
+run of variant ``slow`` sleeps a second after each step, to be alive when a retry could start beside it.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class OutOfMemory(HookBase):
                 if p != self.live and _alive(int(p.name.split("-")[1]))]
 
     def after_step(self, loop) -> None:
+        if self.variant == "slow":
+            time.sleep(1.0)
         if self.variant == "oom-always":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (test hook)")
         if self.variant != "oom-first":

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.bench.sweep import build_demo_caches, demo_study
+from pipeline.bench.sweep import demo_study
 from pipeline.errors import UserError
 from pipeline.sweep.command import sweep_command
 from pipeline.sweep.packing import MEMORY_VARIABLE, RESOURCE, parse_memory, run_memory_mib
@@ -26,10 +26,6 @@ pytestmark = pytest.mark.processes  # sweeps start dask clusters and run process
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
-
-@pytest.fixture(scope="module")
-def caches(tmp_path_factory) -> tuple[Path, Path]:
-    return build_demo_caches(tmp_path_factory.mktemp("packing-caches"))
 
 
 def write_study(path: Path, caches, *, variants: dict, seeds=(0,), steps: int = 6) -> Path:
@@ -95,8 +91,9 @@ def test_a_run_that_fits_no_device_even_alone_is_refused_before_anything_runs(ca
 
 def test_out_of_memory_is_retried_alone_once_and_then_fails(caches, tmp_path, monkeypatch):
     """`oom-first` runs out of memory packed, then again whenever another run lives beside it: it completes
-    only because its retry ran alone. `oom-always` fails after its retry alone; no other retries (--retries 0)."""
-    variants = {"ok": {}, "oom-first": {"optim.lr": 0.0009}, "oom-always": {"optim.lr": 0.0008}}
+    only because its retry ran alone (`slow` is still training when the retry is submitted). `oom-always`
+    fails after its retry alone; no other retries (--retries 0)."""
+    variants = {"slow": {}, "oom-first": {"optim.lr": 0.0009}, "oom-always": {"optim.lr": 0.0008}}
     study = write_study(tmp_path / "oom.yaml", caches, variants=variants)
     need = estimate_mib(study)
     folder = tmp_path / "oom"
@@ -106,8 +103,8 @@ def test_out_of_memory_is_retried_alone_once_and_then_fails(caches, tmp_path, mo
     assert sweep(study, runs_per_gpu=2) == 1
     runs = {r.variant: r.dir for r in expand_runs(load_study(path=study))}
     starts = {v: len((d / "attempts.log").read_text().splitlines()) for v, d in runs.items()}
-    assert starts == {"ok": 1, "oom-first": 2, "oom-always": 2}
-    assert (runs["ok"] / "done.json").is_file() and (runs["oom-first"] / "done.json").is_file()
+    assert starts == {"slow": 1, "oom-first": 2, "oom-always": 2}
+    assert (runs["slow"] / "done.json").is_file() and (runs["oom-first"] / "done.json").is_file()
     failed = json.loads((runs["oom-always"] / "failed.json").read_text())
     assert failed["attempts"] == 2 and "out of memory" in failed["error"]
     assert "again, alone on the device" in failed["error"]

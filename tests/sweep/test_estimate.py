@@ -113,3 +113,25 @@ def test_runs_that_cannot_be_counted_are_listed_unpriced_not_an_error(tmp_path, 
     print(estimate_command(study=Path("tiny"), gpu="h100", timings=None, overrides={"study.out": str(tmp_path / "t")}))
     out = capsys.readouterr().out
     assert "optim.max_steps 60 priced as an upper bound" in out and "| 240 |" in out and "unpriced" not in out
+
+
+def test_packed_runs_are_priced_serially_until_a_packed_rate_is_measured(tmp_path, splits_dir, monkeypatch):
+    spec = _fresh("table4", tmp_path, splits_dir, monkeypatch)
+    runs = expand_runs(spec, check_caches=False)
+    alone = estimate_study(runs=runs, gpu="h100")
+    packed = estimate_study(runs=runs, gpu="h100", runs_per_gpu=2)
+    assert packed["gpu_hours"] == pytest.approx(alone["gpu_hours"]) and alone["packing"] == ""
+    assert "priced as one run at a time" in packed["packing"] and "packed rate is unmeasured" in packed["packing"]
+    timings = tmp_path / "gpu.json"
+    rates = {"1": 300.0, "2": 450.0}
+    timings.write_text(json.dumps({"preset": "paper", "batch_size": 32, "steps_per_s": 9.0, "machine": "H100 test",
+                                   "packed_samples_per_s": rates}) + "\n")
+    measured = estimate_study(runs=runs, gpu="h100", timings_file=timings, runs_per_gpu=2)
+    serial = estimate_study(runs=runs, gpu="h100", timings_file=timings)
+    assert measured["gpu_hours"] == pytest.approx(serial["gpu_hours"] / 1.5)
+    assert "450 samples/s per GPU packed against 300" in measured["packing"] and "H100 test" in measured["packing"]
+    unmeasured = estimate_study(runs=runs, gpu="h100", timings_file=timings, runs_per_gpu=4)
+    assert unmeasured["gpu_hours"] == pytest.approx(serial["gpu_hours"]) and "unmeasured" in unmeasured["packing"]
+    text = estimate_command(study=spec.path, gpu="h100", timings=None, runs_per_gpu=2,
+                            overrides={"data.train_lists": str(splits_dir), "study.eval.splits_dir": str(splits_dir)})
+    assert "packing: 2 runs per GPU: priced as one run at a time" in text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,43 @@ def test_memory_figures_and_the_option_are_checked(caches, tmp_path, monkeypatch
     monkeypatch.setenv(MEMORY_VARIABLE, "plenty")
     with pytest.raises(UserError, match=f"{MEMORY_VARIABLE}: cannot read 'plenty'"):
         sweep(study, runs_per_gpu=2)
+
+
+def _waiting(dask_scheduler) -> int:
+    return len(dask_scheduler.unrunnable)
+
+
+def test_tasks_waiting_for_memory_start_once_a_worker_offers_it():
+    """A worker measures its memory after it joins; dask looks for a waiting task's worker only when one joins."""
+    from distributed import Client, LocalCluster
+
+    from pipeline.sweep.packing import schedule_unrunnable
+
+    async def offer(dask_worker) -> None:
+        await dask_worker.set_resources(**{RESOURCE: 1000})
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        future = client.submit(sum, [1, 2], resources={RESOURCE: 600}, pure=False)
+        deadline = time.monotonic() + 30
+        while not client.run_on_scheduler(_waiting):  # no worker offers the resource yet
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        client.run(offer)
+        with pytest.raises(TimeoutError):
+            future.result(timeout=1)  # the resource is there, but nobody looked again
+        assert client.run_on_scheduler(schedule_unrunnable) == 1
+        assert future.result(timeout=30) == 3
+        assert client.run_on_scheduler(schedule_unrunnable) == 0
+
+
+def test_slurm_workers_get_a_thread_per_packed_run(tmp_path):
+    from pipeline.sweep.slurm import slurm_cluster
+    from pipeline.sweep.study import SlurmSpec
+
+    cluster = slurm_cluster(spec=SlurmSpec(cores_per_gpu=6), gpus_per_job=2, log_dir=tmp_path, runs_per_gpu=3)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "--nworkers 2" in script and "--nthreads 3" in script and "--cpus-per-task=12" in script

@@ -172,3 +172,47 @@ def test_slurm_workers_get_a_thread_per_packed_run(tmp_path):
     finally:
         cluster.close()
     assert "--nworkers 2" in script and "--nthreads 3" in script and "--cpus-per-task=12" in script
+
+
+@pytest.mark.slow  # 80 s on a loaded 2-core machine; kill and resume unpacked are in test_sweep.py
+@pytest.mark.reliability
+def test_a_killed_packed_sweep_resumes(caches, tmp_path, monkeypatch):
+    """Killed with one of two packed runs frozen after its step-2 checkpoint: the run processes die with the
+    sweep (every lock comes free), and the same command finishes both, the frozen one from its checkpoint."""
+    import fcntl
+    import signal
+    import subprocess
+    import sys
+
+    study = write_study(tmp_path / "killed.yaml", caches, variants={"full": {}}, seeds=(0, 1), steps=8)
+    spec = yaml.safe_load(study.read_text())
+    spec["base"]["checkpoint_every"] = 2
+    study.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out, claim = study.with_suffix(""), tmp_path / "frozen-run"
+    monkeypatch.setenv(MEMORY_VARIABLE, f"{estimate_mib(study) * 10}MiB")
+    env = {**os.environ, "FUSIONER_FREEZE_AT": f"2:{claim}", "FUSIONER_HOOKS": "freeze_hook:FreezeAfterStep",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", "study", str(study), "--workers", "1",
+                             "--runs-per-gpu", "2", "-q"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    while not (claim.exists() and claim.read_text().endswith("\n")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before the moment to kill it"
+        time.sleep(0.02)
+    frozen = Path(claim.read_text().split()[1]).resolve()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for lock in out.glob("runs/*/.lock"):
+        with open(lock, "a") as handle:
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline + 60, f"a run of the killed sweep outlived it ({lock.parent})"
+                    time.sleep(0.02)
+    assert not (frozen / "done.json").exists()
+    assert sweep(study, runs_per_gpu=2) == 0
+    record = json.loads((frozen / "done.json").read_text())
+    assert record["resumed"] and len((frozen / "attempts.log").read_text().splitlines()) == 2
+    assert len(list(out.glob("runs/*/done.json"))) == 2

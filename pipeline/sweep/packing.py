@@ -118,6 +118,7 @@ def worker_devices(client, *, gpus: list[str] | None) -> dict[str, dict]:
 
 def run_memory_mib(run, *, device_type: str, memo: dict) -> int | None:
     """A run's estimated peak memory in MiB; None for an online run (it gets a whole device)."""
+    from pipeline.config import to_dict
     from pipeline.sweep.estimate import run_model
     from pipeline.sweep.sizes import training_samples
     from pipeline.training.memory import training_memory
@@ -129,9 +130,13 @@ def run_memory_mib(run, *, device_type: str, memo: dict) -> int | None:
     count = training_samples(config["data"], memo=memo.setdefault("samples", {}))
     classes = count.most or max(1, math.ceil(count.classes))
     bf16 = config.get("precision") == "bf16" or (config.get("precision", "auto") == "auto" and device_type == "cuda")
-    estimate = training_memory(model, grid=grid, classes=classes, batch_size=int(config["optim"]["batch_size"]),
-                               device_type=device_type, bf16=bf16)
-    return -(-estimate.total // MIB)
+    batch = int(config["optim"]["batch_size"])
+    key = (json.dumps(to_dict(model), sort_keys=True), grid, classes, batch, device_type, bf16)  # folds share one
+    if key not in memo.setdefault("estimates", {}):
+        estimate = training_memory(model, grid=grid, classes=classes, batch_size=batch, device_type=device_type,
+                                   bf16=bf16)
+        memo["estimates"][key] = -(-estimate.total // MIB)
+    return memo["estimates"][key]
 
 
 def plan_memory(*, runs: list, devices: dict[str, dict]) -> dict[str, int]:

@@ -8,6 +8,8 @@ GPU. Finished runs carry ``done.json`` and are skipped, so a killed sweep
 resumes by being started again; a failed run is retried (a user error is not:
 it would fail the same way), then recorded in ``failed.json`` while the other
 runs go on. At the end the study's tables are written from the done markers.
+With ``--runs-per-gpu`` a worker holds several runs where their memory fits
+(:mod:`pipeline.sweep.packing`), and a run out of memory is retried once alone.
 """
 
 from __future__ import annotations

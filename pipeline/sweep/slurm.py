@@ -1,7 +1,7 @@
 """``fusioner sweep --slurm``: dask-jobqueue workers that leave before the walltime kills them.
 
 One SLURM job per ``--jobs``, each holding ``--gpus-per-job`` GPUs and as many
-worker processes (one run at a time each, one GPU each: a worker's name ends
+worker processes (one run at a time each, or ``--runs-per-gpu``; one GPU each: a worker's name ends
 in its index within the job, which :func:`pipeline.sweep.pick_gpu` maps onto
 the job's ``CUDA_VISIBLE_DEVICES``). Workers get ``--lifetime`` = walltime -
 margin with a stagger, and ``--lifetime-restart``: a worker retires before

@@ -216,3 +216,18 @@ def test_a_killed_packed_sweep_resumes(caches, tmp_path, monkeypatch):
     record = json.loads((frozen / "done.json").read_text())
     assert record["resumed"] and len((frozen / "attempts.log").read_text().splitlines()) == 2
     assert len(list(out.glob("runs/*/done.json"))) == 2
+
+
+def test_out_of_memory_is_told_from_other_failures_and_devices_are_measured():
+    import torch
+
+    from pipeline.sweep.packing import measure_device
+    from pipeline.sweep.worker import out_of_memory
+
+    assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert out_of_memory(RuntimeError("CUDA error: out of memory")) and out_of_memory(MemoryError())
+    assert not out_of_memory(RuntimeError("CUDA error: an illegal memory access")) and not out_of_memory(ValueError())
+    given = measure_device(gpu=None, environ={**os.environ, "CUDA_VISIBLE_DEVICES": "", MEMORY_VARIABLE: "3GB"})
+    assert given == {"kind": "cpu", "bytes": 3_000_000_000, "source": MEMORY_VARIABLE}
+    host = measure_device(gpu=None, environ={k: v for k, v in os.environ.items() if k != MEMORY_VARIABLE})
+    assert host["kind"] == ("cuda" if torch.cuda.is_available() else "cpu") and host["bytes"] > 0

@@ -187,9 +187,21 @@ def _threaded_renders(render, shards: list[int]):
             yield rendered
 
 
+def _both(first: Callable[[int], None], second: Callable[[int], None]) -> Callable[[int], None]:
+    def call(count: int) -> None:
+        first(count)
+        second(count)
+    return call
+
+
 def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders | None = None,
-               dataset=None, quiet: bool = False, progress_desc: str = "extract") -> list[tuple[str, str]]:
-    """Extract the given shards of a planned split; returns the (image id, reason) of bad images."""
+               dataset=None, quiet: bool = False, progress_desc: str = "extract",
+               on_views: Callable[[int], None] | None = None) -> list[tuple[str, str]]:
+    """Extract the given shards of a planned split; returns the (image id, reason) of bad images.
+
+    ``on_views`` is called with each encoded batch's view count, beside the progress bar (a dask
+    worker reports its count to the driver's bar through it).
+    """
     from pipeline.encode.render_pool import rendered_shards
 
     root = open_store(config.out, mode="r+")
@@ -226,7 +238,7 @@ def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders |
         for rendered in renders:
             bar.set_postfix_str(f"shard {rendered.shard}", refresh=False)
             feats = encode_shard(encoders=encoders, rendered=rendered, batch_size=config.batch_size,
-                                 on_batch=bar.update)
+                                 on_batch=bar.update if on_views is None else _both(bar.update, on_views))
             bad.extend(rendered.bad)
             writers.put(rendered.shard, feats, rendered)
     finally:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import subprocess
 import sys
@@ -116,37 +115,16 @@ def worker_devices(client, *, gpus: list[str] | None) -> dict[str, dict]:
     return devices
 
 
-def run_memory_mib(run, *, device_type: str, memo: dict) -> int | None:
-    """A run's estimated peak memory in MiB; None for an online run (it gets a whole device)."""
-    from pipeline.config import to_dict
-    from pipeline.sweep.estimate import run_model
-    from pipeline.sweep.sizes import training_samples
-    from pipeline.training.memory import training_memory
-
-    config = run.config
-    if config["data"].get("online", {}).get("enabled"):
-        return None
-    model, grid = run_model(config, memo=memo.setdefault("inputs", {}))
-    count = training_samples(config["data"], memo=memo.setdefault("samples", {}))
-    classes = count.most or max(1, math.ceil(count.classes))
-    bf16 = config.get("precision") == "bf16" or (config.get("precision", "auto") == "auto" and device_type == "cuda")
-    batch = int(config["optim"]["batch_size"])
-    key = (json.dumps(to_dict(model), sort_keys=True), grid, classes, batch, device_type, bf16)  # folds share one
-    if key not in memo.setdefault("estimates", {}):
-        estimate = training_memory(model, grid=grid, classes=classes, batch_size=batch, device_type=device_type,
-                                   bf16=bf16)
-        memo["estimates"][key] = -(-estimate.total // MIB)
-    return memo["estimates"][key]
-
-
 def plan_memory(*, runs: list, devices: dict[str, dict]) -> dict[str, int]:
     """Run key -> MiB its task reserves; a run that fits no worker's device even alone is a one-line error."""
     largest = max(device["bytes"] for device in devices.values()) // MIB
     kind = "cpu" if all(device["kind"] == "cpu" for device in devices.values()) else "cuda"
+    from pipeline.sweep.estimate import run_peak_mib
+
     memo: dict = {}
     plan = {}
     for run in runs:
-        need = run_memory_mib(run, device_type=kind, memo=memo)
+        need = run_peak_mib(run, device_type=kind, memo=memo)
         if need is not None and need > largest:
             source = next(iter(devices.values()))["source"]
             raise UserError(f"{run.describe()}: needs about {need:,} MiB of device memory by its config, more than "

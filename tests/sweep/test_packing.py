@@ -18,7 +18,8 @@ import yaml
 from pipeline.bench.sweep import demo_study
 from pipeline.errors import UserError
 from pipeline.sweep.command import sweep_command
-from pipeline.sweep.packing import MEMORY_VARIABLE, RESOURCE, parse_memory, run_memory_mib
+from pipeline.sweep.estimate import run_peak_mib
+from pipeline.sweep.packing import MEMORY_VARIABLE, RESOURCE, parse_memory
 from pipeline.sweep.scheduler import RunFailed, _failure
 from pipeline.sweep.study import expand_runs, load_study
 
@@ -46,7 +47,7 @@ def sweep(study: Path, **options) -> int:
 def estimate_mib(study: Path) -> int:
     """The largest estimate of the study's runs, as the sweep counts it on a CPU worker."""
     memo: dict = {}
-    return max(run_memory_mib(run, device_type="cpu", memo=memo) for run in expand_runs(load_study(path=study)))
+    return max(run_peak_mib(run, device_type="cpu", memo=memo) for run in expand_runs(load_study(path=study)))
 
 
 def use_hooks(monkeypatch, hooks: str, **variables: str) -> None:

@@ -79,11 +79,17 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
     return 1 if result.failed else 0
 
 
+def check_runs_per_gpu(runs_per_gpu) -> None:
+    if isinstance(runs_per_gpu, bool) or not isinstance(runs_per_gpu, int) or runs_per_gpu < 1:
+        raise UserError(f"--runs-per-gpu must be a whole number of at least 1, got {runs_per_gpu!r}")
+
+
 def estimate_command(*, study: Path, gpu: str, timings: Path | None, overrides: Mapping[str, Any] | None,
                      runs_per_gpu: int = 1) -> str:
     """The ``--estimate`` table: runs x steps x seconds per step = GPU-hours, per preset (runs nothing)."""
     from pipeline.sweep.estimate import check_gpu, estimate_study, format_estimate
 
+    check_runs_per_gpu(runs_per_gpu)
     check_gpu(gpu, timings_file=timings)  # a wrong --gpu or --timings first, before the study is read
     spec = load_study(path=Path(study), overrides=overrides or {})
     runs = expand_runs(spec, check_caches=False)  # pricing comes before extraction: no store needed
@@ -121,8 +127,7 @@ def run_study(*, study: Path, scheduler: str | None = None, slurm: bool = False,
         raise UserError("--scheduler and --slurm exclude each other")
     if retries < 0 or jobs < 1 or gpus_per_job < 0 or (workers is not None and workers < 1):
         raise UserError("--retries and --gpus-per-job must be >= 0, --jobs and --workers >= 1")
-    if isinstance(runs_per_gpu, bool) or not isinstance(runs_per_gpu, int) or runs_per_gpu < 1:
-        raise UserError(f"--runs-per-gpu must be a whole number of at least 1, got {runs_per_gpu!r}")
+    check_runs_per_gpu(runs_per_gpu)
     if runs_per_gpu > 1 and os.environ.get(MEMORY_VARIABLE):
         parse_memory(os.environ[MEMORY_VARIABLE])  # a bad figure fails here, not inside every worker
     spec = load_study(path=Path(study), overrides=overrides or {})

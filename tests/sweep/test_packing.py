@@ -128,8 +128,9 @@ def test_memory_figures_and_the_option_are_checked(caches, tmp_path, monkeypatch
         with pytest.raises(UserError, match=MEMORY_VARIABLE):
             parse_memory(bad)
     study = write_study(tmp_path / "opt.yaml", caches, variants={"full": {}})
-    with pytest.raises(UserError, match="--runs-per-gpu must be a whole number of at least 1"):
-        sweep(study, runs_per_gpu=0)
+    for options in ({}, {"estimate": True}):
+        with pytest.raises(UserError, match="--runs-per-gpu must be a whole number of at least 1"):
+            sweep(study, runs_per_gpu=0, **options)
     monkeypatch.setenv(MEMORY_VARIABLE, "plenty")
     with pytest.raises(UserError, match=f"{MEMORY_VARIABLE}: cannot read 'plenty'"):
         sweep(study, runs_per_gpu=2)

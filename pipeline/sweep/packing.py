@@ -11,7 +11,7 @@ every worker's memory is refused before anything runs.
 
 A run whose process dies of out-of-memory (:data:`pipeline.sweep.worker.OOM_EXIT`) is retried once
 with the whole memory of the worker it died on reserved, so no run shares the device with it;
-out of memory alone is a failure like any other.
+out of memory alone fails the run at once (``--retries`` would run out of memory the same way).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ MIB = 1 << 20
 _PROBE = ("import json, torch\n"
           "if torch.cuda.is_available():\n"
           "    free, total = torch.cuda.mem_get_info()\n"
-          "    print(json.dumps({'kind': 'cuda', 'free': free, 'total': total, 'name': torch.cuda.get_device_name()}))\n"
+          "    name = torch.cuda.get_device_name()\n"
+          "    print(json.dumps({'kind': 'cuda', 'free': free, 'total': total, 'name': name}))\n"
           "else:\n"
           "    print(json.dumps({'kind': 'cpu'}))\n")
 
@@ -86,7 +87,6 @@ class DeviceMemory(WorkerPlugin):
         if given:  # started with it (``dask worker --resources fusioner_memory=MIB``): the user knows best
             self.device = {"kind": "given", "bytes": int(given) * MIB, "source": f"the worker's {RESOURCE} resource"}
             return
-
         visible = self.gpus if self.gpus is not None else [
             d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
         gpu = pick_gpu(worker_name=worker.name, visible=visible)
@@ -117,10 +117,10 @@ def worker_devices(client, *, gpus: list[str] | None) -> dict[str, dict]:
 
 def plan_memory(*, runs: list, devices: dict[str, dict]) -> dict[str, int]:
     """Run key -> MiB its task reserves; a run that fits no worker's device even alone is a one-line error."""
-    largest = max(device["bytes"] for device in devices.values()) // MIB
-    kind = "cpu" if all(device["kind"] == "cpu" for device in devices.values()) else "cuda"
     from pipeline.sweep.estimate import run_peak_mib
 
+    largest = max(device["bytes"] for device in devices.values()) // MIB
+    kind = "cpu" if all(device["kind"] == "cpu" for device in devices.values()) else "cuda"
     memo: dict = {}
     plan = {}
     for run in runs:

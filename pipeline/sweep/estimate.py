@@ -355,8 +355,8 @@ def estimate_extraction(*, runs: list, gpu: str, timings: dict | None, rows: dic
 def format_estimate(estimate: dict, *, study_name: str) -> str:
     packed = any("fit" in row for row in estimate["rows"].values())
     extra = (" peak GiB (runs per GPU) |", "---|") if packed else ("", "")
-    lines = [f"study {study_name} on {estimate['gpu']}: training",
-             "| row | runs (done) | samples/epoch | GFLOP/sample | steps | s/step | GPU-hours | samples from |" + extra[0],
+    head = "| row | runs (done) | samples/epoch | GFLOP/sample | steps | s/step | GPU-hours | samples from |"
+    lines = [f"study {study_name} on {estimate['gpu']}: training", head + extra[0],
              "|---|---|---|---|---|---|---|---|" + extra[1]]
     for label, row in estimate["rows"].items():
         samples = (f"{min(row['samples']):,}" if min(row["samples"], default=0) == max(row["samples"], default=0)

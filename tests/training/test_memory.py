@@ -12,7 +12,8 @@ from pipeline.training.memory import CUDA_CONTEXT, MARGIN, saved_bytes, training
 
 GRID, CLASSES, BATCH, SIZE = (4, 4), 3, 2, 64
 CONFIGS = [("tiny", {}), ("small", {}), ("tiny", {"fusion": {"mode": "late"}}),
-           ("tiny", {"decoder": {"enabled": False}}), ("tiny", {"decoder": {"upsample": "logits"}}), ("small", {"fusion": {"mode": "none"}})]
+           ("tiny", {"decoder": {"enabled": False}}), ("tiny", {"decoder": {"upsample": "logits"}}),
+           ("small", {"fusion": {"mode": "none"}})]
 
 
 def _config(preset: str, overrides: dict):

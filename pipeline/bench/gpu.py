@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +64,8 @@ TINY = {"images": 10, "backbone": "test-vit", "input_size": 32, "steps": 3, "bat
         "image_size": (48, 64), "views": 1, "step_warm": 2, "profile_steps": 3, "step_timed": 4,
         "packed_preset": "tiny", "packed_warm": 2, "packed_timed": 3, "packed_threads": 1, "packed_timeout": 120}
 PACKED = (1, 2, 4)
+BUDGET_S = 420  # the full check's default --budget: the JSON by about 7 minutes on one card
+STEPS_NEED_S = 60  # the profiled and online runs need about this much of it on an H100-class card
 
 
 class GpuSampler:
@@ -177,13 +180,18 @@ def _train(*, work: Path, size: dict, device: torch.device, compile_model: bool,
             "gpu_utilisation_pct": sampler.mean, "train_seconds": seconds}
 
 
-def run_gpu_check(*, work: Path, size: dict, device: str = "auto", compile_model: bool = False) -> dict:
-    """Every stage; returns the JSON-able record (``errors`` lists the stages that failed)."""
+def run_gpu_check(*, work: Path, size: dict, device: str = "auto", compile_model: bool = False,
+                  budget: float | None = None) -> dict:
+    """Every stage; returns the JSON-able record (``errors`` lists the stages that failed or were not run).
+
+    ``budget`` (seconds from the start): the profiled/online stage and each packed round start only
+    while enough of it is left, so the JSON comes out in time even on a slow machine.
+    """
     from pipeline.data.synthetic import NOVEL_SHAPES, make_shapes_dataset, split_lists
     from pipeline.eval.evaluate import evaluate_split
     from pipeline.training.checkpoints import load_model
 
-    dev, clock, novel = resolve_device(device), Stages(), list(NOVEL_SHAPES)
+    dev, clock, novel = resolve_device(device), Stages(budget), list(NOVEL_SHAPES)
     total = size["images"] + size["val_images"]
     with clock("data"):
         root = make_shapes_dataset(out=work / "data", count=total, size=tuple(size["image_size"]))
@@ -212,22 +220,32 @@ def run_gpu_check(*, work: Path, size: dict, device: str = "auto", compile_model
                                            forward=forward),
     }
     record["steps_compared"] = clock.guarded("steps", lambda: online_against_cached(
-        work=work, root=root, size=size, device=dev, novel=novel))
+        work=work, root=root, size=size, device=dev, novel=novel), needs=STEPS_NEED_S)
     _free(dev)
     record["packed"] = clock.guarded("packed", lambda: packed_runs(
         work=work, preset=size["packed_preset"], counts=PACKED, warm=size["packed_warm"],
         timed=size["packed_timed"], threads=size["packed_threads"], timeout=size["packed_timeout"],
+        deadline=clock.deadline,
         overrides=train_overrides(work=work, size=size, device=dev, novel=novel, steps=1, out="packed")))
+    failed = [row["error"] for row in record["packed"] if "error" in row] if isinstance(record["packed"], list) else []
+    if failed:
+        clock.errors["packed"] = failed[0]
     return {**record, "stage_seconds": clock.seconds, "total_seconds": sum(clock.seconds.values()),
             "errors": clock.errors, "load_average_end": load_average()}
 
 
 class Stages:
-    """Seconds per stage of the check, and the later stages run so that one failing keeps the rest."""
+    """Seconds per stage of the check (also said on stderr as each ends, so a killed run shows how far it got),
+    and the later stages run so that one failing, or the time ``budget`` running out, keeps the rest."""
 
-    def __init__(self):
+    def __init__(self, budget: float | None = None):
         self.seconds: dict[str, float] = {}
         self.errors: dict[str, str] = {}
+        self.budget, self.started = budget, time.monotonic()
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.budget is None else self.started + self.budget
 
     @contextmanager
     def __call__(self, name: str):
@@ -236,9 +254,15 @@ class Stages:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+            print(f"bench gpu: {name} took {self.seconds[name]:.1f} s", file=sys.stderr, flush=True)
 
-    def guarded(self, name: str, run: Callable[[], object]):
-        """``run()``, timed; on an exception its one-line description, kept in ``errors`` too."""
+    def guarded(self, name: str, run: Callable[[], object], *, needs: float = 0.0):
+        """``run()``, timed, when ``needs`` seconds of the budget are left; else, or on an exception, a
+        one-line reason (kept in ``errors`` too)."""
+        left = None if self.deadline is None else self.deadline - time.monotonic()
+        if left is not None and left < needs:
+            self.errors[name] = f"not run: {max(left, 0):.0f} s of the {self.budget:g} s budget left, {needs:g} needed"
+            return {"error": self.errors[name]}
         with self(name):
             try:
                 return run()
@@ -268,6 +292,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for training.")
     parser.add_argument("--work", type=Path, default=None, help="Keep the data, store and run here.")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"Seconds: later stages start only while enough is left (default {BUDGET_S}; "
+                             f"none with --tiny).")
     return parser
 
 
@@ -276,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     size = dict(TINY if args.tiny else FULL)
     size.update({k: v for k, v in vars(args).items() if k in size and v is not None})
     with work_folder(args.work, prefix="fusioner-gpu-") as work:
-        record = run_gpu_check(work=work, size=size, device=args.device, compile_model=args.compile)
+        budget = args.budget if args.budget is not None else (None if args.tiny else BUDGET_S)
+        record = run_gpu_check(work=work, size=size, device=args.device, compile_model=args.compile, budget=budget)
     print(json.dumps(record, default=float))
     return 1 if record["errors"] else 0

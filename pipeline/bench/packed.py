@@ -26,6 +26,9 @@ from pipeline.config import write_json_atomic
 from pipeline.training.hooks import HookBase, Loop
 
 
+MIN_ROUND_S = 20.0  # a round given less time than this would only be stopped half-way
+
+
 class Barrier(HookBase):
     """Before the first step: mark this run ready, then wait until ``count`` runs are (or ``timeout`` s pass)."""
 
@@ -107,7 +110,7 @@ def packed_round(*, folder: Path, runs: int, preset: str, overrides: list[str], 
         process.start()
     problems = _wait_all(processes, logs=logs, deadline=started + timeout)
     if problems:
-        raise RuntimeError(f"{runs} packed runs: {problems[0]}")
+        raise RuntimeError(f"packed round of {runs}: {problems[0]}")
     records = [json.loads((folder / f"result-{i}.json").read_text()) for i in range(runs)]
     overlap = (min(r["stop_wall"] for r in records) - max(r["start_wall"] for r in records))
     longest = max(r["stop_wall"] - r["start_wall"] for r in records)
@@ -120,12 +123,28 @@ def packed_round(*, folder: Path, runs: int, preset: str, overrides: list[str], 
 
 
 def packed_runs(*, work: Path, preset: str, overrides: list[str], counts: tuple[int, ...] = (1, 2, 4), warm: int,
-                timed: int, threads: int | None = None, timeout: float = 300.0) -> list[dict]:
-    """One :func:`packed_round` per count in ``counts``; each row also gets its gain over the first count."""
-    rows = [packed_round(folder=work / f"packed-{n}", runs=n, preset=preset, overrides=overrides, warm=warm,
-                         timed=timed, threads=threads, timeout=timeout) for n in counts]
+                timed: int, threads: int | None = None, timeout: float = 300.0,
+                deadline: float | None = None) -> list[dict]:
+    """One :func:`packed_round` per count, each within ``timeout`` s and before ``deadline`` (``time.monotonic``).
+
+    A round that fails or finds too little time left becomes ``{"runs": n, "error": ...}``; the
+    others keep their figures, each with its gain over the first count's samples/s per GPU.
+    """
+    rows = []
+    for runs in counts:
+        left = timeout if deadline is None else min(timeout, deadline - time.monotonic())
+        if left < MIN_ROUND_S:
+            rows.append({"runs": runs, "error": f"not run: {max(left, 0):.0f} s of the time budget left"})
+            continue
+        try:
+            rows.append(packed_round(folder=work / f"packed-{runs}", runs=runs, preset=preset, overrides=overrides,
+                                     warm=warm, timed=timed, threads=threads, timeout=left))
+        except (RuntimeError, OSError, ValueError) as err:
+            rows.append({"runs": runs, "error": str(err)})
+    first = rows[0] if rows and "error" not in rows[0] else None
     for row in rows:
-        row["gain_over_one"] = row["samples_per_s_per_gpu"] / rows[0]["samples_per_s_per_gpu"]
+        if "error" not in row:
+            row["gain_over_one"] = row["samples_per_s_per_gpu"] / first["samples_per_s_per_gpu"] if first else None
     return rows
 
 

@@ -26,9 +26,11 @@ def test_a_later_stage_is_skipped_when_the_budget_is_spent_and_says_so():
 
 
 @pytest.mark.processes
-def test_a_run_that_fails_is_reported_with_its_last_line(tmp_path):
-    rows = packed_runs(work=tmp_path, preset="tiny", counts=(1,), warm=1, timed=1, timeout=120,
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])  # spawn: what a GPU run takes
+def test_a_run_that_fails_is_reported_with_its_last_line(tmp_path, method):
+    rows = packed_runs(work=tmp_path, preset="tiny", counts=(1,), warm=1, timed=1, timeout=120, start_method=method,
                        overrides=[f"data.cache={tmp_path / 'no-store'}", "device=cpu"])
     assert len(rows) == 1 and rows[0]["runs"] == 1
     assert "run 0 exited with 1" in rows[0]["error"] and "no-store" in rows[0]["error"]
     assert (tmp_path / "packed-1" / "run-0.log").is_file()
+

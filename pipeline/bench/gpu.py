@@ -225,7 +225,7 @@ def run_gpu_check(*, work: Path, size: dict, device: str = "auto", compile_model
     record["packed"] = clock.guarded("packed", lambda: packed_runs(
         work=work, preset=size["packed_preset"], counts=PACKED, warm=size["packed_warm"],
         timed=size["packed_timed"], threads=size["packed_threads"], timeout=size["packed_timeout"],
-        deadline=clock.deadline,
+        deadline=clock.deadline, start_method="spawn" if dev.type == "cuda" else "forkserver",
         overrides=train_overrides(work=work, size=size, device=dev, novel=novel, steps=1, out="packed")))
     failed = [row["error"] for row in record["packed"] if "error" in row] if isinstance(record["packed"], list) else []
     if failed:

@@ -2,8 +2,8 @@
 
 Small presets leave most of a large GPU idle; packing runs is the cheap way to fill it.
 :func:`packed_runs` starts N separate processes for each N, every one the ordinary
-training loop (:func:`~pipeline.training.loop.train`) on the same store and card,
-forked from a server process that imported the training code once. A
+training loop (:func:`~pipeline.training.loop.train`) on the same store and card
+(spawned on a GPU; on a CPU forked from a server that imported the training code once). A
 barrier hook holds each run before its first step until all N have built their model
 and opened their data, then each times its steps after a warm-up
 (:class:`~pipeline.bench.steps.StepWindow`). Per GPU, the rates add up;
@@ -71,11 +71,13 @@ def _child(spec_path: str, index: int, log: str) -> None:
     main([spec_path, str(index)])
 
 
-def _processes():
-    """Processes forked from a fresh server that imported the training code once: separate processes
-    (each its own CUDA context) without paying the imports for every run. The server never touches CUDA."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["pipeline.bench.packed", "pipeline.training.loop"])
+def _processes(method: str):
+    """A multiprocessing context: ``spawn`` (a fresh interpreter per run), or ``forkserver``, whose server imports
+    the training code once and forks each run from it (much cheaper on a small CPU machine). On CUDA take
+    ``spawn``: a process that so much as asked for the device count must not be forked."""
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(["pipeline.bench.packed", "pipeline.training.loop"])
     return context
 
 
@@ -96,13 +98,13 @@ def _wait_all(processes: list, *, logs: list[Path], deadline: float) -> list[str
 
 
 def packed_round(*, folder: Path, runs: int, preset: str, overrides: list[str], warm: int, timed: int,
-                 threads: int | None, timeout: float) -> dict:
+                 threads: int | None, timeout: float, start_method: str = "spawn") -> dict:
     """``runs`` packed runs at once; their summed samples/s and how well their timed windows overlapped."""
     (folder / "barrier").mkdir(parents=True, exist_ok=True)
     spec = {"runs": runs, "folder": str(folder), "preset": preset, "overrides": overrides, "warm": warm,
             "timed": timed, "threads": threads, "barrier_s": timeout / 2}
     write_json_atomic(folder / "spec.json", spec)
-    context, started = _processes(), time.monotonic()
+    context, started = _processes(start_method), time.monotonic()
     logs = [folder / f"run-{i}.log" for i in range(runs)]
     processes = [context.Process(target=_child, args=(str(folder / "spec.json"), i, str(log)), daemon=True)
                  for i, log in enumerate(logs)]
@@ -123,8 +125,8 @@ def packed_round(*, folder: Path, runs: int, preset: str, overrides: list[str], 
 
 
 def packed_runs(*, work: Path, preset: str, overrides: list[str], counts: tuple[int, ...] = (1, 2, 4), warm: int,
-                timed: int, threads: int | None = None, timeout: float = 300.0,
-                deadline: float | None = None) -> list[dict]:
+                timed: int, threads: int | None = None, timeout: float = 300.0, deadline: float | None = None,
+                start_method: str = "spawn") -> list[dict]:
     """One :func:`packed_round` per count, each within ``timeout`` s and before ``deadline`` (``time.monotonic``).
 
     A round that fails or finds too little time left becomes ``{"runs": n, "error": ...}``; the
@@ -138,7 +140,8 @@ def packed_runs(*, work: Path, preset: str, overrides: list[str], counts: tuple[
             continue
         try:
             rows.append(packed_round(folder=work / f"packed-{runs}", runs=runs, preset=preset, overrides=overrides,
-                                     warm=warm, timed=timed, threads=threads, timeout=left))
+                                     warm=warm, timed=timed, threads=threads, timeout=left,
+                                     start_method=start_method))
         except (RuntimeError, OSError, ValueError) as err:
             rows.append({"runs": runs, "error": str(err)})
     first = rows[0] if rows and "error" not in rows[0] else None

@@ -15,16 +15,17 @@ No network, random-init weights, everything generated in a temporary folder:
 4. windowed evaluation of the held-out shapes on the validation images;
 5. the extraction of stage 2 taken apart (``extract_stages``): seconds the encoder waited for
    rendered shards, encoded, and waited for the shard writers, and the writers' busy time;
-6. ``steps``: 20 steps of the preset profiled with ``torch.profiler`` (top operators by GPU time
+6. ``steps_compared``: 20 steps of the preset profiled with ``torch.profiler`` (top operators by GPU time
    and their share), then timed: samples/s, achieved TFLOP/s (counted FLOPs per sample) and its
    fraction of the card's dense bf16 peak; and the same preset trained online (fresh
    augmentations through the frozen encoder at every step) timed alike, with the ratio;
 7. ``packed``: 1, 2 and 4 runs of the small preset trained at once as separate processes on the
    one card: samples/s per GPU for each count.
 
-A stage from 5 on that fails leaves ``{"error": ...}`` in its field and the exit code 1; the
-other figures are still printed. Sized to finish in under 8 minutes on one H100-class GPU
-with the defaults (``stage_seconds`` says where the time went).
+Stage 6 or 7 failing, or not started for want of ``--budget`` time, leaves ``{"error": ...}``
+in its field and the exit code 1; the other figures are still printed. Sized to finish in
+about 5 minutes on one H100-class GPU with the defaults, well under 8 (``stage_seconds`` says
+where the time went; projected, not yet measured).
 ``--tiny`` runs the same stages at a size a CPU finishes in a minute or two
 (the test suite runs it); its rates say nothing about a GPU.
 
@@ -222,6 +223,7 @@ def run_gpu_check(*, work: Path, size: dict, device: str = "auto", compile_model
     record["steps_compared"] = clock.guarded("steps", lambda: online_against_cached(
         work=work, root=root, size=size, device=dev, novel=novel), needs=STEPS_NEED_S)
     _free(dev)
+    # Each packed run sets its own step count and run folder over the shared settings.
     record["packed"] = clock.guarded("packed", lambda: packed_runs(
         work=work, preset=size["packed_preset"], counts=PACKED, warm=size["packed_warm"],
         timed=size["packed_timed"], threads=size["packed_threads"], timeout=size["packed_timeout"],

@@ -251,12 +251,22 @@ def _threaded_renders(render, shards: list[int]):
             yield rendered
 
 
+def _both(first: Callable[[int], None], second: Callable[[int], None]) -> Callable[[int], None]:
+    def call(count: int) -> None:
+        first(count)
+        second(count)
+    return call
+
+
 def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders | None = None,
                dataset=None, quiet: bool = False, progress_desc: str = "extract",
+               on_views: Callable[[int], None] | None = None,
                times: StageTimes | None = None) -> list[tuple[str, str]]:
     """Extract the given shards of a planned split; returns the (image id, reason) of bad images.
 
-    ``times``, when given, receives where the seconds went (:class:`StageTimes`).
+    ``on_views`` is called with each encoded batch's view count, beside the progress bar (a dask
+    worker reports its count to the driver's bar through it). ``times``, when given, receives
+    where the seconds went (:class:`StageTimes`).
     """
     from pipeline.encode.render_pool import rendered_shards
 
@@ -296,7 +306,7 @@ def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders |
             bar.set_postfix_str(f"shard {rendered.shard}", refresh=False)
             with clock.stage("encode"):
                 feats = encode_shard(encoders=encoders, rendered=rendered, batch_size=config.batch_size,
-                                     on_batch=bar.update)
+                                     on_batch=bar.update if on_views is None else _both(bar.update, on_views))
             bad.extend(rendered.bad)
             with clock.stage("write_wait"):
                 writers.put(rendered.shard, feats, rendered)

@@ -25,7 +25,6 @@ from pipeline.bench.steps import StepWindow
 from pipeline.config import write_json_atomic
 from pipeline.training.hooks import HookBase, Loop
 
-
 MIN_ROUND_S = 20.0  # a round given less time than this would only be stopped half-way
 
 

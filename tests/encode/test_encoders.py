@@ -151,7 +151,7 @@ def test_test_only_encoders_give_the_registry_shapes_and_are_seeded(name):
 
 
 def test_test_only_encoders_have_no_weights_to_load(tmp_path):
-    with pytest.raises(UserError, match="test-vit is a test-only encoder without weights: pass --random-init"):
+    with pytest.raises(UserError, match="test-vit is a test-only encoder without weights: pass `random_init`"):
         create_encoder("test-vit")
     (tmp_path / "w.pt").write_bytes(b"")
     with pytest.raises(UserError, match="test-only"):
@@ -173,12 +173,12 @@ def test_missing_weights_file_is_a_user_error(tmp_path):
 def test_weights_and_random_init_exclude_each_other(tmp_path):
     path = tmp_path / "w.pt"
     path.write_bytes(b"")
-    with pytest.raises(UserError, match="--weights and --random-init"):
+    with pytest.raises(UserError, match="`weights` and `random_init`"):
         create_encoder("dino-b", weights=path, random_init=True)
 
 
 def test_moco_needs_a_checkpoint():
-    with pytest.raises(UserError, match="--weights"):
+    with pytest.raises(UserError, match="`weights`"):
         create_encoder("moco-b")
 
 

@@ -26,7 +26,7 @@ from pipeline.encode.config import ExtractConfig
 from pipeline.encode.plan import open_extraction_dataset, plan_split
 from pipeline.encode.prompts import TEMPLATES
 from pipeline.encode.registry import activation, get_spec, spec_record
-from pipeline.encode.shards import run_shards
+from pipeline.encode.shards import StageTimes, run_shards
 from pipeline.encode.towers import Encoders
 from pipeline.errors import UserError
 from pipeline.runtime import resolve_device
@@ -59,6 +59,7 @@ class ExtractReport:
     bad: list[tuple[str, str]]
     pretrained: bool
     shard_seconds: float = 0.0  # render + encode + write of the shards run (encoder build and text excluded)
+    stages: dict | None = None  # where shard_seconds went (StageTimes), when the shards ran in this process
 
     def describe(self) -> str:
         """What was written, for the command line."""
@@ -216,14 +217,16 @@ def _extract_vision(root, *, encoders: Encoders, dataset, config: ExtractConfig,
     repair_lost_shards(group, quiet=quiet, verify=config.verify)
     done = done_shards(group)
     todo = [int(s) for s in np.flatnonzero(~done)]
-    started = time.perf_counter()
+    started, times = time.perf_counter(), None
     if config.workers > 1 and len(todo) > 1:
         from pipeline.encode.parallel import run_parallel
 
         del encoders
         bad = run_parallel(config=config, shards=todo, group_path=plan.group_path, client=client, quiet=quiet)
     else:
-        bad = run_shards(config=config, shards=todo, encoders=encoders, dataset=dataset, quiet=quiet) if todo else []
+        times = StageTimes()
+        bad = run_shards(config=config, shards=todo, encoders=encoders, dataset=dataset, quiet=quiet,
+                         times=times) if todo else []
     shard_seconds = time.perf_counter() - started
     skipped = plan.meta["plan_skipped"] + [list(b) for b in bad]
     if skipped:
@@ -231,4 +234,5 @@ def _extract_vision(root, *, encoders: Encoders, dataset, config: ExtractConfig,
         consolidate(root, splits=[plan.group_path])  # the rewrite of the group's attributes dropped its copy
     return ExtractReport(out=config.out, split=plan.group_path, views=plan.num_views, shards_run=len(todo),
                          shards_skipped=int(done.sum()), text_classes=text_count, bad=[tuple(s) for s in skipped],
-                         pretrained=bool(identity["pretrained"]), shard_seconds=shard_seconds)
+                         pretrained=bool(identity["pretrained"]), shard_seconds=shard_seconds,
+                         stages=times.as_dict() if times else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from synthetic_data import TINY_VIEWS, write_folder_dataset
@@ -85,9 +86,14 @@ def test_with_dask_workers_progress_counts_views_before_any_shard_is_written(tmp
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         extract(config=config, quiet=False, client=client)
-        assert not client.list_datasets() and not client.run_on_scheduler(
-            lambda dask_scheduler: [n for n in dask_scheduler.extensions["variables"].variables
-                                    if n.startswith("fusioner-extract-")])  # the counters are gone
+        left = True  # the counters are deleted (a message the scheduler handles a moment later)
+        for _ in range(100):
+            left = client.run_on_scheduler(lambda dask_scheduler: [
+                n for n in dask_scheduler.extensions["variables"].variables if n.startswith("fusioner-extract-")])
+            if not left:
+                break
+            time.sleep(0.1)
+        assert not left
     assert [e for e in events if e[0] == "bar moved before the write"] == [("bar moved before the write", True)] * 2
     counts = [n for kind, n in events if kind == "views"]
     assert counts == sorted(counts) and counts[-1] == views

@@ -211,23 +211,35 @@ def row_labels(runs: list) -> dict[str, str]:
     return {key: f"{' = '.join(pairs[key])} | {' = '.join(names[key])}" for key in names}
 
 
+def _packed_gains(timings: dict | None) -> dict[int, tuple[float, float]]:
+    """Runs at once -> (samples/s of the GPU, gain over one run) from ``bench gpu``'s ``packed`` rows."""
+    gains = {}
+    for row in (timings or {}).get("packed") or []:
+        if not isinstance(row, dict) or "error" in row:
+            continue
+        runs, rate, gain = row.get("runs"), row.get("samples_per_s_per_gpu"), row.get("gain_over_one")
+        if isinstance(runs, int) and all(isinstance(v, (int, float)) and v > 0 for v in (rate, gain)):
+            gains[runs] = (float(rate), float(gain))
+    return gains
+
+
 def packing_speedup(*, runs_per_gpu: int, timings: dict | None) -> tuple[float, str]:
     """(GPU throughput of ``runs_per_gpu`` packed runs over one run alone, where the figure comes from).
 
-    Measured only: ``bench gpu``'s ``packed_samples_per_s`` ({"1": samples/s, "2": ..., ...}, all runs of
-    one GPU together). Without that figure for ``runs_per_gpu`` the study is priced one run at a time.
+    Measured only: the ``packed`` rows of ``bench gpu`` (``gain_over_one``: the samples/s of N runs
+    trained at once on one GPU over one run's). Without a row for ``runs_per_gpu`` runs the study
+    is priced one run at a time, from the single-run rate.
     """
     if runs_per_gpu == 1:
         return 1.0, ""
-    packed = (timings or {}).get("packed_samples_per_s") or {}
-    single, together = packed.get("1"), packed.get(str(runs_per_gpu))
-    if isinstance(single, (int, float)) and isinstance(together, (int, float)) and single > 0 and together > 0:
-        speedup = float(together) / float(single)
-        return speedup, (f"{runs_per_gpu} runs per GPU: {together:,.0f} samples/s per GPU packed against {single:,.0f} "
-                         f"for one run, measured by bench gpu on {timings.get('machine', 'an unnamed machine')}: "
-                         f"GPU-hours divided by {speedup:.2f}")
+    gains = _packed_gains(timings)
+    if runs_per_gpu in gains:
+        rate, gain = gains[runs_per_gpu]
+        return gain, (f"{runs_per_gpu} runs per GPU: {gain:.2f}x the samples/s of one run ({rate:,.0f} per GPU), "
+                      f"measured by bench gpu's packed runs on {timings.get('machine', 'an unnamed machine')}: "
+                      f"GPU-hours divided by it (those runs train the small preset; bigger models likely gain less)")
     return 1.0, (f"{runs_per_gpu} runs per GPU: priced as one run at a time, from the single-run rate; the packed "
-                 f"rate is unmeasured (no packed_samples_per_s for {runs_per_gpu} runs in a bench gpu --timings file)")
+                 f"rate is unmeasured (no packed row of {runs_per_gpu} runs in a bench gpu --timings file)")
 
 
 def estimate_study(*, runs: list, gpu: str, timings_file: Path | None = None, runs_per_gpu: int = 1) -> dict:

@@ -254,6 +254,7 @@ def test_quiet_reaches_every_command_before_or_after_its_name(monkeypatch, comma
       "--split", "val", "--fold", "1", "--out", "{out}"], "--fold picks the folds of --episodes", "episode_folds"),
     (["extract", "--backbone", "test-vit", "--weights", "{data}", "--random-init", "--text-only", "--dataset", "voc",
       "--out", "{out}"], "--weights and --random-init exclude each other", "`weights`"),
+    (["sweep", "{out}", "--runs-per-gpu", "0"], "--runs-per-gpu must be a whole number of at least 1", "runs_per_gpu"),
 ])
 def test_library_messages_show_the_flags_of_the_command_that_ran(tmp_path, capsys, args, shown, hidden):
     """The library names its settings (`render_workers`); the command line shows the flag that was typed."""
@@ -264,3 +265,11 @@ def test_library_messages_show_the_flags_of_the_command_that_ran(tmp_path, capsy
     assert main(args) == 2
     err = capsys.readouterr().err
     assert shown in err and hidden not in err and err.count("\n") == 1, err
+
+
+def test_the_sweep_module_entry_shows_its_own_flags(capsys):
+    from pipeline.sweep.command import main as sweep_main
+
+    assert sweep_main(["study", "no-such.yaml", "--runs-per-gpu", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--runs-per-gpu must be a whole number of at least 1" in err and "runs_per_gpu" not in err, err

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import as_settings
-from pipeline.errors import UserError, run_entry
+from pipeline.errors import UserError, in_flags, run_entry
 from pipeline.sweep.caches import decoder_summary, describe_caches, needed
 from pipeline.sweep.cluster import open_cluster
 from pipeline.sweep.scheduler import run_all
@@ -81,7 +81,7 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
 
 def check_runs_per_gpu(runs_per_gpu) -> None:
     if isinstance(runs_per_gpu, bool) or not isinstance(runs_per_gpu, int) or runs_per_gpu < 1:
-        raise UserError(f"--runs-per-gpu must be a whole number of at least 1, got {runs_per_gpu!r}")
+        raise UserError(f"`runs_per_gpu` must be a whole number of at least 1, got {runs_per_gpu!r}")
 
 
 def estimate_command(*, study: Path, gpu: str, timings: Path | None, overrides: Mapping[str, Any] | None,
@@ -124,9 +124,9 @@ def run_study(*, study: Path, scheduler: str | None = None, slurm: bool = False,
     from pipeline.sweep.tables import markdown, write_outputs
 
     if scheduler and slurm:
-        raise UserError("--scheduler and --slurm exclude each other")
+        raise UserError("`scheduler` and `slurm` exclude each other")
     if retries < 0 or jobs < 1 or gpus_per_job < 0 or (workers is not None and workers < 1):
-        raise UserError("--retries and --gpus-per-job must be >= 0, --jobs and --workers >= 1")
+        raise UserError("`retries` and `gpus_per_job` must be >= 0, `jobs` and `workers` >= 1")
     check_runs_per_gpu(runs_per_gpu)
     if runs_per_gpu > 1 and os.environ.get(MEMORY_VARIABLE):
         parse_memory(os.environ[MEMORY_VARIABLE])  # a bad figure fails here, not inside every worker
@@ -161,20 +161,26 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--threads", type=int, default=None)
     whole = commands.add_parser("study", help="what `fusioner sweep` runs")
     whole.add_argument("study", type=Path)
-    whole.add_argument("--scheduler", default=None)
-    whole.add_argument("--slurm", action="store_true")
-    whole.add_argument("--jobs", type=int, default=1)
-    whole.add_argument("--gpus-per-job", type=int, default=1)
-    whole.add_argument("--workers", type=int, default=None)
-    whole.add_argument("--dry-run", action="store_true")
-    whole.add_argument("--estimate", action="store_true")
-    whole.add_argument("--gpu", default="h100")
-    whole.add_argument("--timings", type=Path, default=None)
-    whole.add_argument("--retries", type=int, default=2)
-    whole.add_argument("--runs-per-gpu", type=int, default=1)
-    whole.add_argument("--quiet", "-q", action="store_true")
-    whole.add_argument("--set", dest="overrides", action="append", default=[])
-    return run_entry(lambda: _dispatch(parser.parse_args(argv)))
+    # the library names settings (`runs_per_gpu`); this command line shows its flags
+    options = [(("--scheduler",), {"default": None}), (("--slurm",), {"action": "store_true"}),
+               (("--jobs",), {"type": int, "default": 1}), (("--gpus-per-job",), {"type": int, "default": 1}),
+               (("--workers",), {"type": int, "default": None}), (("--dry-run",), {"action": "store_true"}),
+               (("--estimate",), {"action": "store_true"}), (("--gpu",), {"default": "h100"}),
+               (("--timings",), {"type": Path, "default": None}), (("--retries",), {"type": int, "default": 2}),
+               (("--runs-per-gpu",), {"type": int, "default": 1}), (("--quiet", "-q"), {"action": "store_true"}),
+               (("--set",), {"dest": "overrides", "action": "append", "default": []})]
+    flags = {}
+    for names, kwargs in options:
+        action = whole.add_argument(*names, **kwargs)
+        flags[action.dest] = names[0]
+    return run_entry(lambda: _dispatch_in_flags(parser.parse_args(argv), flags))
+
+
+def _dispatch_in_flags(args: argparse.Namespace, flags: dict[str, str]) -> int:
+    try:
+        return _dispatch(args)
+    except UserError as err:
+        raise UserError(in_flags(str(err), flags)) from err
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -41,26 +41,26 @@ def read_timings(path: str | Path) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--timings {path}: file not found (the JSON line `python -m pipeline.bench gpu` printed)")
+        raise UserError(f"`timings` {path}: file not found (the JSON line `python -m pipeline.bench gpu` printed)")
     try:
         lines = path.read_bytes().decode("utf-8").strip().splitlines()
         timings = json.loads(lines[-1]) if lines else None
     except (UnicodeDecodeError, json.JSONDecodeError):
         timings = None
     if not isinstance(timings, dict):
-        raise UserError(f"--timings {path}: not the JSON line `python -m pipeline.bench gpu` prints")
+        raise UserError(f"`timings` {path}: not the JSON line `python -m pipeline.bench gpu` prints")
     rate, batch = timings.get("steps_per_s"), timings.get("batch_size")
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
-        raise UserError(f"--timings {path}: steps_per_s must be a positive number, got {rate!r}")
+        raise UserError(f"`timings` {path}: steps_per_s must be a positive number, got {rate!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise UserError(f"--timings {path}: batch_size must be a whole number of at least 1, got {batch!r}")
+        raise UserError(f"`timings` {path}: batch_size must be a whole number of at least 1, got {batch!r}")
     return timings
 
 
 def check_gpu(gpu: str, *, timings_file: Path | None) -> dict | None:
     """The ``--gpu`` kind and the ``--timings`` file, checked before anything is counted."""
     if not timings_file and gpu not in PEAK_TFLOPS:
-        raise UserError(f"--gpu {gpu}: recorded figures exist for {', '.join(PEAK_TFLOPS)}; "
+        raise UserError(f"`gpu` {gpu}: recorded figures exist for {', '.join(PEAK_TFLOPS)}; "
                         f"pass --timings FILE (the JSON `python -m pipeline.bench gpu` printed) for others")
     return read_timings(timings_file) if timings_file else None
 

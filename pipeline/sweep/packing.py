@@ -111,7 +111,7 @@ def worker_devices(client, *, gpus: list[str] | None) -> dict[str, dict]:
     client.register_plugin(DeviceMemory(gpus), name=DeviceMemory.name)
     devices = {address: device for address, device in client.run(_worker_device).items() if device}
     if not devices:
-        raise UserError("--runs-per-gpu: no worker of the cluster reported its device memory")
+        raise UserError("`runs_per_gpu`: no worker of the cluster reported its device memory")
     return devices
 
 

@@ -58,7 +58,7 @@ def slurm_cluster(*, spec: SlurmSpec, gpus_per_job: int, log_dir: Path, runs_per
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError as err:
-        raise UserError("--slurm needs dask-jobqueue: pip install 'fusioner[slurm]'") from err
+        raise UserError("`slurm` needs dask-jobqueue: pip install 'fusioner[slurm]'") from err
 
     processes = max(gpus_per_job, 1)
     directives = [f"--gres=gpu:{gpus_per_job}"] if gpus_per_job else []

@@ -115,7 +115,7 @@ def _apply_study_overrides(raw: dict, sets: dict, path: Path) -> None:
     for key, value in sets.items():
         section, _, rest = key[len("study."):].partition(".")
         if section not in SECTIONS:
-            raise UserError(f"--set {key}: unknown study section '{section}' (known: {', '.join(SECTIONS)})")
+            raise UserError(f"`overrides` {key}: unknown study section '{section}' (known: {', '.join(SECTIONS)})")
         if not rest:
             raw[section] = value
         elif section == "base":
@@ -125,7 +125,7 @@ def _apply_study_overrides(raw: dict, sets: dict, path: Path) -> None:
             grid["variants"] = {**(grid.get("variants") or {}), rest[len("variants."):]: value}
         else:
             if not isinstance(raw.get(section, {}), dict):
-                raise UserError(f"--set {key}: study section '{section}' is not a mapping")
+                raise UserError(f"`overrides` {key}: study section '{section}' is not a mapping")
             raw.setdefault(section, {})[rest] = value
 
 

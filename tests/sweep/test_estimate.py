@@ -89,7 +89,7 @@ def test_table7_rows_cost_what_their_width_and_depth_cost(tmp_path, splits_dir, 
 
 def test_an_unknown_gpu_is_reported_before_anything_else(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=r"--gpu v100: recorded figures exist for h100"):
+    with pytest.raises(UserError, match=r"`gpu` v100: recorded figures exist for h100"):
         estimate_command(study=Path("no-such-study"), gpu="v100", timings=None, overrides={})
 
 
@@ -98,7 +98,7 @@ def test_an_unknown_gpu_is_reported_before_anything_else(tmp_path, monkeypatch):
 def test_a_timings_file_without_a_positive_rate_is_one_line(tmp_path, body):
     timings = tmp_path / "gpu.json"
     timings.write_text(body + "\n")
-    with pytest.raises(UserError, match=r"--timings .*gpu\.json"):
+    with pytest.raises(UserError, match=r"`timings` .*gpu\.json"):
         estimate_command(study=Path("no-such-study"), gpu="h100", timings=timings, overrides={})
 
 

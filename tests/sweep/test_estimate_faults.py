@@ -27,7 +27,7 @@ GOOD = '{"preset": "tiny", "batch_size": 8, "steps_per_s": 4.0, "machine": "H100
 def test_bad_timings_are_one_line_before_any_estimate(tmp_path, content, message):
     path = tmp_path / "gpu.json"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(UserError, match="--timings .*gpu.json: " + message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UserError, match="`timings` .*gpu.json: " + message.replace("(", r"\(").replace(")", r"\)")):
         estimate_study(runs=[], gpu="h100", timings_file=path)
 
 

@@ -129,7 +129,7 @@ def test_memory_figures_and_the_option_are_checked(caches, tmp_path, monkeypatch
             parse_memory(bad)
     study = write_study(tmp_path / "opt.yaml", caches, variants={"full": {}})
     for options in ({}, {"estimate": True}):
-        with pytest.raises(UserError, match="--runs-per-gpu must be a whole number of at least 1"):
+        with pytest.raises(UserError, match="`runs_per_gpu` must be a whole number of at least 1"):
             sweep(study, runs_per_gpu=0, **options)
     monkeypatch.setenv(MEMORY_VARIABLE, "plenty")
     with pytest.raises(UserError, match=f"{MEMORY_VARIABLE}: cannot read 'plenty'"):

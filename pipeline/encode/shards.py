@@ -243,8 +243,8 @@ def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders |
                                 shards=shards, input_size=input_size, workers=config.render_workers,
                                 pin=encoders.vision.device.type == "cuda", plan_rows=split_rows)
         renders = (RenderedShard(shard=int(d["shard"]), images=d["images"], masks=d["masks"].numpy(),
-                                 valid=d["valid"].numpy().astype(bool), bad=[tuple(b) for b in d["bad"]],
-                                 source=d["source"].numpy().astype(bool), classes=d["classes"].numpy().astype(bool))
+                                 valid=d["valid"], bad=[tuple(b) for b in d["bad"]], source=d["source"],
+                                 classes=d["classes"], cpu_seconds=d["cpu_seconds"])
                    for d in items)
     else:
         rows = split_rows(group)

@@ -40,6 +40,7 @@ RECIPE_STRENGTHS = {"pascal5i": (0.5, 20.0), "coco20i": (0.2, 10.0)}
 RELEASED_NOISE_STD = (math.sqrt(10.0) / 255.0, math.sqrt(50.0) / 255.0)
 RELEASED_ALPHA_AFFINE = 20.0  # pixels, the 1.x ElasticTransform argument the release set
 ELASTIC_BLURS = ("low-rank", "opencv")
+ELASTIC_SIGMA = 50.0  # px, the 1.x ElasticTransform default the release kept (alpha 1)
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,11 @@ def build_pipeline(config: AugmentConfig, size: int):
     import albumentations as A
     import cv2
 
-    from pipeline.data.elastic import ElasticTransform
+    from pipeline.data.elastic import ElasticTransform, prepare_blur
 
     elastic = ElasticTransform if config.elastic_blur == "low-rank" else A.ElasticTransform
+    if config.elastic_blur == "low-rank":
+        prepare_blur(height=size, width=size, sigma=ELASTIC_SIGMA)  # the field is drawn on the S x S crop
     if config.jitter is None or config.rotate is None:
         raise ValueError("resolve_augment() the config first: jitter/rotate are per dataset")
     border = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": _mask_fill(config)}
@@ -145,7 +148,7 @@ def build_pipeline(config: AugmentConfig, size: int):
         A.GaussNoise(std_range=config.noise_std, p=p),
         A.HorizontalFlip(p=p),
         # 1.x ElasticTransform(alpha_affine=...) = an affine warp, then the elastic field, as one step.
-        A.Sequential([_affine_of_elastic(config, size), elastic(alpha=1, sigma=50, p=1.0, **border)],
+        A.Sequential([_affine_of_elastic(config, size), elastic(alpha=1, sigma=ELASTIC_SIGMA, p=1.0, **border)],
                      p=p),
         shift_scale_rotate(config, p=p),
     ], p=config.block_p)

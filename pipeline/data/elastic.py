@@ -59,6 +59,12 @@ def low_rank_blur(*, length: int, sigma: float) -> tuple[np.ndarray, np.ndarray]
             np.ascontiguousarray(vt[:rank], np.float32))
 
 
+def prepare_blur(*, height: int, width: int, sigma: float) -> None:
+    """Factor the blur of an H x W field now (a few tens of ms, once per process), not inside the first view."""
+    low_rank_blur(length=2 * height, sigma=float(sigma))
+    low_rank_blur(length=width, sigma=float(sigma))
+
+
 def displacement_fields(*, shape: tuple[int, int], alpha: float, sigma: float,
                         random_generator: np.random.Generator) -> np.ndarray:
     """[2, H, W] float32 (dx, dy) in pixels, drawn as albumentations' ``generate_displacement_fields`` draws them.

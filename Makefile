@@ -4,6 +4,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
+# pytest processes for the suite (pytest-xdist; a module's tests stay in one process, so its
+# module-scoped fixtures are built once). Two fit this 2-core machine; more want about 3 GB each.
+TEST_WORKERS ?= 2
+PYTEST  = $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup demo test test-fast test-all test-browser lock clean
 
@@ -19,14 +23,14 @@ demo: setup
 	$(BIN)/fusioner demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # The inner loop: everything that builds no full-size encoder and starts no extra processes (under 2 minutes).
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow and not browser and not fullsize and not processes"
+	$(PYTEST) -m "not slow and not browser and not fullsize and not processes"
 
 test-all: setup
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(PYTEST) -m "slow or not slow"
 
 # The page of `fusioner serve` in a real headless browser: Debian's chromium and chromium-driver (apt, skipped
 # when both are there) and selenium (the browser extra, at the locked version), then the tests marked browser.

@@ -341,19 +341,16 @@ def train(
 
     if not online and (data_root or dataset or backbone or random_init):
         raise UserError("--data-root, --dataset, --backbone and --random-init go with --online")
-    try:
-        result = train_from_settings(
-            config_file=config_file, preset=preset, resume=resume, quiet=_quiet(ctx, quiet),
-            print_config=print_config,
-            settings=_settings(overrides, data__cache=cache and str(cache),
-                               data__text_cache=text_cache and str(text_cache), data__split=split,
-                               data__protocol=protocol, data__fold=fold, data__novel=novel, out=out and str(out),
-                               data__online__enabled=online or None,
-                               data__online__data_root=data_root and str(data_root), data__online__dataset=dataset,
-                               data__online__backbone=backbone, data__online__random_init=random_init or None,
-                               tensorboard=tensorboard or None))
-    except UserError as err:  # the library names its settings; here they were typed as flags
-        raise UserError(in_flags(str(err), TRAIN_FLAGS)) from err
+    result = train_from_settings(
+        config_file=config_file, preset=preset, resume=resume, quiet=_quiet(ctx, quiet),
+        print_config=print_config,
+        settings=_settings(overrides, data__cache=cache and str(cache),
+                           data__text_cache=text_cache and str(text_cache), data__split=split,
+                           data__protocol=protocol, data__fold=fold, data__novel=novel, out=out and str(out),
+                           data__online__enabled=online or None,
+                           data__online__data_root=data_root and str(data_root), data__online__dataset=dataset,
+                           data__online__backbone=backbone, data__online__random_init=random_init or None,
+                           tensorboard=tensorboard or None))
     if print_config:
         _echo_json(result.config)
         return
@@ -362,7 +359,9 @@ def train(
         typer.echo(line, err=True)
 
 
-# The settings `fusioner train` takes as flags (the others are `--set key=value`).
+# The library settings a command takes as a flag of another name. A setting named like one of the
+# command's parameters (``render_workers``) is shown as that parameter's flag without being listed here;
+# train's other settings are `--set key=value`.
 TRAIN_FLAGS = {"data.cache": "--cache", "data.text_cache": "--text-cache", "data.split": "--split",
                "data.protocol": "--protocol", "data.fold": "--fold", "data.novel": "--novel", "out": "--out",
                "resume": "--resume", "data.online.data_root": "--data-root", "data.online.dataset": "--dataset",
@@ -585,10 +584,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run_entry(lambda: _invoke(args), verbose="--verbose" in args or "-v" in args)
 
 
+RENAMED_FLAGS = {
+    "train": TRAIN_FLAGS,
+    "extract": {"extra_names": "--names", "episode_folds": "--fold", "dataset_options": "--option"},
+    "eval": {"splits_dir": "--episode-lists", "vision_cache": "--cache"},
+}
+
+
+def command_flags(args: List[str]) -> dict:
+    """The flag of each setting of the command ``args`` runs: its parameters' names, then RENAMED_FLAGS."""
+    group = typer.main.get_command(app)
+    name = next((arg for arg in args if arg in group.commands), None)  # type: ignore[attr-defined]
+    if name is None:
+        return {}
+    params = group.commands[name].params  # type: ignore[attr-defined]
+    flags = {p.name: max(p.opts, key=len) for p in params if p.param_type_name == "option"}
+    return {**flags, **RENAMED_FLAGS.get(name, {})}
+
+
 def _invoke(args: List[str]):
-    """The typer app; a closed output pipe is re-raised as such (typer turns it into exit code 1)."""
+    """The typer app; a closed output pipe is re-raised as such (typer turns it into exit code 1).
+
+    The library names the settings it was given (:func:`pipeline.errors.setting`); here they were
+    typed as flags, so its messages show the running command's flags instead.
+    """
     try:
         return app(args=args, prog_name="fusioner", standalone_mode=False)
+    except UserError as err:
+        raise UserError(in_flags(str(err), command_flags(args))) from err
     except SystemExit:
         # How typer (and click, whichever copy) answers EPIPE: stdout wrapped to swallow flushes, exit 1.
         if type(sys.stdout).__name__ == "PacifyFlushWrapper":

@@ -36,20 +36,20 @@ def check_novel(*, data_root: str | Path | None, novel: list[str] | None) -> lis
     else:
         root = Path(data_root)
         if not (root / "classes.txt").is_file():
-            raise UserError(f"--data-root {root}: expected the mask-folder layout (images/, masks/, classes.txt)")
+            raise UserError(f"`data_root` {root}: expected the mask-folder layout (images/, masks/, classes.txt)")
         known = [n.strip() for n in (root / "classes.txt").read_text().splitlines() if n.strip()]
         novel = list(novel or [])
         if not novel:
-            raise UserError("--data-root needs --novel (held-out class names)")
+            raise UserError("`data_root` needs `novel` (held-out class names)")
         where = str(root / "classes.txt")
     unknown = [n for n in novel if n not in known]
     if unknown:
-        raise UserError(f"--novel: {', '.join(repr(n) for n in unknown)} not among the classes of {where} "
+        raise UserError(f"`novel`: {', '.join(repr(n) for n in unknown)} not among the classes of {where} "
                         f"({', '.join(known[:12])}{', ...' if len(known) > 12 else ''})")
     if len(set(novel)) != len(novel):
-        raise UserError("--novel has a repeated name")
+        raise UserError("`novel` has a repeated name")
     if len(novel) >= len(known):
-        raise UserError(f"--novel holds out all {len(known)} classes; keep at least one to train on")
+        raise UserError(f"`novel` holds out all {len(known)} classes; keep at least one to train on")
     return novel
 
 
@@ -136,7 +136,7 @@ def run_demo(*, out: str | Path = "demo-out", data_root: str | Path | None = Non
     out = Path(out)
     novel = check_novel(data_root=data_root, novel=novel)
     if epochs < 1:
-        raise UserError(f"--epochs must be at least 1, not {epochs}")
+        raise UserError(f"`epochs` must be at least 1, not {epochs}")
     out.mkdir(parents=True, exist_ok=True)
     stages: list[Stage] = []
     root = Path(data_root) if data_root is not None else _timed(

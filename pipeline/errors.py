@@ -107,7 +107,7 @@ def environment_error(err: BaseException) -> UserError | None:
                                  f"or of the file system); raise the limit and run the same command again (it "
                                  f"resumes where it stopped)")
             return UserError(f"permission denied: {where} ({err.strerror or 'not writable'}); make it writable or "
-                             f"use another folder (--out), then run the same command again")
+                             f"use another folder (`out`), then run the same command again")
         err = err.__cause__ or err.__context__
     return None
 

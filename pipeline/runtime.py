@@ -59,7 +59,7 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as err:
         raise UserError(f"unknown device '{name}'") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA device is available")
+        raise UserError("`device` cuda asked for, but no CUDA device is available")
     return device
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from memory import release_memory
 from synthetic_data import Generated, generated_cache, trained_run
 
 import pipeline.encode.extract
@@ -83,6 +84,7 @@ def reuse_encoders():
         patch.setattr(pipeline.encode.extract, "create_encoder", reused)
         yield reused
     reused.cache_clear()
+    release_memory()
 
 
 @pytest.fixture(scope="module")

@@ -245,3 +245,22 @@ def test_quiet_reaches_every_command_before_or_after_its_name(monkeypatch, comma
         main(argv)
     quiet = seen["quiet"] if "quiet" in seen else not seen["progress"]
     assert quiet is (where != "neither"), seen
+
+
+@pytest.mark.parametrize(("args", "shown", "hidden"), [
+    (["extract", "--backbone", "test-vit", "--random-init", "--dataset", "folder", "--data-root", "{data}",
+      "--render-workers", "-1", "--out", "{out}"], "--render-workers must be at least 0", "`render_workers`"),
+    (["extract", "--backbone", "test-vit", "--random-init", "--dataset", "folder", "--data-root", "{data}",
+      "--split", "val", "--fold", "1", "--out", "{out}"], "--fold picks the folds of --episodes", "episode_folds"),
+    (["extract", "--backbone", "test-vit", "--weights", "{data}", "--random-init", "--text-only", "--dataset", "voc",
+      "--out", "{out}"], "--weights and --random-init exclude each other", "`weights`"),
+])
+def test_library_messages_show_the_flags_of_the_command_that_ran(tmp_path, capsys, args, shown, hidden):
+    """The library names its settings (`render_workers`); the command line shows the flag that was typed."""
+    from synthetic_data import write_folder_dataset
+
+    data = write_folder_dataset(tmp_path / "data")
+    args = [a.format(data=data, out=tmp_path / "store") for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert shown in err and hidden not in err and err.count("\n") == 1, err

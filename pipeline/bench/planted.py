@@ -98,14 +98,10 @@ def pixel_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if not n_pos or not n_neg:
         return None
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(scores.size, np.float64)
-    sorted_scores = scores[order]
-    # tied scores share their average rank
-    edges = np.flatnonzero(np.diff(sorted_scores)) + 1
-    starts, stops = np.r_[0, edges], np.r_[edges, scores.size]
-    for start, stop in zip(starts, stops):
-        ranks[order[start:stop]] = (start + stop + 1) / 2.0
+    # tied scores share their average rank: the ranks of a value's run are first+1 .. first+count
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts
+    ranks = (first + (counts + 1) / 2.0)[inverse.reshape(-1)]
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
@@ -210,12 +206,12 @@ def one_thread():
 
 def run_check(*, work: Path, check: PlantedCheck, inputs: dict | None = None, quiet: bool = True) -> dict:
     """Plant a store, train on its seen classes and score the held-out ones beside the two controls."""
+    inputs = inputs or make_inputs(work=work, check=check, quiet=quiet)  # MiniLM's matmuls use every thread
     with one_thread():
         return _run_check(work=work, check=check, inputs=inputs, quiet=quiet)
 
 
-def _run_check(*, work: Path, check: PlantedCheck, inputs: dict | None, quiet: bool) -> dict:
-    inputs = inputs or make_inputs(work=work, check=check, quiet=quiet)
+def _run_check(*, work: Path, check: PlantedCheck, inputs: dict, quiet: bool) -> dict:
     started = time.perf_counter()
     store = planted_store(work=work, check=check, inputs=inputs, quiet=quiet)
     planted_seconds = time.perf_counter() - started

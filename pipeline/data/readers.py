@@ -323,7 +323,7 @@ class VocDataset(PairedDataset):
         if found is None and split == "train" and (base / _VOC_SMALL_TRAIN).is_file():
             if not small_train:
                 raise UserError(f"{base}: no train_aug.txt (SBD's 10,582-image training list the paper uses); put it "
-                                f"at ImageSets/SegmentationAug/train_aug.txt (docs/datasets.md), or pass --option "
+                                f"at ImageSets/SegmentationAug/train_aug.txt (docs/datasets.md), or pass `dataset_options` "
                                 f"small_train=true to train on the 1,464 images of {_VOC_SMALL_TRAIN}")
             found = base / _VOC_SMALL_TRAIN
         return found

@@ -26,7 +26,7 @@ from pipeline.encode.config import ExtractConfig
 from pipeline.encode.plan import open_extraction_dataset, plan_split
 from pipeline.encode.prompts import TEMPLATES
 from pipeline.encode.registry import activation, get_spec, spec_record
-from pipeline.encode.shards import run_shards
+from pipeline.encode.shards import StageTimes, run_shards
 from pipeline.encode.towers import Encoders
 from pipeline.errors import UserError
 from pipeline.runtime import resolve_device
@@ -59,6 +59,7 @@ class ExtractReport:
     bad: list[tuple[str, str]]
     pretrained: bool
     shard_seconds: float = 0.0  # render + encode + write of the shards run (encoder build and text excluded)
+    stages: dict | None = None  # where shard_seconds went (StageTimes), when the shards ran in this process
 
     def describe(self) -> str:
         """What was written, for the command line."""
@@ -98,8 +99,8 @@ def builtin_names(config: ExtractConfig) -> list[str]:
     names: list[str] = []
     if config.dataset:
         if config.dataset not in _BUILTIN_VOCABULARIES:
-            raise UserError(f"--text-only without --data-root knows the class names of "
-                            f"{', '.join(sorted(_BUILTIN_VOCABULARIES))}; give --data-root for '{config.dataset}'")
+            raise UserError(f"`text_only` without `data_root` knows the class names of "
+                            f"{', '.join(sorted(_BUILTIN_VOCABULARIES))}; give `data_root` for '{config.dataset}'")
         names = list(create_protocol(_BUILTIN_VOCABULARIES[config.dataset]).class_names)
     return names + [n for n in config.extra_names if n not in names]
 
@@ -116,21 +117,21 @@ def extract(*, config: ExtractConfig, quiet: bool = False, client=None) -> Extra
 
 def _check_counts(config: ExtractConfig) -> None:
     """Counts below 1 would write zeros, one window per image or nothing at all: refused."""
-    for flag, value in (("--views", config.views), ("--workers", config.workers),
-                        ("--batch-size", config.batch_size), ("--shard-size", config.shard_size),
-                        ("--stride", config.stride), ("--writers", config.writers),
-                        ("--input-size", config.input_size)):
+    for flag, value in (("`views`", config.views), ("`workers`", config.workers),
+                        ("`batch_size`", config.batch_size), ("`shard_size`", config.shard_size),
+                        ("`stride`", config.stride), ("`writers`", config.writers),
+                        ("`input_size`", config.input_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     if config.render_workers < 0:
-        raise UserError(f"--render-workers must be at least 0, got {config.render_workers}")
+        raise UserError(f"`render_workers` must be at least 0, got {config.render_workers}")
     if config.layout not in ("image", "shuffled"):
-        raise UserError(f"--layout must be image or shuffled, not '{config.layout}'")
+        raise UserError(f"`layout` must be image or shuffled, not '{config.layout}'")
     if config.layout == "shuffled" and config.kind != "views":
-        raise UserError(f"--layout shuffled orders training views; split '{config.split}' is stored as evaluation "
-                        f"{config.kind}, image by image: leave --layout out")
+        raise UserError(f"`layout` shuffled orders training views; split '{config.split}' is stored as evaluation "
+                        f"{config.kind}, image by image: leave `layout` out")
     if config.episode_folds and not config.episodes:
-        raise UserError("--fold picks the folds of --episodes; pass --episodes SPLITS too, or leave --fold out")
+        raise UserError("`episode_folds` picks the folds of `episodes`; pass `episodes` SPLITS too, or leave `episode_folds` out")
 
 
 def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
@@ -138,24 +139,24 @@ def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
 
     spec = get_spec(config.backbone)
     if config.text_only and "text" not in spec.towers:
-        raise UserError(f"--text-only: encoder '{spec.name}' has no text tower")
+        raise UserError(f"`text_only`: encoder '{spec.name}' has no text tower")
     want_vision = not config.text_only and "vision" in spec.towers
     _check_counts(config)
     dataset = None
     if want_vision:
         if not config.dataset or not config.data_root:
-            raise UserError("extracting image features needs --dataset and --data-root")
+            raise UserError("extracting image features needs `dataset` and `data_root`")
         dataset = open_extraction_dataset(config)
     elif config.dataset and config.data_root:
         dataset = create_dataset(config.dataset, root=config.data_root, split=config.split,
                                  skip_bad=config.skip_bad, **config.dataset_options)
     names = _text_names(dataset, config) if dataset is not None else builtin_names(config)
     if not want_vision and not names:
-        raise UserError("--text-only needs --dataset (for its class names) or --names")
+        raise UserError("`text_only` needs `dataset` (for its class names) or `extra_names`")
     device = resolve_device(config.device)
     input_size = config.input_size or spec.input_size
     if config.text_only and config.vision_only:
-        raise UserError("--text-only and --vision-only exclude each other")
+        raise UserError("`text_only` and `vision_only` exclude each other")
     want_text = "text" in spec.towers and not config.vision_only
     encoders = create_encoder(spec.name, vision=want_vision, text=want_text,
                               weights=config.weights, random_init=config.random_init,
@@ -216,14 +217,16 @@ def _extract_vision(root, *, encoders: Encoders, dataset, config: ExtractConfig,
     repair_lost_shards(group, quiet=quiet, verify=config.verify)
     done = done_shards(group)
     todo = [int(s) for s in np.flatnonzero(~done)]
-    started = time.perf_counter()
+    started, times = time.perf_counter(), None
     if config.workers > 1 and len(todo) > 1:
         from pipeline.encode.parallel import run_parallel
 
         del encoders
         bad = run_parallel(config=config, shards=todo, group_path=plan.group_path, client=client, quiet=quiet)
     else:
-        bad = run_shards(config=config, shards=todo, encoders=encoders, dataset=dataset, quiet=quiet) if todo else []
+        times = StageTimes()
+        bad = run_shards(config=config, shards=todo, encoders=encoders, dataset=dataset, quiet=quiet,
+                         times=times) if todo else []
     shard_seconds = time.perf_counter() - started
     skipped = plan.meta["plan_skipped"] + [list(b) for b in bad]
     if skipped:
@@ -231,4 +234,5 @@ def _extract_vision(root, *, encoders: Encoders, dataset, config: ExtractConfig,
         consolidate(root, splits=[plan.group_path])  # the rewrite of the group's attributes dropped its copy
     return ExtractReport(out=config.out, split=plan.group_path, views=plan.num_views, shards_run=len(todo),
                          shards_skipped=int(done.sum()), text_classes=text_count, bad=[tuple(s) for s in skipped],
-                         pretrained=bool(identity["pretrained"]), shard_seconds=shard_seconds)
+                         pretrained=bool(identity["pretrained"]), shard_seconds=shard_seconds,
+                         stages=times.as_dict() if times else None)

@@ -51,10 +51,10 @@ def _sha256(path: Path) -> str:
 
 def _resolve_weights(spec: EncoderSpec, weights: str | Path | None, random_init: bool) -> WeightsInfo:
     if spec.test_only and not random_init:
-        raise UserError(f"{spec.name} is a test-only encoder without weights: pass --random-init")
+        raise UserError(f"{spec.name} is a test-only encoder without weights: pass `random_init`")
     if random_init:
         if weights is not None:
-            raise UserError("--weights and --random-init exclude each other")
+            raise UserError("`weights` and `random_init` exclude each other")
         return WeightsInfo(pretrained=False, source="random-init")
     if weights is not None:
         path = Path(weights).expanduser()
@@ -68,8 +68,8 @@ def _resolve_weights(spec: EncoderSpec, weights: str | Path | None, random_init:
     if spec.family == "hf_text" and Path(spec.weights_tag).is_dir():  # hf:FOLDER, a saved model
         return _resolve_weights(spec, spec.weights_tag, False)
     if spec.weights_tag == "local-file":
-        raise UserError(f"{spec.name}: no hub weights exist; pass --weights PATH ({spec.weights_hint}) "
-                        f"or --random-init")
+        raise UserError(f"{spec.name}: no hub weights exist; pass `weights` PATH ({spec.weights_hint}) "
+                        f"or `random_init`")
     if not _hub_reachable():
         host, port = hub_probe_target()
         raise weights_missing(spec, f"the model hub ({host}:{port}) is not reachable; with a filled hub cache "

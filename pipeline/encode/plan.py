@@ -30,7 +30,7 @@ def open_extraction_dataset(config: ExtractConfig):
         return dataset
     protocol = _EPISODE_PROTOCOLS.get(config.dataset or "")
     if protocol is None:
-        raise UserError(f"--episodes knows the episode lists of {', '.join(sorted(_EPISODE_PROTOCOLS))}, "
+        raise UserError(f"`episodes` knows the episode lists of {', '.join(sorted(_EPISODE_PROTOCOLS))}, "
                         f"not of reader {config.dataset!r}")
     folds = config.episode_folds or list(range(protocol_entry(protocol).folds))
     wanted = {e.image_id for fold in folds
@@ -99,7 +99,7 @@ def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, 
     if not rows:
         raise UserError(f"{dataset.name} {dataset.split}: no readable images to extract")
     if config.layout not in ("image", "shuffled"):
-        raise UserError(f"--layout must be image or shuffled, not '{config.layout}'")
+        raise UserError(f"`layout` must be image or shuffled, not '{config.layout}'")
     n = len(rows)
     shuffled = config.layout == "shuffled" and kind == "views"
     order = np.random.default_rng([config.seed, 0x5EED]).permutation(n) if shuffled else np.arange(n)

@@ -111,5 +111,5 @@ def rendered_shards(*, render, config: ExtractConfig, group_path: str, shards: l
         if "exited unexpectedly" not in first and "killed by signal" not in first:
             raise
         raise UserError(f"a render process died ({first.rstrip('. ')}); finished shards are kept: run the same "
-                        f"command to resume (with fewer --render-workers if memory ran out)") from None
+                        f"command to resume (with fewer `render_workers` if memory ran out)") from None
 

@@ -8,7 +8,8 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -180,14 +181,16 @@ class ShardWriters:
         self.group, self.num_classes = group, num_classes
         self.queue: queue.Queue = queue.Queue(maxsize=2 * max(1, count))
         self.errors: list[BaseException] = []
-        self.threads = [threading.Thread(target=self._work, name=f"store-writer-{i}", daemon=True)
+        self.busy = [0.0] * max(1, count)  # seconds each writer spent writing (its own slot: no lock needed)
+        self.threads = [threading.Thread(target=self._work, args=(i,), name=f"store-writer-{i}", daemon=True)
                         for i in range(max(1, count))]
         for thread in self.threads:
             thread.start()
 
-    def _work(self) -> None:
+    def _work(self, slot: int) -> None:
         while (item := self.queue.get()) is not None:
             shard, feats, rendered = item
+            started = time.perf_counter()
             try:
                 present = (rendered.classes if rendered.classes is not None
                            else classes_in(rendered.masks, self.num_classes))
@@ -195,6 +198,7 @@ class ShardWriters:
                             classes=present & rendered.valid[:, None], valid=rendered.valid, source=rendered.source)
             except BaseException as err:  # noqa: BLE001 - surfaced in the main thread
                 self.errors.append(err)
+            self.busy[slot] += time.perf_counter() - started
 
     def put(self, shard: int, feats: np.ndarray, rendered: RenderedShard) -> None:
         if self.errors:
@@ -210,6 +214,65 @@ class ShardWriters:
             raise self.errors[0]
 
 
+@dataclass
+class StageTimes:
+    """Where the seconds of :func:`run_shards` went, for attributing a slow extraction.
+
+    The main thread's wall time splits into waiting for a rendered shard (the first one apart:
+    it includes starting the render processes), encoding (upload, forward, download) and waiting
+    for the writers (a full queue, then the last writes). ``writer_busy`` is the time the writer
+    threads spent in ``write_shard``, summed over threads. A few clock reads per shard: free.
+    """
+
+    first_render_wait: float = 0.0
+    render_wait: float = 0.0
+    encode: float = 0.0
+    write_wait: float = 0.0
+    writer_busy: float = 0.0
+    writers: int = 0
+    shards: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class StageClock:
+    """Adds the main loop's stage times of :func:`run_shards` to a :class:`StageTimes`."""
+
+    def __init__(self, times: StageTimes, *, writers: ShardWriters):
+        self.times, self.writers = times, writers
+
+    def rendered(self, renders):
+        """``renders``, with the wait for each item counted."""
+        items, first = iter(renders), True
+        while True:
+            started = time.perf_counter()
+            rendered = next(items, None)
+            waited = time.perf_counter() - started
+            if first and rendered is not None:
+                self.times.first_render_wait += waited
+            else:
+                self.times.render_wait += waited
+            if rendered is None:
+                return
+            first = False
+            self.times.shards += 1
+            yield rendered
+
+    @contextmanager
+    def stage(self, name: str):
+        """Adds the seconds of the ``with`` block to the field ``name``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self.times, name, getattr(self.times, name) + time.perf_counter() - started)
+
+    def finish(self) -> None:
+        self.times.writer_busy += sum(self.writers.busy)
+        self.times.writers = max(self.times.writers, len(self.writers.threads))
+
+
 def _threaded_renders(render, shards: list[int]):
     """Render shard i + 1 in a thread while the caller encodes shard i."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="render") as pool:
@@ -220,9 +283,23 @@ def _threaded_renders(render, shards: list[int]):
             yield rendered
 
 
+def _both(first: Callable[[int], None], second: Callable[[int], None]) -> Callable[[int], None]:
+    def call(count: int) -> None:
+        first(count)
+        second(count)
+    return call
+
+
 def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders | None = None,
-               dataset=None, quiet: bool = False, progress_desc: str = "extract") -> list[tuple[str, str]]:
-    """Extract the given shards of a planned split; returns the (image id, reason) of bad images."""
+               dataset=None, quiet: bool = False, progress_desc: str = "extract",
+               on_views: Callable[[int], None] | None = None,
+               times: StageTimes | None = None) -> list[tuple[str, str]]:
+    """Extract the given shards of a planned split; returns the (image id, reason) of bad images.
+
+    ``on_views`` is called with each encoded batch's view count, beside the progress bar (a dask
+    worker reports its count to the driver's bar through it). ``times``, when given, receives
+    where the seconds went (:class:`StageTimes`).
+    """
     from pipeline.encode.render_pool import rendered_shards
 
     root = open_store(config.out, mode="r+")
@@ -256,15 +333,20 @@ def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders |
     # shard (or a whole split in one) no longer shows 0% until it is written.
     bar = progress(total=int(total_views), desc=progress_desc, quiet=quiet, unit="view")
     bar.set_postfix_str(f"rendering shard {shards[0]}" if shards else "", refresh=True)
+    clock = StageClock(times if times is not None else StageTimes(), writers=writers)
     try:
-        for rendered in renders:
+        for rendered in clock.rendered(renders):
             bar.set_postfix_str(f"shard {rendered.shard}", refresh=False)
-            feats = encode_shard(encoders=encoders, rendered=rendered, batch_size=config.batch_size,
-                                 on_batch=bar.update)
+            with clock.stage("encode"):
+                feats = encode_shard(encoders=encoders, rendered=rendered, batch_size=config.batch_size,
+                                     on_batch=bar.update if on_views is None else _both(bar.update, on_views))
             bad.extend(rendered.bad)
-            writers.put(rendered.shard, feats, rendered)
+            with clock.stage("write_wait"):
+                writers.put(rendered.shard, feats, rendered)
     finally:
-        writers.close()
+        with clock.stage("write_wait"):
+            writers.close()
+        clock.finish()
         bar.close()
     return bad
 

@@ -122,7 +122,7 @@ def evaluate_split(*, model, vision_cache: str, text_cache: str, split: str, pro
     controls are computed from exactly what was scored.
     """
     if limit is not None and limit < 1:
-        raise UserError(f"--limit must be at least 1 episode, got {limit}")
+        raise UserError(f"`limit` must be at least 1 episode, got {limit}")
     cached = open_split(store=vision_cache, split=split)
     # Multi-class (Mosaic-4) scores every class present in the masks, so it needs no
     # fold; resolving one would refuse the mosaic's own class list (or need its root).
@@ -149,9 +149,9 @@ def evaluate_split(*, model, vision_cache: str, text_cache: str, split: str, pro
         episodes = episodes[:limit] if limit else episodes
         source = f"derived from masks (novel class >= {min_pixels} px)"
     if not episodes:
-        hint = ("the episode lists in --episode-lists name no image of this split" if splits_dir else
-                f"no novel class covers --min-pixels {min_pixels} px in any image: lower --min-pixels, or give "
-                f"the standard lists with --episode-lists")
+        hint = ("the episode lists in `splits_dir` name no image of this split" if splits_dir else
+                f"no novel class covers `min_pixels` {min_pixels} px in any image: lower `min_pixels`, or give "
+                f"the standard lists with `splits_dir`")
         raise UserError(f"{vision_cache} {split}: no evaluation episode for fold {fold}'s novel classes ({hint})")
     meter = SegmentationMeter(list(fold_.novel))
     truth_cache: dict[int, np.ndarray] = {}

@@ -106,7 +106,7 @@ def check_allow(allow: Iterable[str]) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(part.strip() for item in allow for part in str(item).split(",") if part.strip()))
     unknown = [n for n in names if n not in ASPECTS]
     if unknown:
-        raise UserError(f"--allow-mismatch: unknown aspect {unknown[0]!r} (known: {', '.join(ASPECTS)})")
+        raise UserError(f"`allow_mismatch`: unknown aspect {unknown[0]!r} (known: {', '.join(ASPECTS)})")
     return names
 
 
@@ -123,5 +123,5 @@ def check_stores(*, run: str | Path, config, vision_store: str | Path | None, te
     if refused:
         aspects = ",".join(dict.fromkeys(aspect for aspect, _ in refused))
         raise UserError(f"{run}: these stores do not match the run: {'; '.join(t for _, t in refused)} "
-                        f"(pass --allow-mismatch {aspects} to use them anyway)")
+                        f"(pass `allow_mismatch` {aspects} to use them anyway)")
     return [text for _, text in found]

@@ -61,9 +61,9 @@ def parse_classes(text: str | list[str]) -> list[str]:
     """The class names of a prediction, from a comma-separated string or a list, checked."""
     names = parse_names(text) if isinstance(text, str) else [str(n).strip() for n in text if str(n).strip()]
     if not names:
-        raise UserError("--classes needs at least one class name, e.g. --classes \"cat, sofa\"")
+        raise UserError("`classes` needs at least one class name, e.g. `classes` \"cat, sofa\"")
     if len(set(names)) != len(names):
-        raise UserError("--classes has a repeated name")
+        raise UserError("`classes` has a repeated name")
     return names
 
 
@@ -200,7 +200,7 @@ class Predictor:
                 quiet: bool = True) -> dict:
         """:func:`predict` on decoded ``pixels`` ([H, W, 3] uint8) of the photo called ``name``."""
         if batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+            raise UserError(f"`batch_size` must be at least 1, got {batch_size}")
         dtype = label_dtype(len(classes))
         size = int(self.attrs["input_size"])
         height, width = pixels.shape[:2]
@@ -240,11 +240,11 @@ def predict(*, image: str | Path, classes: list[str], checkpoint: str | Path, ou
     so memory holds one batch of windows plus the output, however large the photo.
     """
     if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UserError(f"`batch_size` must be at least 1, got {batch_size}")
     if stride is not None and stride < 1:
-        raise UserError(f"--stride must be at least 1 pixel, got {stride}")
+        raise UserError(f"`stride` must be at least 1 pixel, got {stride}")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise UserError(f"--out {out} is a file, not a folder for the masks; choose another --out")
+        raise UserError(f"`out` {out} is a file, not a folder for the masks; choose another `out`")
     label_dtype(len(classes))
     predictor = Predictor(checkpoint=checkpoint, device=device, encoders=encoders, allow_mismatch=allow_mismatch)
     return predictor.predict(pixels=read_photo(image), name=str(image), classes=classes, out=out, resize=resize,
@@ -286,7 +286,7 @@ def time_note(*, windows: int, done: int, seconds: float, size: int, shape: tupl
         return None
     minutes = f"{left / 60:.0f} min" if left >= 60 else f"{left:.0f} s"
     return (f"note: {windows:,} windows of {size} px over {shape[1]}x{shape[0]} pixels: about {minutes} at "
-            f"{rate:.1f} windows/s here; --resize (one view of the whole photo) or a coarser --stride "
+            f"{rate:.1f} windows/s here; `resize` (one view of the whole photo) or a coarser `stride` "
             f"(default {max(1, (2 * size) // 3)} px) is much faster")
 
 

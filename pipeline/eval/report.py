@@ -52,7 +52,7 @@ def eval_split_name(cache: str, split: str | None) -> str:
         return resolve_split(open_store(cache), split)
     names = [s for s in list_splits(open_store(cache)) if s.split("/")[-1] not in TRAIN_SPLITS]
     if len(names) != 1:
-        raise UserError(f"{cache}: name the evaluation split with --split (candidates: {', '.join(names) or 'none'})")
+        raise UserError(f"{cache}: name the evaluation split with `split` (candidates: {', '.join(names) or 'none'})")
     return names[0]
 
 
@@ -73,7 +73,7 @@ def check_inputs(*, runs: list[Path], split: str | None, cache: Path | None, tex
         eval_split_name(vision, split)  # the store and its split
         if not has_text(open_store(text)):
             raise UserError(f"{text}: holds no class-name embeddings (extract it with --text-only, or pass the "
-                            f"right --text-cache)")
+                            f"right `text_cache`)")
 
 
 def run_label(config, *, vision_store: str | None = None, text_store: str | None = None) -> str:

@@ -28,19 +28,19 @@ def web_app_module():
 def bind(*, host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host``:``port`` (port 0: a free one), or a one-line error."""
     if not 0 <= port <= 65535:
-        raise UserError(f"--port is 0 (any free port) to 65535, got {port}")
+        raise UserError(f"`port` is 0 (any free port) to 65535, got {port}")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                             flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as err:
-        raise UserError(f"--host {host} is not an address of this machine: {err.strerror}") from err
+        raise UserError(f"`host` {host} is not an address of this machine: {err.strerror}") from err
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
     except OSError as err:
         sock.close()
-        raise UserError(f"cannot listen on {host}:{port}: {err.strerror} (--port 0 picks a free port)") from err
+        raise UserError(f"cannot listen on {host}:{port}: {err.strerror} (`port` 0 picks a free port)") from err
     return sock
 
 
@@ -74,7 +74,7 @@ def serve(*, run: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
 
     web = web_app_module()
     if max_upload_mb <= 0:
-        raise UserError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+        raise UserError(f"`max_upload_mb` must be positive, got {max_upload_mb}")
     sock = bind(host=host, port=port)  # before loading: a taken port is said at once
     try:
         predictor = Predictor(checkpoint=run, device=str(resolve_device(device)))

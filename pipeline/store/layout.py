@@ -99,7 +99,7 @@ def open_or_create_store(path: str | Path, *, identity: dict, overwrite: bool = 
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path} is a file, not a folder for a feature store")
+        raise UserError(f"`out` {path} is a file, not a folder for a feature store")
     if overwrite and path.exists():
         for child in path.iterdir():  # all but the writer lock, which this run holds
             if child.name != LOCK_NAME:
@@ -113,7 +113,7 @@ def open_or_create_store(path: str | Path, *, identity: dict, overwrite: bool = 
             if existing.get(key) != identity.get(key):
                 raise UserError(
                     f"{path} was made with {key}={existing.get(key)!r}, this run has "
-                    f"{identity.get(key)!r}; use another --out or --overwrite to start over"
+                    f"{identity.get(key)!r}; use another `out` or `overwrite` to start over"
                 )
         return root
     path.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,7 @@ def writer_lock(path: str | Path):
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path} is a file, not a folder for a feature store")
+        raise UserError(f"`out` {path} is a file, not a folder for a feature store")
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     try:
@@ -171,7 +171,7 @@ def _locked(lock: Path):
                 handle.seek(0)
                 holder = handle.read().strip() or "another process"
                 raise UserError(f"{lock.parent} is being written by {holder}; wait for it to finish or use another "
-                                "--out") from None
+                                "`out`") from None
             try:
                 same = os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino
             except FileNotFoundError:
@@ -190,7 +190,7 @@ def open_store(path: str | Path, *, mode: str = "r") -> zarr.Group:
         # Never the consolidated copy: after a kill it may lag behind (see ``consolidate``).
         root = zarr.open_group(str(path), mode=mode, use_consolidated=False)
     except (ValueError, TypeError, KeyError) as err:  # a truncated or garbled zarr.json (JSONDecodeError is one)
-        raise UserError(f"{path}/zarr.json is damaged ({type(err).__name__}); extract again with --overwrite") \
+        raise UserError(f"{path}/zarr.json is damaged ({type(err).__name__}); extract again with `overwrite`") \
             from None
     attrs = root.attrs.asdict()
     if ATTR_KEY not in attrs:
@@ -242,7 +242,7 @@ def check_text_words(root: zarr.Group, *, class_words: str) -> None:
     existing = text_class_words(root)
     if existing and existing != class_words:
         raise UserError(f"{root.store}: its class embeddings were made from {existing} names, this run asks for "
-                        f"{class_words}; use another --out (or --class-words {existing})")
+                        f"{class_words}; use another `out` (or `class_words` {existing})")
 
 
 def write_text(root: zarr.Group, *, names: list[str], embeddings: np.ndarray, meta: dict,

@@ -126,7 +126,7 @@ def open_split(*, store: str | Path, split: str | None = None, require_complete:
     splits = list_splits(root)
     if split is None:
         if len(splits) != 1:
-            raise UserError(f"{store} holds splits {', '.join(splits) or 'none'}: name one with --split")
+            raise UserError(f"{store} holds splits {', '.join(splits) or 'none'}: name one with `split`")
         split = splits[0]
     split = resolve_split(root, split)
     group = split_group(root, split)

@@ -85,7 +85,7 @@ def create_split(root: zarr.Group, *, plan: SplitPlan, tokens: int, dim: int, in
         elif old != jsonable(plan.signature()):
             raise UserError(
                 f"store already holds {path} planned differently (views, seed, images or shard size "
-                f"differ); use another --out or --overwrite"
+                f"differ); use another `out` or `overwrite`"
             )
         else:
             consolidate(root, splits=[path])  # a kill may have come before the last consolidation
@@ -316,7 +316,7 @@ def damaged_metadata(root: zarr.Group, err: Exception | None) -> UserError:
     parts = found.relative_to(base).parts[:-1] if found is not None else ()
     split = "/".join(parts[:2]) if len(parts) >= 2 else "that split"
     return UserError(f"{where} is damaged ({type(err).__name__ if err else 'unreadable'}); re-run the same "
-                     f"`fusioner extract` for {split} to write it again (or extract into another --out)")
+                     f"`fusioner extract` for {split} to write it again (or extract into another `out`)")
 
 
 def split_metadata_error(group: zarr.Group) -> Exception | None:

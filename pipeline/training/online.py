@@ -114,7 +114,7 @@ def _class_text(config: TrainConfig, encoders, names: list[str]) -> np.ndarray:
         return class_embeddings(text_store=store, names=names)
     if encoders.text is None:
         raise UserError(f"online: '{config.data.online.backbone}' has no text tower; give a text store "
-                        f"with data.text_cache (--text-cache)")
+                        f"with `data.text_cache`")
     return encoders.text.encode_names([prompt_name(n) for n in names]).float().cpu().numpy()
 
 

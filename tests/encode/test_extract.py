@@ -258,7 +258,7 @@ def _copy(store: Path, tmp_path: Path) -> Path:
 def test_appending_a_differently_made_store_is_refused(reference, tmp_path, change, key):
     data, store = reference
     copy = _copy(store, tmp_path)
-    with pytest.raises(UserError, match=rf"was made with {key}=.*--overwrite"):
+    with pytest.raises(UserError, match=rf"was made with {key}=.*`overwrite`"):
         extract(config=tiny_config(data, copy, vision_only=True, **change), quiet=True)
     assert store_attrs(open_store(copy))["encoder"] == "test-vit"
 

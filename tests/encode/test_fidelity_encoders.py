@@ -9,12 +9,13 @@ import torch
 
 from pipeline.encode.families import create_encoder
 from pipeline.encode.registry import activation, get_spec
+from memory import release_memory
 
 
 pytestmark = pytest.mark.fullsize  # pins the real architectures: full-size towers
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=2)
 def _built(name: str, size: int):
     return create_encoder(name, random_init=True, input_size=size)
 
@@ -24,6 +25,14 @@ def _release_encoders():
     """Full-size towers leave with this module instead of living for the whole session."""
     yield
     _built.cache_clear()
+    release_memory()
+
+
+@pytest.fixture(autouse=True)
+def _trim_after_each_test():
+    """What a test's towers leave behind goes back before the next one builds."""
+    yield
+    release_memory()
 
 
 def _mlp_activations(module: torch.nn.Module) -> set[str]:

@@ -144,5 +144,5 @@ def test_episodes_need_a_reader_with_standard_lists(tmp_path):
     from pipeline.encode.plan import open_extraction_dataset
 
     data = write_folder_dataset(tmp_path / "data", sizes=((40, 40),))
-    with pytest.raises(UserError, match="--episodes knows the episode lists of"):
+    with pytest.raises(UserError, match="`episodes` knows the episode lists of"):
         open_extraction_dataset(tiny_extract_config(data, tmp_path / "s", episodes=str(tmp_path)))

@@ -76,7 +76,7 @@ def test_predict_encodes_bounded_batches_and_matches_one_batch(gen, learned, tmp
     assert np.array_equal(batched["label_map"], whole["label_map"])
     np.testing.assert_allclose(batched["probabilities"], whole["probabilities"], rtol=0, atol=1e-5)
     assert batched["coverage"] == pytest.approx(whole["coverage"], abs=1e-3)
-    with pytest.raises(UserError, match="--batch-size must be at least 1, got 0"):
+    with pytest.raises(UserError, match="`batch_size` must be at least 1, got 0"):
         predict(image=photo, classes=["cat"], checkpoint=learned, out=None, batch_size=0)
 
 
@@ -130,7 +130,7 @@ def test_a_sideways_phone_photo_is_predicted_upright(gen, learned, tmp_path):
 def test_out_that_is_a_file_is_one_line_and_left_alone(learned, tmp_path):
     photo, out = _photo(tmp_path / "photo.png", 40, 40), tmp_path / "taken"
     out.write_text("mine\n")
-    with pytest.raises(UserError, match="--out .*taken is a file, not a folder") as err:
+    with pytest.raises(UserError, match="`out` .*taken is a file, not a folder") as err:
         predict(image=photo, classes=["cat"], checkpoint=learned, out=out)
     assert "\n" not in str(err.value) and out.read_text() == "mine\n"
 
@@ -190,7 +190,7 @@ def test_a_long_prediction_says_up_front_how_many_windows_how_long_and_what_is_f
 
     note = time_note(windows=27_170, done=16, seconds=0.64, size=64, shape=(6000, 8000))
     assert note.startswith("note: 27,170 windows of 64 px over 8000x6000 pixels: about 18 min at 25.0 windows/s")
-    assert "--resize" in note and "coarser --stride (default 42 px)" in note
+    assert "`resize`" in note and "coarser `stride` (default 42 px)" in note
     assert time_note(windows=40, done=16, seconds=0.64, size=64, shape=(200, 300)) is None  # a second: no note
     monkeypatch.setattr(predict_module, "LONG_PREDICTION_S", 0.0)
     photo = _photo(tmp_path / "photo.png", 150, 200)
@@ -200,5 +200,5 @@ def test_a_long_prediction_says_up_front_how_many_windows_how_long_and_what_is_f
     assert len(lines) == 1 and lines[0].startswith("note: 20 windows of 64 px over 200x150 pixels"), err[-2000:]
     coarse = predict(image=photo, classes=["cat"], checkpoint=learned, out=None, stride=64)
     assert coarse["views"] < fine["views"]
-    with pytest.raises(UserError, match="--stride must be at least 1"):
+    with pytest.raises(UserError, match="`stride` must be at least 1"):
         predict(image=photo, classes=["cat"], checkpoint=learned, out=None, stride=0)

@@ -254,7 +254,7 @@ def test_a_second_writer_is_refused_naming_the_holder(extracted):
 
     path, config = extracted
     with writer_lock(path):
-        with pytest.raises(UserError, match=r"is being written by pid \d+ on .* since .*another --out") as err:
+        with pytest.raises(UserError, match=r"is being written by pid \d+ on .* since .*another `out`") as err:
             extract(config=config, quiet=True)
     assert "\n" not in str(err.value)
     assert extract(config=config, quiet=True).shards_run == 0  # free again once the holder is gone
@@ -279,17 +279,17 @@ def test_extraction_counts_below_one_are_refused(tmp_path, option, value):
     from pipeline.errors import UserError
 
     config = tiny_extract_config(tmp_path / "data", tmp_path / "store", **{option: value})
-    with pytest.raises(UserError, match=f"--{option.replace('_', '-')} must be at least 1, got {value}"):
+    with pytest.raises(UserError, match=f"`{option}` must be at least 1, got {value}"):
         extract(config=config, quiet=True)
 
 
 @pytest.mark.reliability
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"input_size": 0}, "--input-size must be at least 1, got 0"),
-    ({"split": "val", "layout": "shuffled"}, "--layout shuffled orders training views; split 'val' is stored as "
+    ({"input_size": 0}, "`input_size` must be at least 1, got 0"),
+    ({"split": "val", "layout": "shuffled"}, "`layout` shuffled orders training views; split 'val' is stored as "
                                               "evaluation windows"),
     ({"split": "val", "eval_resize": True, "layout": "shuffled"}, "stored as evaluation resize"),
-    ({"split": "val", "episode_folds": [1]}, "--fold picks the folds of --episodes"),
+    ({"split": "val", "episode_folds": [1]}, "`episode_folds` picks the folds of `episodes`"),
 ])
 def test_extract_options_that_would_be_ignored_are_refused_and_nothing_is_written(tmp_path, changes, message):
     from synthetic_data import tiny_extract_config, write_folder_dataset

@@ -177,7 +177,7 @@ def test_eval_limit_below_one_is_refused():
     from pipeline.eval.evaluate import evaluate_split
 
     for limit in (0, -3):
-        with pytest.raises(UserError, match="--limit must be at least 1"):
+        with pytest.raises(UserError, match="`limit` must be at least 1"):
             evaluate_split(model=None, vision_cache="nowhere", text_cache="nowhere", split="x", protocol="pascal5i",
                            fold=0, limit=limit)
 

@@ -510,6 +510,9 @@ def sweep(
     timings: Optional[Path] = typer.Option(None, "--timings", metavar="FILE",
                                            help="JSON from `python -m pipeline.bench gpu` to use measured s/step."),
     retries: int = typer.Option(2, "--retries", metavar="N", help="Retries of a failed run before it is reported."),
+    runs_per_gpu: int = typer.Option(1, "--runs-per-gpu", metavar="N",
+                                     help="Runs each GPU worker trains at once, where their estimated memory fits "
+                                          "(a run out of memory is retried alone)."),
     overrides: Settings = [],
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -530,6 +533,7 @@ def sweep(
       fusioner sweep pipeline/studies/table1.yaml --slurm --jobs 8 --gpus-per-job 1
       fusioner sweep pipeline/studies/table1.yaml --dry-run
       fusioner sweep table1 --estimate --gpu h100
+      fusioner sweep table7 --runs-per-gpu 3
     """
     from pipeline.sweep.catalog import describe_studies
     from pipeline.sweep.command import sweep_command
@@ -539,7 +543,8 @@ def sweep(
         raise typer.Exit(0 if list_studies else 2)
     code = sweep_command(study=study, scheduler=scheduler, slurm=slurm, jobs=jobs, gpus_per_job=gpus_per_job,
                          workers=workers, dry_run=dry_run, retries=retries, quiet=_quiet(ctx, quiet),
-                         overrides=dict(overrides), estimate=estimate, gpu=gpu, timings=timings)
+                         overrides=dict(overrides), estimate=estimate, gpu=gpu, timings=timings,
+                         runs_per_gpu=runs_per_gpu)
     if code:
         raise typer.Exit(code)
 

@@ -168,15 +168,17 @@ def predict(*, image: str | Path, classes: list[str], run: str | Path, out: str 
 
 
 def run_study(*, study: str | Path, workers: int | None = None, dry_run: bool = False, retries: int = 2,
-              quiet: bool = False) -> dict:
+              quiet: bool = False, runs_per_gpu: int = 1) -> dict:
     """A whole study file (folds x encoder pairs x variants) on a local dask cluster, ending in its table.
 
     Finished runs are skipped, so calling it again resumes. Returns the plan, the Markdown table, counts and
     the failed runs; writes ``results.csv``, ``table.md``, ``table.csv`` and ``chart.png`` to the study's out.
+    ``runs_per_gpu`` > 1 trains that many runs at once on each GPU where their estimated memory fits.
     """
     from pipeline.sweep.command import run_study as run
 
-    result = run(study=Path(study), workers=workers, dry_run=dry_run, retries=retries, quiet=quiet)
+    result = run(study=Path(study), workers=workers, dry_run=dry_run, retries=retries, quiet=quiet,
+                 runs_per_gpu=runs_per_gpu)
     return {"plan": result.plan, "table": result.table, "out": str(result.out) if result.out else None,
             "done": result.done, "total": result.total, "failed": list(result.failed)}
 

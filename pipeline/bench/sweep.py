@@ -163,7 +163,7 @@ def process_overheads(*, run_dir: Path) -> tuple[float, float]:
     subprocess.run([sys.executable, "-c", "import matplotlib; matplotlib.use('Agg'); import " + ", ".join(PRELOAD)],
                    check=True)
     fresh = time.perf_counter() - tick
-    launcher = Launcher()
+    launcher = Launcher().wait_ready()
     try:
         tick = time.perf_counter()
         launcher.run(run_dir=str(run_dir), threads=1, env={}, log=str(run_dir / "log.txt"))  # done: fork, check, exit

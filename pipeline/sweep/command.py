@@ -29,7 +29,8 @@ def describe_runs(runs: list[Run]) -> str:
 
 def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int, gpus_per_job: int,
                   workers: int | None, dry_run: bool, retries: int, quiet: bool, overrides: Mapping[str, Any],
-                  estimate: bool = False, gpu: str = "h100", timings: Path | None = None) -> int:
+                  estimate: bool = False, gpu: str = "h100", timings: Path | None = None,
+                  runs_per_gpu: int = 1) -> int:
     """Run a whole study (folds x encoder pairs x variants x swept keys x seeds) and write the paper's table.
 
     Finished runs are skipped, so a killed sweep resumes by running the same command again; an
@@ -48,6 +49,8 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
 
       fusioner sweep pipeline/studies/tiny.yaml --workers 2 --set optim.max_steps=20
 
+      fusioner sweep pipeline/studies/table7.yaml --runs-per-gpu 3           # up to 3 runs per GPU where they fit
+
       fusioner sweep pipeline/studies/table2.yaml --scheduler tcp://10.0.0.5:8786
 
       fusioner sweep pipeline/studies/table7.yaml --slurm --jobs 4 --gpus-per-job 2 --set study.slurm.walltime=08:00:00
@@ -57,10 +60,12 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
     ``study.out=/scratch/t4``).
     """
     if estimate:
-        print(estimate_command(study=study, gpu=gpu, timings=timings, overrides=overrides))
+        print(estimate_command(study=study, gpu=gpu, timings=timings, overrides=overrides,
+                               runs_per_gpu=runs_per_gpu))
         return 0
     result = run_study(study=study, scheduler=scheduler, slurm=slurm, jobs=jobs, gpus_per_job=gpus_per_job,
-                       workers=workers, dry_run=dry_run, retries=retries, quiet=quiet, overrides=overrides)
+                       workers=workers, dry_run=dry_run, retries=retries, quiet=quiet, overrides=overrides,
+                       runs_per_gpu=runs_per_gpu)
     if dry_run:
         print(result.plan)
         print(result.caches, file=sys.stderr)  # stdout stays one line per run, for scripts
@@ -74,14 +79,22 @@ def sweep_command(*, study: Path, scheduler: str | None, slurm: bool, jobs: int,
     return 1 if result.failed else 0
 
 
-def estimate_command(*, study: Path, gpu: str, timings: Path | None, overrides: Mapping[str, Any] | None) -> str:
+def check_runs_per_gpu(runs_per_gpu) -> None:
+    if isinstance(runs_per_gpu, bool) or not isinstance(runs_per_gpu, int) or runs_per_gpu < 1:
+        raise UserError(f"--runs-per-gpu must be a whole number of at least 1, got {runs_per_gpu!r}")
+
+
+def estimate_command(*, study: Path, gpu: str, timings: Path | None, overrides: Mapping[str, Any] | None,
+                     runs_per_gpu: int = 1) -> str:
     """The ``--estimate`` table: runs x steps x seconds per step = GPU-hours, per preset (runs nothing)."""
     from pipeline.sweep.estimate import check_gpu, estimate_study, format_estimate
 
+    check_runs_per_gpu(runs_per_gpu)
     check_gpu(gpu, timings_file=timings)  # a wrong --gpu or --timings first, before the study is read
     spec = load_study(path=Path(study), overrides=overrides or {})
     runs = expand_runs(spec, check_caches=False)  # pricing comes before extraction: no store needed
-    return format_estimate(estimate_study(runs=runs, gpu=gpu, timings_file=timings), study_name=spec.name)
+    return format_estimate(estimate_study(runs=runs, gpu=gpu, timings_file=timings, runs_per_gpu=runs_per_gpu),
+                           study_name=spec.name)
 
 
 @dataclass
@@ -99,14 +112,24 @@ class StudyResult:
 
 def run_study(*, study: Path, scheduler: str | None = None, slurm: bool = False, jobs: int = 1,
               gpus_per_job: int = 1, workers: int | None = None, dry_run: bool = False, retries: int = 2,
-              quiet: bool = True, overrides: Mapping[str, Any] | None = None) -> StudyResult:
-    """Plan a study, run what is not done yet (unless ``dry_run``) and write its tables; prints nothing."""
+              quiet: bool = True, overrides: Mapping[str, Any] | None = None, runs_per_gpu: int = 1) -> StudyResult:
+    """Plan a study, run what is not done yet (unless ``dry_run``) and write its tables; prints nothing.
+
+    ``runs_per_gpu`` > 1 lets each worker run that many runs at once where their estimated peak
+    memory fits its device (:mod:`pipeline.sweep.packing`); a run that fits no device even alone is refused.
+    """
+    import os
+
+    from pipeline.sweep.packing import MEMORY_VARIABLE, parse_memory, plan_memory, worker_devices
     from pipeline.sweep.tables import markdown, write_outputs
 
     if scheduler and slurm:
         raise UserError("--scheduler and --slurm exclude each other")
     if retries < 0 or jobs < 1 or gpus_per_job < 0 or (workers is not None and workers < 1):
         raise UserError("--retries and --gpus-per-job must be >= 0, --jobs and --workers >= 1")
+    check_runs_per_gpu(runs_per_gpu)
+    if runs_per_gpu > 1 and os.environ.get(MEMORY_VARIABLE):
+        parse_memory(os.environ[MEMORY_VARIABLE])  # a bad figure fails here, not inside every worker
     spec = load_study(path=Path(study), overrides=overrides or {})
     runs = expand_runs(spec, check_caches=not dry_run)  # a dry run plans without any cache present
     if dry_run:
@@ -116,9 +139,12 @@ def run_study(*, study: Path, scheduler: str | None = None, slurm: bool = False,
     errors: dict[str, str] = {}
     if todo:
         with open_cluster(study=spec, scheduler=scheduler, slurm=slurm, jobs=jobs, gpus_per_job=gpus_per_job,
-                          workers=workers, quiet=quiet) as (client, threads, gpus):
+                          workers=workers, quiet=quiet, runs_per_gpu=runs_per_gpu) as (client, threads, gpus):
+            memory = None
+            if runs_per_gpu > 1:  # before any run.json is written: a refusal leaves nothing behind
+                memory = plan_memory(runs=todo, devices=worker_devices(client, gpus=gpus))
             errors = run_all(client=client, runs=runs, study_name=spec.name, retries=retries, threads=threads,
-                             gpus=gpus, quiet=quiet)
+                             gpus=gpus, quiet=quiet, memory=memory)
     table = write_outputs(study=spec, runs=runs)
     return StudyResult(plan=describe_runs(runs), table=markdown(table, rows_name=" / ".join(spec.table.rows)),
                        out=spec.out, done=sum(run_state(r.dir) == "done" for r in unique.values()),
@@ -145,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     whole.add_argument("--gpu", default="h100")
     whole.add_argument("--timings", type=Path, default=None)
     whole.add_argument("--retries", type=int, default=2)
+    whole.add_argument("--runs-per-gpu", type=int, default=1)
     whole.add_argument("--quiet", "-q", action="store_true")
     whole.add_argument("--set", dest="overrides", action="append", default=[])
     return run_entry(lambda: _dispatch(parser.parse_args(argv)))
@@ -157,7 +184,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_main(["run", str(args.run_dir)] + (["--threads", str(args.threads)] if args.threads else []))
     return sweep_command(study=args.study, scheduler=args.scheduler, slurm=args.slurm, jobs=args.jobs,
                          gpus_per_job=args.gpus_per_job, workers=args.workers, dry_run=args.dry_run,
-                         estimate=args.estimate, gpu=args.gpu, timings=args.timings, retries=args.retries, quiet=args.quiet, overrides=as_settings(args.overrides))
+                         estimate=args.estimate, gpu=args.gpu, timings=args.timings, retries=args.retries,
+                         quiet=args.quiet, overrides=as_settings(args.overrides), runs_per_gpu=args.runs_per_gpu)
 
 
 if __name__ == "__main__":

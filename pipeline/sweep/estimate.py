@@ -27,6 +27,8 @@ from pipeline.errors import UserError
 
 # Dense bf16 peak TFLOP/s per GPU kind (vendor figures, no sparsity).
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0}
+# About what torch.cuda.mem_get_info reports free on an idle card of each kind (GiB; a100: the 80 GB one).
+GPU_MEMORY_GIB = {"h100": 79, "h200": 139, "a100": 79, "l40s": 44}
 # The one recorded `python -m pipeline.bench gpu` run (docs/benchmarks.md): paper preset on clip-l
 # tokens, batch 32, streaming; clip-l pure forward; whole extraction.
 REFERENCE = {"machine": "NVIDIA H200", "gpu": "h200", "preset": "paper", "backbone": "clip-l",
@@ -144,10 +146,9 @@ def _store_inputs(store: str, *, memo: dict) -> dict:
     return found
 
 
-def run_flops(config: dict, *, classes: float, memo: dict) -> int:
-    """Training FLOPs per sample of a run's resolved config."""
+def run_model(config: dict, *, memo: dict) -> tuple:
+    """(ModelConfig, patch grid) of a run's resolved config, its input sizes from its stores or their encoders."""
     from pipeline.model import make_model_config
-    from pipeline.training.flops import training_flops_per_sample
 
     data = config["data"]
     vision = _store_inputs(data["cache"], memo=memo)
@@ -159,7 +160,39 @@ def run_flops(config: dict, *, classes: float, memo: dict) -> int:
     model = make_model_config(vision_dim=int(vision["vision_dim"]), text_dim=int(text_dim), preset="paper",
                               overrides=overrides)
     model.decoder.out_size = int(vision["input_size"])  # training always predicts at the view size
-    return training_flops_per_sample(model, grid=vision["grid"], classes=max(1, math.ceil(classes)))
+    return model, tuple(vision["grid"])
+
+
+def run_peak_mib(run, *, device_type: str, memo: dict) -> int | None:
+    """A run's estimated peak device memory in MiB (:mod:`pipeline.training.memory`); None for an online run."""
+    import json
+
+    from pipeline.config import to_dict
+    from pipeline.sweep.sizes import training_samples
+    from pipeline.training.memory import training_memory
+
+    config = run.config
+    if config["data"].get("online", {}).get("enabled"):
+        return None
+    model, grid = run_model(config, memo=memo.setdefault("inputs", {}))
+    count = training_samples(config["data"], memo=memo.setdefault("samples", {}))
+    classes = count.most or max(1, math.ceil(count.classes))
+    bf16 = config.get("precision") == "bf16" or (config.get("precision", "auto") == "auto" and device_type == "cuda")
+    batch = int(config["optim"]["batch_size"])
+    key = (json.dumps(to_dict(model), sort_keys=True), grid, classes, batch, device_type, bf16)  # folds share one
+    if key not in memo.setdefault("estimates", {}):
+        estimate = training_memory(model, grid=grid, classes=classes, batch_size=batch, device_type=device_type,
+                                   bf16=bf16)
+        memo["estimates"][key] = -(-estimate.total // 2**20)
+    return memo["estimates"][key]
+
+
+def run_flops(config: dict, *, classes: float, memo: dict) -> int:
+    """Training FLOPs per sample of a run's resolved config."""
+    from pipeline.training.flops import training_flops_per_sample
+
+    model, grid = run_model(config, memo=memo)
+    return training_flops_per_sample(model, grid=grid, classes=max(1, math.ceil(classes)))
 
 
 def row_labels(runs: list) -> dict[str, str]:
@@ -178,8 +211,42 @@ def row_labels(runs: list) -> dict[str, str]:
     return {key: f"{' = '.join(pairs[key])} | {' = '.join(names[key])}" for key in names}
 
 
-def estimate_study(*, runs: list, gpu: str, timings_file: Path | None = None) -> dict:
-    """Per table row: runs, samples, GFLOP/sample, steps, seconds per step, GPU-hours; extraction; totals."""
+def _packed_gains(timings: dict | None) -> dict[int, tuple[float, float]]:
+    """Runs at once -> (samples/s of the GPU, gain over one run) from ``bench gpu``'s ``packed`` rows."""
+    gains = {}
+    for row in (timings or {}).get("packed") or []:
+        if not isinstance(row, dict) or "error" in row:
+            continue
+        runs, rate, gain = row.get("runs"), row.get("samples_per_s_per_gpu"), row.get("gain_over_one")
+        if isinstance(runs, int) and all(isinstance(v, (int, float)) and v > 0 for v in (rate, gain)):
+            gains[runs] = (float(rate), float(gain))
+    return gains
+
+
+def packing_speedup(*, runs_per_gpu: int, timings: dict | None) -> tuple[float, str]:
+    """(GPU throughput of ``runs_per_gpu`` packed runs over one run alone, where the figure comes from).
+
+    Measured only: the ``packed`` rows of ``bench gpu`` (``gain_over_one``: the samples/s of N runs
+    trained at once on one GPU over one run's). Without a row for ``runs_per_gpu`` runs the study
+    is priced one run at a time, from the single-run rate.
+    """
+    if runs_per_gpu == 1:
+        return 1.0, ""
+    gains = _packed_gains(timings)
+    if runs_per_gpu in gains:
+        rate, gain = gains[runs_per_gpu]
+        return gain, (f"{runs_per_gpu} runs per GPU: {gain:.2f}x the samples/s of one run ({rate:,.0f} per GPU), "
+                      f"measured by bench gpu's packed runs on {timings.get('machine', 'an unnamed machine')}: "
+                      f"GPU-hours divided by it (those runs train the small preset; bigger models likely gain less)")
+    return 1.0, (f"{runs_per_gpu} runs per GPU: priced as one run at a time, from the single-run rate; the packed "
+                 f"rate is unmeasured (no packed row of {runs_per_gpu} runs in a bench gpu --timings file)")
+
+
+def estimate_study(*, runs: list, gpu: str, timings_file: Path | None = None, runs_per_gpu: int = 1) -> dict:
+    """Per table row: runs, samples, GFLOP/sample, steps, seconds per step, GPU-hours; extraction; totals.
+
+    With ``runs_per_gpu`` > 1 the GPU-hours are divided by the measured packed speed-up, if any.
+    """
     from pipeline.sweep.sizes import SampleCount, training_samples
     from pipeline.sweep.study import run_state
 
@@ -220,11 +287,36 @@ def estimate_study(*, runs: list, gpu: str, timings_file: Path | None = None) ->
         row["steps"] += steps
         row["seconds"] += steps * seconds_per_step
         row["todo_seconds"] += 0.0 if run_state(run.dir) == "done" else steps * seconds_per_step
+    packing = packing_speedup(runs_per_gpu=runs_per_gpu, timings=timings)[1]
+    if runs_per_gpu > 1:
+        _pack_rows(rows=rows, runs=runs, labels=labels, gpu=gpu, runs_per_gpu=runs_per_gpu, timings=timings)
+        packing += (f"; each row packs as many runs as its peak memory fits on one {gpu} "
+                    f"(about {GPU_MEMORY_GIB[gpu]} GiB free), at most {runs_per_gpu}" if gpu in GPU_MEMORY_GIB else
+                    f"; the memory of a {gpu} is unknown here, so every row is priced one run at a time")
     extraction = estimate_extraction(runs=runs, gpu=gpu, timings=timings, rows=labels)
     total = sum(r["seconds"] for r in rows.values()) / 3600
-    return {"gpu": gpu, "rate": rate, "rows": rows, "extraction": extraction, "gpu_hours": total,
+    return {"gpu": gpu, "rate": rate, "rows": rows, "extraction": extraction, "gpu_hours": total, "packing": packing,
             "gpu_hours_left": sum(r["todo_seconds"] for r in rows.values()) / 3600,
             "extract_gpu_hours": sum(e["seconds"] for e in extraction if e["seconds"]) / 3600}
+
+
+def _pack_rows(*, rows: dict, runs: list, labels: dict, gpu: str, runs_per_gpu: int, timings: dict | None) -> None:
+    """Each row's peak memory, how many of its runs one ``gpu`` holds (at most ``runs_per_gpu``), and its
+    GPU-hours divided by the measured speed-up of that many packed runs (none measured: unchanged)."""
+    memo: dict = {}
+    for run in {r.key: r for r in runs}.values():
+        row = rows[labels[run.key]]
+        try:
+            peak = run_peak_mib(run, device_type="cuda", memo=memo)
+        except UserError:
+            peak = None
+        row["peak_mib"] = max(row.get("peak_mib") or 0, peak or 0) or None
+    for row in rows.values():
+        card = GPU_MEMORY_GIB.get(gpu)
+        row["fit"] = min(runs_per_gpu, card * 1024 // row["peak_mib"]) if card and row.get("peak_mib") else None
+        speedup = packing_speedup(runs_per_gpu=row["fit"], timings=timings)[0] if row["fit"] else 1.0
+        row["seconds"] /= speedup
+        row["todo_seconds"] /= speedup
 
 
 def estimate_extraction(*, runs: list, gpu: str, timings: dict | None, rows: dict[str, str]) -> list[dict]:
@@ -273,18 +365,26 @@ def estimate_extraction(*, runs: list, gpu: str, timings: dict | None, rows: dic
 
 
 def format_estimate(estimate: dict, *, study_name: str) -> str:
-    lines = [f"study {study_name} on {estimate['gpu']}: training",
-             "| row | runs (done) | samples/epoch | GFLOP/sample | steps | s/step | GPU-hours | samples from |",
-             "|---|---|---|---|---|---|---|---|"]
+    packed = any("fit" in row for row in estimate["rows"].values())
+    extra = (" peak GiB (runs per GPU) |", "---|") if packed else ("", "")
+    head = "| row | runs (done) | samples/epoch | GFLOP/sample | steps | s/step | GPU-hours | samples from |"
+    lines = [f"study {study_name} on {estimate['gpu']}: training", head + extra[0],
+             "|---|---|---|---|---|---|---|---|" + extra[1]]
     for label, row in estimate["rows"].items():
         samples = (f"{min(row['samples']):,}" if min(row["samples"], default=0) == max(row["samples"], default=0)
                    else f"{min(row['samples']):,}-{max(row['samples']):,}") if row["samples"] else "?"
         hours = f"{row['seconds'] / 3600:,.2f}" + (f" (+{row['unpriced']} unpriced)" if row["unpriced"] else "")
         gflop = f"{row['gflop']:,.2f}" if row["gflop"] is not None else "?"
         per_step = f"{row['seconds_per_step']:.4f}" if row["seconds_per_step"] is not None else "?"
+        fit = ""
+        if packed:
+            peak = f"{row['peak_mib'] / 1024:,.1f}" if row.get("peak_mib") else "?"
+            fit = f" {peak} ({row['fit'] if row.get('fit') is not None else '?'}) |"
         lines.append(f"| {label} | {row['runs']} ({row['done']}) | {samples} | {gflop} | {row['steps']:,} "
-                     f"| {per_step} | {hours} | {'; '.join(row['sources'])} |")
+                     f"| {per_step} | {hours} | {'; '.join(row['sources'])} |{fit}")
     lines.append(f"seconds per step: {estimate['rate'].source}")
+    if estimate.get("packing"):
+        lines.append(f"packing: {estimate['packing']}")
     if estimate["extraction"]:
         lines += ["", "extraction of the missing caches:",
                   "| store split | images | views | views/s | GPU-hours | used by | images from; views from; rate from |",

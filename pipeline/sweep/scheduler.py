@@ -8,6 +8,8 @@ GPU. Finished runs carry ``done.json`` and are skipped, so a killed sweep
 resumes by being started again; a failed run is retried (a user error is not:
 it would fail the same way), then recorded in ``failed.json`` while the other
 runs go on. At the end the study's tables are written from the done markers.
+With ``--runs-per-gpu`` a worker holds several runs where their memory fits
+(:mod:`pipeline.sweep.packing`), and a run out of memory is retried once alone.
 """
 
 from __future__ import annotations
@@ -30,11 +32,15 @@ from pipeline.sweep.study import Run, read_marker, run_state
 
 
 class RunFailed(Exception):
-    """A run's process failed; ``permanent`` when retrying cannot help (a user error, exit code 2)."""
+    """A run's process failed; ``permanent`` when retrying cannot help (a user error, exit code 2).
 
-    def __init__(self, message: str, permanent: bool = False) -> None:
-        super().__init__(message, permanent)
-        self.message, self.permanent = message, permanent
+    ``device_mib`` is set when it ran out of memory: the memory resource of the worker it ran on
+    (0 when the worker offers none, i.e. runs are not packed), what a retry alone reserves.
+    """
+
+    def __init__(self, message: str, permanent: bool = False, device_mib: int | None = None) -> None:
+        super().__init__(message, permanent, device_mib)
+        self.message, self.permanent, self.device_mib = message, permanent, device_mib
 
     def __str__(self) -> str:
         return self.message
@@ -62,7 +68,7 @@ class RunLaunchers(WorkerPlugin):
 
         with self.lock:
             launcher = self.idle.pop() if self.idle else None
-        launcher = launcher or self.starter.submit(Launcher).result()
+        launcher = (launcher or self.starter.submit(Launcher).result()).wait_ready()
         try:
             yield launcher
         except BaseException:
@@ -81,7 +87,8 @@ def run_task(run_dir: str, threads: int | None, gpus: list[str] | None) -> dict:
     """The dask task: run one study run in its own process; returns its done record."""
     from distributed import get_worker
 
-    from pipeline.sweep.worker import pick_gpu
+    from pipeline.sweep.packing import RESOURCE
+    from pipeline.sweep.worker import OOM_EXIT, pick_gpu
 
     worker = get_worker()
     visible = gpus if gpus is not None else [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
@@ -104,6 +111,9 @@ def run_task(run_dir: str, threads: int | None, gpus: list[str] | None) -> dict:
     with open(log, "rb") as handle:
         handle.seek(start)
         message = _last_line(handle.read().decode(errors="replace"))
+    if code == OOM_EXIT:
+        device = int(worker.state.total_resources.get(RESOURCE, 0))
+        raise RunFailed(f"out of memory on worker {worker.name}: {message} (log: {log})", device_mib=device)
     raise RunFailed(f"exit code {code}: {message} (log: {log})", permanent=code == 2)
 
 
@@ -118,21 +128,41 @@ def write_run_file(run: Run, study_name: str) -> None:
                                              "config": run.config, "eval": run.eval})
 
 
+def _failure(error: BaseException | None, *, alone: bool) -> tuple[str, str]:
+    """(what to do, message): 'alone' to retry out of memory with the device to itself, 'retry' or 'fail'."""
+    message = str(error) or type(error).__name__
+    oom = getattr(error, "device_mib", None)
+    if oom is None:
+        return ("fail" if getattr(error, "permanent", False) else "retry"), message
+    if oom and not alone:
+        return "alone", message
+    return "fail", message + (" (again, alone on the device)" if alone else " (alone on the device)")
+
+
 def run_all(*, client, runs: list[Run], study_name: str, retries: int, threads: int | None,
-            gpus: list[str] | None, quiet: bool) -> dict[str, str]:
-    """Submit every unfinished run, retry failures, show progress; returns run key -> error of failed runs."""
+            gpus: list[str] | None, quiet: bool, memory: dict[str, int] | None = None) -> dict[str, str]:
+    """Submit every unfinished run, retry failures, show progress; returns run key -> error of failed runs.
+
+    ``memory`` (run key -> MiB, see :mod:`pipeline.sweep.packing`) makes each run reserve its estimated
+    peak from its worker's memory resource, so a worker runs several at once only where they fit; a
+    run that then runs out of memory is retried once with its worker's whole memory reserved.
+    """
     from pipeline.runtime import progress
+    from pipeline.sweep.packing import RESOURCE, schedule_unrunnable
 
     unique = list({run.key: run for run in runs}.values())
     todo = [run for run in unique if run_state(run.dir) != "done"]
     for run in todo:
         write_run_file(run, study_name)
     attempts: dict[str, int] = {}
+    alone: dict[str, int] = {}  # run key -> MiB it reserves to run alone, after running out of memory packed
     futures: dict = {}
 
     def submit(run: Run) -> None:
         attempts[run.key] = attempts.get(run.key, 0) + 1
+        need = alone.get(run.key) or (memory or {}).get(run.key)
         future = client.submit(run_task, str(run.dir), threads, gpus, pure=False,
+                               resources={RESOURCE: need} if need else None,
                                key=f"fusioner-run-{run.key}-{attempts[run.key]}")
         futures[future] = run
 
@@ -141,7 +171,7 @@ def run_all(*, client, runs: list[Run], study_name: str, retries: int, threads: 
         submit(run)
     errors: dict[str, str] = {}
     bar = progress(total=len(unique), desc="sweep", quiet=quiet, unit="run", initial=len(unique) - len(todo))
-    last = None
+    last, nudged = None, time.monotonic()
     try:
         while futures:
             time.sleep(0.25)
@@ -151,12 +181,20 @@ def run_all(*, client, runs: list[Run], study_name: str, retries: int, threads: 
                     bar.update(1)
                     continue
                 error = future.exception()
-                if not getattr(error, "permanent", False) and attempts[run.key] <= retries:
+                action, message = _failure(error, alone=run.key in alone)
+                if action == "alone":
+                    alone[run.key] = error.device_mib
                     submit(run)
                     continue
-                errors[run.key] = str(error) or type(error).__name__
+                if action == "retry" and attempts[run.key] - (run.key in alone) <= retries:
+                    submit(run)
+                    continue
+                errors[run.key] = message
                 write_json_atomic(run.dir / "failed.json", {"error": errors[run.key], "attempts": attempts[run.key],
                                                             "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            if memory and time.monotonic() > nudged + 5:
+                client.run_on_scheduler(schedule_unrunnable)
+                nudged = time.monotonic()
             shown = (_running(client, {f.key for f in futures}), len(errors))
             if shown != last:
                 bar.set_postfix(running=shown[0], failed=shown[1])

@@ -30,6 +30,7 @@ class SampleCount:
     samples: int | None  # training samples per epoch; None when nothing tells
     classes: float  # mean class names per sample (|W|)
     source: str
+    most: int = 0  # the most class names one sample has (a batch's padded |W|); 0 when only the mean is known
 
 
 def _from_store(data: dict) -> SampleCount:
@@ -51,7 +52,8 @@ def _from_store(data: dict) -> SampleCount:
     else:
         samples = image_pairs(split=split, seen=fold.seen, classes_per_sample=config.classes_per_sample)
     classes = sum(len(c) for _, c in samples) / max(1, len(samples))
-    return SampleCount(len(samples), classes, f"store {config.cache}")
+    most = max((len(c) for _, c in samples), default=1)
+    return SampleCount(len(samples), classes, f"store {config.cache}", most=most)
 
 
 @lru_cache(maxsize=64)

@@ -1,7 +1,7 @@
 """``fusioner sweep --slurm``: dask-jobqueue workers that leave before the walltime kills them.
 
 One SLURM job per ``--jobs``, each holding ``--gpus-per-job`` GPUs and as many
-worker processes (one run at a time each, one GPU each: a worker's name ends
+worker processes (one run at a time each, or ``--runs-per-gpu``; one GPU each: a worker's name ends
 in its index within the job, which :func:`pipeline.sweep.pick_gpu` maps onto
 the job's ``CUDA_VISIBLE_DEVICES``). Workers get ``--lifetime`` = walltime -
 margin with a stagger, and ``--lifetime-restart``: a worker retires before
@@ -53,8 +53,8 @@ def lifetime_options(spec: SlurmSpec) -> list[str]:
     return ["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{int(stagger)}s", "--lifetime-restart"]
 
 
-def slurm_cluster(*, spec: SlurmSpec, gpus_per_job: int, log_dir: Path):
-    """A SLURMCluster (no job submitted yet: the caller scales or adapts it)."""
+def slurm_cluster(*, spec: SlurmSpec, gpus_per_job: int, log_dir: Path, runs_per_gpu: int = 1):
+    """A SLURMCluster (no job submitted yet: the caller scales or adapts it); ``runs_per_gpu`` threads per worker."""
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError as err:
@@ -64,7 +64,7 @@ def slurm_cluster(*, spec: SlurmSpec, gpus_per_job: int, log_dir: Path):
     directives = [f"--gres=gpu:{gpus_per_job}"] if gpus_per_job else []
     memory = _times(spec.memory_per_gpu, processes)
     return SLURMCluster(
-        cores=processes,  # one thread per worker process: one run at a time per GPU
+        cores=processes * runs_per_gpu,  # runs_per_gpu threads per worker process: that many runs per GPU
         processes=processes,
         job_cpu=spec.cores_per_gpu * processes,  # the CPUs the runs' own processes use
         memory=memory,

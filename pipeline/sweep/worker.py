@@ -42,6 +42,7 @@ PRELOAD = ("torch", "torch._dynamo", "matplotlib.pyplot", "zarr", "safetensors.t
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+OOM_EXIT = 3  # a run process's exit code when it ran out of memory: a retry alone on the device may help
 
 
 def _poll_parent(parent: int) -> None:
@@ -164,13 +165,25 @@ def execute_run(*, run_dir: Path, threads: int | None = None, quiet: bool = True
         return record
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the device (or host allocator) running out of memory."""
+    import torch
+
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
 def _run_and_exit(*, run_dir: str, threads: int | None) -> None:
-    """The body of a run's process: exit code 0 done, 2 user error (retrying cannot help), 1 anything else."""
+    """The body of a run's process: exit code 0 done, 2 user error (retrying cannot help), 3 out of memory
+    (:data:`OOM_EXIT`: a retry alone on the device may help), 1 anything else."""
     code = 1
     try:
         code = run_entry(lambda: execute_run(run_dir=Path(run_dir), threads=threads) and 0)
-    except BaseException:  # noqa: BLE001 - the traceback goes to the run's log, the code to the sweep
+    except BaseException as err:  # noqa: BLE001 - the traceback goes to the run's log, the code to the sweep
         traceback.print_exc()
+        if out_of_memory(err):
+            code = OOM_EXIT
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -231,17 +244,27 @@ def launcher_env() -> dict:
 
 
 class Launcher:
-    """The worker's handle on one launcher process; runs go through it one at a time."""
+    """The worker's handle on one launcher process; runs go through it one at a time.
+
+    Starting it (the fork) and waiting for it to be ready (its imports) are two steps, so the
+    launchers of runs packed on one worker start from one long-lived thread and load in parallel.
+    """
 
     def __init__(self) -> None:
         command = [sys.executable, "-m", "pipeline.sweep.worker", "launcher", str(os.getpid())]
         self.proc = subprocess.Popen(command, env=launcher_env(),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        if "ready" not in json.loads(self.proc.stdout.readline() or "{}"):
+        self.ready = False
+
+    def wait_ready(self) -> Launcher:
+        if not self.ready and "ready" not in json.loads(self.proc.stdout.readline() or "{}"):
             self.close()
             raise RuntimeError("the run launcher failed to start (see the worker's log)")
+        self.ready = True
+        return self
 
     def run(self, *, run_dir: str, threads: int | None, env: dict, log: str) -> int:
+        self.wait_ready()
         request = {"run_dir": run_dir, "threads": threads, "env": env, "log": log}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()

@@ -113,3 +113,59 @@ def test_runs_that_cannot_be_counted_are_listed_unpriced_not_an_error(tmp_path, 
     print(estimate_command(study=Path("tiny"), gpu="h100", timings=None, overrides={"study.out": str(tmp_path / "t")}))
     out = capsys.readouterr().out
     assert "optim.max_steps 60 priced as an upper bound" in out and "| 240 |" in out and "unpriced" not in out
+
+
+def _timings(*, packed: list) -> str:
+    """A bench gpu line with packed rows (runs, samples/s per GPU); None stands for a failed round."""
+    rows = [{"runs": n, "error": "timed out"} if rate is None else
+            {"runs": n, "samples_per_s_per_gpu": rate, "gain_over_one": rate / packed[0][1]} for n, rate in packed]
+    return json.dumps({"preset": "paper", "batch_size": 32, "steps_per_s": 9.0, "machine": "H100 test",
+                       "packed": rows}) + "\n"
+
+
+def test_packed_runs_are_priced_serially_until_a_packed_rate_is_measured(tmp_path, splits_dir, monkeypatch):
+    spec = _fresh("table4", tmp_path, splits_dir, monkeypatch)
+    runs = expand_runs(spec, check_caches=False)
+    alone = estimate_study(runs=runs, gpu="h100")
+    packed = estimate_study(runs=runs, gpu="h100", runs_per_gpu=2)
+    assert packed["gpu_hours"] == pytest.approx(alone["gpu_hours"]) and alone["packing"] == ""
+    assert "priced as one run at a time" in packed["packing"] and "packed rate is unmeasured" in packed["packing"]
+    timings = tmp_path / "gpu.json"
+    timings.write_text(_timings(packed=[(1, 300.0), (2, 450.0), (4, 600.0)]))
+    measured = estimate_study(runs=runs, gpu="h100", timings_file=timings, runs_per_gpu=2)
+    serial = estimate_study(runs=runs, gpu="h100", timings_file=timings)
+    assert measured["gpu_hours"] == pytest.approx(serial["gpu_hours"] / 1.5)
+    assert "1.50x the samples/s of one run (450 per GPU)" in measured["packing"] and "H100 test" in measured["packing"]
+    # Asked for 4, the rows with a model (about 37 GiB at most) fit 2 on an h100 and are priced at the measured
+    # rate of 2; the parameter-free row fits 4, whose rate is unmeasured here: priced one run at a time.
+    timings.write_text(_timings(packed=[(1, 300.0), (2, 450.0), (4, None)]))  # the round of 4 failed
+    four = estimate_study(runs=runs, gpu="h100", timings_file=timings, runs_per_gpu=4)
+    fits = {label.split(" | ")[1]: row["fit"] for label, row in four["rows"].items()}
+    assert fits == {"full": 2, "no-decoder": 2, "no-fusion": 2, "neither": 4} and "unmeasured" in four["packing"]
+    for label, row in four["rows"].items():
+        speedup = 1.5 if row["fit"] == 2 else 1.0  # 4 at once: unmeasured, priced one at a time
+        assert row["seconds"] == pytest.approx(serial["rows"][label]["seconds"] / speedup)
+    timings.write_text(_timings(packed=[(1, 300.0), (4, 600.0)]))
+    unmeasured = estimate_study(runs=runs, gpu="h100", timings_file=timings, runs_per_gpu=2)
+    assert unmeasured["gpu_hours"] == pytest.approx(serial["gpu_hours"]) and "unmeasured" in unmeasured["packing"]
+    text = estimate_command(study=spec.path, gpu="h100", timings=None, runs_per_gpu=2,
+                            overrides={"data.train_lists": str(splits_dir), "study.eval.splits_dir": str(splits_dir)})
+    assert "packing: 2 runs per GPU: priced as one run at a time" in text and "peak GiB (runs per GPU) |" in text
+
+
+def test_table7_rows_pack_as_many_runs_as_their_peak_memory_allows(tmp_path, splits_dir, monkeypatch):
+    """Each row's peak from its config: the widest row fits one run on an h100, the narrowest four; a measured
+    packed rate divides a row's GPU-hours by the speed-up of as many runs as it fits."""
+    runs = expand_runs(_fresh("table7", tmp_path, splits_dir, monkeypatch), check_caches=False)
+    timings = tmp_path / "gpu.json"
+    timings.write_text(_timings(packed=[(1, 300.0), (2, 450.0), (4, 600.0)]))
+    serial = estimate_study(runs=runs, gpu="h100", timings_file=timings)["rows"]
+    packed = estimate_study(runs=runs, gpu="h100", timings_file=timings, runs_per_gpu=4)["rows"]
+    row = {label.split(" | ")[1]: label for label in packed}
+    wide, narrow = row["heads 16 / width 1024"], row["heads 1 / width 64"]
+    paper = row["layers 12 = heads 8 / width 512"]
+    assert packed[narrow]["peak_mib"] < packed[paper]["peak_mib"] < packed[wide]["peak_mib"] < 79 * 1024
+    assert (packed[wide]["fit"], packed[narrow]["fit"], packed[paper]["fit"]) == (1, 4, 2)
+    assert packed[wide]["seconds"] == pytest.approx(serial[wide]["seconds"])
+    assert packed[paper]["seconds"] == pytest.approx(serial[paper]["seconds"] / 1.5)
+    assert packed[narrow]["seconds"] == pytest.approx(serial[narrow]["seconds"] / 2.0)

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.bench.sweep import build_demo_caches, demo_study
+from pipeline.bench.sweep import demo_study
 from pipeline.errors import UserError
 from pipeline.eval.report import selection_note
 from pipeline.plots import CAVEAT_KEY, NOTES_KEY, RANDOM_INIT_CAVEAT
@@ -36,11 +36,6 @@ pytestmark = pytest.mark.processes  # sweeps start dask clusters and run process
 
 ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = {"full": {}, "no-decoder": {"model.decoder.enabled": False}}
-
-
-@pytest.fixture(scope="module")
-def caches(tmp_path_factory) -> tuple[Path, Path]:
-    return build_demo_caches(tmp_path_factory.mktemp("sweep-caches"))
 
 
 def write_study(path: Path, caches, **changes) -> Path:

@@ -1,0 +1,76 @@
+"""Hooks for the packed-sweep tests, loaded in the sweep's run processes through ``FUSIONER_HOOKS``.
+
+``RecordSpan`` (``FUSIONER_SPANS=DIR``): each run process writes when its training started and
+ended to ``DIR/<pid>.json`` and sleeps ``FUSIONER_SPAN_SLEEP`` seconds after each step, so that
+runs last long enough for their overlap (or its absence) to show.
+
+``OutOfMemory`` (``FUSIONER_OOM=DIR``): every run process leaves a file ``DIR/live-<pid>`` (alive while
+that process is). A run of variant ``oom-first`` raises ``torch.OutOfMemoryError`` after its first step
+on its first attempt, and on any later attempt as soon as another run process is alive beside it,
+as a GPU too small for both would; a run of variant ``oom-always`` raises it at every attempt; a
+run of variant ``slow`` sleeps a second after each step, to be alive when a retry could start beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.training.hooks import HookBase
+
+
+class RecordSpan(HookBase):
+    def __init__(self) -> None:
+        self.path = Path(os.environ["FUSIONER_SPANS"]) / f"{os.getpid()}.json"
+        self.pause = float(os.environ.get("FUSIONER_SPAN_SLEEP", "0"))
+
+    def before_train(self, loop) -> None:
+        self.start = time.time()
+
+    def after_step(self, loop) -> None:
+        time.sleep(self.pause)
+
+    def after_train(self, loop) -> None:
+        self.path.write_text(json.dumps({"run": str(loop.run), "start": self.start, "end": time.time()}))
+
+
+def _alive(pid: int) -> bool:
+    """The process runs (a zombie, not yet reaped by its launcher, has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+class OutOfMemory(HookBase):
+    def __init__(self) -> None:
+        self.folder = Path(os.environ["FUSIONER_OOM"])
+        self.live = self.folder / f"live-{os.getpid()}"
+
+    def before_train(self, loop) -> None:
+        self.variant = json.loads((Path(loop.run) / "run.json").read_text())["labels"]["variant"]
+        self.first = self.folder / f"oomed-{Path(loop.run).name}"
+        self.live.write_text(str(loop.run))
+
+    def _others(self) -> list[str]:
+        return [p.read_text() for p in self.folder.glob("live-*")
+                if p != self.live and _alive(int(p.name.split("-")[1]))]
+
+    def after_step(self, loop) -> None:
+        if self.variant == "slow":
+            time.sleep(1.0)
+        if self.variant == "oom-always":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (test hook)")
+        if self.variant != "oom-first":
+            return
+        if not self.first.exists():
+            self.first.write_text("1")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (test hook, first attempt)")
+        others = self._others()
+        if others:
+            raise torch.OutOfMemoryError(f"CUDA out of memory beside {others} (test hook)")

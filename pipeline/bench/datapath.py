@@ -4,11 +4,13 @@ Three capacities, the encoder and the model left out, each as a ratio to a
 reference measured in the same run (wall-clock figures on a shared machine
 move; ratios within one run much less):
 
-(1) **render**: decode + augment + write of a shuffled-layout extraction with
-    ``W`` = 1 and 2 render processes (the encoder replaced by writing zeros of
-    the real feature size), in views/s after the first shard arrives (process
-    start-up excluded); scaling efficiency = rate(W=2) / (2 x rate(W=1)).
-    Today's single render thread (W=0) is given beside them.
+(1) **render**: decode + augment of a shuffled-layout extraction in one
+    thread here (W=0) and in ``W`` = 1 and 2 render processes, in views/s in
+    the steady state (from the arrival of every process's first shard: process
+    start-up excluded). A render process works on one core, so W=1 is the
+    per-core rate; scaling efficiency = rate(W=2) / (2 x rate(W=1)), which
+    needs two idle cores to mean anything. The same again with the writers
+    (the encoder replaced by writing zeros of the real feature size).
 (2) **write**: whole shards of clip-l-sized random features through
     ``write_shard`` by the extraction's writer threads, against plain
     sequential ``write()`` of the same bytes to files on the same disk (page
@@ -20,6 +22,7 @@ move; ratios within one run much less):
     once compared with is gone; its recorded figures stay in docs/benchmarks.md.)
 
     python -m pipeline.bench datapath --images 96 --read-views 1200 --repeats 3
+    python -m pipeline.bench datapath --data-root ../shared/data/coco128 --images 48 --read-views 700
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +45,8 @@ from pipeline.errors import UserError
 from pipeline.runtime import load_average, machine
 from pipeline.store.layout import open_or_create_store, store_identity
 from pipeline.store.splits import SplitPlan, create_split, num_shards
+
+SHARDS = 16  # shards of the render store: enough that the first (timed out) is a small part
 
 # --------------------------------------------------------------------------- #
 # (1) render + write, encoder excluded
@@ -70,36 +76,71 @@ def _planned_store(*, work: Path, data_root: Path, images: int, views: int, back
     return config, dataset, group, (grid[0] * grid[1], spec.vision_dim)
 
 
-def render_rate(*, config: ExtractConfig, dataset, group, feature_shape, workers: int) -> float:
-    """Views/s of render + write with ``workers`` render processes (0: today's one thread), after the first shard."""
+def _rendered_items(*, config: ExtractConfig, dataset, group, workers: int):
+    """Rendered shards in order: ``workers`` render processes, or (0) rendered here in this thread."""
     from pipeline.encode.render_pool import rendered_shards
-    from pipeline.encode.shards import RenderedShard, ShardWriters, render_shard
+    from pipeline.encode.shards import render_shard, split_rows
 
     shards = list(range(num_shards(group)))
-    path = f"{dataset.name}/{dataset.split}"
+    size = int(group["masks"].shape[1])
     if workers:
-        items = rendered_shards(render=render_shard, config=config, group_path=path, shards=shards,
-                                input_size=int(group["masks"].shape[1]), workers=workers, pin=False)
-    else:
-        items = ({"masks": r.masks, "valid": r.valid, "shard": r.shard, "source": r.source} for r in (
-            render_shard(dataset=dataset, group=group, shard=s, input_size=int(group["masks"].shape[1]),
-                         skip_bad=False) for s in shards))
-    writers = ShardWriters(group=group, num_classes=len(group.attrs["class_names"]), count=config.writers)
-    first, counted = None, 0
+        yield from rendered_shards(render=render_shard, config=config, group_path=f"{dataset.name}/{dataset.split}",
+                                   shards=shards, input_size=size, workers=workers, pin=False,
+                                   plan_rows=split_rows)
+        return
+    rows = split_rows(group)
+    for shard in shards:
+        r = render_shard(dataset=dataset, group=group, shard=shard, input_size=size, skip_bad=False, rows=rows)
+        yield {"masks": r.masks, "valid": r.valid, "shard": r.shard, "source": r.source, "classes": r.classes,
+               "cpu_seconds": r.cpu_seconds}
+
+
+def render_rate(*, config: ExtractConfig, dataset, group, feature_shape, workers: int,
+                write: bool = True) -> tuple[float, float]:
+    """(views/s, views per CPU second of rendering) with ``workers`` render processes (0: one thread here), in the
+    steady state, with or without writes.
+
+    The CPU time is the rendering threads' own (``time.thread_time`` in each), so the second figure is the
+    per-core rate whatever else the machine runs; the first is the wall clock's, which only idle cores make
+    comparable between runs.
+
+    The clock starts when the ``max(workers, 1)``-th shard arrives, when every process has delivered its first
+    shard (process start-up and the first shard's imports excluded), and counts the shards after it, so the
+    shards the other processes rendered during the first one are not counted in a time they did not take. It
+    stops when the last shard arrives (and is written): the pool's shutdown after it, joining its processes,
+    took as long as the rendering itself in a short run and is no part of a long extraction.
+    """
+    from pipeline.encode.shards import RenderedShard, ShardWriters
+
+    warm, total = max(workers, 1), num_shards(group)
+    writers = (ShardWriters(group=group, num_classes=len(group.attrs["class_names"]), count=config.writers)
+               if write else None)
+    start, end, counted, arrived, cpu = None, None, 0, 0, 0.0
     try:
-        for item in items:
+        for item in _rendered_items(config=config, dataset=dataset, group=group, workers=workers):
             masks, valid = np.asarray(item["masks"]), np.asarray(item["valid"]).astype(bool)
-            feats = np.zeros((len(valid), *feature_shape), np.float16)  # the encoder's output, left out
-            source = np.asarray(item["source"]).astype(bool)
-            writers.put(int(item["shard"]), feats, RenderedShard(shard=int(item["shard"]), images=None, masks=masks,
-                                                                 valid=valid, bad=[], source=source))
-            if first is None:
-                first = time.perf_counter()
-            else:
+            if writers is not None:
+                feats = np.zeros((len(valid), *feature_shape), np.float16)  # the encoder's output, left out
+                writers.put(int(item["shard"]), feats, RenderedShard(
+                    shard=int(item["shard"]), images=None, masks=masks, valid=valid, bad=[],
+                    source=np.asarray(item["source"]).astype(bool), classes=np.asarray(item["classes"]).astype(bool)))
+            arrived += 1
+            if arrived == warm:
+                start = time.perf_counter()
+            elif arrived > warm:
                 counted += len(valid)
+                cpu += float(item["cpu_seconds"])
+            if arrived == total:  # stop the clock here: the pool's shutdown (joining the processes) is not work
+                if writers is not None:
+                    writers.close()  # the last writes are
+                    writers = None
+                end = time.perf_counter()
     finally:
-        writers.close()
-    return counted / max(time.perf_counter() - first, 1e-9)
+        if writers is not None:
+            writers.close()
+    if start is None or not counted:
+        raise UserError(f"too few shards to time {workers} render process(es): give more --images")
+    return counted / max(end - start, 1e-9), counted / max(cpu, 1e-9)
 
 
 # --------------------------------------------------------------------------- #
@@ -219,15 +260,21 @@ def run_datapath_bench(*, work: Path, data_root: Path | None, images: int, views
         data_root = make_shapes_dataset(out=work / "data", count=images, size=(375, 500))  # PASCAL-sized
     elif not (data_root / "images").is_dir():
         raise UserError(f"--data-root {data_root}: expected the folder layout (images/, masks/)")
-    shard = max(1, (images * views) // 8)
+    shard = max(1, (images * views) // SHARDS)
     found: dict[str, list[float]] = {}
     per_view = (256 * 768 * 2 + 224 * 224)  # clip-l features + mask bytes
+    load_before = load_average()
     for _ in range(repeats):
-        for workers in (0, 1, 2):
-            config, dataset, group, shape = _planned_store(work=work, data_root=data_root, images=images,
-                                                           views=views, backbone=backbone, shard_size=shard)
-            found.setdefault(f"render_w{workers}", []).append(
-                render_rate(config=config, dataset=dataset, group=group, feature_shape=shape, workers=workers))
+        for write in (False, True):
+            for workers in (0, 1, 2):
+                config, dataset, group, shape = _planned_store(work=work, data_root=data_root, images=images,
+                                                               views=views, backbone=backbone, shard_size=shard)
+                key = f"render_w{workers}" if write else f"render_only_w{workers}"
+                wall, per_cpu = render_rate(config=config, dataset=dataset, group=group, feature_shape=shape,
+                                            workers=workers, write=write)
+                found.setdefault(key, []).append(wall)
+                if not write:
+                    found.setdefault(f"render_cpu_w{workers}", []).append(per_cpu)
         written = write_rates(work=work, views=read_views, shard=max(1, (128 << 20) // per_view), writers=2)
         for key in ("store_MBps", "raw_MBps", "ratio"):
             found.setdefault(f"write_{key}", []).append(written[key])
@@ -238,12 +285,50 @@ def run_datapath_bench(*, work: Path, data_root: Path | None, images: int, views
     med = {k: statistics.median(v) for k, v in found.items()}
     stream_mbps = med["read_stream_4"] * per_view / 1e6
     return {
-        "machine": machine(), "load_average": load_average(), "repeats": repeats, "images": images, "views": views,
+        "machine": machine(), "load_average": load_before, "load_average_after": load_average(),
+        "repeats": repeats, "images": images, "views": views, "shards": num_shards_of(images * views, shard),
         "backbone": backbone, "read_views": read_views, "medians": med, "all": found,
-        "render_scaling_efficiency": med["render_w2"] / (2 * med["render_w1"]),
+        "render_thread_views_per_s": med["render_only_w0"],
+        "render_process_views_per_s": med["render_only_w1"],
+        # views per CPU second of the rendering threads (the render processes' for W=1, 2): the per-core rate
+        "render_per_core_views_per_s": statistics.median(found["render_cpu_w1"] + found["render_cpu_w2"]),
+        "render_thread_per_cpu_views_per_s": med["render_cpu_w0"],
+        # the share of a core each renderer had: well below 1 means other processes took the rest (load)
+        "render_core_share": {f"w{w}": ratio_of_repeats(found, f"render_only_w{w}", f"render_cpu_w{w}", scale=max(w, 1))
+                              for w in (0, 1, 2)},
+        "render_process_vs_thread": ratio_of_repeats(found, "render_only_w1", "render_only_w0"),
+        "render_scaling_efficiency": ratio_of_repeats(found, "render_only_w2", "render_only_w1", scale=2.0),
+        "render_write_scaling_efficiency": ratio_of_repeats(found, "render_w2", "render_w1", scale=2.0),
         "writer_vs_raw_write": med["write_ratio"],
         "stream_MBps": stream_mbps, "stream_vs_raw_read": stream_mbps / med["raw_read_MBps"],
     }
+
+
+def ratio_of_repeats(found: dict, top: str, bottom: str, *, scale: float = 1.0) -> float:
+    """The median over repeats of top / (scale x bottom), each ratio within one repeat (the load moves between)."""
+    return statistics.median(a / (scale * b) for a, b in zip(found[top], found[bottom]))
+
+
+def num_shards_of(views: int, shard: int) -> int:
+    return -(-views // shard)
+
+
+def summary(result: dict) -> str:
+    """The render figures in words, for stderr (the JSON on stdout stays the record)."""
+    cores, share = result["machine"].split(" CPU cores")[0], result["render_core_share"]
+    return "\n".join([
+        f"render, {result['images']} images x {result['views']} view(s) in {result['shards']} shards, load "
+        f"{result['load_average']} before / {result['load_average_after']} after, {cores} cores:",
+        f"  per core (views per CPU second of rendering, robust to load): {result['render_per_core_views_per_s']:.1f} "
+        f"in render processes, {result['render_thread_per_cpu_views_per_s']:.1f} in the thread (target >= 100)",
+        f"  one thread here           {result['render_thread_views_per_s']:7.1f} views/s "
+        f"({share['w0']:.2f} of a core)",
+        f"  one render process        {result['render_process_views_per_s']:7.1f} views/s ({share['w1']:.2f} of a core), "
+        f"{result['render_process_vs_thread']:.2f} x the thread (target >= 1)",
+        f"  two render processes      {result['medians']['render_only_w2']:7.1f} views/s ({share['w2']:.2f} of a core "
+        f"each), scaling {result['render_scaling_efficiency']:.2f} (target >= 0.8 with 2 idle cores)",
+        f"  with the writers (W=0/1/2) {result['medians']['render_w0']:.1f} / {result['medians']['render_w1']:.1f} / "
+        f"{result['medians']['render_w2']:.1f} views/s, scaling {result['render_write_scaling_efficiency']:.2f}"])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -265,4 +350,5 @@ def main(argv: list[str] | None = None) -> int:
         result = run_datapath_bench(work=work, data_root=args.data_root, images=args.images, views=args.views,
                                     backbone=args.backbone, read_views=args.read_views, repeats=args.repeats)
     print(json.dumps(result, indent=1, default=float))
+    print(summary(result), file=sys.stderr)
     return 0

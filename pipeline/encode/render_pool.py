@@ -29,11 +29,13 @@ from pipeline.errors import UserError
 class ShardSource(torch.utils.data.Dataset):
     """Item ``i`` is shard ``shards[i]`` rendered by ``render``, as a dict of tensors.
 
-    Picklable: the config, and ``render`` (a module-level function, pickled by name).
+    Picklable: the config, ``render`` and ``plan_rows`` (module-level functions, pickled by name).
+    ``plan_rows(group)``, when given, reads what ``render`` needs of the plan once per process (its ``rows=``).
     """
 
-    def __init__(self, *, render, config: dict, group_path: str, shards: list[int], input_size: int):
-        self.render, self.config, self.group_path = render, config, group_path
+    def __init__(self, *, render, config: dict, group_path: str, shards: list[int], input_size: int,
+                 plan_rows=None):
+        self.render, self.config, self.group_path, self.plan_rows = render, config, group_path, plan_rows
         self.shards, self.input_size = list(shards), input_size
         self._state = None
 
@@ -46,33 +48,64 @@ class ShardSource(torch.utils.data.Dataset):
         if self._state is None:
             config = config_from_dict(self.config)
             dataset = open_extraction_dataset(config)  # the same images as the plan (--episodes included)
-            self._state = (dataset, open_store(config.out)[self.group_path], config.skip_bad)
+            group = open_store(config.out)[self.group_path]
+            self._state = (dataset, group, self.plan_rows(group) if self.plan_rows else None, config.skip_bad)
         return self._state
 
     def __getitem__(self, i: int) -> dict:
-        dataset, group, skip_bad = self._open()
-        rendered = self.render(dataset=dataset, group=group, shard=self.shards[i], input_size=self.input_size,
-                                skip_bad=skip_bad)
-        return {"shard": rendered.shard, "images": torch.from_numpy(rendered.images),
-                "masks": torch.from_numpy(rendered.masks), "valid": torch.from_numpy(rendered.valid),
-                "source": torch.from_numpy(rendered.source), "bad": [list(b) for b in rendered.bad]}
+        from pipeline.store.splits import shard_bounds
+
+        dataset, group, rows, skip_bad = self._open()
+        start, stop = shard_bounds(group, self.shards[i])
+        count, size = stop - start, self.input_size
+        # Images and masks are rendered straight into one block of shared memory: it crosses to the parent as one
+        # file descriptor, not a copy, and not one descriptor per array (each is a round trip between the two
+        # processes, which a loaded machine schedules late). The small arrays travel pickled.
+        pixels = torch.empty(count * size * size * 4, dtype=torch.uint8).share_memory_()
+        images, masks = _split_pixels(pixels, count=count, size=size)
+        rendered = self.render(dataset=dataset, group=group, shard=self.shards[i], input_size=size,
+                               skip_bad=skip_bad, rows=rows, images=images.numpy(), masks=masks.numpy())
+        return {"shard": rendered.shard, "pixels": pixels, "count": count, "valid": rendered.valid,
+                "source": rendered.source, "classes": rendered.classes, "bad": [list(b) for b in rendered.bad],
+                "cpu_seconds": rendered.cpu_seconds}
 
 
-def _one_thread(_worker: int) -> None:
-    torch.set_num_threads(1)  # the workers decode and resize; torch's threads would only compete
+def _split_pixels(pixels: torch.Tensor, *, count: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One flat uint8 block -> (images [n, S, S, 3], masks [n, S, S]), views of it."""
+    split = count * size * size * 3
+    return pixels[:split].view(count, size, size, 3), pixels[split:].view(count, size, size)
+
+
+def _as_is(item: dict) -> dict:
+    """The DataLoader's collate step: nothing (its default would turn every small array into a shared tensor)."""
+    return item
+
+
+def one_thread_per_process(_worker: int = 0) -> None:
+    """A render process renders on one core: torch's and OpenCV's thread pools would only compete with the
+    other render processes (OpenCV's blurs, warps and histograms are parallel by default)."""
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
 
 
 def rendered_shards(*, render, config: ExtractConfig, group_path: str, shards: list[int], input_size: int,
-                    workers: int, pin: bool) -> Iterator[dict]:
-    """Yield ``shards`` rendered by ``render(dataset=, group=, shard=, input_size=, skip_bad=)`` in ``workers``
-    processes, in order, as dicts of the rendered fields (images a tensor, pinned when ``pin``)."""
+                    workers: int, pin: bool, plan_rows=None) -> Iterator[dict]:
+    """Yield ``shards`` rendered by ``render(dataset=, group=, shard=, input_size=, skip_bad=, rows=, images=,
+    masks=)`` in ``workers`` processes, in order, as dicts of the rendered fields (images and masks tensors, in
+    pinned memory when ``pin``; valid, source and classes arrays)."""
     source = ShardSource(render=render, config=asdict(config), group_path=group_path, shards=shards,
-                         input_size=input_size)
+                         input_size=input_size, plan_rows=plan_rows)
     loader = torch.utils.data.DataLoader(
         source, batch_size=None, shuffle=False, num_workers=workers, multiprocessing_context="spawn",
-        pin_memory=pin, prefetch_factor=2, worker_init_fn=_one_thread, persistent_workers=False)
+        pin_memory=pin, prefetch_factor=2, worker_init_fn=one_thread_per_process, persistent_workers=False,
+        collate_fn=_as_is)
     try:
-        yield from loader
+        for item in loader:
+            item["images"], item["masks"] = _split_pixels(item.pop("pixels"), count=item.pop("count"),
+                                                          size=input_size)
+            yield item
     except RuntimeError as err:  # the DataLoader's word for a worker killed (OOM killer, kill -9)
         first = (str(err).strip().splitlines() or [""])[0]
         if "exited unexpectedly" not in first and "killed by signal" not in first:

@@ -90,8 +90,11 @@ def serve(*, run: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
         announce(f"note: listening on {sock.getsockname()[0]}, not only this machine: anyone who reaches it can "
                  f"use the page")
     try:
+        # uvicorn finishes the requests under way, then hands Ctrl+C back as KeyboardInterrupt; where the
+        # process started with SIGINT ignored (a background job of a script), it just returns
         make_server(app=app, quiet=quiet).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn finishes the requests under way, then hands Ctrl+C back: the way to stop
-        announce("stopped")
+    except KeyboardInterrupt:
+        pass
     finally:
         sock.close()
+    announce("stopped")

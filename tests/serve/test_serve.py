@@ -179,13 +179,21 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _sigint(handler):
+    return lambda: signal.signal(signal.SIGINT, handler)
+
+
 @pytest.mark.processes
-def test_fusioner_serve_listens_on_localhost_and_stops_on_ctrl_c(learned):
+@pytest.mark.parametrize("sigint", [signal.SIG_DFL, signal.SIG_IGN], ids=["terminal", "sigint-ignored-at-start"])
+def test_fusioner_serve_listens_on_localhost_and_stops_on_ctrl_c(learned, sigint):
+    """Stopped by SIGINT, whether Python turns it into KeyboardInterrupt or the process started with it
+    ignored (a background job of a script; pytest-xdist's workers too): uvicorn stops either way."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     port = _free_port()
     process = subprocess.Popen([sys.executable, "-c", "import sys; from cli import main; sys.exit(main())", "serve",
                                 str(learned), "--port", str(port), "-q"],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_sigint(sigint))
     try:
         first = process.stdout.readline()
         assert re.fullmatch(rf"serving {re.escape(str(learned))} at http://127\.0\.0\.1:{port}/  \(Ctrl\+C stops\)\n",

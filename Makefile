@@ -5,10 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 # pytest processes for the suite (pytest-xdist; a module's tests stay in one process, so its
-# module-scoped fixtures are built once; modules are dealt in the order tests/conftest.py gives,
-# the long ones first). Two fit this 2-core machine; more want about 3 GB each.
+# module-scoped fixtures are built once). Two fit this 2-core machine; more want about 3 GB each.
 TEST_WORKERS ?= 2
-PYTEST  = $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+PYTEST  = $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup demo test test-fast test-all test-browser lock clean
 

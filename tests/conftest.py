@@ -22,25 +22,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-# Dealt before every other module: a whole demo in a subprocess, about 100 CPU seconds.
-LONGEST_MODULES = ("tests/test_demo.py",)
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Modules that start processes first, then those that build full-size towers, then the rest.
-
-    ``make test`` deals whole modules to two pytest-xdist processes in this order
-    (``--no-loadscope-reorder``): the long modules start early and the short ones fill the end,
-    so both processes finish together instead of one running the demo alone at the end.
-    """
-    rank: dict[str, int] = {module: -1 for module in LONGEST_MODULES}
-    for item in items:
-        module = item.nodeid.split("::")[0]
-        weight = 0 if item.get_closest_marker("processes") else 1 if item.get_closest_marker("fullsize") else 2
-        rank[module] = min(weight, rank.get(module, 2))
-    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])  # stable: the order within a module stays
-
-
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """``../shared`` (real photos, split lists); tests using it skip when absent."""

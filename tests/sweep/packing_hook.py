@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from helpers import alive
 
 from pipeline.training.hooks import HookBase
 
@@ -38,15 +39,6 @@ class RecordSpan(HookBase):
         self.path.write_text(json.dumps({"run": str(loop.run), "start": self.start, "end": time.time()}))
 
 
-def _alive(pid: int) -> bool:
-    """The process runs (a zombie, not yet reaped by its launcher, has ended)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
-
-
 class OutOfMemory(HookBase):
     def __init__(self) -> None:
         self.folder = Path(os.environ["FUSIONER_OOM"])
@@ -59,7 +51,7 @@ class OutOfMemory(HookBase):
 
     def _others(self) -> list[str]:
         return [p.read_text() for p in self.folder.glob("live-*")
-                if p != self.live and _alive(int(p.name.split("-")[1]))]
+                if p != self.live and alive(int(p.name.split("-")[1]))]
 
     def after_step(self, loop) -> None:
         if self.variant == "slow":

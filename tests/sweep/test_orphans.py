@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import alive
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,19 +30,11 @@ print(pid, flush=True)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
-
-
 def test_a_stopped_child_is_killed_when_its_parent_exits():
     done = subprocess.run([sys.executable, "-c", PARENT], cwd=ROOT, capture_output=True, text=True, check=True)
     child = int(done.stdout.strip())
     deadline = time.monotonic() + 60
-    while _alive(child):
+    while alive(child):
         assert time.monotonic() < deadline, f"process {child} outlived its parent"
         time.sleep(0.02)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import run_sweep, wait_for_run_processes_to_end
 
 from pipeline.bench.sweep import demo_study
 from pipeline.errors import UserError
-from pipeline.sweep.command import sweep_command
 from pipeline.sweep.estimate import run_peak_mib
 from pipeline.sweep.packing import MEMORY_VARIABLE, RESOURCE, parse_memory
 from pipeline.sweep.scheduler import RunFailed, _failure
@@ -39,9 +39,7 @@ def write_study(path: Path, caches, *, variants: dict, seeds=(0,), steps: int = 
 
 
 def sweep(study: Path, **options) -> int:
-    kwargs = dict(scheduler=None, slurm=False, jobs=1, gpus_per_job=0, workers=1, dry_run=False, retries=0,
-                  quiet=True, overrides=[])
-    return sweep_command(study=study, **{**kwargs, **options})
+    return run_sweep(study, **{"workers": 1, "retries": 0, **options})
 
 
 def estimate_mib(study: Path) -> int:
@@ -181,7 +179,6 @@ def test_slurm_workers_get_a_thread_per_packed_run(tmp_path):
 def test_a_killed_packed_sweep_resumes(caches, tmp_path, monkeypatch):
     """Killed with one of two packed runs frozen after its step-2 checkpoint: the run processes die with the
     sweep (every lock comes free), and the same command finishes both, the frozen one from its checkpoint."""
-    import fcntl
     import signal
     import subprocess
     import sys
@@ -204,15 +201,7 @@ def test_a_killed_packed_sweep_resumes(caches, tmp_path, monkeypatch):
     frozen = Path(claim.read_text().split()[1]).resolve()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    for lock in out.glob("runs/*/.lock"):
-        with open(lock, "a") as handle:
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    assert time.monotonic() < deadline + 60, f"a run of the killed sweep outlived it ({lock.parent})"
-                    time.sleep(0.02)
+    wait_for_run_processes_to_end(out, deadline + 60)
     assert not (frozen / "done.json").exists()
     assert sweep(study, runs_per_gpu=2) == 0
     record = json.loads((frozen / "done.json").read_text())

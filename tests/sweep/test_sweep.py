@@ -8,7 +8,6 @@ CLIP-B vision, packaged MiniLM text), so nothing depends on ../shared.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import run_sweep, wait_for_run_processes_to_end
 from PIL import Image
 
 from pipeline.bench.sweep import demo_study
@@ -27,7 +27,6 @@ from pipeline.errors import UserError
 from pipeline.eval.report import selection_note
 from pipeline.plots import CAVEAT_KEY, NOTES_KEY, RANDOM_INIT_CAVEAT
 from pipeline.sweep.caches import decoder_summary
-from pipeline.sweep.command import sweep_command
 from pipeline.sweep.study import SlurmSpec, expand_runs, load_study
 from pipeline.sweep.tables import build_table
 from pipeline.sweep.worker import pick_gpu, worker_slot
@@ -47,9 +46,7 @@ def write_study(path: Path, caches, **changes) -> Path:
 
 
 def sweep(study: Path, **options) -> int:
-    kwargs = dict(scheduler=None, slurm=False, jobs=1, gpus_per_job=0, workers=2, dry_run=False, retries=1,
-                  quiet=True, overrides=[])
-    return sweep_command(study=study, **{**kwargs, **options})
+    return run_sweep(study, **{"workers": 2, "retries": 1, **options})
 
 
 def starts(run_dir: Path) -> int:
@@ -70,19 +67,6 @@ def reference(caches, tmp_path_factory) -> Path:
     study = write_study(tmp_path_factory.mktemp("reference") / "ref.yaml", caches)
     assert sweep(study) == 0
     return study
-
-
-def _wait_for_run_processes_to_end(out: Path, deadline: float) -> None:
-    """Every run lock free: no process of the killed sweep still works on a run."""
-    for lock in out.glob("runs/*/.lock"):
-        with open(lock, "a") as handle:
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    assert time.monotonic() < deadline, f"a run of the killed sweep outlived it ({lock.parent})"
-                    time.sleep(0.02)
 
 
 @pytest.mark.reliability
@@ -107,7 +91,7 @@ def test_killed_sweep_reruns_only_the_missing_runs_and_gives_the_same_table(cach
     frozen = Path(claim.read_text().split()[1]).resolve()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    _wait_for_run_processes_to_end(out, time.monotonic() + 60)
+    wait_for_run_processes_to_end(out, time.monotonic() + 60)
     first = {p.parent: p.stat().st_mtime_ns for p in out.glob("runs/*/done.json")}
     partial = _partial(out)
     assert 2 <= len(first) < 4 and frozen in [p.resolve() for p in partial] and not (out / "table.csv").exists()

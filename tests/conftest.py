@@ -22,6 +22,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist each test process gets its share of the cores, and so do its children.
+
+    ``make test`` runs one process per core; each torch would otherwise take every core, and the
+    subprocesses (sweep runs, extraction workers, the demo) too. Oversubscribed, small torch
+    operations wait for each other's time slices: a tiny-preset sweep run took 2.3 CPU-seconds at one
+    thread and 6-8 at two beside the other test process. OMP_NUM_THREADS carries the share to the
+    children (a sweep reads it through ``pipeline.runtime.threads_each``); a value already set wins.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """``../shared`` (real photos, split lists); tests using it skip when absent."""

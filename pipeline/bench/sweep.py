@@ -22,16 +22,20 @@ from pathlib import Path
 import yaml
 
 from pipeline.data.synthetic import write_demo_dataset
+from pipeline.runtime import threads_each
 
 
-def build_demo_caches(root: Path, *, images: int = 24) -> tuple[Path, Path]:
-    """(vision store with folder/train and folder/val, MiniLM text store) for the demo dataset."""
+def build_demo_caches(root: Path, *, images: int = 24, backbone: str = "clip-b") -> tuple[Path, Path]:
+    """(vision store with folder/train and folder/val, MiniLM text store) for the demo dataset.
+
+    ``backbone`` is random-init; the tests take the tiny ``test-vit``, the benchmark clip-b's width.
+    """
     from pipeline.encode.extract import extract
     from pipeline.encode.config import ExtractConfig
 
     data = write_demo_dataset(root / "data", images=images)
-    vision, text = root / "clip-b", root / "minilm"
-    common = dict(backbone="clip-b", out=str(vision), dataset="folder", data_root=str(data), random_init=True,
+    vision, text = root / backbone, root / "minilm"
+    common = dict(backbone=backbone, out=str(vision), dataset="folder", data_root=str(data), random_init=True,
                   input_size=64, vision_only=True, device="cpu")
     extract(config=ExtractConfig(**common, views=1), quiet=True)
     extract(config=ExtractConfig(**common, split="val", eval_resize=True), quiet=True)
@@ -47,7 +51,7 @@ def demo_study(*, vision: Path, text: Path, out: Path, folds: list[int], seeds: 
         "name": out.name,
         "title": "demo sweep",
         "out": str(out),
-        "pairs": [{"label": "CLIP-B (random) + MiniLM", "vision": str(vision), "text": str(text)}],
+        "pairs": [{"label": f"{vision.name.upper()} (random) + MiniLM", "vision": str(vision), "text": str(text)}],
         "eval": {"split": "folder/val", "mode": "binary"},
         "base": {"preset": "tiny", "device": "cpu", "log_every": 1000, "checkpoint_every": checkpoint_every,
                  "data": {"protocol": "pascal5i", "split": "folder/train", "read_mode": "memory"},
@@ -72,7 +76,7 @@ def bench_sweep(*, runs: int = 8, workers: int = 2, steps: int = 800, work: Path
     vision, text = work / "caches" / "clip-b", work / "caches" / "minilm"
     folds = [0, 1, 2, 3]
     seeds = list(range(-(-runs // len(folds))))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads_each(workers)
     times = {}
     for mode in ("parallel", "sequential"):
         out = work / mode

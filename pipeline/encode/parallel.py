@@ -21,6 +21,7 @@ from dataclasses import asdict
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.runtime import threads_each
 from pipeline.store.layout import open_store
 
 
@@ -63,7 +64,6 @@ def run_parallel(*, config, shards: list[int], group_path: str, client=None, qui
     """Deal ``shards`` over ``config.workers`` dask tasks and wait, showing progress in views."""
     from distributed import Client, LocalCluster
 
-    from pipeline.encode.shards import threads_per_worker
 
     own = client is None
     cluster = None
@@ -74,7 +74,7 @@ def run_parallel(*, config, shards: list[int], group_path: str, client=None, qui
     try:
         data = asdict(config)
         groups = [shards[w::config.workers] for w in range(config.workers)]
-        threads = threads_per_worker(config.workers)
+        threads = threads_each(config.workers)
         counters = view_counters(client=client, count=len(groups))
         futures = [client.submit(_worker_extract, data, g, w, threads, counters[w].name, pure=False)
                    for w, g in enumerate(groups) if g]

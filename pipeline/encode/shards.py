@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -350,6 +349,3 @@ def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders |
         bar.close()
     return bad
 
-
-def threads_per_worker(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // workers)

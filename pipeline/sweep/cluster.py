@@ -7,6 +7,8 @@ import os
 import sys
 from contextlib import contextmanager
 
+from pipeline.runtime import threads_each
+
 
 def local_gpus() -> list[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -49,7 +51,7 @@ def open_cluster(*, study, scheduler: str | None, slurm: bool, jobs: int, gpus_p
             # failed task's multi-line "Compute Failed" log stays out: the sweep lists failed runs itself.
             cluster = LocalCluster(n_workers=count, threads_per_worker=runs_per_gpu, processes=True,
                                    dashboard_address=":0", silence_logs=logging.CRITICAL if quiet else logging.WARNING)
-            client, threads = Client(cluster), max(1, (os.cpu_count() or 1) // (count * runs_per_gpu))
+            client, threads = Client(cluster), threads_each(count * runs_per_gpu)
             gpus = gpus or None
     try:
         if not quiet and importlib.util.find_spec("bokeh"):

@@ -27,16 +27,8 @@ VIEWS = 400
 GRID = 15  # the planted mask: a GRID x GRID board of labels 1..225, so a view's labels say where it came from
 P_FLOOR = 1e-3  # a summary "differs" below this two-sample p-value
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors on a shared machine: torch's thread pool costs more than it brings (8x here)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small tensors on a shared machine: torch's thread pool costs more than it brings (8x here).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _planted() -> tuple[np.ndarray, np.ndarray]:

@@ -300,10 +300,23 @@ def cosine_logits(pixels: Tensor, classes: Tensor, *, temperature: float) -> Ten
     """Per-pixel cosine similarity to every class, sharpened by the temperature.
 
     pixels [B, d, H, W], classes [B, C, d] -> [B, C, H, W].
+
+    The same value as ``einsum(normalize(pixels, dim=1), normalize(classes, dim=-1)) / temperature``
+    in fewer passes over the largest tensors: one batched matmul over the pixels as they lie
+    (no permuted copy), and the pixels' norms applied to whichever of the d-channel features or
+    the C-channel scores is smaller. The step is memory-bound at these shapes, on a GPU too.
     """
-    pixels = F.normalize(pixels, dim=1)
-    classes = F.normalize(classes, dim=-1)
-    return torch.einsum("bdhw,bcd->bchw", pixels, classes) / temperature
+    batch, dim, height, width = pixels.shape
+    flat = pixels.reshape(batch, dim, height * width)  # [B, d, HW], a view
+    # max(|x|, 1e-12) as F.normalize, clamped before the root so a zero feature gets a zero gradient, not NaN;
+    # a sum over the channels is 3x faster than vector_norm's strided reduction on a CPU
+    norms = flat.square().sum(dim=1, keepdim=True).clamp_min(1e-24).sqrt()  # [B, 1, HW]
+    classes = F.normalize(classes, dim=-1) / temperature  # [B, C, d]
+    if classes.shape[1] < dim:
+        scores = torch.bmm(classes, flat) / norms  # [B, C, HW]
+    else:
+        scores = torch.bmm(classes, flat / norms)
+    return scores.view(batch, -1, height, width)
 
 
 def predict_masks(logits: Tensor, *, threshold: float, text_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -393,7 +406,8 @@ class Fusioner(nn.Module):
         else:  # released order: resize the d-channel features, then normalise and take the cosine
             if self.decoder is not None:
                 pixels = self.decoder(pixels)  # [B, d, 8h, 8w] for k = 4
-            pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)  # [B, d, H', W']
+            if tuple(pixels.shape[-2:]) != size:  # at its own size the resize is the identity: skip the pass
+                pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)  # [B, d, H', W']
             logits = cosine_logits(pixels, classes, temperature=temperature)  # [B, C, H', W']
         if text_mask is not None:
             logits = logits.masked_fill(~text_mask[:, :, None, None], PADDED_LOGIT)

@@ -200,6 +200,26 @@ def test_decoder_resizes_features_before_the_cosine_as_released():
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("classes", [3, 8, 20])  # fewer, as many and more classes than channels
+def test_cosine_logits_match_normalise_then_einsum_in_value_and_gradient(classes):
+    from pipeline.model import cosine_logits
+
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 8, 5, 6, dtype=torch.float64, requires_grad=True)
+    text = torch.randn(2, classes, 8, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        pixels[0, :, 0, 0] = 0.0  # a zero feature: F.normalize's epsilon, not a division by zero
+    weights = torch.randn(2, classes, 5, 6, dtype=torch.float64)
+    ours = cosine_logits(pixels, text, temperature=0.07)
+    reference = torch.einsum("bdhw,bcd->bchw", torch.nn.functional.normalize(pixels, dim=1),
+                             torch.nn.functional.normalize(text, dim=-1)) / 0.07
+    torch.testing.assert_close(ours, reference, atol=1e-12, rtol=1e-12)
+    grads = torch.autograd.grad((ours * weights).sum(), (pixels, text))
+    expected = torch.autograd.grad((reference * weights).sum(), (pixels, text))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
 def test_logit_resizing_is_a_named_option_that_differs():
     torch.manual_seed(0)
     released = make_model_config(vision_dim=DV, text_dim=DT, preset="tiny", overrides={"decoder": {"out_size": 40}})

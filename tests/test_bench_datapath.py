@@ -31,12 +31,21 @@ def test_datapath_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
 
 def test_the_device_augmentation_is_measured_against_the_cpu_render_path_in_one_run(tmp_path):
     pytest.importorskip("kornia")
+    from pipeline.bench.datapath import planned_store
     from pipeline.bench.device_augment import device_augment_rates
     from pipeline.data.synthetic import make_shapes_dataset
 
-    data = make_shapes_dataset(out=tmp_path / "data", count=4, size=(120, 160))
-    found = device_augment_rates(work=tmp_path, data_root=data, images=4, views=2, backbone="test-vit",
-                                 shard_size=2, repeats=2, device="cpu")
+    data = make_shapes_dataset(out=tmp_path / "data", count=3, size=(120, 160))
+    planned = []
+
+    def plan(augment):
+        planned.append(augment.backend)
+        _, dataset, group, _ = planned_store(work=tmp_path, data_root=data, images=3, views=1, backbone="test-vit",
+                                             shard_size=1, augment=augment)
+        return dataset, group
+
+    found = device_augment_rates(plan=plan, repeats=2, device="cpu")
+    assert planned == ["cpu", "gpu", "cpu", "gpu"]  # alternated within each repeat
     assert found["device"] == "cpu" and found["torch_threads"] == 1
     assert found["cpu_render_views_per_s"] > 0 and found["device_views_per_s"] > 0
     assert len(found["all"]["cpu"]) == len(found["all"]["device"]) == 2

@@ -290,8 +290,12 @@ def run_datapath_bench(*, work: Path, data_root: Path | None, images: int, views
                                        batch_size=batch_size).items():
             found.setdefault(f"read_{key}", []).append(value)
     med = {k: statistics.median(v) for k, v in found.items()}
-    on_device = _device_augment(work=work, data_root=data_root, images=images, views=views, backbone=backbone,
-                                shard_size=shard, repeats=repeats, device=device_augment)
+    def plan(augment: AugmentConfig) -> tuple:
+        _, dataset, group, _ = planned_store(work=work, data_root=data_root, images=images, views=views,
+                                             backbone=backbone, shard_size=shard, augment=augment)
+        return dataset, group
+
+    on_device = _device_augment(plan=plan, repeats=repeats, device=device_augment)
     stream_mbps = med["read_stream_4"] * per_view / 1e6
     return {
         "machine": machine(), "load_average": load_before, "load_average_after": load_average(),

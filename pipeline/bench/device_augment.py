@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
@@ -43,10 +43,11 @@ def _rate(*, group, dataset, device: torch.device | None) -> float:
     return views / max(time.perf_counter() - start, 1e-9) if views else 0.0
 
 
-def device_augment_rates(*, work: Path, data_root: Path, images: int, views: int, backbone: str, shard_size: int,
-                         repeats: int, device: str) -> dict:
-    """{device, views/s of each path, their ratio (median of the per-repeat ratios), torch threads, load}."""
-    from pipeline.bench.datapath import planned_store
+def device_augment_rates(*, plan: Callable[[AugmentConfig], tuple], repeats: int, device: str) -> dict:
+    """{device, views/s of each path, their ratio (median of the per-repeat ratios), torch threads, load}.
+
+    ``plan(augment)`` plans the benchmark's store afresh with that augmentation and returns its (dataset, group).
+    """
     from pipeline.data.augment_gpu import require_kornia
 
     require_kornia()
@@ -60,9 +61,7 @@ def device_augment_rates(*, work: Path, data_root: Path, images: int, views: int
     try:
         for _ in range(repeats):
             for backend in ("cpu", "gpu"):
-                _, dataset, group, _ = planned_store(work=work, data_root=data_root, images=images, views=views,
-                                                     backbone=backbone, shard_size=shard_size,
-                                                     augment=AugmentConfig(backend=backend))
+                dataset, group = plan(AugmentConfig(backend=backend))
                 key = "cpu" if backend == "cpu" else "device"
                 rates[key].append(_rate(group=group, dataset=dataset, device=None if backend == "cpu" else device))
         used = torch.get_num_threads()

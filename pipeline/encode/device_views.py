@@ -52,8 +52,23 @@ class DecodedViews:
         self.slot[row], self.image_index[row], self.view_index[row] = slot, image_index, view_index
 
     def as_dict(self) -> dict:
-        return {"count": self.count, "images": self.images, "masks": self.masks, "slot": self.slot,
-                "image_index": self.image_index, "view_index": self.view_index}
+        """For a render process to return: the decoded pixels as tensors, which cross to the parent in shared
+        memory (numpy arrays would be pickled through a pipe)."""
+        def shared(array):
+            return None if array is None else torch.from_numpy(np.require(array, requirements="CW"))
+
+        return {"count": self.count, "images": [shared(a) for a in self.images],
+                "masks": [shared(m) for m in self.masks], "slot": self.slot, "image_index": self.image_index,
+                "view_index": self.view_index}
+
+    @classmethod
+    def from_dict(cls, found: dict) -> DecodedViews:
+        """The inverse of :meth:`as_dict`: numpy views of the tensors, no copy."""
+        def array(value):
+            return value.numpy() if isinstance(value, torch.Tensor) else value
+
+        return cls(**{**found, "images": [array(a) for a in found["images"]],
+                      "masks": [array(m) for m in found["masks"]]})
 
 
 def finish_on_device(rendered, *, meta: dict, size: int, device: torch.device | str):

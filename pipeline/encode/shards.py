@@ -336,7 +336,7 @@ def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders |
         renders = (RenderedShard(shard=int(d["shard"]), images=d["images"], masks=d["masks"].numpy(),
                                  valid=d["valid"], bad=[tuple(b) for b in d["bad"]], source=d["source"],
                                  classes=d["classes"], cpu_seconds=d["cpu_seconds"],
-                                 decoded=DecodedViews(**d["decoded"]) if d.get("decoded") else None)
+                                 decoded=DecodedViews.from_dict(d["decoded"]) if d.get("decoded") else None)
                    for d in items)
     else:
         rows = split_rows(group)

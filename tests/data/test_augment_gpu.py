@@ -23,7 +23,7 @@ stats = pytest.importorskip("scipy.stats")
 from pipeline.data.augment_gpu import affine_matrix, augment_batch, draw_views  # noqa: E402
 
 SIZE = 64
-VIEWS = 400
+VIEWS = 300
 GRID = 15  # the planted mask: a GRID x GRID board of labels 1..225, so a view's labels say where it came from
 P_FLOOR = 1e-3  # a summary "differs" below this two-sample p-value
 

@@ -2,8 +2,11 @@
 
 One view of an image is a function of ``(seed, image index, view index)``: the
 albumentations pipeline is re-seeded from those three numbers before every
-call, so a resumed extraction (or an online epoch replayed after a resume)
-renders the very same pixels, whatever ran before it and in whatever thread.
+call (one generator that its transforms draw from in turn, so each step's
+draw is its own: ``independent_draws``), so a resumed extraction (or an online
+epoch replayed after a resume) renders the very same pixels, whatever ran
+before it and in whatever thread. :mod:`pipeline.data.augment_gpu` renders the
+same recipe batched on a torch device (``backend="gpu"``).
 
 The recipe, as released (strengths per dataset: PASCAL jitter 0.5 / rotation
 20 degrees, COCO 0.2 / 10):

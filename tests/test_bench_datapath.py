@@ -25,6 +25,32 @@ def test_datapath_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
         assert record[key] > 0, key
     assert set(record["medians"]) >= {f"render_{kind}w{w}" for kind in ("", "only_", "cpu_") for w in (0, 1, 2)}
     assert "per core" in captured.err and "scaling" in captured.err  # the summary in words
+    assert record["device_augment"]["device_vs_cpu_render"] > 0 or "skipped" in record["device_augment"]
+    assert "augmentation on" in captured.err
+
+
+def test_the_device_augmentation_is_measured_against_the_cpu_render_path_in_one_run(tmp_path):
+    pytest.importorskip("kornia")
+    from pipeline.bench.datapath import planned_store
+    from pipeline.bench.device_augment import device_augment_rates
+    from pipeline.data.synthetic import make_shapes_dataset
+
+    data = make_shapes_dataset(out=tmp_path / "data", count=3, size=(120, 160))
+    planned = []
+
+    def plan(augment):
+        planned.append(augment.backend)
+        _, dataset, group, _ = planned_store(work=tmp_path, data_root=data, images=3, views=1, backbone="test-vit",
+                                             shard_size=1, augment=augment)
+        return dataset, group
+
+    found = device_augment_rates(plan=plan, repeats=2, device="cpu")
+    assert planned == ["cpu", "gpu", "cpu", "gpu"]  # alternated within each repeat
+    assert found["device"] == "cpu" and found["torch_threads"] == 1
+    assert found["cpu_render_views_per_s"] > 0 and found["device_views_per_s"] > 0
+    assert len(found["all"]["cpu"]) == len(found["all"]["device"]) == 2
+    ratios = [d / c for d, c in zip(found["all"]["device"], found["all"]["cpu"])]
+    assert found["device_vs_cpu_render"] == pytest.approx(sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2)
 
 
 def test_render_clock_stops_at_the_last_shard_not_after_the_pool_shuts_down(monkeypatch):

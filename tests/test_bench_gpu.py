@@ -93,3 +93,5 @@ def test_extraction_is_attributed_to_its_largest_part():
     assert parts["encode_views_per_s"] == pytest.approx(500) and parts["encode_over_forward"] == pytest.approx(2)
     assert parts["writer_views_per_s"] == pytest.approx(1000 / 3)  # 2 writers, 6 busy seconds in all
     assert extraction_parts({**stages, "write_wait": 7.0}, views=1000, seconds=16.0, forward=1.0)["limit"] == "write"
+    on_device = extraction_parts({**stages, "augment": 7.0}, views=1000, seconds=16.0, forward=1.0)
+    assert on_device["limit"] == "augment" and on_device["augment_fraction"] == pytest.approx(7 / 16)

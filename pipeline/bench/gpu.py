@@ -147,12 +147,14 @@ def _extract(*, work: Path, root: Path, lists, size: dict, device: torch.device)
 def extraction_parts(stages: dict, *, views: int, seconds: float, forward: float) -> dict:
     """Where the training split's extraction spent its seconds, and which part limits it.
 
-    The encoder's thread either waits for a rendered shard, encodes, or waits for a free
-    writer; the largest of the three is the limit. ``encode_over_forward`` compares the
+    The encoder's thread either waits for a rendered shard, augments its views on the device
+    (``extract --augment-backend gpu``; 0 otherwise), encodes, or waits for a free writer; the
+    largest is the limit. ``encode_over_forward`` compares the
     in-extraction encode rate with the pure forward rate (upload and download included).
     """
     render = stages["first_render_wait"] + stages["render_wait"]
-    parts = {"render": render, "encode": stages["encode"], "write": stages["write_wait"]}
+    parts = {"render": render, "augment": stages.get("augment", 0.0), "encode": stages["encode"],
+             "write": stages["write_wait"]}
     encode_rate = views / max(stages["encode"], 1e-9)
     writers = max(stages["writers"], 1)
     return {**stages, "seconds": seconds,

@@ -2,8 +2,11 @@
 
 One view of an image is a function of ``(seed, image index, view index)``: the
 albumentations pipeline is re-seeded from those three numbers before every
-call, so a resumed extraction (or an online epoch replayed after a resume)
-renders the very same pixels, whatever ran before it and in whatever thread.
+call (one generator that its transforms draw from in turn, so each step's
+draw is its own: ``independent_draws``), so a resumed extraction (or an online
+epoch replayed after a resume) renders the very same pixels, whatever ran
+before it and in whatever thread. :mod:`pipeline.data.augment_gpu` renders the
+same recipe batched on a torch device (``backend="gpu"``).
 
 The recipe, as released (strengths per dataset: PASCAL jitter 0.5 / rotation
 20 degrees, COCO 0.2 / 10):
@@ -25,6 +28,7 @@ argument of the release's 1.x version, the mapping is spelled out in
 from __future__ import annotations
 
 import math
+import random
 import threading
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -40,6 +44,7 @@ RECIPE_STRENGTHS = {"pascal5i": (0.5, 20.0), "coco20i": (0.2, 10.0)}
 RELEASED_NOISE_STD = (math.sqrt(10.0) / 255.0, math.sqrt(50.0) / 255.0)
 RELEASED_ALPHA_AFFINE = 20.0  # pixels, the 1.x ElasticTransform argument the release set
 ELASTIC_BLURS = ("low-rank", "opencv")
+AUGMENT_BACKENDS = ("cpu", "gpu")
 ELASTIC_SIGMA = 50.0  # px, the 1.x ElasticTransform default the release kept (alpha 1)
 
 
@@ -69,6 +74,15 @@ class AugmentConfig:
     # differs by one grey level at about one pixel in twenty views. None, as in splits planned before this field
     # existed, means "opencv"; resolve_augment fills "low-rank" in for new plans.
     elastic_blur: Literal["low-rank", "opencv"] | None = None
+    # How a view's seed reaches the transforms: True, one generator shared by all of them in turn, so the crop
+    # choice, the block and each step draw independently, as released. None, as in splits planned before this
+    # field existed: every transform re-seeded with the same number (albumentations' ``set_random_seed``), so
+    # their first draws coincide and the five steps fire all together or not at all. resolve_augment fills True.
+    independent_draws: bool | None = None
+    # Where the views are rendered: "cpu" (albumentations, in the render thread or processes) or "gpu" (kornia,
+    # batched on the encoder's device: pipeline.data.augment_gpu). Not recorded when "cpu", so stores planned
+    # before this field existed keep their signature.
+    backend: Literal["cpu", "gpu"] = "cpu"
 
     def __post_init__(self) -> None:  # lists from JSON / YAML back to tuples, so configs hash and compare
         object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
@@ -79,9 +93,14 @@ class AugmentConfig:
             raise UserError(f"augment border must be 'background' or 'ignore', not {self.border!r}")
         if self.elastic_blur not in (None, *ELASTIC_BLURS):
             raise UserError(f"augment elastic_blur must be one of {', '.join(ELASTIC_BLURS)}, not {self.elastic_blur!r}")
+        if self.backend not in AUGMENT_BACKENDS:
+            raise UserError(f"augment backend must be one of {', '.join(AUGMENT_BACKENDS)}, not {self.backend!r}")
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        if out["backend"] == "cpu":
+            del out["backend"]
+        return out
 
 
 def recipe_protocol(class_names) -> str:
@@ -90,11 +109,14 @@ def recipe_protocol(class_names) -> str:
 
 
 def resolve_augment(config: AugmentConfig, *, class_names) -> AugmentConfig:
-    """``config`` with the dataset's strengths filled in where it left them open, and the fast elastic blur."""
+    """``config`` with the dataset's strengths filled in where it left them open, the fast elastic blur and
+    independent draws."""
     jitter, rotate = RECIPE_STRENGTHS[recipe_protocol(class_names)]
     return AugmentConfig(**{**asdict(config), "jitter": jitter if config.jitter is None else config.jitter,
                             "rotate": rotate if config.rotate is None else config.rotate,
-                            "elastic_blur": config.elastic_blur or "low-rank"})
+                            "elastic_blur": config.elastic_blur or "low-rank",
+                            "independent_draws": True if config.independent_draws is None
+                            else config.independent_draws})
 
 
 def _affine_of_elastic(config: AugmentConfig, size: int):
@@ -189,7 +211,11 @@ def augment_view(*, image: np.ndarray, mask: np.ndarray, config: AugmentConfig, 
                  image_index: int, view_index: int) -> tuple[np.ndarray, np.ndarray]:
     """View ``view_index`` of an image: [S, S, 3] uint8 and its transformed [S, S] uint8 mask."""
     pipeline = _pipeline(config, size)
-    pipeline.set_random_seed(view_seed(seed=seed, image_index=image_index, view_index=view_index))
+    number = view_seed(seed=seed, image_index=image_index, view_index=view_index)
+    if config.independent_draws:  # one stream, drawn from in turn by every transform
+        pipeline.set_random_state(np.random.default_rng(number), random.Random(number))
+    else:  # as splits planned before independent_draws were rendered
+        pipeline.set_random_seed(number)
     out = pipeline(image=np.ascontiguousarray(image), mask=np.ascontiguousarray(mask))
     return np.ascontiguousarray(out["image"], dtype=np.uint8), np.ascontiguousarray(out["mask"], dtype=np.uint8)
 

@@ -142,6 +142,10 @@ def _extract(*, config: ExtractConfig, quiet: bool, client) -> ExtractReport:
         raise UserError(f"`text_only`: encoder '{spec.name}' has no text tower")
     want_vision = not config.text_only and "vision" in spec.towers
     _check_counts(config)
+    if want_vision and config.kind == "views" and config.augment.backend == "gpu":
+        from pipeline.data.augment_gpu import require_kornia
+
+        require_kornia()  # the switch without its extra: one line, before the store is touched
     dataset = None
     if want_vision:
         if not config.dataset or not config.data_root:

@@ -107,6 +107,11 @@ def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, 
     per_image = config.views if kind == "views" and not shuffled else 1
     shard = config.shard_size or _default_shard_size(tokens=tokens, dim=dim, views_per_image=per_image,
                                                       num_views=n, mib=128 if shuffled else 16)
+    augment = resolve_augment(config.augment, class_names=dataset.class_names) if kind == "views" else None
+    if augment is not None and augment.backend == "gpu":
+        from pipeline.data.augment_gpu import require_kornia
+
+        require_kornia()  # before any pixel: the switch without its extra is a one-line error
     described = dataset.describe()
     # Part of the signature a resumed run must match: the same folder, however its path is spelled.
     described["root"] = str(Path(described["root"]).resolve())
@@ -114,8 +119,7 @@ def plan_split(*, dataset, config: ExtractConfig, input_size: int, tokens: int, 
     meta = {"seed": config.seed, "views": config.views if kind == "views" else None,
             "stride": stride if kind == "windows" else None, "input_size": input_size,
             "last_window": config.last_window if kind == "windows" else None,
-            "augment": (resolve_augment(config.augment, class_names=dataset.class_names).to_dict()
-                        if kind == "views" else None),
+            "augment": augment.to_dict() if augment is not None else None,
             "normalize": resolve_normalization(config.normalize, dataset=config.dataset,
                                                spec=get_spec(config.backbone)),
             "dataset": described, "plan_skipped": skipped}

@@ -30,6 +30,7 @@ import numpy as np
 
 from pipeline.data.labels import IGNORE
 from pipeline.encode.plan import ExtractConfig, open_extraction_dataset, plan_split
+from pipeline.encode.device_views import finish_on_device
 from pipeline.encode.shards import classes_in, render_shard
 from pipeline.encode.text import class_embeddings
 from pipeline.errors import UserError
@@ -141,8 +142,9 @@ def _write(*, config: PlantedConfig, text_encoder: str, quiet: bool) -> dict:
     todo = [int(s) for s in np.flatnonzero(~done_shards(group))]
     bar = progress(total=len(todo), desc="planted", quiet=quiet, unit="shard")
     for shard in todo:
-        rendered = render_shard(dataset=dataset, group=group, shard=shard, input_size=config.input_size,
-                                skip_bad=False)
+        rendered = finish_on_device(render_shard(dataset=dataset, group=group, shard=shard,
+                                                 input_size=config.input_size, skip_bad=False),
+                                    meta=plan.meta, size=config.input_size, device="cpu")
         tokens = planted_tokens(masks=rendered.masks, table=table, patch=config.patch, noise=config.noise,
                                 rng=np.random.default_rng([config.map_seed, shard, 0x5A17]))
         write_shard(group, shard=shard, features=tokens, masks=rendered.masks,

@@ -67,7 +67,8 @@ class ShardSource(torch.utils.data.Dataset):
                                skip_bad=skip_bad, rows=rows, images=images.numpy(), masks=masks.numpy())
         return {"shard": rendered.shard, "pixels": pixels, "count": count, "valid": rendered.valid,
                 "source": rendered.source, "classes": rendered.classes, "bad": [list(b) for b in rendered.bad],
-                "cpu_seconds": rendered.cpu_seconds}
+                "cpu_seconds": rendered.cpu_seconds,
+                "decoded": rendered.decoded.as_dict() if rendered.decoded is not None else None}
 
 
 def _split_pixels(pixels: torch.Tensor, *, count: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:

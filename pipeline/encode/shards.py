@@ -18,6 +18,7 @@ from pipeline.data.labels import IGNORE
 from pipeline.data.views import ViewParams, pad_fill, render_view
 from pipeline.encode.families import create_encoder
 from pipeline.encode.config import ExtractConfig
+from pipeline.encode.device_views import DecodedViews, finish_on_device, renders_on_device
 from pipeline.encode.plan import open_extraction_dataset
 from pipeline.encode.towers import Encoders
 from pipeline.runtime import progress, resolve_device
@@ -39,6 +40,7 @@ class RenderedShard:
     source: np.ndarray | None = None  # [S, K] bool: the classes of the whole image each view comes from
     classes: np.ndarray | None = None  # [S, K] bool: the classes in each view's mask (None: the writer counts them)
     cpu_seconds: float = 0.0  # CPU time of the rendering thread (robust to other processes' load, unlike the clock)
+    decoded: DecodedViews | None = None  # views still to be augmented on the device (finish_on_device)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ def render_shard(*, dataset, group, shard: int, input_size: int, skip_bad: bool,
 
     Training views ("views" splits) come from the seeded augmentation of the whole
     image, view k of image i from (seed, i, k); evaluation views from their planned box.
+    When the plan augments on the device, the images are only decoded (``decoded``), the
+    classes left to the writer, and :func:`finish_on_device` renders the views.
     ``rows`` (:func:`split_rows`) saves reading the plan again; ``images`` [S, in, in, 3] and
     ``masks`` [S, in, in] uint8, when given, are filled in place (a render process's shared memory).
     """
@@ -99,6 +103,8 @@ def render_shard(*, dataset, group, shard: int, input_size: int, skip_bad: bool,
     classes = np.zeros((n, rows.num_classes), bool)
     bad: list[tuple[str, str]] = []
     record, record_index, record_bad, record_classes = None, -1, False, source[0]
+    decoded = DecodedViews(count=n) if renders_on_device(rows.meta, rows.kind) else None
+    slot = -1
     # Views of one image side by side decode it once; in a shuffled layout the same holds per shard.
     for j in np.argsort(view_image, kind="stable"):
         index, row = int(view_image[j]), start + int(j)
@@ -108,6 +114,7 @@ def render_shard(*, dataset, group, shard: int, input_size: int, skip_bad: bool,
                 record = dataset.load(index)
                 record_classes = (classes_in(record.mask[None], rows.num_classes)[0] if record.mask is not None
                                   else np.zeros(rows.num_classes, bool))
+                slot = decoded.add_image(record) if decoded is not None else -1
             except BadRecordError as err:
                 if not skip_bad:
                     raise
@@ -116,15 +123,19 @@ def render_shard(*, dataset, group, shard: int, input_size: int, skip_bad: bool,
         if record_bad:
             images[j], masks[j] = 0, IGNORE
             continue
+        valid[j] = True
+        source[j] = record_classes
+        if decoded is not None:
+            decoded.add_row(int(j), slot=slot, image_index=index, view_index=int(rows.view_number[row]))
+            continue
         params = ViewParams(box=tuple(int(v) for v in rows.boxes[row]), flip=bool(rows.flips[row]),
                             jitter=tuple(float(v) for v in rows.jitter[row]))
         images[j], masks[j] = planned_view(record, meta=rows.meta, kind=rows.kind, image_index=index,
                                            view_number=int(rows.view_number[row]), params=params, size=input_size)
-        valid[j] = True
-        source[j] = record_classes
         classes[j] = classes_in(masks[j][None], rows.num_classes)[0]
     return RenderedShard(shard=shard, images=images, masks=masks, valid=valid, bad=bad, source=source,
-                         classes=classes, cpu_seconds=time.thread_time() - started)
+                         classes=classes if decoded is None else None, cpu_seconds=time.thread_time() - started,
+                         decoded=decoded)
 
 
 def encode_shard(*, encoders: Encoders, rendered: RenderedShard, batch_size: int,
@@ -147,8 +158,8 @@ def encode_shard(*, encoders: Encoders, rendered: RenderedShard, batch_size: int
             out[begin:begin + batch_size] = vision.encode(batch).cpu().numpy().astype(np.float16)
             on_batch(len(batch))
         return out
-    images = torch.as_tensor(rendered.images)
-    images = images if images.is_pinned() else images.pin_memory()
+    images = torch.as_tensor(rendered.images)  # views augmented on the device are there already
+    images = images if images.is_cuda or images.is_pinned() else images.pin_memory()
     out = torch.empty(shape, dtype=torch.float16, pin_memory=True)
     for begin in range(0, n, batch_size):
         tokens = vision.encode(images[begin:begin + batch_size], dtype=torch.float16)
@@ -218,13 +229,15 @@ class StageTimes:
     """Where the seconds of :func:`run_shards` went, for attributing a slow extraction.
 
     The main thread's wall time splits into waiting for a rendered shard (the first one apart:
-    it includes starting the render processes), encoding (upload, forward, download) and waiting
+    it includes starting the render processes), augmenting on the device (when the plan says so),
+    encoding (upload, forward, download) and waiting
     for the writers (a full queue, then the last writes). ``writer_busy`` is the time the writer
     threads spent in ``write_shard``, summed over threads. A few clock reads per shard: free.
     """
 
     first_render_wait: float = 0.0
     render_wait: float = 0.0
+    augment: float = 0.0  # views augmented on the encoder's device (augment backend gpu)
     encode: float = 0.0
     write_wait: float = 0.0
     writer_busy: float = 0.0
@@ -310,7 +323,8 @@ def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders |
         encoders = create_encoder(config.backbone, text=False, weights=config.weights,
                                   random_init=config.random_init, input_size=input_size,
                                   device=resolve_device(config.device))
-    normalization = group.attrs["meta"].get("normalize")  # recorded by the plan: what every shard applies
+    meta = group.attrs["meta"]
+    normalization = meta.get("normalize")  # recorded by the plan: what every shard applies
     if normalization:
         encoders.vision.use_normalization(mean=normalization["mean"], std=normalization["std"])
     total_views = sum(np.subtract(*shard_bounds(group, s)[::-1]) for s in shards)
@@ -320,7 +334,8 @@ def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders |
                                 pin=encoders.vision.device.type == "cuda", plan_rows=split_rows)
         renders = (RenderedShard(shard=int(d["shard"]), images=d["images"], masks=d["masks"].numpy(),
                                  valid=d["valid"], bad=[tuple(b) for b in d["bad"]], source=d["source"],
-                                 classes=d["classes"], cpu_seconds=d["cpu_seconds"])
+                                 classes=d["classes"], cpu_seconds=d["cpu_seconds"],
+                                 decoded=DecodedViews.from_dict(d["decoded"]) if d.get("decoded") else None)
                    for d in items)
     else:
         rows = split_rows(group)
@@ -336,6 +351,9 @@ def run_shards(*, config: ExtractConfig, shards: list[int], encoders: Encoders |
     try:
         for rendered in clock.rendered(renders):
             bar.set_postfix_str(f"shard {rendered.shard}", refresh=False)
+            with clock.stage("augment"):  # views the plan augments on the device: rendered there now
+                rendered = finish_on_device(rendered, meta=meta, size=input_size,
+                                            device=encoders.vision.device)
             with clock.stage("encode"):
                 feats = encode_shard(encoders=encoders, rendered=rendered, batch_size=config.batch_size,
                                      on_batch=bar.update if on_views is None else _both(bar.update, on_views))

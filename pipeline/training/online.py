@@ -149,6 +149,9 @@ def prepare_online(config: TrainConfig) -> TrainingData:
                         f"({setting('data.online.backbone')}, {setting('data.online.data_root')})")
     if online.workers < 0:
         raise UserError("data.online.workers must be 0 or more")
+    if online.augment.backend != "cpu":
+        raise UserError(f"online training augments in its DataLoader workers on the CPU: leave "
+                        f"{setting('data.online.augment.backend')} at cpu (the gpu backend is for `fusioner extract`)")
     dataset = create_dataset(online.dataset, root=online.data_root, split=online.split)
     fold = resolve_fold(protocol=data.protocol, fold=data.fold, novel=data.novel,
                         class_names=list(dataset.class_names))

@@ -180,3 +180,33 @@ def test_the_recipe_uses_the_isotropic_shift_scale_rotate():
     block = build_pipeline(config, 64).transforms[1]
     affines = [t for t in block.transforms if isinstance(t, A.Affine)]
     assert len(affines) == 1 and affines[0].keep_ratio is True
+
+
+def _flipped_and_noisy(config, count: int = 160) -> tuple[np.ndarray, np.ndarray]:
+    """Per view: was it flipped (a left/right label board swaps sides), did it get noise (a flat colour isn't)."""
+    mask = (1 + np.arange(260)[None, :] * 10 // 260).repeat(200, axis=0).astype(np.uint8)  # labels 1..10 by column
+    image = np.full((200, 260, 3), 120, np.uint8)
+    flipped, noisy = [], []
+    for k in range(count):
+        view, labels = augment_view(image=image, mask=mask, config=config, size=48, seed=11, image_index=0,
+                                    view_index=k)
+        columns = np.arange(48)[None, :].repeat(48, axis=0)
+        inside = (labels > 0) & (labels < IGNORE)
+        flipped.append(np.corrcoef(columns[inside], labels[inside])[0, 1] < 0)
+        inside = (labels[:, 1:] == labels[:, :-1]) & (labels[:, 1:] > 0)
+        noisy.append(np.median(np.abs(np.diff(view[..., 1].astype(int), axis=1))[inside]) > 0)
+    return np.array(flipped), np.array(noisy)
+
+
+def test_the_block_steps_draw_independently_and_old_splits_keep_their_views():
+    assert resolve_augment(AugmentConfig(), class_names=VOC_CLASSES).independent_draws is True
+    # The elastic step's affine part scaled to the 48 px view (20 px at 224), so no view shrinks to a speck.
+    config = resolve_augment(AugmentConfig(alpha_affine=5.0), class_names=VOC_CLASSES)
+    flipped, noisy = _flipped_and_noisy(config)
+    assert 0.15 < flipped.mean() < 0.35 and 0.15 < noisy.mean() < 0.35  # block 1/2 x step 1/2
+    assert (flipped & noisy).mean() < 0.12  # about 1/16, not 1/4: one step does not drag the others along
+    # A split planned before the field existed (no key: None) renders as it was: every transform re-seeded
+    # alike, so its steps fire together.
+    old = AugmentConfig(**{k: v for k, v in config.to_dict().items() if k != "independent_draws"})
+    flipped, noisy = _flipped_and_noisy(old, count=80)
+    assert flipped.mean() > 0.15 and (flipped == noisy).all()

@@ -46,12 +46,12 @@ def test_class_presence_of_a_photo_sized_mask_costs_a_fraction_of_a_sort():
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
-    from pipeline.bench.datapath import _planned_store
+    from pipeline.bench.datapath import planned_store
     from pipeline.data.synthetic import make_shapes_dataset
 
     work = tmp_path_factory.mktemp("render")
     data = make_shapes_dataset(out=work / "data", count=6, size=(90, 120))
-    config, dataset, group, _ = _planned_store(work=work, data_root=data, images=6, views=2, backbone="test-vit",
+    config, dataset, group, _ = planned_store(work=work, data_root=data, images=6, views=2, backbone="test-vit",
                                                shard_size=5)
     return dataset, group
 

@@ -89,3 +89,14 @@ def test_online_without_a_data_root_is_one_line(eval_store, tmp_path):
     with pytest.raises(UserError, match="data root"):
         train(config=config, quiet=True)
     assert cli.main(["train", "--data-root", str(tmp_path), "--out", str(tmp_path / "r2")]) == 2
+
+
+def test_online_refuses_the_device_augmentation_in_one_line(tmp_path):
+    from pipeline.training.online import prepare_online
+
+    config = build_config(preset="tiny", overrides=["data.online.enabled=true", "data.online.backbone=test-vit",
+                                                    f"data.online.data_root={tmp_path}",
+                                                    "data.online.augment.backend=gpu", f"out={tmp_path / 'r'}"])
+    with pytest.raises(UserError, match="augment.backend") as err:
+        prepare_online(config)
+    assert "\n" not in str(err.value)

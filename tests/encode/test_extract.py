@@ -30,8 +30,8 @@ from pipeline.data.views import ViewParams, render_view, window_boxes
 from pipeline.encode.extract import extract
 from pipeline.encode.config import ExtractConfig
 from pipeline.encode.plan import plan_split
-from pipeline.encode.shards import threads_per_worker
 from pipeline.errors import UserError
+from pipeline.runtime import threads_each
 from pipeline.store.layout import open_store, store_attrs
 from pipeline.store.splits import done_shards
 
@@ -239,7 +239,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("extract")
     data = write_folder_dataset(base / "data")
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads_per_worker(2))
+    torch.set_num_threads(threads_each(2))  # what each of two dask workers runs with
     try:
         extract(config=tiny_config(data, base / "store", vision_only=True), quiet=True)
     finally:

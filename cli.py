@@ -27,6 +27,7 @@ from pipeline.data.augment import AugmentConfig
 from pipeline.data.labels import parse_names
 from pipeline.encode.config import ExtractConfig
 from pipeline.errors import UserError, in_flags, run_entry
+from pipeline.host import keep_freed_memory
 
 app = typer.Typer(
     name="fusioner",
@@ -590,6 +591,7 @@ def demo(
 def main(argv: Optional[List[str]] = None) -> int:
     """Console-script entry point: one-line user errors and usage errors, exit code 2."""
     args = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()  # training and extraction steps reuse freed memory instead of faulting it in again
     # A command's typer.Exit(code) comes back as app()'s value in non-standalone mode.
     return run_entry(lambda: _invoke(args), verbose="--verbose" in args or "-v" in args)
 

@@ -63,21 +63,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def threads_each(processes: int = 1) -> int:
-    """Torch threads for each of ``processes`` busy processes sharing this machine's CPUs.
-
-    The cores this process may run on, split evenly, and never more than ``OMP_NUM_THREADS``
-    where it is set: on a shared node (or under a test runner with one process per core)
-    that variable is how a user says how many threads a process may take. Threads beyond the
-    free cores do not help: small operations then wait for each other's time slices, and a
-    tiny model's step was measured 3-15x slower in CPU time at 2 threads on a busy 2-core machine.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    share = max(1, cores // max(1, processes))
-    cap = os.environ.get("OMP_NUM_THREADS", "").strip()
-    return max(1, min(share, int(cap))) if cap.isdigit() and int(cap) > 0 else share
-
-
 def machine() -> str:
     device = "no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(0)
     return (f"{os.cpu_count()} CPU cores ({platform.machine()}), {device}, torch {torch.__version__}, "

@@ -13,6 +13,7 @@ from synthetic_data import Generated, generated_cache, trained_run
 
 import pipeline.encode.extract
 from pipeline.encode.families import create_encoder
+from pipeline.host import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FUSIONER_SHARED", ROOT.parent / "shared"))
@@ -31,6 +32,7 @@ def pytest_configure(config) -> None:
     thread and 6-8 at two beside the other test process. OMP_NUM_THREADS carries the share to the
     children (a sweep reads it through ``pipeline.runtime.threads_each``); a value already set wins.
     """
+    keep_freed_memory()  # as every fusioner process does: in-process training reuses what a step freed
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
     if workers > 1:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

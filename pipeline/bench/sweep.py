@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.data.synthetic import write_demo_dataset
-from pipeline.runtime import threads_each
+from pipeline.host import threads_each
 
 
 def build_demo_caches(root: Path, *, images: int = 24, backbone: str = "clip-b") -> tuple[Path, Path]:

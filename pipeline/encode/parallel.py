@@ -21,7 +21,7 @@ from dataclasses import asdict
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.runtime import threads_each
+from pipeline.host import threads_each
 from pipeline.store.layout import open_store
 
 

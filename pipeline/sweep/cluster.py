@@ -7,7 +7,7 @@ import os
 import sys
 from contextlib import contextmanager
 
-from pipeline.runtime import threads_each
+from pipeline.host import threads_each
 
 
 def local_gpus() -> list[str]:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from pipeline.config import write_json_atomic
 from pipeline.errors import UserError, run_entry
+from pipeline.host import keep_freed_memory
 from pipeline.sweep.study import read_marker
 
 PRELOAD = ("torch", "torch._dynamo", "matplotlib.pyplot", "zarr", "safetensors.torch", "pipeline.training.loop",
@@ -177,6 +178,7 @@ def out_of_memory(error: BaseException) -> bool:
 def _run_and_exit(*, run_dir: str, threads: int | None) -> None:
     """The body of a run's process: exit code 0 done, 2 user error (retrying cannot help), 3 out of memory
     (:data:`OOM_EXIT`: a retry alone on the device may help), 1 anything else."""
+    keep_freed_memory()  # each step reuses what the last one freed (pipeline.host)
     code = 1
     try:
         code = run_entry(lambda: execute_run(run_dir=Path(run_dir), threads=threads) and 0)

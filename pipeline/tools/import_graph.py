@@ -3,7 +3,7 @@
 Layers, lowest first; a module may import from its own layer and the layers
 below it, never from a layer above::
 
-    errors, config, runtime, plots  <  data  <  store  <  encode  <  model
+    errors, config, host, runtime, plots  <  data  <  store  <  encode  <  model
         <  training  <  eval  <  runs  <  sweep, bench, demo, serve  <  api (pipeline/__init__, pipeline/api)
 
 Every import counts, the ones inside functions too. Three checks: no import
@@ -22,7 +22,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1]
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("pipeline.errors", "pipeline.config", "pipeline.runtime", "pipeline.plots"),
+    ("pipeline.errors", "pipeline.config", "pipeline.host", "pipeline.runtime", "pipeline.plots"),
     ("pipeline.data",),
     ("pipeline.store",),
     ("pipeline.encode",),

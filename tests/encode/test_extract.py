@@ -31,7 +31,7 @@ from pipeline.encode.extract import extract
 from pipeline.encode.config import ExtractConfig
 from pipeline.encode.plan import plan_split
 from pipeline.errors import UserError
-from pipeline.runtime import threads_each
+from pipeline.host import threads_each
 from pipeline.store.layout import open_store, store_attrs
 from pipeline.store.splits import done_shards
 

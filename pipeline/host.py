@@ -6,6 +6,7 @@ anything heavy loads.
 
 from __future__ import annotations
 
+import functools
 import os
 
 
@@ -43,12 +44,18 @@ def keep_freed_memory() -> bool:
     process; a notebook may call it too. Returns whether the C library took the settings (False
     off glibc, where nothing changes).
     """
+    libc = glibc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and libc.mallopt(M_TRIM_THRESHOLD, KEPT_FREE_BYTES))
+
+
+@functools.cache
+def glibc():
+    """The C library by its glibc name, loaded once (None elsewhere); ``find_library`` would run ldconfig."""
     import ctypes
 
     try:
-        libc = ctypes.CDLL("libc.so.6")  # glibc by name (find_library would run ldconfig in a subprocess)
+        return ctypes.CDLL("libc.so.6")
     except OSError:
-        return False
-    if not hasattr(libc, "mallopt"):
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and libc.mallopt(M_TRIM_THRESHOLD, KEPT_FREE_BYTES))
+        return None

@@ -13,7 +13,7 @@ from synthetic_data import Generated, generated_cache, trained_run
 
 import pipeline.encode.extract
 from pipeline.encode.families import create_encoder
-from pipeline.host import keep_freed_memory
+from pipeline.host import keep_freed_memory, threads_each
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FUSIONER_SHARED", ROOT.parent / "shared"))
@@ -35,8 +35,7 @@ def pytest_configure(config) -> None:
     keep_freed_memory()  # as every fusioner process does: in-process training reuses what a step freed
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
     if workers > 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads_each(workers)))
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import gc
+
+from pipeline.host import glibc
 
 
 def release_memory() -> None:
@@ -16,16 +15,6 @@ def release_memory() -> None:
     clip-l stays 1.7 GB larger for the rest of the run. ``malloc_trim`` returns them.
     """
     gc.collect()
-    libc = _libc()
+    libc = glibc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
-
-
-@functools.cache
-def _libc():
-    """The C library, looked up once (``find_library`` runs ``ldconfig`` in a subprocess each time)."""
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name) if name else None
-    except OSError:
-        return None

@@ -25,23 +25,27 @@ from pipeline.data.synthetic import write_demo_dataset
 from pipeline.host import threads_each
 
 
-def build_demo_caches(root: Path, *, images: int = 24, backbone: str = "clip-b") -> tuple[Path, Path]:
-    """(vision store with folder/train and folder/val, MiniLM text store) for the demo dataset.
+def build_demo_caches(root: Path, *, images: int = 24, backbone: str = "clip-b",
+                      text: str = "minilm") -> tuple[Path, Path]:
+    """(vision store with folder/train and folder/val, text store of the PASCAL names) for the demo dataset.
 
     ``backbone`` is random-init; the tests take the tiny ``test-vit``, the benchmark clip-b's width.
+    ``text`` is the packaged pretrained MiniLM, or a test-only tower (``test-text``, random-init), which
+    the tests take: encoding the names' prompts through MiniLM costs more CPU than their whole extraction.
     """
     from pipeline.encode.extract import extract
     from pipeline.encode.config import ExtractConfig
+    from pipeline.encode.registry import get_spec
 
     data = write_demo_dataset(root / "data", images=images)
-    vision, text = root / backbone, root / "minilm"
+    vision, text_store = root / backbone, root / text
     common = dict(backbone=backbone, out=str(vision), dataset="folder", data_root=str(data), random_init=True,
                   input_size=64, vision_only=True, device="cpu")
     extract(config=ExtractConfig(**common, views=1), quiet=True)
     extract(config=ExtractConfig(**common, split="val", eval_resize=True), quiet=True)
-    extract(config=ExtractConfig(backbone="minilm", out=str(text), dataset="voc", text_only=True, device="cpu"),
-            quiet=True)
-    return vision, text
+    extract(config=ExtractConfig(backbone=text, out=str(text_store), dataset="voc", text_only=True, device="cpu",
+                                 random_init=get_spec(text).test_only), quiet=True)  # test-only: no weights exist
+    return vision, text_store
 
 
 def demo_study(*, vision: Path, text: Path, out: Path, folds: list[int], seeds: list[int], steps: int,
@@ -51,7 +55,8 @@ def demo_study(*, vision: Path, text: Path, out: Path, folds: list[int], seeds: 
         "name": out.name,
         "title": "demo sweep",
         "out": str(out),
-        "pairs": [{"label": f"{vision.name.upper()} (random) + MiniLM", "vision": str(vision), "text": str(text)}],
+        "pairs": [{"label": f"{vision.name.upper()} (random) + {_text_label(text)}", "vision": str(vision),
+                   "text": str(text)}],
         "eval": {"split": "folder/val", "mode": "binary"},
         "base": {"preset": "tiny", "device": "cpu", "log_every": 1000, "checkpoint_every": checkpoint_every,
                  "data": {"protocol": "pascal5i", "split": "folder/train", "read_mode": "memory"},
@@ -59,6 +64,10 @@ def demo_study(*, vision: Path, text: Path, out: Path, folds: list[int], seeds: 
                  "optim": {"max_steps": steps, "batch_size": 8, "epochs": max(50, steps), "warmup_epochs": 1}},
         "grid": {"folds": folds, "seeds": seeds, **({"variants": variants} if variants else {})},
     }
+
+
+def _text_label(text: Path) -> str:
+    return "MiniLM" if text.name == "minilm" else f"{text.name.upper()} (random)"
 
 
 def bench_sweep(*, runs: int = 8, workers: int = 2, steps: int = 800, work: Path | None = None) -> str:

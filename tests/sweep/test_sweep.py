@@ -3,7 +3,7 @@
 Every sweep here is real: a dask LocalCluster of 2 worker processes (or a
 `dask scheduler` + `dask worker` pair), one Python process per run, training
 the tiny preset on caches extracted from a small generated dataset (random-init
-test-vit tower, packaged MiniLM text), so nothing depends on ../shared.
+test-vit vision and test-text text towers), so nothing depends on ../shared.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def test_estimate_prices_runs_times_steps_times_seconds_per_step(reference, caps
 
     assert sweep(reference, estimate=True, gpu="a100", overrides=["study.grid.seeds=[0, 1]"]) == 0
     out = capsys.readouterr().out
-    row = next(line for line in out.splitlines() if line.startswith("| TEST-VIT (random) + MiniLM | full |"))
+    row = next(line for line in out.splitlines() if line.startswith("| TEST-VIT (random) + TEST-TEXT (random) | full |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "4 (2)" and int(cells[5].replace(",", "")) == 4 * 12  # 4 runs of max_steps 12
     assert cells[8].startswith("store ")  # counted in the stores, which exist here

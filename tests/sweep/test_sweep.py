@@ -372,15 +372,22 @@ def test_table7_dry_run_shows_a_decoder_as_wide_as_each_row(tmp_path, monkeypatc
     assert widths["layers 24"] == "512 x 4" and len(widths) == 12
 
 
-def test_a_local_sweep_cluster_serves_the_dask_dashboard(capsys):
-    """bokeh is installed where dask looks for it: the printed dashboard link answers."""
+def test_a_local_sweep_cluster_serves_the_dask_dashboard_and_its_workers_run_calm(capsys):
+    """bokeh is installed where dask looks for it: the printed dashboard link answers. The workers got the
+    sweep's calm settings (no stack sampling, slower ticks), which keep an idle cluster off the CPU."""
     import urllib.request
 
+    import dask
+
     pytest.importorskip("bokeh")  # the dashboard extra
-    from pipeline.sweep.cluster import open_cluster
+    from pipeline.sweep.cluster import CALM, open_cluster
+
+    def settings() -> dict:
+        return {key: dask.config.get(key) for key in CALM}
 
     with open_cluster(study=None, scheduler=None, slurm=False, jobs=1, gpus_per_job=1, workers=1, quiet=False) \
             as (client, _, _):
+        assert list(client.run(settings).values()) == [CALM] and CALM["distributed.worker.profile.enabled"] is False
         link = client.dashboard_link
         direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # local: never through a proxy
         with direct.open(link, timeout=30) as page:  # the scheduler's own HTTP server

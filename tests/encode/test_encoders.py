@@ -205,6 +205,7 @@ def test_encode_names_averages_normalised_template_embeddings():
     assert not torch.allclose(got[0], raw[0] / raw[0].norm(), atol=1e-3)
 
 
+@pytest.mark.fullsize
 def test_fast_clip_text_path_matches_open_clip():
     from pipeline.encode.compat import ensure_torchvision
 

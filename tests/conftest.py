@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import os
 from pathlib import Path
@@ -11,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from memory import release_memory
+from session_builds import one_builder, session_root
 from synthetic_data import Generated, generated_cache, trained_run
 
 import pipeline.encode.extract
@@ -106,35 +105,18 @@ def reuse_encoders():
     release_memory()
 
 
-def _session_root(tmp_path_factory) -> Path:
-    """The folder every process of this test session shares: xdist gives each worker a subfolder."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-
-
-@contextlib.contextmanager
-def _one_builder(path: Path):
-    """Hold ``path``'s exclusive lock: the first process to ask builds, the others wait and reuse."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 @pytest.fixture(scope="module")
 def gen(tmp_path_factory) -> Generated:
     """The shared generated cache (rectangles, test-vit random-init, MiniLM text), built once per session
     (one xdist process builds it, the other reads it: each build costs about 13 CPU-seconds)."""
-    root = _session_root(tmp_path_factory)
-    with _one_builder(root / "generated.lock"):
+    root = session_root(tmp_path_factory)
+    with one_builder(root / "generated.lock"):
         return generated_cache(root / "generated")
 
 
 @pytest.fixture(scope="module")
 def learned(gen, tmp_path_factory) -> Path:
     """A run of the tiny preset trained on ``gen``, once per session (shared by the xdist processes)."""
-    root = _session_root(tmp_path_factory)
-    with _one_builder(root / "learned.lock"):
+    root = session_root(tmp_path_factory)
+    with one_builder(root / "learned.lock"):
         return trained_run(gen, root)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+from session_builds import one_builder, session_root
 
 from pipeline.bench.sweep import build_demo_caches
 
@@ -13,6 +15,13 @@ from pipeline.bench.sweep import build_demo_caches
 def caches(tmp_path_factory) -> tuple[Path, Path]:
     """(vision store, text store) of a small generated dataset: the tiny test-only towers test-vit and test-text.
 
-    No sweep test checks an encoder: the tiny text tower spares the extraction MiniLM's CPU-seconds.
+    No sweep test checks an encoder: the tiny text tower spares the extraction MiniLM's CPU-seconds. One
+    process of the session builds them (about 15 CPU-seconds), the others read them; nothing writes to them.
     """
-    return build_demo_caches(tmp_path_factory.mktemp("sweep-caches"), backbone="test-vit", text="test-text")
+    root = session_root(tmp_path_factory) / "sweep-caches"
+    with one_builder(root.with_suffix(".lock")):
+        if not (root / "done").is_file():
+            shutil.rmtree(root, ignore_errors=True)  # a build interrupted part-way
+            build_demo_caches(root, backbone="test-vit", text="test-text")
+            (root / "done").write_text("ok\n")
+    return root / "test-vit", root / "test-text"

@@ -25,9 +25,11 @@ demo: setup
 test: setup
 	$(PYTEST)
 
-# The inner loop: everything that builds no full-size encoder and starts no extra processes (under 2 minutes).
+# The inner loop (under 2 minutes): no full-size encoder, no extra process, no fault injection
+# (docs/reliability.md's cases, `-m reliability`). `make test` runs them all.
+FAST = not slow and not browser and not fullsize and not processes and not reliability
 test-fast: setup
-	$(PYTEST) -m "not slow and not browser and not fullsize and not processes"
+	$(PYTEST) -m "$(FAST)"
 
 test-all: setup
 	$(PYTEST) -m "slow or not slow"

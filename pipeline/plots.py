@@ -157,6 +157,12 @@ def png_caveat(caveat: bool):
 OVERLAY_PIXELS = 2048  # longest side of the image drawn in an overlay
 LEGEND_ROWS = 40  # beyond this many classes the legend lists the largest ones present
 INCH_PIXELS = 100  # the overlay and legend are saved at this dpi
+LEGEND_NAME_CHARS = 48  # a longer class name is cut with an ellipsis in the pictures (the files keep it whole)
+
+
+def legend_name(name: str) -> str:
+    """``name`` as a legend shows it: at most :data:`LEGEND_NAME_CHARS` characters."""
+    return name if len(name) <= LEGEND_NAME_CHARS else name[:LEGEND_NAME_CHARS - 1].rstrip() + "\u2026"
 
 
 def _legend_entries(labels: np.ndarray, names: list[str]) -> list[tuple[np.ndarray, str]]:
@@ -165,7 +171,7 @@ def _legend_entries(labels: np.ndarray, names: list[str]) -> list[tuple[np.ndarr
     shares = np.bincount(labels.ravel(), minlength=len(names) + 1)[1:len(names) + 1] / max(labels.size, 1)
     shown = range(len(names)) if len(names) <= LEGEND_ROWS else [
         j for j in np.argsort(-shares, kind="stable")[:LEGEND_ROWS] if shares[j] > 0]
-    entries = [(colours[j] / 255.0, f"{names[j]} ({shares[j] * 100:.1f}%)") for j in shown]
+    entries = [(colours[j] / 255.0, f"{legend_name(names[j])} ({shares[j] * 100:.1f}%)") for j in shown]
     if len(entries) < len(names):
         entries.append((None, f"(+{len(names) - len(entries)} classes not listed)"))
     return entries

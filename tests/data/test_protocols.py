@@ -16,6 +16,7 @@ from pipeline.data.protocols import (
     create_protocol,
     derive_episodes,
     describe_all,
+    file_stem,
     list_protocols,
     load_episodes,
     load_training_pairs,
@@ -229,3 +230,9 @@ def test_registry_and_description() -> None:
     for name in ("voc", "coco", "fss", "folder", "mosaic4", "pascal5i", "coco20i", "coco2voc", "custom"):
         assert name in text
     assert "novel per fold 6/4/6/4" in text and len(COCO_CLASSES) == 80
+
+
+@pytest.mark.parametrize("path", ["train2014/COCO_train2014_000000000009.jpg", "a/b.tar.gz", "plain", ".hidden",
+                                  "dir.d/name", "trailing.", "a/b/..", "x.png", "/abs/y.jpeg", ""])
+def test_list_image_stems_are_what_path_stem_gives(path):
+    assert file_stem(path) == Path(path).stem

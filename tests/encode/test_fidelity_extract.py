@@ -68,13 +68,14 @@ def test_folder_data_keeps_the_encoders_normalisation(tmp_path):
 
 
 def test_paper_readers_embed_the_raw_class_names_and_natural_words_are_an_option(tmp_path):
-    raw = ExtractConfig(backbone="minilm", out=str(tmp_path / "raw"), dataset="voc", text_only=True, device="cpu")
+    raw = ExtractConfig(backbone="test-text", out=str(tmp_path / "raw"), dataset="voc", text_only=True, device="cpu",
+                        random_init=True)
     extract(config=raw, quiet=True)
     group = open_store(tmp_path / "raw")["text"]
     assert group.attrs["class_words"] == "raw"
     assert group.attrs["prompt_names"]["diningtable"] == "diningtable"
-    natural = ExtractConfig(backbone="minilm", out=str(tmp_path / "nat"), dataset="voc", text_only=True,
-                            device="cpu", class_words="natural")
+    natural = ExtractConfig(backbone="test-text", out=str(tmp_path / "nat"), dataset="voc", text_only=True,
+                            device="cpu", class_words="natural", random_init=True)
     extract(config=natural, quiet=True)
     assert open_store(tmp_path / "nat")["text"].attrs["prompt_names"]["diningtable"] == "dining table"
     names, emb_raw = read_text(open_store(tmp_path / "raw"))
@@ -85,10 +86,10 @@ def test_paper_readers_embed_the_raw_class_names_and_natural_words_are_an_option
 
 
 def test_a_text_store_refuses_the_other_class_words(tmp_path):
-    extract(config=ExtractConfig(backbone="minilm", out=str(tmp_path / "t"), dataset="voc", text_only=True,
-                                 device="cpu"), quiet=True)
-    again = ExtractConfig(backbone="minilm", out=str(tmp_path / "t"), dataset="voc", text_only=True, device="cpu",
-                          class_words="natural", extra_names=["zebra"])
+    extract(config=ExtractConfig(backbone="test-text", out=str(tmp_path / "t"), dataset="voc", text_only=True,
+                                 device="cpu", random_init=True), quiet=True)
+    again = ExtractConfig(backbone="test-text", out=str(tmp_path / "t"), dataset="voc", text_only=True, device="cpu",
+                          class_words="natural", extra_names=["zebra"], random_init=True)
     with pytest.raises(UserError, match="raw names"):
         extract(config=again, quiet=True)
 

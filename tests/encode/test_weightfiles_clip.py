@@ -117,6 +117,7 @@ def test_another_input_size_resizes_the_positional_embedding(tiny_arch, archive)
     assert tokens.shape == (2, 16, 32) and torch.isfinite(tokens).all()
 
 
+@pytest.mark.fullsize
 def test_a_clip_file_of_another_size_is_one_line(archive):
     with pytest.raises(UserError) as info:
         create_encoder("clip-b", weights=archive, input_size=32)

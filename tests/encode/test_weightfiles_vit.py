@@ -64,6 +64,7 @@ def base_state() -> dict[str, torch.Tensor]:
     return timm_vit_state("vit_base_patch16_224", seed=4)
 
 
+@pytest.mark.fullsize
 def test_moco_at_another_input_size_through_the_registry_entry(base_state, tmp_path):
     """moco-b given its own layout at another input size: the grid follows the size."""
     path = moco_checkpoint(tmp_path / "vit-b-300ep.pth.tar", base_state)
@@ -71,6 +72,7 @@ def test_moco_at_another_input_size_through_the_registry_entry(base_state, tmp_p
     assert encoders.vision.encode(np.zeros((1, 64, 64, 3), np.uint8)).shape == (1, 16, 768)
 
 
+@pytest.mark.fullsize
 def test_dinos_full_checkpoint_through_the_registry_entry(base_state, tmp_path):
     path = dino_full_checkpoint(tmp_path / "dino_vitbase16_pretrain_full_checkpoint.pth", base_state)
     tower = create_encoder("dino-b", weights=path, input_size=32).vision.tower
@@ -78,6 +80,7 @@ def test_dinos_full_checkpoint_through_the_registry_entry(base_state, tmp_path):
     assert tower.state_dict()["pos_embed"].shape == (1, 5, 768)  # resampled from 197 positions to 2 x 2 + 1
 
 
+@pytest.mark.fullsize
 def test_a_vit_s_checkpoint_given_to_moco_b_is_one_line(tmp_path):
     path = moco_checkpoint(tmp_path / "vit-s-300ep.pth.tar", timm_vit_state("vit_small_patch16_224", seed=5))
     with pytest.raises(UserError) as info:

@@ -142,6 +142,9 @@ def test_a_very_long_class_name_gets_a_short_mask_file_name(learned, tmp_path):
     masks = sorted(p.name for p in (tmp_path / "pred").glob("mask_*.png"))
     assert len(masks) == 2 and all(len(m) < 100 for m in masks), masks
     assert result["classes"][0] == name.strip()
+    # The pictures cut the name (a legend as wide as 10,000 characters was a 75,000-pixel-wide image)
+    pictures = {p.name: Image.open(p).size for p in (tmp_path / "pred").glob("*.png") if not p.name.startswith("mask_")}
+    assert {"overlay.png", "legend.png"} <= set(pictures) and all(w < 1600 for w, _ in pictures.values()), pictures
 
 
 class _Payload:

@@ -107,16 +107,28 @@ def test_a_text_group_without_a_table_reads_as_no_text(tmp_path):
 # --------------------------------------------------------------------------- #
 
 
-@pytest.fixture()
-def extracted(tmp_path, one_thread, reuse_encoders):
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory, one_thread, reuse_encoders):
+    """One finished extraction of the tiny folder dataset; each test damages its own copy."""
     from synthetic_data import tiny_extract_config, write_folder_dataset
 
     from pipeline.encode.extract import extract
 
-    data = write_folder_dataset(tmp_path / "data")
-    config = tiny_extract_config(data, tmp_path / "store")
+    base = tmp_path_factory.mktemp("pristine")
+    config = tiny_extract_config(write_folder_dataset(base / "data"), base / "store")
     extract(config=config, quiet=True)
-    return tmp_path / "store", config
+    return base
+
+
+@pytest.fixture()
+def extracted(pristine, tmp_path):
+    """A copy of the finished store (the dataset is shared, read-only) and the config that made it."""
+    import shutil
+
+    from synthetic_data import tiny_extract_config
+
+    store = shutil.copytree(pristine / "store", tmp_path / "store", symlinks=True)
+    return store, tiny_extract_config(pristine / "data", store)
 
 
 def test_a_done_shard_whose_files_vanished_is_refused_on_open_and_rewritten_by_extract(extracted):

@@ -48,8 +48,8 @@ def stores(tmp_path_factory) -> dict[int, Path]:
         made[views] = base / f"k{views}"
         extract(config=ExtractConfig(backbone="test-vit", out=str(made[views]), dataset="folder", data_root=str(data),
                                      views=views, input_size=32, random_init=True, device="cpu"), quiet=True)
-    extract(config=ExtractConfig(backbone="minilm", out=str(base / "text"), text_only=True, dataset="folder",
-                                 data_root=str(data), device="cpu"), quiet=True)
+    extract(config=ExtractConfig(backbone="test-text", out=str(base / "text"), text_only=True, dataset="folder",
+                                 data_root=str(data), device="cpu", random_init=True), quiet=True)
     made[0] = base / "text"
     return made
 

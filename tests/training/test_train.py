@@ -154,6 +154,7 @@ def _complete(folder: Path) -> bool:
 
 
 @pytest.mark.reliability
+@pytest.mark.processes
 def test_killed_run_resumes_to_the_same_bits(gen, straight, tmp_path):
     run = tmp_path / "run"
     script = ("import torch; torch.set_num_threads(1)\n"

@@ -569,6 +569,8 @@ def demo(
     epochs: int = typer.Option(8, "--epochs", metavar="N", help="Training epochs."),
     backbone: str = typer.Option("clip-b", "--backbone", "-b", metavar="NAME",
                                  help="Vision encoder, random-init (test-vit: a tiny one, for a quick check)."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", metavar="PX", show_default="the encoder's",
+                                             help="Vision encoder input size (a small one for a quicker check)."),
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -583,7 +585,7 @@ def demo(
     from pipeline.demo import run_demo
 
     report = run_demo(out=out, data_root=data_root, novel=novel or None, epochs=epochs, backbone=backbone,
-                      quiet=_quiet(ctx, quiet))
+                      input_size=input_size, quiet=_quiet(ctx, quiet))
     typer.echo(report.read_text())
     typer.echo(f"wrote {report} (with {out}/prediction/overlay.png and {out}/run/curves.png)")
 

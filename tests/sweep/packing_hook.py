@@ -2,7 +2,9 @@
 
 ``RecordSpan`` (``FUSIONER_SPANS=DIR``): each run process writes when its training started and
 ended to ``DIR/<pid>.json`` and sleeps ``FUSIONER_SPAN_SLEEP`` seconds after each step, so that
-runs last long enough for their overlap (or its absence) to show.
+runs last long enough for their overlap (or its absence) to show; with ``FUSIONER_SPAN_EXPECT=N`` a run
+waits after its first step (a minute at most) until N runs have started, so that a second run whose
+launcher is slow to load still starts while the first one lives, where the sweep lets it.
 
 ``OutOfMemory`` (``FUSIONER_OOM=DIR``): every run process leaves a file ``DIR/live-<pid>`` (alive while
 that process is). A run of variant ``oom-first`` raises ``torch.OutOfMemoryError`` after its first step
@@ -26,14 +28,21 @@ from pipeline.training.hooks import HookBase
 
 class RecordSpan(HookBase):
     def __init__(self) -> None:
-        self.path = Path(os.environ["FUSIONER_SPANS"]) / f"{os.getpid()}.json"
+        self.folder = Path(os.environ["FUSIONER_SPANS"])
+        self.path = self.folder / f"{os.getpid()}.json"
         self.pause = float(os.environ.get("FUSIONER_SPAN_SLEEP", "0"))
+        self.expect = int(os.environ.get("FUSIONER_SPAN_EXPECT", "0"))
 
     def before_train(self, loop) -> None:
         self.start = time.time()
+        (self.folder / f"started-{os.getpid()}").touch()
 
     def after_step(self, loop) -> None:
         time.sleep(self.pause)
+        if loop.step == 1 and self.expect:  # a launcher slow to load under load must not hide an overlap
+            deadline = time.monotonic() + 60
+            while len(list(self.folder.glob("started-*"))) < self.expect and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def after_train(self, loop) -> None:
         self.path.write_text(json.dumps({"run": str(loop.run), "start": self.start, "end": time.time()}))

@@ -71,7 +71,7 @@ def test_runs_share_a_worker_only_where_threads_and_memory_allow(caches, tmp_pat
     folder = tmp_path / "spans"
     folder.mkdir()
     use_hooks(monkeypatch, "packing_hook:RecordSpan", FUSIONER_SPANS=str(folder), FUSIONER_SPAN_SLEEP="0.4",
-              **{MEMORY_VARIABLE: f"{int(need * fits)}MiB"})
+              FUSIONER_SPAN_EXPECT="2" if overlap else "0", **{MEMORY_VARIABLE: f"{int(need * fits)}MiB"})
     assert sweep(study, runs_per_gpu=runs_per_gpu) == 0
     (first, second) = spans(folder)
     assert (second[0] < first[1]) is overlap, (first, second)

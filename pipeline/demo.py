@@ -53,15 +53,6 @@ def check_novel(*, data_root: str | Path | None, novel: list[str] | None) -> lis
     return novel
 
 
-def check_input_size(*, backbone: str, input_size: int | None) -> None:
-    """A vision input size the encoder can take (a positive multiple of its patch size), before any work."""
-    from pipeline.encode.registry import get_spec
-
-    patch = get_spec(backbone).patch_size
-    if input_size is not None and (input_size < patch or input_size % patch):
-        raise UserError(f"`input_size` {input_size} is not a positive multiple of {backbone}'s patch size {patch}")
-
-
 @dataclass
 class Stage:
     name: str
@@ -137,6 +128,7 @@ def run_demo(*, out: str | Path = "demo-out", data_root: str | Path | None = Non
 
     import imgviz
 
+    from pipeline.encode.registry import check_input_size
     from pipeline.eval.evaluate import evaluate_split
     from pipeline.eval.predict import predict
     from pipeline.runs import train_and_validate as train
@@ -146,7 +138,8 @@ def run_demo(*, out: str | Path = "demo-out", data_root: str | Path | None = Non
     novel = check_novel(data_root=data_root, novel=novel)
     if epochs < 1:
         raise UserError(f"`epochs` must be at least 1, not {epochs}")
-    check_input_size(backbone=backbone, input_size=input_size)
+    if input_size is not None:
+        check_input_size(name=backbone, size=input_size)
     out.mkdir(parents=True, exist_ok=True)
     stages: list[Stage] = []
     root = Path(data_root) if data_root is not None else _timed(

@@ -31,7 +31,7 @@ def pytest_configure(config) -> None:
     subprocesses (sweep runs, extraction workers, the demo) too. Oversubscribed, small torch
     operations wait for each other's time slices: a tiny-preset sweep run took 2.3 CPU-seconds at one
     thread and 6-8 at two beside the other test process. OMP_NUM_THREADS carries the share to the
-    children (a sweep reads it through ``pipeline.runtime.threads_each``); a value already set wins.
+    children (a sweep reads it through ``pipeline.host.threads_each``); a value already set wins.
     """
     keep_freed_memory()  # as every fusioner process does: in-process training reuses what a step freed
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)

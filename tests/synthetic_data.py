@@ -100,6 +100,7 @@ def generated_cache(base: Path) -> Generated:
     made = Generated(data=base / "data", vision=base / "test-vit", text=base / "minilm")
     if (base / "done").is_file():
         return made
+    shutil.rmtree(base, ignore_errors=True)  # a build interrupted part-way (the sweep caches do the same)
     write_rectangles(made.data)
     common = dict(backbone="test-vit", dataset="folder", data_root=str(made.data), input_size=INPUT,
                   random_init=True, vision_only=True, device="cpu")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from pipeline.encode.compat import ensure_torchvision
-from pipeline.encode.registry import EncoderSpec, activation, get_spec
+from pipeline.encode.registry import EncoderSpec, activation, check_input_size, get_spec
 from pipeline.encode.towers import (
     Encoders,
     TextEncoder,
@@ -328,8 +328,7 @@ def create_encoder(name: str, *, vision: bool = True, text: bool = True, weights
         raise UserError(f"encoder '{name}' has no {'vision' if vision else 'text'} tower "
                         f"(it has: {', '.join(spec.towers)})")
     size = input_size or spec.input_size
-    if size % spec.patch_size:
-        raise UserError(f"input size {size} is not a multiple of {name}'s patch size {spec.patch_size}")
+    check_input_size(name=name, size=size)
     info = _resolve_weights(spec, weights, random_init)
     if weights is not None:
         refuse_code_in_weights(Path(weights).expanduser(), what=f"{name} weights")

@@ -99,23 +99,19 @@ def build_hf_text(spec, info, input_size, want_vision, want_text, device):
     check_tokenizer(tokenizer, owner=spec.name, source=source)
     model = frozen(model).to(device)
 
-    def same_length(batch: list[str]) -> torch.Tensor:
-        enc = tokenizer(batch, padding=True, truncation=True, max_length=64, return_tensors="pt").to(device)
-        hidden = model(**enc).last_hidden_state  # [B, L, D]
-        weight = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
-        return (hidden * weight).sum(1) / weight.sum(1).clamp_min(1.0)  # mean over real tokens
-
     def sentences(batch: list[str]) -> torch.Tensor:
-        """Run in groups of one token count: a batch padded to its longest prompt spends a third of the
-        work on padding (the 32 templates x 80 names of a COCO text store)."""
-        lengths = [len(ids) for ids in tokenizer(batch, truncation=True, max_length=64)["input_ids"]]
-        out = None
+        """Mean of each prompt's token states, run in groups of one token count: a batch padded to its
+        longest prompt spent a third of the work on padding (the 32 templates x 80 names of a COCO text
+        store). Tokenized once; a group needs no padding, so its mean is over real tokens only."""
+        enc = tokenizer(batch, truncation=True, max_length=64)
+        lengths = [len(ids) for ids in enc["input_ids"]]
+        parts, order = [], []
         for length in sorted(set(lengths)):
             rows = [i for i, n in enumerate(lengths) if n == length]
-            part = same_length([batch[i] for i in rows])  # [b, D]
-            out = part.new_empty(len(batch), part.shape[1]) if out is None else out
-            out[torch.tensor(rows, device=part.device)] = part
-        return out
+            group = {key: torch.tensor([enc[key][i] for i in rows], device=device) for key in enc}
+            parts.append(model(**group).last_hidden_state.mean(1))  # [b, D]
+            order += rows
+        return torch.cat(parts)[torch.tensor(order, device=device).argsort()]
 
     text = TextEncoder(spec=spec, encode_sentences=sentences, weights=info, device=device, dim=spec.text_dim)
     return None, text

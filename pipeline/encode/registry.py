@@ -176,6 +176,13 @@ def get_spec(name: str) -> EncoderSpec:
     return _REGISTRY[name]
 
 
+def check_input_size(*, name: str, size: int) -> None:
+    """An input size encoder ``name`` can take: a positive multiple of its patch size (checked before any work)."""
+    patch = get_spec(name).patch_size
+    if size < patch or size % patch:
+        raise UserError(f"`input_size` {size} is not a positive multiple of {name}'s patch size {patch}")
+
+
 def registry_decoder_blocks(name: str) -> int | None:
     """The paper's decoder depth k for encoder ``name`` (4 ViT, 5 ResNet); None for a name not registered."""
     spec = _REGISTRY.get(name)

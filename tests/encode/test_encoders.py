@@ -252,3 +252,9 @@ def test_the_hub_probe_respects_a_mirror_and_an_https_proxy():
     assert hub_probe_target({"HF_ENDPOINT": "http://10.0.0.9:8080"}) == ("10.0.0.9", 8080)
     assert hub_probe_target({"HTTPS_PROXY": "http://proxy:3128", "HF_ENDPOINT": "https://m.org"}) == ("proxy", 3128)
     assert hub_probe_target({"https_proxy": "proxy.local:8080"}) == ("proxy.local", 8080)
+
+
+@pytest.mark.parametrize("size", [40, -16])
+def test_an_input_size_that_is_no_positive_multiple_of_the_patch_is_one_line(size):
+    with pytest.raises(UserError, match=f"`input_size` {size} is not a positive multiple of test-vit's patch size 16"):
+        create_encoder("test-vit", random_init=True, input_size=size)

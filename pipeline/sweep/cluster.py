@@ -8,17 +8,7 @@ import sys
 from contextlib import contextmanager
 
 from pipeline.host import threads_each
-
-# Dask's defaults suit tasks of milliseconds; a sweep's tasks wait seconds to hours on a run's process. Left
-# as they are, each process samples its threads' stacks 100 times a second for the profile page, checks its
-# event loop 50 times a second and its memory 10 times: an idle local cluster of 2 workers burns about a
-# fifth of a core, the CPU of a short run every half minute. These reach the workers a LocalCluster starts.
-CALM = {
-    "distributed.worker.profile.enabled": False,  # the worker threads only wait for a run's process to exit
-    "distributed.admin.tick.interval": "500ms",
-    "distributed.admin.system-monitor.interval": "2s",
-    "distributed.worker.memory.monitor-interval": "1s",
-}
+from pipeline.sweep.calm import CALM
 
 
 def local_gpus() -> list[str]:

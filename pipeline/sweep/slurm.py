@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.sweep.calm import calm_environ
 from pipeline.sweep.study import SlurmSpec
 
 
@@ -72,7 +73,8 @@ def slurm_cluster(*, spec: SlurmSpec, gpus_per_job: int, log_dir: Path, runs_per
         queue=spec.queue,
         account=spec.account,
         job_extra_directives=directives + list(spec.job_extra),
-        job_script_prologue=list(spec.setup),
+        # the sweep's calm dask settings first (the workers' own config), then the study's setup lines
+        job_script_prologue=[f"export {name}={value}" for name, value in calm_environ().items()] + list(spec.setup),
         worker_extra_args=lifetime_options(spec),
         log_directory=str(log_dir),
         python=sys.executable,

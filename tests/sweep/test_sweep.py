@@ -17,8 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+import dask
 import pytest
 import yaml
+from distributed import Client
 from helpers import run_sweep, wait_for_run_processes_to_end
 from PIL import Image
 
@@ -27,6 +29,7 @@ from pipeline.errors import UserError
 from pipeline.eval.report import selection_note
 from pipeline.plots import CAVEAT_KEY, NOTES_KEY, RANDOM_INIT_CAVEAT
 from pipeline.sweep.caches import decoder_summary
+from pipeline.sweep.calm import CALM, calm_environ
 from pipeline.sweep.study import SlurmSpec, expand_runs, load_study
 from pipeline.sweep.tables import build_table
 from pipeline.sweep.worker import pick_gpu, worker_slot
@@ -35,6 +38,17 @@ pytestmark = pytest.mark.processes  # sweeps start dask clusters and run process
 
 ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = {"full": {}, "no-decoder": {"model.decoder.enabled": False}}
+
+
+def _calm_probe():
+    """What a worker's dask config holds for CALM's keys (a closure: pickled whole, for any worker's path)."""
+    def settings() -> dict:
+        return {key: dask.config.get(key) for key in CALM}
+
+    return settings
+
+
+calm_settings = _calm_probe()
 
 
 def write_study(path: Path, caches, **changes) -> Path:
@@ -144,20 +158,23 @@ def _free_port() -> int:
 
 
 def test_sweep_joins_an_existing_scheduler(caches, tmp_path):
-    dask = str(Path(sys.executable).with_name("dask"))
+    dask_cli = str(Path(sys.executable).with_name("dask"))
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
-    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    calm = {**os.environ, **calm_environ()}  # started by hand as docs/sweeps.md shows, calm settings included
+    procs = [subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=calm)]
     try:
-        procs.append(subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--nworkers", "1",
+        procs.append(subprocess.Popen([dask_cli, "worker", address, "--nthreads", "1", "--nworkers", "1",
                                        "--no-dashboard", "--name", "test-0"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path))
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env=calm))
         # One Mosaic-4-style run (all of an image's classes at once), tabled by metric.
         study = write_study(tmp_path / "joined.yaml", caches, folds=[1], variants={"all": {"eval.mode": "multiclass"}})
         spec = yaml.safe_load(study.read_text())
         study.write_text(yaml.safe_dump({**spec, "table": {"columns": "metric"}}))
         assert sweep(study, scheduler=address, workers=None) == 0
+        with Client(address, timeout="30s") as client:
+            assert list(client.run(calm_settings).values()) == [CALM]
         (run,) = expand_runs(load_study(path=study))
         assert run.eval["mode"] == "multiclass" and json.loads((run.dir / "done.json").read_text())["episodes"] > 0
         assert (study.with_suffix("") / "table.csv").read_text().splitlines()[0] == "pair,mIoU,FB-IoU"
@@ -184,6 +201,13 @@ def test_slurm_job_script_has_walltime_lifetimes_gpus_and_the_worker_command(tmp
     assert "--lifetime 6360s" in script and "--lifetime-stagger 240s" in script and "--lifetime-restart" in script
     assert "--nworkers 2" in script and "--nthreads 1" in script and "module load cuda" in script
     assert sys.executable in script and "distributed.cli.dask_worker" in script
+    # The workers start on other machines, with their own dask config: the job exports the calm settings
+    # before the study's setup lines (which may override them), and dask reads them back as CALM.
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in script.splitlines()
+                   if line.startswith("export DASK_"))
+    assert script.index("export DASK_") < script.index("module load cuda")
+    read_back = dask.config.collect_env(exports)
+    assert {key: dask.config.get(key, config=read_back) for key in CALM} == CALM
     with pytest.raises(UserError, match="leaves no time"):
         slurm_cluster(spec=SlurmSpec(walltime="00:10:00"), gpus_per_job=1, log_dir=tmp_path)
 
@@ -377,17 +401,13 @@ def test_a_local_sweep_cluster_serves_the_dask_dashboard_and_its_workers_run_cal
     sweep's calm settings (no stack sampling, slower ticks), which keep an idle cluster off the CPU."""
     import urllib.request
 
-    import dask
-
     pytest.importorskip("bokeh")  # the dashboard extra
-    from pipeline.sweep.cluster import CALM, open_cluster
-
-    def settings() -> dict:
-        return {key: dask.config.get(key) for key in CALM}
+    from pipeline.sweep.cluster import open_cluster
 
     with open_cluster(study=None, scheduler=None, slurm=False, jobs=1, gpus_per_job=1, workers=1, quiet=False) \
             as (client, _, _):
-        assert list(client.run(settings).values()) == [CALM] and CALM["distributed.worker.profile.enabled"] is False
+        assert list(client.run(calm_settings).values()) == [CALM]
+        assert CALM["distributed.worker.profile.enabled"] is False
         link = client.dashboard_link
         direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # local: never through a proxy
         with direct.open(link, timeout=30) as page:  # the scheduler's own HTTP server

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -15,17 +13,9 @@ from memory import release_memory
 pytestmark = pytest.mark.fullsize  # pins the real architectures: full-size towers
 
 
-@functools.lru_cache(maxsize=2)
 def _built(name: str, size: int):
+    """A fresh full-size tower pair: no test here reuses another's, so none is kept (one clip-l is 1.7 GB)."""
     return create_encoder(name, random_init=True, input_size=size)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _release_encoders():
-    """Full-size towers leave with this module instead of living for the whole session."""
-    yield
-    _built.cache_clear()
-    release_memory()
 
 
 @pytest.fixture(autouse=True)

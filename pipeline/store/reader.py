@@ -18,7 +18,6 @@ from pipeline.store.splits import (
     resolve_split,
     shard_arrays,
     shard_file_problem,
-    split_group,
 )
 
 
@@ -128,8 +127,8 @@ def open_split(*, store: str | Path, split: str | None = None, require_complete:
         if len(splits) != 1:
             raise UserError(f"{store} holds splits {', '.join(splits) or 'none'}: name one with `split`")
         split = splits[0]
-    split = resolve_split(root, split)
-    group = split_group(root, split)
+    split = resolve_split(root, split, names=splits)
+    group = root[split]
     done = done_shards(group)
     if require_complete and not done.all():
         raise UserError(f"{store} {split}: {int((~done).sum())} of {done.size} shards not written yet; "

@@ -344,9 +344,13 @@ def match_split(names: list[str], name: str) -> str | None:
     return None
 
 
-def resolve_split(root: zarr.Group, name: str) -> str:
-    """The split path ``name`` stands for (``train`` is ``folder/train`` when that is the only ``train``)."""
-    names = list_splits(root)
+def resolve_split(root: zarr.Group, name: str, *, names: list[str] | None = None) -> str:
+    """The split path ``name`` stands for (``train`` is ``folder/train`` when that is the only ``train``).
+
+    ``names``: what :func:`list_splits` gave for ``root`` just before, so its checks of every array
+    are not made again.
+    """
+    names = list_splits(root) if names is None else names
     found = match_split(names, name)
     if found is None:
         endings = [n for n in names if n.split("/")[-1] == name]

@@ -273,3 +273,30 @@ def test_a_bare_split_name_is_accepted_when_unambiguous():
     assert match_split(names, "folder/val") == "folder/val"
     assert match_split(names, "val") is None  # two stores' val: ambiguous
     assert match_split(names, "test") is None and match_split(names, "voc/train") is None
+
+
+def test_opening_a_split_checks_the_store_once_and_still_refuses_damage(tiny, tmp_path, monkeypatch):
+    """``list_splits`` reads every array's metadata: ``open_split`` made that check three times (docs/benchmarks.md,
+    "Opening a split"), now once, and a damaged array of another split is still one line."""
+    import pipeline.store.reader
+    import pipeline.store.splits
+    from pipeline.errors import UserError
+    from pipeline.store.reader import open_split
+
+    calls = []
+    checked = pipeline.store.splits.list_splits
+
+    def counted(root):
+        calls.append(root.path)
+        return checked(root)
+
+    monkeypatch.setattr(pipeline.store.splits, "list_splits", counted)
+    monkeypatch.setattr(pipeline.store.reader, "list_splits", counted)
+    _, path, _ = tiny
+    assert open_split(store=path, split="train").split == "folder/train"  # a bare name, resolved
+    assert len(calls) == 1
+    copy = tmp_path / "store"
+    shutil.copytree(path, copy)
+    (copy / "folder" / "train" / "view_box" / "zarr.json").write_text("{not json")
+    with pytest.raises(UserError, match="zarr.json"):
+        open_split(store=copy, split="train")

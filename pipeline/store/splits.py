@@ -359,10 +359,6 @@ def resolve_split(root: zarr.Group, name: str, *, names: list[str] | None = None
     return found
 
 
-def split_group(root: zarr.Group, path: str) -> zarr.Group:
-    return root[resolve_split(root, path)]
-
-
 def repair_lost_shards(group: zarr.Group, *, quiet: bool = False, verify: bool = False) -> list[int]:
     """Mark lost or undecodable done shards as not done, so this extraction writes them again
     (``verify``: every chunk of every done shard is checked, see :func:`lost_shards`)."""

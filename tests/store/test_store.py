@@ -277,7 +277,7 @@ def test_a_bare_split_name_is_accepted_when_unambiguous():
 
 def test_opening_a_split_checks_the_store_once_and_still_refuses_damage(tiny, tmp_path, monkeypatch):
     """``list_splits`` reads every array's metadata: ``open_split`` made that check three times (docs/benchmarks.md,
-    "Opening a split"), now once, and a damaged array of another split is still one line."""
+    "Opening a split"), now once, and a damaged array is still one line."""
     import pipeline.store.reader
     import pipeline.store.splits
     from pipeline.errors import UserError

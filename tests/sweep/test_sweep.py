@@ -184,6 +184,15 @@ def test_sweep_joins_an_existing_scheduler(caches, tmp_path):
             proc.wait(timeout=30)
 
 
+def test_the_export_lines_of_the_docs_are_the_calm_settings():
+    """docs/sweeps.md spells out calm_environ() for workers started by hand: it follows CALM."""
+    exported = {}
+    for line in (ROOT / "docs" / "sweeps.md").read_text().splitlines():
+        if line.startswith("export DASK_"):
+            exported.update(word.split("=", 1) for word in line.split()[1:])
+    assert exported == calm_environ()
+
+
 def test_slurm_job_script_has_walltime_lifetimes_gpus_and_the_worker_command(tmp_path):
     from pipeline.sweep.slurm import slurm_cluster, walltime_seconds
 

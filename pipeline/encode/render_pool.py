@@ -102,15 +102,50 @@ def rendered_shards(*, render, config: ExtractConfig, group_path: str, shards: l
         source, batch_size=None, shuffle=False, num_workers=workers, multiprocessing_context="spawn",
         pin_memory=pin, prefetch_factor=2, worker_init_fn=one_thread_per_process, persistent_workers=False,
         collate_fn=_as_is)
+    iterator = iter(loader)
     try:
-        for item in loader:
-            item["images"], item["masks"] = _split_pixels(item.pop("pixels"), count=item.pop("count"),
-                                                          size=input_size)
-            yield item
-    except RuntimeError as err:  # the DataLoader's word for a worker killed (OOM killer, kill -9)
-        first = (str(err).strip().splitlines() or [""])[0]
-        if "exited unexpectedly" not in first and "killed by signal" not in first:
+        try:
+            for item in iterator:
+                item["images"], item["masks"] = _split_pixels(item.pop("pixels"), count=item.pop("count"),
+                                                              size=input_size)
+                yield item
+        finally:
+            _close(iterator)
+    except (RuntimeError, EOFError, ConnectionError) as err:
+        if not render_process_died(err):
             raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"a render process died ({first.rstrip('. ')}); finished shards are kept: run the same "
                         f"command to resume (with fewer `render_workers` if memory ran out)") from None
+
+
+def render_process_died(err: BaseException) -> bool:
+    """Whether ``err``, raised while reading the render processes' results, says one of them died.
+
+    The DataLoader's own words (OOM killer, kill -9), or a connection lost mid-transfer: a process that
+    dies while handing over its shared block leaves the parent an ``EOFError`` or a refused or reset
+    connection before the DataLoader has noticed. An error raised inside a render process and re-raised
+    here names that process ("in DataLoader worker process") and is not a death.
+    """
+    text = str(err)
+    if "in DataLoader worker process" in text:
+        return False
+    if isinstance(err, RuntimeError):
+        first = (text.strip().splitlines() or [""])[0]
+        return "exited unexpectedly" in first or "killed by signal" in first
+    return True
+
+
+def _close(iterator) -> None:
+    """Shut the render processes down now, not when the iterator is collected.
+
+    Until then torch keeps their pids in its SIGCHLD handler, which raises "killed by signal" wherever
+    the main thread happens to be when a dead one is reaped: after the one-line error above was raised,
+    that was the shard writers' join in ``run_shards``, and the user got a traceback. Its shutdown
+    drops the pids in a ``finally``, so a signal handled during it is raised here, inside the
+    conversion, and none is raised after it.
+    """
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # a single-process loader has none
+    if shutdown is not None:
+        shutdown()
 

@@ -29,3 +29,50 @@ def test_a_killed_render_process_is_one_line_and_the_same_command_resumes(tmp_pa
     assert "a render process died" in err and "run the same command to resume" in err, err
     extract(config=config, quiet=True)
     assert_same_store(tmp_path / "straight", tmp_path / "store")
+
+
+class _LoaderThatLosesItsWorker:
+    """Stands in for the DataLoader at the moment a render process dies while handing over its block: the
+    parent's read fails with ``error`` before torch has noticed the death (seen in CI: an ``EOFError``)."""
+
+    def __init__(self, *args, error: BaseException, log: list, **kwargs):
+        self.error, self.log = error, log
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        raise self.error
+
+    def _shutdown_workers(self):
+        self.log.append("shutdown")
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("error", [EOFError(), ConnectionResetError(104, "Connection reset by peer"),
+                                   RuntimeError("DataLoader worker (pid 7) is killed by signal: Killed.")])
+def test_a_render_process_lost_mid_transfer_is_one_line_and_its_processes_are_shut_down(monkeypatch, error):
+    """Also: the loader is shut down before the error leaves, so torch's SIGCHLD handler has no dead
+    pid left to raise about later (it raised in the shard writers' join, a traceback instead of one line)."""
+    import torch.utils.data
+
+    from pipeline.encode.config import ExtractConfig
+    from pipeline.encode.render_pool import rendered_shards
+    from pipeline.errors import UserError
+
+    log = []
+    monkeypatch.setattr(torch.utils.data, "DataLoader",
+                        lambda *a, **k: _LoaderThatLosesItsWorker(error=error, log=log))
+    items = rendered_shards(render=None, config=ExtractConfig(backbone="test-vit", out="unused"), group_path="folder/train", shards=[0],
+                            input_size=32, workers=1, pin=False)
+    with pytest.raises(UserError, match="a render process died") as caught:
+        next(items)
+    assert "\n" not in str(caught.value) and log == ["shutdown"]
+
+
+def test_an_error_raised_inside_a_render_process_is_not_taken_for_its_death():
+    from pipeline.encode.render_pool import render_process_died
+
+    reraised = ConnectionResetError("Caught ConnectionResetError in DataLoader worker process 0.\nOriginal ...")
+    assert not render_process_died(reraised) and not render_process_died(RuntimeError("shapes differ"))
+    assert render_process_died(EOFError()) and render_process_died(ConnectionRefusedError())
